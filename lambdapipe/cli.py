@@ -1,0 +1,326 @@
+"""`lambdapipe <verb>`: the one face that wires data, models, training and reporting.
+
+Heavy modules (torch, pandas) are imported inside the commands so `--help` stays instant.
+Every `UserError` from the library becomes a one-line click usage error (exit 2).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from lambdapipe.errors import UserError
+
+DATA_DIR_ENV = "LAMBDAPIPE_DATA_DIR"
+MIRROR_ENV = "LAMBDAPIPE_MIRROR"
+
+
+def _user_errors(fn):
+    """Turn library `UserError`s into click usage errors: one line, exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    return wrapper
+
+
+def _parse_key_values(values: tuple[str, ...], what: str) -> dict[str, object]:
+    """`k=16 r=23 x=none` -> {"k": 16, "r": 23, "x": None}; YAML rules give the value types."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+# Options spelled the same on every verb.
+dataset_option = click.option(
+    "--dataset", required=True, help="Dataset name (see `lambdapipe prepare --help`)."
+)
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=lambda: os.environ.get(DATA_DIR_ENV, "data"),
+    show_default="data or $" + DATA_DIR_ENV,
+    help="Root holding raw/ archives and prepared/ arrays.",
+)
+mirror_option = click.option(
+    "--mirror",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=lambda: os.environ.get(MIRROR_ENV) or None,
+    help=f"Directory of pre-fetched archives, looked in before the network (or ${MIRROR_ENV}).",
+)
+noise_options = [
+    click.option("--noise", "noise_rate", type=float, default=0.0, show_default=True,
+                 help="Fraction of training labels to corrupt, in [0, 1)."),
+    click.option("--noise-kind", default="symmetric", show_default=True,
+                 help="symmetric or pairflip."),
+    click.option("--noise-seed", type=int, default=0, show_default=True,
+                 help="Seed of the noise draw (independent of the training seed)."),
+]
+
+
+def with_noise_options(fn):
+    for opt in reversed(noise_options):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lambdapipe")
+def main() -> None:
+    """Reproducible LambdaNetworks vs ResNet experiments on small, noisy-label datasets.
+
+    \b
+    Example:
+      lambdapipe prepare --dataset digits --noise 0.25
+      lambdapipe train --model resnet20x1 --dataset digits --noise 0.25 --out runs/r20
+    """
+
+
+# --------------------------------------------------------------------------- models
+@main.command()
+@click.option("--dataset", default="cifar10", show_default=True,
+              help="Dataset whose classes and image size the counts are for.")
+@click.option("--pattern", default="*", show_default=True, help="Glob on model names.")
+@_user_errors
+def models(dataset: str, pattern: str) -> None:
+    """List every registered model with its parameter count for DATASET.
+
+    \b
+    Example:
+      lambdapipe models --dataset cifar100 --pattern 'lr18*'
+    """
+    from lambdapipe.data import dataset_info
+    from lambdapipe.models import count_params, create_model, list_models
+
+    info = dataset_info(dataset)
+    names = list_models(pattern)
+    if not names:
+        raise UserError(f"no model matches pattern {pattern!r}: try `lambdapipe models`")
+    click.echo(f"{'model':<28} {'params':>12} {'params (M)':>10}   "
+               f"({dataset}: {info.num_classes} classes, {info.image_size} px)")
+    for name in names:
+        n = count_params(create_model(name, num_classes=info.num_classes,
+                                      image_size=info.image_size))
+        click.echo(f"{name:<28} {n:>12,} {n / 1e6:>10.2f}")
+
+
+# --------------------------------------------------------------------------- data
+@main.command()
+@dataset_option
+@data_dir_option
+@mirror_option
+@click.option("--url", default=None, help="Override the official URL (e.g. an internal server).")
+@_user_errors
+def download(dataset: str, data_dir: Path, mirror: Path | None, url: str | None) -> None:
+    """Fetch DATASET's official archive into DATA_DIR/raw (mirror first, md5-checked).
+
+    \b
+    Example:
+      lambdapipe download --dataset cifar10 --mirror /shared/archives
+    """
+    from lambdapipe.data import download as do_download
+
+    path = do_download(dataset, data_dir / "raw", mirror=mirror, url=url)
+    click.echo(f"archive: {path}")
+
+
+@main.command()
+@dataset_option
+@data_dir_option
+@mirror_option
+@with_noise_options
+@click.option("--val-fraction", type=float, default=None,
+              help="Share of the official training set held out as val (default 0.1).")
+@click.option("--val-size", type=int, default=None,
+              help="Exact number of val images instead of a fraction (e.g. 5000).")
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--image-size", type=int, default=None,
+              help="Resize to this many pixels (datasets with a configurable size).")
+@_user_errors
+def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float,
+            noise_kind: str, noise_seed: int, val_fraction: float | None,
+            val_size: int | None, split_seed: int, image_size: int | None) -> None:
+    """Turn DATASET's archive into verified arrays, and write a noisy-label variant.
+
+    \b
+    Example:
+      lambdapipe prepare --dataset cifar10 --noise 0.25 --noise-kind symmetric
+    """
+    from lambdapipe import data
+
+    spec = data.noise_spec(noise_kind, noise_rate, noise_seed)
+    prepared = data.prepare(dataset, data_dir, mirror=mirror, val_fraction=val_fraction,
+                            val_size=val_size, split_seed=split_seed, image_size=image_size)
+    variant = data.make_noise(prepared, spec)
+    for line in data.describe(prepared, spec):
+        click.echo(line)
+    click.echo(f"noise variant: {variant}")
+
+
+# --------------------------------------------------------------------------- training
+@main.command()
+@click.option("--model", required=True, help="Registered model name (`lambdapipe models`).")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Model hyperparameter, e.g. k=8, r=15, base_width=16 (repeatable).")
+@dataset_option
+@data_dir_option
+@with_noise_options
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run directory (resumed if it holds an interrupted run of this config).")
+@click.option("--recipe", default="sgdm", show_default=True,
+              help="Named recipe (sgdm, adam-restarts, sgd-restarts, demo, ...).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, e.g. lr=0.05 iterations=2000 precision=bf16.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a free GPU if any, else CPU), cpu, cuda, cuda:N.")
+@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None,
+              help="Where per-GPU lock files live, so concurrent jobs never share a GPU.")
+@click.option("--deterministic/--no-deterministic", default=False,
+              help="Bit-reproducible kernels (slower); resume then equals an unbroken run.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: only on a terminal).")
+@_user_errors
+def train(model: str, model_args: tuple[str, ...], dataset: str, data_dir: Path,
+          noise_rate: float, noise_kind: str, noise_seed: int, seed: int, out: Path,
+          recipe: str, overrides: tuple[str, ...], device: str, gpu_lock_dir: Path | None,
+          deterministic: bool, progress: bool | None) -> None:
+    """Train MODEL on DATASET (with label noise) and write a run directory to OUT.
+
+    \b
+    Example:
+      lambdapipe train --model lr18_l3_lc --dataset cifar10 --noise 0.25 --seed 0 \\
+          --out results/runs/cifar10/symmetric-0.25/lr18_l3_lc/0
+    """
+    from lambdapipe import data, gpu
+    from lambdapipe import train as training
+
+    cfg = training.TrainConfig.build(
+        model=model, model_args=_parse_key_values(model_args, "--model-arg"),
+        dataset=dataset, data_dir=data_dir,
+        noise=data.noise_spec(noise_kind, noise_rate, noise_seed).tag, seed=seed,
+        out=out, recipe=recipe, overrides=_parse_key_values(overrides, "--set"),
+        deterministic=deterministic,
+    )
+    training.check_before_start(cfg)  # bad input fails here, before any GPU is claimed
+    if progress is None:
+        progress = sys.stderr.isatty()
+    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+        summary = training.run(cfg, device=dev, progress=progress)
+    click.echo(f"{summary['status']}: val_acc={summary['val_acc']:.4f} "
+               f"tst_acc={summary['tst_acc']:.4f} -> {out / 'summary.json'}")
+
+
+@main.command()
+@click.option("--ckpt", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              required=True, help="Checkpoint written by `lambdapipe train`.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
+              show_default=True)
+@data_dir_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file to write (default: eval_<split>.json beside the checkpoint).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None)
+@_user_errors
+def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: str,
+             gpu_lock_dir: Path | None) -> None:
+    """Accuracy, NLL, ECE, per-class accuracy and confusion matrix of CKPT on SPLIT.
+
+    \b
+    Example:
+      lambdapipe evaluate --ckpt results/runs/digits/clean/resnet20x1/0/best.ckpt
+    """
+    from lambdapipe import gpu
+    from lambdapipe.evaluate import evaluate_checkpoint, format_result
+
+    out = out or ckpt.parent / f"eval_{split}.json"
+    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+        result = evaluate_checkpoint(ckpt, split=split, data_dir=data_dir, device=dev, out=out)
+    click.echo(format_result(result))
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--models", "model_names", default="resnet18,resnet20x1,lr18_l3_lc,lr18_l2_lc",
+              show_default=True, help="Comma-separated model names.")
+@click.option("--dataset", default="cifar10", show_default=True,
+              help="Sets classes and image size; synthetic data unless --real-data.")
+@data_dir_option
+@click.option("--real-data/--synthetic", default=False,
+              help="Also time the step on the prepared dataset (needs `prepare`).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16",
+              show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=False,
+              help="torch.compile the training step.")
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the figures as JSON.")
+@_user_errors
+def bench(model_names: str, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
+          precision: str, compile_: bool, warmup: int, steps: int, model_args: tuple[str, ...],
+          device: str, out: Path | None) -> None:
+    """Time the whole training step: iter/min, images/s, peak memory, MFU, ratio to ResNet-18.
+
+    \b
+    Example:
+      lambdapipe bench --models resnet18,lr18_l3_lc --batch-size 256 --precision bf16
+    """
+    from lambdapipe import bench as benchmark
+
+    names = [m.strip() for m in model_names.split(",") if m.strip()]
+    rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
+                         batch_size=batch_size, precision=precision, compile=compile_,
+                         warmup=warmup, steps=steps,
+                         model_args=_parse_key_values(model_args, "--model-arg"),
+                         device=device)
+    click.echo(benchmark.format_rows(rows))
+    if out is not None:
+        benchmark.write_rows(rows, out)
+
+
+# --------------------------------------------------------------------------- reporting
+@main.command()
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results/runs"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True,
+              help="Writes OUT/tables/*.{md,csv} and OUT/figures/*.{png,svg}.")
+@click.option("--published", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of published reference CSVs (default: the shipped copies).")
+@_user_errors
+def report(runs: Path, out: Path, published: Path | None) -> None:
+    """Tables (ours beside the published values) and figures from finished run directories.
+
+    \b
+    Example:
+      lambdapipe report --runs results/runs --out results
+    """
+    from lambdapipe.report import build_report
+
+    written = build_report(runs, out, published=published)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
