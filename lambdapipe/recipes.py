@@ -1,0 +1,208 @@
+"""Named training recipes: hyperparameters in one place, validated before any work starts.
+
+The recipes live in `recipes.yaml` (package data) so a reader sees every number of a study on
+one screen; `get_recipe(name, overrides)` returns a frozen `Recipe` or raises a one-line
+`UserError` naming the bad name, field or value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, fields
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from lambdapipe.errors import UserError, bad_value
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "warm-restarts", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe. Units: see the header of recipes.yaml."""
+
+    name: str
+    description: str = ""
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 128
+    iterations: int | None = None  # budget in optimizer steps ...
+    epochs: float | None = None  # ... or in passes over the training split
+    eval_every: int | None = None  # evaluate every this many steps ...
+    eval_every_epochs: float | None = None  # ... or every this many epochs
+    schedule: str = "cosine"
+    warmup: float = 0.0  # linear warm-up, fraction of the budget
+    restart_t0: float = 10.0  # warm-restarts: first cycle, in epochs (SGDR's T_0)
+    restart_t_mult: float = 2.0  # each cycle this many times longer than the last
+    restart_eta_min: float = 0.0  # lr at the bottom of each cycle
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # step: fractions of the budget
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global gradient norm
+    precision: str = "fp32"
+    crop_padding: int = 4  # random crop after zero padding by this many pixels (0 = none)
+    flip: bool = True  # random horizontal flip
+    channels_last: bool = False
+    compile: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["step_milestones"] = list(self.step_milestones)
+        return d
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.iterations is not None:
+            return self.iterations
+        return max(1, round(self.epochs * steps_per_epoch))
+
+    def eval_interval(self, steps_per_epoch: int) -> int:
+        if self.eval_every is not None:
+            return self.eval_every
+        return max(1, round(self.eval_every_epochs * steps_per_epoch))
+
+    def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
+        """Learning rate for optimizer step `step` (0-based) of `total`; a pure function so a
+        resumed run needs no scheduler state beyond the step count."""
+        warm = round(self.warmup * total)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "step":
+            passed = sum(step >= round(m * total) for m in self.step_milestones)
+            return self.lr * self.step_gamma**passed
+        if self.schedule == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * self.lr * (1 + math.cos(math.pi * t))
+        # warm-restarts (SGDR, Loshchilov & Hutter 2017): T_i = T_0 * T_mult^i epochs,
+        # eta = eta_min + (eta_max - eta_min) (1 + cos(pi T_cur / T_i)) / 2.
+        t_cur = (step - warm) / steps_per_epoch
+        t_i = self.restart_t0
+        while t_cur >= t_i:
+            t_cur -= t_i
+            t_i *= self.restart_t_mult
+        lo = self.restart_eta_min
+        return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * t_cur / t_i))
+
+
+@functools.cache
+def _recipe_table() -> dict[str, dict[str, Any]]:
+    text = resources.files("lambdapipe").joinpath("recipes.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def list_recipes() -> list[str]:
+    return sorted(_recipe_table())
+
+
+_FIELDS = {f.name: f for f in fields(Recipe)}
+_INT = {"batch_size", "iterations", "eval_every", "crop_padding"}
+_OPTIONAL = {"iterations", "epochs", "eval_every", "eval_every_epochs", "grad_clip"}
+_BOOL = {"nesterov", "flip", "channels_last", "compile"}
+_STR = {"name", "description", "optimizer", "schedule", "precision"}
+# Setting one unit of a pair clears the other, so `--set iterations=200` works on any recipe.
+_EXCLUSIVE = {"iterations": "epochs", "epochs": "iterations",
+              "eval_every": "eval_every_epochs", "eval_every_epochs": "eval_every"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if key in _OPTIONAL:
+            return None
+        raise bad_value(f"recipe field {key}", value, "a value (only "
+                        + ", ".join(sorted(_OPTIONAL)) + " may be none)")
+    if key in _BOOL:
+        if isinstance(value, bool):
+            return value
+        raise bad_value(f"recipe field {key}", value, "true or false")
+    if key in _STR:
+        return str(value)
+    if key in ("betas", "step_milestones"):
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        try:
+            return tuple(float(v) for v in items)
+        except (TypeError, ValueError):
+            raise bad_value(f"recipe field {key}", value, "a list of numbers") from None
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise bad_value(f"recipe field {key}", value, "a finite number")
+    if key in _INT:
+        if not number.is_integer():
+            raise bad_value(f"recipe field {key}", value, "an integer")
+        return int(number)
+    return number
+
+
+def _validate(r: Recipe) -> None:
+    def need(ok: bool, what: str, value: Any, allowed: Any) -> None:
+        if not ok:
+            raise bad_value(what, value, allowed)
+
+    need(r.optimizer in OPTIMIZERS, "optimizer", r.optimizer, OPTIMIZERS)
+    need(r.schedule in SCHEDULES, "schedule", r.schedule, SCHEDULES)
+    need(r.precision in PRECISIONS, "precision", r.precision, PRECISIONS)
+    need(r.lr > 0, "lr", r.lr, "a number > 0")
+    need(r.batch_size >= 1, "batch_size", r.batch_size, "an integer >= 1")
+    need(0 <= r.momentum < 1, "momentum", r.momentum, "a number in [0, 1)")
+    need(r.weight_decay >= 0, "weight_decay", r.weight_decay, "a number >= 0")
+    need(len(r.betas) == 2 and all(0 <= b < 1 for b in r.betas), "betas", list(r.betas),
+         "two numbers in [0, 1)")
+    need(not (r.nesterov and (r.optimizer != "sgd" or r.momentum == 0)), "nesterov",
+         r.nesterov, "false unless optimizer is sgd with momentum > 0")
+    need((r.iterations is None) != (r.epochs is None), "budget",
+         f"iterations={r.iterations}, epochs={r.epochs}", "exactly one of iterations, epochs")
+    need(r.iterations is None or r.iterations >= 1, "iterations", r.iterations, "an integer >= 1")
+    need(r.epochs is None or r.epochs > 0, "epochs", r.epochs, "a number > 0")
+    need((r.eval_every is None) != (r.eval_every_epochs is None), "evaluation interval",
+         f"eval_every={r.eval_every}, eval_every_epochs={r.eval_every_epochs}",
+         "exactly one of eval_every, eval_every_epochs")
+    need(r.eval_every is None or r.eval_every >= 1, "eval_every", r.eval_every,
+         "an integer >= 1")
+    need(r.eval_every_epochs is None or r.eval_every_epochs > 0, "eval_every_epochs",
+         r.eval_every_epochs, "a number > 0")
+    need(0 <= r.warmup < 1, "warmup", r.warmup, "a fraction in [0, 1)")
+    need(r.restart_t0 > 0, "restart_t0", r.restart_t0, "a number of epochs > 0")
+    need(r.restart_t_mult >= 1, "restart_t_mult", r.restart_t_mult, "a number >= 1")
+    need(0 <= r.restart_eta_min <= r.lr, "restart_eta_min", r.restart_eta_min,
+         f"a number in [0, lr={r.lr}]")
+    need(all(0 < m < 1 for m in r.step_milestones), "step_milestones",
+         list(r.step_milestones), "fractions of the budget in (0, 1)")
+    need(0 < r.step_gamma <= 1, "step_gamma", r.step_gamma, "a number in (0, 1]")
+    need(0 <= r.label_smoothing < 1, "label_smoothing", r.label_smoothing, "a number in [0, 1)")
+    need(r.grad_clip is None or r.grad_clip > 0, "grad_clip", r.grad_clip, "none or > 0")
+    need(r.crop_padding >= 0, "crop_padding", r.crop_padding, "an integer >= 0")
+
+
+def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """The named recipe with `overrides` applied (`--set KEY=VALUE`), fully validated."""
+    table = _recipe_table()
+    if name not in table:
+        raise bad_value("recipe", name, list_recipes())
+    values: dict[str, Any] = {"name": name, **table[name]}
+    overrides = overrides or {}
+    for key, value in overrides.items():
+        if key not in _FIELDS or key == "name":
+            raise bad_value("recipe field", key, sorted(set(_FIELDS) - {"name"}))
+        values[key] = value
+        if key in _EXCLUSIVE and _EXCLUSIVE[key] not in overrides:
+            values[_EXCLUSIVE[key]] = None
+    unknown = set(values) - set(_FIELDS)
+    if unknown:  # a typo in recipes.yaml itself
+        raise UserError(f"recipes.yaml: recipe {name!r} has unknown fields {sorted(unknown)}")
+    recipe = Recipe(**{k: _coerce(k, v) for k, v in values.items()})
+    _validate(recipe)
+    return recipe
