@@ -1,0 +1,71 @@
+"""A timm-style model registry: the registered name is the public API and never changes meaning.
+
+Factories have the signature `fn(num_classes, image_size, **hyperparameters)`; every keyword is
+explicit so `create_model` can reject an unknown one before building anything.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from lambdapipe.errors import UserError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class ModelError(UserError):
+    """Unknown model name or invalid hyperparameter (one line)."""
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register `fn` under its own `__name__`; a name may be registered once."""
+    name = fn.__name__
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names matching the fnmatch glob `pattern`, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_hyperparameters(name: str) -> dict[str, object]:
+    """The keyword arguments (with defaults) that `name` accepts besides classes and size."""
+    params = inspect.signature(_lookup(name)).parameters
+    return {k: p.default for k, p in params.items() if k not in ("num_classes", "image_size")}
+
+
+def _lookup(name: str) -> Callable[..., nn.Module]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else "see `lambdapipe models`"
+        raise ModelError(f"unknown model {name!r}: {hint}") from None
+
+
+def create_model(name: str, num_classes: int, image_size: int, **model_args) -> nn.Module:
+    """Build the registered model `name` for `num_classes` classes of `image_size` px images."""
+    fn = _lookup(name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ModelError(f"invalid num_classes {num_classes!r}: expected an integer >= 1")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ModelError(f"invalid image_size {image_size!r}: expected an integer >= 8")
+    allowed = model_hyperparameters(name)
+    unknown = sorted(set(model_args) - set(allowed))
+    if unknown:
+        raise ModelError(f"invalid model argument {unknown[0]!r} for {name}: expected one of "
+                         f"{', '.join(sorted(allowed)) or '(none)'}")
+    return fn(num_classes=num_classes, image_size=image_size, **model_args)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
