@@ -1,0 +1,383 @@
+"""Prepared datasets: stratified splits, checksummed arrays, noisy-label variants, loading.
+
+`prepare` builds `prepared/<dataset>` in a temporary sibling directory and renames the whole
+directory into place at the end, so a directory with that name is always complete; its
+`manifest.json` records the parameters, and a second `prepare` with other parameters is
+refused rather than silently overwriting arrays that finished runs were trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lambdapipe import __version__
+from lambdapipe.atomic import sha256_file, write_json, write_with
+from lambdapipe.data import sources
+from lambdapipe.data.download import ensure_archive
+from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
+from lambdapipe.errors import UserError, bad_value
+from lambdapipe.noise import (
+    CLEAN,
+    NoiseSpec,
+    corrupt,
+    parse_noise_tag,
+    realised_rate,
+    transition_matrix,
+)
+
+SPLITS = ("train", "val", "test")
+FORMAT_VERSION = 1
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def prepared_dir(data_dir: Path, dataset: str) -> Path:
+    return Path(data_dir) / "prepared" / dataset
+
+
+# --------------------------------------------------------------------------- splits
+def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of `count` samples, each class contributing its share (largest remainder).
+
+    Per-class quotas make the held-out class histogram match the whole set's to within one
+    sample per class, whatever the seed; the seed only picks *which* samples.
+    """
+    classes, per_class = np.unique(labels, return_counts=True)
+    exact = count * per_class / per_class.sum()
+    quota = np.floor(exact).astype(np.int64)
+    # Hand the leftover samples to the largest remainders; ties go to the lower class id.
+    order = np.lexsort((classes, -(exact - quota)))
+    quota[order[: count - quota.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota,
+                                                                               strict=True)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _resolve_val_count(info: DatasetInfo, val_fraction: float | None,
+                       val_size: int | None) -> tuple[int, dict]:
+    if val_fraction is not None and val_size is not None:
+        raise UserError("give --val-fraction or --val-size, not both")
+    n = info.num_train
+    if val_size is not None:
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
+            raise bad_value(f"val size for {info.name}", val_size, f"an integer in [1, {n})")
+        return val_size, {"val_size": val_size}
+    frac = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    if not isinstance(frac, int | float) or not 0.0 < frac < 1.0:
+        raise bad_value("val fraction", val_fraction, "a number in (0, 1)")
+    count = round(frac * n)
+    if not 0 < count < n:
+        raise bad_value(f"val fraction for {info.name}", frac,
+                        f"a share leaving at least one image in train and in val ({n} images)")
+    return count, {"val_fraction": float(frac)}
+
+
+# --------------------------------------------------------------------------- prepare
+def prepare(dataset: str, data_dir: Path, *, mirror: Path | None = None,
+            val_fraction: float | None = None, val_size: int | None = None, split_seed: int = 0,
+            image_size: int | None = None, progress: bool = True, url: str | None = None) -> Path:
+    """Make `data_dir/prepared/<dataset>` (idempotent); return its path.
+
+    The val split is a stratified sample of the official training set drawn with
+    `split_seed` only, so it is the same for every noise variant and training seed.
+    """
+    info = dataset_info(dataset)
+    val_count, val_request = _resolve_val_count(info, val_fraction, val_size)
+    size = info.check_image_size(image_size)
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+        raise bad_value("split seed", split_seed, "an integer >= 0")
+    params = {"val_count": val_count, "split_seed": split_seed, "image_size": size}
+
+    target = prepared_dir(data_dir, dataset)
+    if target.exists():
+        _check_existing(target, dataset, params)
+        return target
+
+    archive = None
+    if info.url is not None:
+        archive = ensure_archive(info, Path(data_dir) / "raw", mirror=mirror, url=url,
+                                 progress=progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dataset}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the data from other users of a shared dir
+        _build(info, archive, tmp, params, val_request, progress)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "manifest.json").exists():
+                raise
+            # Another process finished the same dataset first: keep theirs if it agrees.
+            _check_existing(target, dataset, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_existing(target: Path, dataset: str, params: dict) -> None:
+    manifest_path = target / "manifest.json"
+    if not manifest_path.exists():
+        raise UserError(f"{target} exists but has no manifest.json (not made by `lambdapipe "
+                        f"prepare`?): remove it and run `lambdapipe prepare --dataset {dataset}`")
+    manifest = json.loads(manifest_path.read_text())
+    old = manifest["params"]
+    if old != params:
+        diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in params.items()
+                         if old.get(k) != v)
+        raise UserError(f"{target} was prepared with other parameters ({diff}); refusing to "
+                        f"overwrite it: remove the directory to re-prepare, or pass the old values")
+    _verify_arrays(target, manifest)
+
+
+def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val_request: dict,
+           progress: bool) -> None:
+    scratch = out / ".scratch"
+    scratch.mkdir()
+    official = sources.read(info, archive, scratch, params["image_size"], progress)
+    classes = list(official.classes)
+    if len(classes) != info.num_classes:
+        raise UserError(f"archive {archive} has {len(classes)} classes, expected "
+                        f"{info.num_classes} for {info.name}: not the official archive")
+    n_train = len(official.train_labels)
+    if params["val_count"] >= n_train:
+        raise bad_value(f"val size for {info.name}", params["val_count"], f"< {n_train}")
+    val_idx = stratified_holdout(official.train_labels, params["val_count"],
+                                 _split_seed(info.name, params["split_seed"]))
+    train_idx = np.setdiff1d(np.arange(n_train), val_idx)
+    parts = {
+        "train": (official.train_images, official.train_labels, train_idx),
+        "val": (official.train_images, official.train_labels, val_idx),
+        "test": (official.test_images, official.test_labels, None),
+    }
+    arrays: dict[str, dict] = {}
+    counts: dict[str, list[int]] = {}
+    for split, (images, labels, idx) in parts.items():
+        labels = np.asarray(labels, dtype=np.int64)
+        if idx is not None:
+            labels = labels[idx]
+        _save(out / f"{split}_images.npy", images, idx)
+        _save(out / f"{split}_labels.npy", labels, None)
+        counts[split] = np.bincount(labels, minlength=info.num_classes).tolist()
+    extra_noise = {}
+    for rate, noisy in official.noisy_train_labels.items():
+        name = f"official_noise/{IMAGENETTE_NOISE_COLUMNS[rate]}.npy"
+        (out / "official_noise").mkdir(exist_ok=True)
+        _save(out / name, np.asarray(noisy, dtype=np.int64)[train_idx], None)
+        extra_noise[f"{rate:g}"] = name
+    shutil.rmtree(scratch)
+    for path in sorted(out.rglob("*.npy")):
+        arr = np.load(path, mmap_mode="r")
+        arrays[path.relative_to(out).as_posix()] = {
+            "sha256": sha256_file(path), "shape": list(arr.shape), "dtype": str(arr.dtype)}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": info.name,
+        "num_classes": info.num_classes,
+        "classes": classes,
+        "image_size": params["image_size"],
+        "params": params,
+        "requested": {**val_request, "split_seed": params["split_seed"],
+                      "image_size": params["image_size"]},
+        "source": official.source,
+        "splits": {s: int(sum(c)) for s, c in counts.items()},
+        "class_counts": counts,
+        "arrays": arrays,
+        "official_noise": extra_noise,
+        "notes": info.note,
+        "lambdapipe_version": __version__,
+    }
+    write_json(out / "manifest.json", manifest)
+    _write_variant(out, manifest, CLEAN)
+
+
+def _split_seed(dataset: str, split_seed: int) -> int:
+    from lambdapipe.noise import stable_seed
+
+    return stable_seed(dataset, "val-split", split_seed)
+
+
+def _save(path: Path, source: np.ndarray, idx: np.ndarray | None, chunk: int = 4096) -> None:
+    """np.save of `source[idx]` in chunks, so memory-mapped sources never load whole."""
+    n = len(source) if idx is None else len(idx)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=source.dtype,
+                                    shape=(n, *source.shape[1:]))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        out[start:stop] = source[start:stop] if idx is None else source[idx[start:stop]]
+    out.flush()
+    del out
+
+
+# --------------------------------------------------------------------------- verification
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def _verify_file(path: Path, expected: str) -> None:
+    if not path.exists():
+        raise UserError(f"missing prepared array {path}: remove {path.parent} and run "
+                        "`lambdapipe prepare` again")
+    if _sha256_cached(path) != expected:
+        raise UserError(f"corrupted prepared array {path} (sha256 differs from the manifest): "
+                        f"remove {path.parent} and run `lambdapipe prepare` again")
+
+
+def _verify_arrays(target: Path, manifest: dict, names: list[str] | None = None) -> None:
+    for name, entry in manifest["arrays"].items():
+        if names is None or name in names:
+            _verify_file(target / name, entry["sha256"])
+
+
+def load_manifest(data_dir: Path, dataset: str) -> dict:
+    dataset_info(dataset)
+    path = prepared_dir(data_dir, dataset) / "manifest.json"
+    if not path.exists():
+        raise UserError(f"dataset {dataset!r} is not prepared in {Path(data_dir)}: run "
+                        f"`lambdapipe prepare --dataset {dataset} --data-dir {data_dir}`")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- noise variants
+def _variant_paths(prepared: Path, spec: NoiseSpec) -> tuple[Path, Path]:
+    return prepared / "noise" / f"{spec.tag}.npy", prepared / "noise" / f"{spec.tag}.json"
+
+
+def make_noise(prepared: Path, spec: NoiseSpec) -> Path:
+    """Write `noise/<tag>.{npy,json}` for the train split (idempotent); return the .npy path."""
+    prepared = Path(prepared)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    npy, meta = _variant_paths(prepared, spec)
+    if npy.exists() and meta.exists():
+        with contextlib.suppress(ValueError, KeyError):
+            if json.loads(meta.read_text())["sha256"] == sha256_file(npy):
+                return npy
+    _verify_arrays(prepared, manifest, ["train_labels.npy"])
+    return _write_variant(prepared, manifest, spec)
+
+
+def _official_column(manifest: dict, spec: NoiseSpec) -> str | None:
+    """Imagenette's published noisy labels stand for symmetric noise at their rates (seed 0)."""
+    if spec.kind != "symmetric" or spec.seed != 0:
+        return None
+    return manifest.get("official_noise", {}).get(f"{spec.rate:g}")
+
+
+def _write_variant(prepared: Path, manifest: dict, spec: NoiseSpec) -> Path:
+    clean = np.load(prepared / "train_labels.npy")
+    c = manifest["num_classes"]
+    official = _official_column(manifest, spec)
+    if official is not None:
+        noisy = np.load(prepared / official)
+        how = f"official noisy_imagenette.csv column ({official})"
+    else:
+        noisy = corrupt(clean, c, spec, key=manifest["dataset"], classes=manifest["classes"])
+        how = "generated by lambdapipe.noise"
+    npy, meta = _variant_paths(prepared, spec)
+    write_with(npy, lambda fh: np.save(fh, noisy))
+    flips = int(np.sum(noisy != clean))
+    write_json(meta, {
+        "tag": spec.tag, "kind": spec.kind, "rate": spec.rate, "seed": spec.seed,
+        "dataset": manifest["dataset"], "source": how, "num_train": int(len(clean)),
+        "num_flipped": flips, "realised_rate": realised_rate(clean, noisy),
+        "transition_matrix": transition_matrix(clean, noisy, c).round(6).tolist(),
+        "train_labels_sha256": manifest["arrays"]["train_labels.npy"]["sha256"],
+        "sha256": sha256_file(npy),
+    })
+    return npy
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class Split:
+    """One split as training/evaluation sees it; `labels` are noisy only for `train`."""
+
+    dataset: str
+    split: str
+    noise: str
+    images: np.ndarray  # uint8 N x H x W x 3, memory-mapped read-only
+    labels: np.ndarray  # int64
+    clean_labels: np.ndarray  # int64
+    num_classes: int
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
+               verify: bool = True) -> Split:
+    """Read one split; `noise` (a tag) replaces the labels of the train split only.
+
+    val and test always carry clean labels, whatever `noise` says: model selection and the
+    reported test accuracy are measured against the truth.
+    """
+    if split not in SPLITS:
+        raise bad_value("split", split, SPLITS)
+    spec = parse_noise_tag(noise)
+    manifest = load_manifest(data_dir, dataset)
+    root = prepared_dir(data_dir, dataset)
+    names = [f"{split}_images.npy", f"{split}_labels.npy"]
+    if verify:
+        _verify_arrays(root, manifest, names)
+    images = np.load(root / names[0], mmap_mode="r")
+    clean = np.load(root / names[1])
+    labels = clean
+    if split == "train" and not spec.is_clean:
+        npy, meta = _variant_paths(root, spec)
+        if not (npy.exists() and meta.exists()):
+            raise UserError(
+                f"noise variant {spec.tag!r} of {dataset} is not prepared: run `lambdapipe "
+                f"prepare --dataset {dataset} --noise {spec.rate:g} --noise-kind {spec.kind}"
+                + (f" --noise-seed {spec.seed}`" if spec.seed else "`"))
+        info = json.loads(meta.read_text())
+        if verify:
+            _verify_file(npy, info["sha256"])
+        labels = np.load(npy)
+        if len(labels) != len(clean) or info.get("dataset") != dataset:
+            raise UserError(f"noise variant {npy} does not belong to {dataset}'s train split: "
+                            f"remove it and run `lambdapipe prepare` again")
+    if split != "train":
+        assert labels is clean  # noise never reaches val/test
+    return Split(dataset=dataset, split=split, noise=spec.tag if split == "train" else "clean",
+                 images=images, labels=labels, clean_labels=clean,
+                 num_classes=manifest["num_classes"], classes=list(manifest["classes"]))
+
+
+# --------------------------------------------------------------------------- reporting
+def describe(prepared: Path, spec: NoiseSpec) -> list[str]:
+    """What `prepare` wrote, for the terminal: arrays, split sizes, realised noise."""
+    prepared = Path(prepared)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    req = manifest["requested"]
+    val = (f"val_size {req['val_size']}" if "val_size" in req
+           else f"val_fraction {req['val_fraction']:g}")
+    lines = [f"prepared {manifest['dataset']} in {prepared} "
+             f"({manifest['num_classes']} classes, {manifest['image_size']} px)"]
+    for name, entry in manifest["arrays"].items():
+        shape = " x ".join(str(s) for s in entry["shape"])
+        lines.append(f"  {name:<34} {entry['dtype']:<6} {shape}")
+    s = manifest["splits"]
+    lines.append(f"splits: train {s['train']} / val {s['val']} / test {s['test']} "
+                 f"(stratified val, {val}, split seed {manifest['params']['split_seed']})")
+    npy, meta = _variant_paths(prepared, spec)
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        lines.append(f"noise {spec.tag}: {info['num_flipped']} of {info['num_train']} train "
+                     f"labels changed (realised rate {info['realised_rate']:.4f}; "
+                     f"{info['source']}) -> {npy.relative_to(prepared)}")
+    return lines
