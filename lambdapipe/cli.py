@@ -222,8 +222,13 @@ def train(model: str, model_args: tuple[str, ...], dataset: str, data_dir: Path,
         progress = sys.stderr.isatty()
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
         summary = training.run(cfg, device=dev, progress=progress)
-    click.echo(f"{summary['status']}: val_acc={summary['val_acc']:.4f} "
-               f"tst_acc={summary['tst_acc']:.4f} -> {out / 'summary.json'}")
+
+    def shown(key: str) -> str:  # None when a run diverged before its first evaluation
+        return "n/a" if summary[key] is None else f"{summary[key]:.4f}"
+
+    at = f" at iteration {summary['diverged_at']}" if summary["status"] == "diverged" else ""
+    click.echo(f"{summary['status']}{at}: val_acc={shown('val_acc')} "
+               f"tst_acc={shown('tst_acc')} -> {out / 'summary.json'}")
 
 
 @main.command()
@@ -273,12 +278,14 @@ def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: s
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON.")
 @_user_errors
 def bench(model_names: str, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
           precision: str, compile_: bool, warmup: int, steps: int, model_args: tuple[str, ...],
-          device: str, out: Path | None) -> None:
+          device: str, gpu_lock_dir: Path | None, out: Path | None) -> None:
     """Time the whole training step: iter/min, images/s, peak memory, MFU, ratio to ResNet-18.
 
     \b
@@ -286,13 +293,16 @@ def bench(model_names: str, dataset: str, data_dir: Path, real_data: bool, batch
       lambdapipe bench --models resnet18,lr18_l3_lc --batch-size 256 --precision bf16
     """
     from lambdapipe import bench as benchmark
+    from lambdapipe import gpu
 
     names = [m.strip() for m in model_names.split(",") if m.strip()]
-    rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
-                         batch_size=batch_size, precision=precision, compile=compile_,
-                         warmup=warmup, steps=steps,
-                         model_args=_parse_key_values(model_args, "--model-arg"),
-                         device=device)
+    benchmark.check_args(names, batch_size, precision, warmup, steps)
+    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:  # timings need the GPU to itself
+        rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
+                             batch_size=batch_size, precision=precision, compile=compile_,
+                             warmup=warmup, steps=steps,
+                             model_args=_parse_key_values(model_args, "--model-arg"),
+                             device=dev)
     click.echo(benchmark.format_rows(rows))
     if out is not None:
         benchmark.write_rows(rows, out)
@@ -320,6 +330,31 @@ def report(runs: Path, out: Path, published: Path | None) -> None:
     written = build_report(runs, out, published=published)
     for path in written:
         click.echo(f"wrote {path}")
+    for note in written.notes:
+        click.echo(note)
+
+
+# --------------------------------------------------------------------------- workflow
+@main.command("check-config")
+@click.option("--configfile", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("config/config.yaml"), show_default=True,
+              help="Workflow config to validate (the same check the Snakefile runs).")
+@_user_errors
+def check_config(configfile: Path) -> None:
+    """Validate a workflow config and count its runs, before Snakemake builds the DAG.
+
+    \b
+    Example:
+      lambdapipe check-config --configfile config/demo.yaml
+    """
+    from collections import Counter
+
+    from lambdapipe.config import expand_runs, load_config
+
+    runs = expand_runs(load_config(configfile))
+    for dataset, n in Counter(r.dataset for r in runs).items():
+        click.echo(f"{dataset}: {n} runs")
+    click.echo(f"{configfile}: ok, {len(runs)} runs")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,110 @@
+"""`lambdapipe report`: tables and figures from finished run directories.
+
+Reads only what runs wrote (summary.json, metrics.csv, config.json; the contract in
+docs/architecture.md) and the published reference CSVs; it imports no training, model or
+data code, so a report can be built anywhere the results were copied to.
+
+Writes under OUT:
+  tables/baselines_<dataset>.{md,csv}   ours (mean ± std over seeds) beside published ResNets
+  tables/noise_<dataset>.{md,csv}       model x noise rate
+  tables/lambda_cifar10.{md,csv}        Lambda-ResNets beside the community CIFAR-10 table
+  tables/imagenette_noisy.{md,csv}      the Imagenette noisy-label study beside its report
+  tables/incomplete.{md,csv}            runs without summary.json (never results)
+  tables/runs.csv                       every finished run, every summary field
+  figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation
+  metrics.json                          per-run tst_acc, val_acc, tst_nll, status (dvc metrics)
+  report.md                             every table, figure links and what was skipped
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lambdapipe.atomic import write_json, write_text
+from lambdapipe.report import figures, tables
+from lambdapipe.report.load import collect_runs, read_published
+
+__all__ = ["Written", "build_report"]
+
+
+class Written(list):
+    """The written paths (a list of Path), with `notes`: what was skipped and why."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes: list[str] = []
+
+
+def build_report(runs: Path, out: Path, published: Path | None = None) -> Written:
+    """Build every table and figure under `out` from the finished runs under `runs`."""
+    runs, out = Path(runs), Path(out)
+    pub = read_published(published)
+    collection = collect_runs(runs)  # validates every file before anything is written
+    df = tables.runs_frame(collection)
+    colours = figures.palette(list(df["series"]))
+    written = Written()
+
+    all_tables: list[tables.Table] = []
+    for dataset in sorted(df["dataset"].unique()):
+        sub = df[df["dataset"] == dataset]
+        all_tables += [tables.baseline_table(dataset, sub, pub["resnet"]),
+                       tables.noise_table(dataset, sub)]
+    for extra in (tables.lambda_table(df, pub["lambda"]),
+                  tables.imagenette_table(df, pub["imagenette"])):
+        if extra is not None:
+            all_tables.append(extra)
+    all_tables.append(tables.incomplete_table(collection))
+    for table in all_tables:
+        for suffix, text in ((".md", "# " + table.markdown()[3:]), (".csv", table.csv())):
+            path = out / "tables" / f"{table.name}{suffix}"
+            write_text(path, text)
+            written.append(path)
+    path = out / "tables" / "runs.csv"
+    write_text(path, tables.runs_table(df))
+    written.append(path)
+    path = out / "metrics.json"
+    write_json(path, tables.metrics_json(df))
+    written.append(path)
+
+    figure_links: list[str] = []
+    for dataset in sorted(df["dataset"].unique()):
+        sub = df[df["dataset"] == dataset]
+        pub_rows = pub["resnet"][pub["resnet"]["dataset"]
+                                 == tables.PUBLISHED_DATASET.get(dataset)]
+        built = {
+            "loss": (figures.loss_curves(dataset, sub, collection, colours),
+                     "no metrics.csv with train and val loss"),
+            "acc_vs_noise": (figures.acc_vs_noise(dataset, sub, colours),
+                             "fewer than two noise rates among ok runs"),
+            "acc_vs_params": (figures.acc_vs_params(dataset, sub, colours, pub_rows),
+                              "fewer than two model sizes at any noise rate"),
+            "memorisation": (figures.memorisation(dataset, sub, collection, colours),
+                             "no noisy-label run with train_acc and train_clean_acc curves"),
+        }
+        for kind, (fig, why) in built.items():
+            base = out / "figures" / f"{kind}_{dataset}"
+            if fig is None:
+                written.notes.append(f"skipped figure {base.name}: {why}")
+                _remove_stale(base)
+                continue
+            paths = figures.save(fig, base)
+            written += paths
+            figure_links.append(f"![{base.name}](figures/{paths[0].name})")
+
+    page = ["# lambdapipe report", "",
+            f"{len(df)} finished runs, {len(collection.incomplete)} running/incomplete, "
+            f"from `{runs}`.", ""]
+    page += [t.markdown() for t in all_tables]
+    page += ["## Figures", "", *(f"{link}\n" for link in figure_links)]
+    if written.notes:
+        page += ["## Skipped", "", *(f"- {n}" for n in written.notes)]
+    path = out / "report.md"
+    write_text(path, "\n".join(page).rstrip() + "\n")
+    written.append(path)
+    return written
+
+
+def _remove_stale(base: Path) -> None:
+    """A figure skipped now must not survive from an earlier report and be read as current."""
+    for fmt in figures.FORMATS:
+        (base.parent / f"{base.name}.{fmt}").unlink(missing_ok=True)

@@ -1,0 +1,252 @@
+"""Figures, one set per dataset, drawn with seaborn on matplotlib's Agg canvas.
+
+Figures are built on `matplotlib.figure.Figure` with an explicit Agg canvas rather than
+through pyplot, so a report never changes the caller's backend or leaks global figures.
+Each model keeps one colour across every figure of a report. A figure without data to
+show is skipped and named in the report's notes, never written empty.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from lambdapipe.atomic import write_with
+from lambdapipe.report.load import Collection
+
+DPI = 150
+PANEL = (3.6, 2.7)  # inches per facet
+FORMATS = ("png", "svg")
+# Reproducible files: fixed SVG ids, no creation date.
+RC = {"svg.hashsalt": "lambdapipe", "svg.fonttype": "none"}
+METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
+
+
+def palette(series: list[str]) -> dict[str, tuple]:
+    names = sorted(set(series))
+    colours = sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))
+    return dict(zip(names, colours, strict=True))
+
+
+def _figure(nrows: int, ncols: int, title: str, sharey: str | bool = False):
+    fig = Figure(figsize=(PANEL[0] * ncols + 2.2, PANEL[1] * nrows + 0.6),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+    return fig, axes
+
+
+def _legend(fig: Figure, handles: list, title: str | None = None) -> None:
+    fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False,
+               fontsize=9, title_fontsize=9)
+
+
+def _series_handles(colours: dict[str, tuple], names) -> list:
+    return [Line2D([], [], color=colours[n], lw=2.5, label=n) for n in sorted(set(names))]
+
+
+def save(fig: Figure, base: Path) -> list[Path]:
+    written = []
+    with matplotlib.rc_context(RC):
+        for fmt in FORMATS:
+            path = base.parent / f"{base.name}.{fmt}"
+            write_with(path, lambda fh, fmt=fmt: fig.savefig(
+                fh, format=fmt, dpi=DPI, bbox_inches="tight", metadata=METADATA[fmt]))
+            written.append(path)
+    return written
+
+
+def _long_metrics(collection: Collection, runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """metrics.csv rows of the given runs, tagged with series and noise condition."""
+    by_id = {run.run_id: run for run in collection.runs}
+    frames = []
+    for row in runs.itertuples():
+        m = by_id[row.run_id].metrics
+        if m is None or not set(columns) <= set(m.columns):
+            continue
+        frame = m[["iteration", *columns]].copy()
+        frame["run_id"], frame["series"], frame["condition"] = (
+            row.run_id, row.series, row.condition)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _conditions(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df.sort_values("_cond_order")["condition"]))
+
+
+def _mark_divergence(ax, runs: pd.DataFrame) -> None:
+    for at in runs.loc[runs["status"] == "diverged", "diverged_at"]:
+        if at is not None and np.isfinite(at):
+            ax.axvline(at, color="firebrick", ls=":", lw=1.2)
+
+
+# --------------------------------------------------------------------------- figures
+def loss_curves(dataset: str, runs: pd.DataFrame, collection: Collection,
+                colours: dict) -> Figure | None:
+    """Training and validation loss against iteration, one facet per noise rate and model."""
+    long = _long_metrics(collection, runs, ["train_loss", "val_loss"])
+    if long.empty:
+        return None
+    long = long.melt(id_vars=["iteration", "run_id", "series", "condition"],
+                     value_vars=["train_loss", "val_loss"], var_name="split", value_name="loss")
+    long = long[np.isfinite(long["loss"]) & (long["loss"] > 0)]
+    if long.empty:
+        return None
+    conds = [c for c in _conditions(runs) if c in set(long["condition"])]
+    series = sorted(set(long["series"]))
+    fig, axes = _figure(len(conds), len(series), f"{dataset}: training and validation loss "
+                        "(mean ± sd over seeds)", sharey="row")
+    styles = {"train_loss": "-", "val_loss": "--"}
+    for i, cond in enumerate(conds):
+        for j, name in enumerate(series):
+            ax = axes[i][j]
+            sub = long[(long["condition"] == cond) & (long["series"] == name)]
+            for split, ls in styles.items():
+                part = sub[sub["split"] == split]
+                if not part.empty:
+                    sns.lineplot(part, x="iteration", y="loss", ax=ax, color=colours[name],
+                                 linestyle=ls, errorbar="sd", legend=False)
+            _mark_divergence(ax, runs[(runs["condition"] == cond) & (runs["series"] == name)])
+            if sub.empty:
+                ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes,
+                        color="grey")
+            ax.set_yscale("log")
+            ax.set_title(f"{name}\nnoise: {cond}", fontsize=9)
+            ax.set_xlabel("iteration (optimizer steps)")
+            ax.set_ylabel("cross-entropy loss (nats, log)" if j == 0 else "")
+    handles = _series_handles(colours, series) + [
+        Line2D([], [], color="black", ls="-", label="train loss (noisy labels)"),
+        Line2D([], [], color="black", ls="--", label="validation loss"),
+        Line2D([], [], color="firebrick", ls=":", label="diverged at"),
+    ]
+    _legend(fig, handles)
+    return fig
+
+
+def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | None:
+    """Test accuracy against noise rate per model; every run a point, mean ± sd a line."""
+    ok = runs[(runs["status"] == "ok") & runs["tst_acc"].map(_finite)]
+    if ok["noise_rate"].nunique() < 2:
+        return None
+    kinds = sorted(set(ok["noise_kind"]) - {"clean"})
+    fig, axes = _figure(1, len(kinds), f"{dataset}: test accuracy against label noise",
+                        sharey=True)
+    rng = np.random.default_rng(0)  # fixed jitter: the same runs give the same figure
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        sub = ok[ok["noise_kind"].isin(["clean", kind])].copy()
+        sub["rate_pct"] = 100 * sub["noise_rate"].astype(float)
+        sub["acc_pct"] = 100 * sub["tst_acc"].astype(float)
+        step = np.diff(np.unique(sub["rate_pct"])).min(initial=10.0)
+        for name, g in sub.groupby("series"):
+            jitter = rng.uniform(-0.08, 0.08, len(g)) * step
+            ax.scatter(g["rate_pct"] + jitter, g["acc_pct"], s=14, alpha=0.45,
+                       color=colours[name], edgecolor="none")
+            sns.lineplot(g, x="rate_pct", y="acc_pct", ax=ax, color=colours[name],
+                         errorbar="sd", err_style="bars", marker="o", legend=False,
+                         err_kws={"capsize": 3})
+        ax.set_title(f"{kind} noise", fontsize=10)
+        ax.set_xlabel("corrupted training labels (%)")
+        ax.set_ylabel("test accuracy (%)")
+    handles = _series_handles(colours, ok["series"]) + [
+        Line2D([], [], color="grey", marker="o", ls="", alpha=0.45, label="one run"),
+        Line2D([], [], color="grey", marker="o", label="mean ± sd over runs"),
+    ]
+    _legend(fig, handles)
+    return fig
+
+
+def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
+                  published: pd.DataFrame | None) -> Figure | None:
+    """Test accuracy against parameter count (log x), per noise rate; published ResNets grey."""
+    ok = runs[(runs["status"] == "ok") & runs["tst_acc"].map(_finite)
+              & runs["params"].map(_finite)]
+    conds = [c for c in _conditions(ok)
+             if ok.loc[ok["condition"] == c, "params"].nunique() >= 2]
+    if not conds:
+        return None
+    fig, axes = _figure(1, len(conds), f"{dataset}: test accuracy against model size",
+                        sharey=True)
+    for ax, cond in zip(axes[0], conds, strict=True):
+        sub = ok[ok["condition"] == cond]
+        for name, g in sub.groupby("series"):
+            acc = 100 * g["tst_acc"].astype(float)
+            ax.errorbar(g["params"].astype(float).mean() / 1e6, acc.mean(),
+                        yerr=acc.std(ddof=1) if len(g) > 1 else None, fmt="o", ms=7,
+                        capsize=3, color=colours[name])
+        if cond == "clean" and published is not None and not published.empty:
+            ax.scatter(published["params_m"], 100 * published["test_acc"], marker="D",
+                       facecolor="none", edgecolor="dimgrey", s=36, zorder=1)
+        ax.set_xscale("log")
+        ax.set_title(f"noise: {cond}", fontsize=10)
+        ax.set_xlabel("parameters (millions, log scale)")
+        ax.set_ylabel("test accuracy (%)")
+    handles = _series_handles(colours, ok["series"]) + [
+        Line2D([], [], color="grey", marker="o", ls="", label="ours: mean ± sd over seeds")]
+    if published is not None and not published.empty:
+        handles.append(Line2D([], [], marker="D", ls="", markerfacecolor="none",
+                              markeredgecolor="dimgrey", label="published ResNet baselines"))
+    _legend(fig, handles)
+    return fig
+
+
+def memorisation(dataset: str, runs: pd.DataFrame, collection: Collection,
+                 colours: dict) -> Figure | None:
+    """Training accuracy on the noisy labels vs on the true ones: the gap is memorisation."""
+    noisy = runs[runs["noise_rate"] > 0]
+    long = _long_metrics(collection, noisy, ["train_acc", "train_clean_acc"])
+    if long.empty:
+        return None
+    long = long.melt(id_vars=["iteration", "run_id", "series", "condition"],
+                     value_vars=["train_acc", "train_clean_acc"], var_name="labels",
+                     value_name="acc")
+    long = long[np.isfinite(long["acc"])]
+    if long.empty:
+        return None
+    long["acc"] *= 100
+    conds = [c for c in _conditions(noisy) if c in set(long["condition"])]
+    series = sorted(set(long["series"]))
+    fig, axes = _figure(len(conds), len(series), f"{dataset}: memorisation of noisy labels "
+                        "(training accuracy, mean ± sd over seeds)", sharey=True)
+    styles = {"train_acc": "-", "train_clean_acc": "--"}
+    for i, cond in enumerate(conds):
+        rate = float(noisy.loc[noisy["condition"] == cond, "noise_rate"].iloc[0])
+        for j, name in enumerate(series):
+            ax = axes[i][j]
+            sub = long[(long["condition"] == cond) & (long["series"] == name)]
+            for labels, ls in styles.items():
+                part = sub[sub["labels"] == labels]
+                if not part.empty:
+                    sns.lineplot(part, x="iteration", y="acc", ax=ax, color=colours[name],
+                                 linestyle=ls, errorbar="sd", legend=False)
+            ax.axhline(100 * (1 - rate), color="dimgrey", ls=":", lw=1)
+            if sub.empty:
+                ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes,
+                        color="grey")
+            ax.set_title(f"{name}\nnoise: {cond}", fontsize=9)
+            ax.set_xlabel("iteration (optimizer steps)")
+            ax.set_ylabel("training accuracy (%)" if j == 0 else "")
+    handles = _series_handles(colours, series) + [
+        Line2D([], [], color="black", ls="-", label="against noisy labels (trained on)"),
+        Line2D([], [], color="black", ls="--", label="against true labels"),
+        Line2D([], [], color="dimgrey", ls=":", label="share of labels that are true"),
+    ]
+    _legend(fig, handles)
+    return fig
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+

@@ -1,0 +1,297 @@
+"""`lambdapipe report` on fake run directories with realistic values (no torch needed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from lambdapipe.cli import main
+from lambdapipe.errors import UserError
+from lambdapipe.report import build_report
+from lambdapipe.report.load import parse_noise_tag
+from lambdapipe.report.tables import depth_width
+
+R20_CLEAN_TST = [0.921, 0.925, 0.926]
+R20_NOISY_TST = [0.850, 0.862]
+
+
+def write_run(root: Path, dataset: str, noise: str, model: str, seed: int, *,
+              finished: bool = True, model_args: dict | None = None, **summary) -> Path:
+    """A run directory as `lambdapipe train` leaves it: config, metrics, maybe a summary."""
+    d = root / dataset / noise / model / str(seed)
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(
+        {"model": model, "model_args": model_args or {}, "dataset": dataset, "noise": noise,
+         "seed": seed}))
+    rate = parse_noise_tag(noise).rate
+    lines = ["iteration,epoch,lr,train_loss,train_acc,train_clean_acc,val_loss,val_acc,"
+             "images_per_s,elapsed_s"]
+    for i in range(1, 9):
+        clean_acc = 0.3 + 0.08 * i + 0.005 * seed
+        # Noisy-label accuracy climbs past 1 - rate late in training: memorisation.
+        noisy_acc = clean_acc * (1 - rate) + rate * max(0.0, (i - 5) / 4)
+        lines.append(f"{i * 100},{i / 2},{0.1 / i:.4f},{2.3 / i + rate:.4f},{noisy_acc:.4f},"
+                     f"{clean_acc:.4f},{2.3 / i ** 0.5 + rate:.4f},{clean_acc - 0.02:.4f},"
+                     f"5000,{i * 12.5}")
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if finished:
+        base = {"model": model, "dataset": dataset, "noise": noise, "seed": seed,
+                "params": 272_474, "val_acc": 0.9, "tst_acc": 0.9, "tst_nll": 0.3, "ece": 0.02,
+                "wall_time_s": 100.0, "iter_per_min": 4500.0, "iterations": 800,
+                "status": "ok", "diverged_at": None, "skipped_steps": 0, "precision": "fp32",
+                "recipe": "sgdm", "best_train_loss": 0.2, "best_val_loss": 0.3,
+                "train_clean_acc": 0.95}
+        base.update(summary)
+        (d / "summary.json").write_text(json.dumps({k: v for k, v in base.items()
+                                                    if v is not ...}))
+    return d
+
+
+def make_runs(root: Path) -> Path:
+    for seed, acc in enumerate(R20_CLEAN_TST):
+        write_run(root, "cifar10", "clean", "resnet20x1", seed, tst_acc=acc,
+                  val_acc=acc - 0.001, tst_nll=0.27 + seed / 100)
+    for seed, acc in enumerate(R20_NOISY_TST):
+        write_run(root, "cifar10", "symmetric-0.25", "resnet20x1", seed, tst_acc=acc,
+                  best_train_loss=1.1 + seed / 10, wall_time_s=120.0 + seed)
+    write_run(root, "cifar10", "symmetric-0.25", "resnet20x1", 2, finished=False)
+    for seed in (0, 1):
+        write_run(root, "cifar10", "clean", "lr18_l3_lc", seed, params=8_010_000,
+                  tst_acc=0.94 + seed / 100, precision="bf16")
+    write_run(root, "cifar10", "symmetric-0.25", "lr18_l3_lc", 0, params=8_010_000,
+              precision="bf16", status="diverged", diverged_at=1200, tst_acc=0.1,
+              tst_nll=float("nan"))
+    write_run(root, "cifar10", "clean", "lambda_resnet18_u4_r7", 0, params=8_600_000,
+              tst_acc=0.930)
+    # A summary without the optional iter_per_min and ece: shown as '—', not a crash.
+    write_run(root, "cifar10", "clean", "resnet18", 0, params=11_173_962, tst_acc=0.950,
+              iter_per_min=..., ece=...)
+    write_run(root, "imagenette", "symmetric-0.25", "lr18_l3_lc", 0, params=8_010_000,
+              best_train_loss=1.8, best_val_loss=2.4, wall_time_s=15000.0, tst_acc=0.61)
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
+    root = make_runs(tmp_path_factory.mktemp("runs"))
+    out = tmp_path_factory.mktemp("out")
+    return root, out, build_report(root, out)
+
+
+def md_rows(path: Path) -> list[dict[str, str]]:
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True))
+            for ln in lines[2:]]
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def pick(rows, **match):
+    hits = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(hits) == 1, (match, rows)
+    return hits[0]
+
+
+def test_baseline_table_means_stds_and_published(report):
+    _, out, _ = report
+    rows = csv_rows(out / "tables" / "baselines_cifar10.csv")
+    r20 = pick(rows, model="resnet20x1", noise="clean")
+    assert r20["seeds"] == "3" and r20["depth"] == "20" and r20["width"] == "1"
+    assert float(r20["tst_acc_mean"]) == pytest.approx(statistics.mean(R20_CLEAN_TST))
+    assert float(r20["tst_acc_std"]) == pytest.approx(statistics.stdev(R20_CLEAN_TST))
+    assert float(r20["tst_acc_published"]) == pytest.approx(0.924)  # CIFAR10_x32 20x1 fp32
+    assert float(r20["params_m_published"]) == pytest.approx(0.27)
+
+    md = md_rows(out / "tables" / "baselines_cifar10.md")
+    r20_md = pick(md, model="resnet20x1", noise="clean")
+    assert r20_md["tst/acc"] == "0.924 ± 0.003"
+    assert r20_md["published tst/acc"] == "0.924"
+    assert r20_md["tst/nll"] == "0.280 ± 0.010"
+    assert r20_md["published iter/min"] == "4545"
+    # Noisy runs and non-ResNets have no published row; bf16 has none either.
+    assert pick(md, model="resnet20x1", noise="symmetric-0.25")["published tst/acc"] == "—"
+    lr = pick(md, model="lr18_l3_lc", noise="clean")
+    assert lr["published tst/acc"] == "—" and lr["depth"] == "18"
+    assert lr["tst/acc"] == "0.945 ± 0.007" and lr["precision"] == "bf16"
+    r18 = pick(md, model="resnet18", noise="clean")
+    assert r18["iter/min"] == "—"  # missing optional key
+    assert r18["published tst/acc"] == "0.948" and r18["tst/acc"] == "0.950"
+
+
+def test_noise_table_and_diverged(report):
+    _, out, _ = report
+    md = md_rows(out / "tables" / "noise_cifar10.md")
+    noisy = pick(md, model="resnet20x1", noise="symmetric", rate="0.25")
+    assert noisy["tst/acc"] == "0.856 ± 0.008"
+    assert noisy["best train loss"] == "1.150 ± 0.071"
+    assert noisy["seeds"] == "2"  # the incomplete seed 2 is not a result
+    div = pick(md, model="lr18_l3_lc", noise="symmetric", rate="0.25")
+    assert div["tst/acc"] == "diverged@1200"
+    assert div["best val loss"] == "diverged@1200"
+    assert div["status"] == "diverged@1200"
+    assert pick(md, model="lr18_l3_lc", noise="clean", rate="0")["status"] == "ok"
+    rows = csv_rows(out / "tables" / "noise_cifar10.csv")
+    d = pick(rows, model="lr18_l3_lc", noise="symmetric-0.25")
+    assert d["tst_acc_mean"] == "" and d["diverged"] == "1" and d["seeds"] == "0"
+
+
+def test_incomplete_listed_never_results(report):
+    _, out, _ = report
+    inc = md_rows(out / "tables" / "incomplete.md")
+    assert [r["run"] for r in inc] == ["cifar10/symmetric-0.25/resnet20x1/2"]
+    assert inc[0]["status"] == "running/incomplete" and inc[0]["last iteration"] == "800"
+    run_ids = [r["run_id"] for r in csv_rows(out / "tables" / "runs.csv")]
+    assert len(run_ids) == 11 and "cifar10/symmetric-0.25/resnet20x1/2" not in run_ids
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == set(run_ids)
+    assert metrics["cifar10/clean/resnet20x1/1"]["tst_acc"] == pytest.approx(0.925)
+    assert metrics["cifar10/symmetric-0.25/lr18_l3_lc/0"]["status"] == "diverged"
+    assert metrics["cifar10/symmetric-0.25/lr18_l3_lc/0"]["tst_nll"] is None
+
+
+def test_runs_csv_has_every_summary_field(report):
+    _, out, _ = report
+    rows = csv_rows(out / "tables" / "runs.csv")
+    row = pick(rows, run_id="cifar10/clean/resnet18/0")
+    for key in ("model", "dataset", "noise", "seed", "params", "tst_acc", "wall_time_s",
+                "status", "diverged_at", "precision", "recipe", "best_val_loss"):
+        assert key in row
+    assert row["iter_per_min"] == "" and row["params"] == "11173962"
+
+
+def test_lambda_and_imagenette_tables(report):
+    _, out, _ = report
+    lam = md_rows(out / "tables" / "lambda_cifar10.md")
+    lr = pick(lam, model="lambda_resnet18_u4_r7")
+    assert (lr["k"], lr["h"], lr["u"], lr["r"]) == ("16", "4", "4", "7")
+    assert lr["tst/acc (%)"] == "93.00" and lr["published tst/acc (%)"] == "93.20"
+    assert pick(lam, model="resnet18")["published tst/acc (%)"] == "93.02"
+    assert {r["model"] for r in lam} == {"lambda_resnet18_u4_r7", "resnet18"}
+    img = pick(md_rows(out / "tables" / "imagenette_noisy.md"), model="lr18_l3_lc")
+    assert img["published best train loss"] == "1.904"  # LR18_L3(lc) at 25 %
+    assert img["best train loss"] == "1.800" and img["published training time (s)"] == "17792"
+
+
+def test_figures_written_readable_and_skips_noted(report):
+    _, out, written = report
+    for kind in ("loss", "acc_vs_noise", "acc_vs_params", "memorisation"):
+        for fmt in ("png", "svg"):
+            path = out / "figures" / f"{kind}_cifar10.{fmt}"
+            assert path in written and path.stat().st_size > 15_000, path
+    with Image.open(out / "figures" / "acc_vs_noise_cifar10.png") as im:
+        width, height = im.size
+    assert 600 < width < 4000 and 300 < height < 3000 and width > height
+    # imagenette has one noise rate and one model: those figures are skipped, and said so.
+    assert not (out / "figures" / "acc_vs_noise_imagenette.png").exists()
+    assert any("acc_vs_noise_imagenette" in n for n in written.notes)
+    assert not list((out / "figures").glob(".*tmp"))
+    assert "acc_vs_noise_imagenette" in (out / "report.md").read_text()
+
+
+def test_report_imports_no_training_code(report, tmp_path):
+    root, _, _ = report
+    code = (
+        "import sys; from lambdapipe.report import build_report; "
+        f"build_report({str(root)!r}, {str(tmp_path)!r}); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith("
+        "('lambdapipe.train', 'lambdapipe.models', 'lambdapipe.data', 'lambdapipe.evaluate')));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"model": "resnet20x1", "dataset": "cifar10", "noise": "clean", "seed": 0}',
+     "missing key 'status'"),
+    ('{"model": "m", "dataset": "d", "noise": "clean", "seed": 0, "status": "great"}',
+     "status 'great'"),
+    ('{"model": "m", "dataset": "d", "noise": "clean", "seed": 0, "status": "ok", '
+     '"tst_acc": "high"}', "tst_acc must be a number"),
+    ('{"model": "m", "dataset": "d", "noise": "gaussian", "seed": 0, "status": "ok"}',
+     "noise tag 'gaussian'"),
+])
+def test_malformed_summary_is_one_line_naming_the_file(tmp_path, content, why):
+    write_run(tmp_path / "runs", "cifar10", "clean", "resnet20x1", 0)
+    bad = write_run(tmp_path / "runs", "cifar10", "clean", "resnet20x1", 1) / "summary.json"
+    bad.write_text(content)
+    with pytest.raises(UserError) as exc:
+        build_report(tmp_path / "runs", tmp_path / "out")
+    msg = str(exc.value)
+    assert "\n" not in msg and str(bad) in msg and why in msg
+    assert not (tmp_path / "out").exists()  # nothing written before the check
+
+
+def test_malformed_metrics_csv(tmp_path):
+    d = write_run(tmp_path / "runs", "cifar10", "clean", "resnet20x1", 0)
+    (d / "metrics.csv").write_text("iteration,train_loss\n100,abc\n")
+    with pytest.raises(UserError, match=r"metrics\.csv: column 'train_loss' is not numeric"):
+        build_report(tmp_path / "runs", tmp_path / "out")
+
+
+def test_no_finished_runs(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match="no finished runs under"):
+        build_report(tmp_path / "runs", tmp_path / "out")
+    write_run(tmp_path / "runs", "cifar10", "clean", "resnet20x1", 0, finished=False)
+    with pytest.raises(UserError, match=r"no finished runs under .* \(1 incomplete\)"):
+        build_report(tmp_path / "runs", tmp_path / "out")
+    with pytest.raises(UserError, match="does not exist"):
+        build_report(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_cli_report(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, "cifar100", "clean", "resnet20x1", seed, tst_acc=0.66 + seed / 100)
+    result = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'out' / 'tables' / 'baselines_cifar100.md'}" in result.output
+    assert "skipped figure acc_vs_noise_cifar100" in result.output
+    row = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar100.md"), model="resnet20x1")
+    assert row["tst/acc"] == "0.665 ± 0.007" and row["published tst/acc"] == "0.662"
+    empty = CliRunner().invoke(main, ["report", "--runs", str(tmp_path / "none"), "--out",
+                                      str(tmp_path / "o2")])
+    assert empty.exit_code == 2 and "does not exist" in empty.output
+
+
+def test_published_dir_must_hold_the_tables(tmp_path):
+    write_run(tmp_path / "runs", "cifar10", "clean", "resnet20x1", 0)
+    (tmp_path / "pub").mkdir()
+    with pytest.raises(UserError, match="lacks published_resnet_baselines.csv"):
+        build_report(tmp_path / "runs", tmp_path / "out", published=tmp_path / "pub")
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("resnet20x2", (20, 2)), ("resnet18", (18, 1)), ("lr18_l3_lc", (18, 1)),
+    ("lambda_resnet50_u4_r7", (50, 1)), ("vit_tiny", (None, None)),
+])
+def test_depth_width_from_model_name(model, expected):
+    assert depth_width(model) == expected
+
+
+def test_noise_tags():
+    assert parse_noise_tag("clean").rate == 0
+    n = parse_noise_tag("pairflip-0.05-s3")
+    assert (n.kind, n.rate, n.seed, n.condition) == ("pairflip", 0.05, 3, "pairflip-0.05")
+    assert math.isclose(parse_noise_tag("symmetric-1e-05").rate, 1e-5)
+    for bad in ("symmetric", "symmetric-1.5", "symmetric-x"):
+        with pytest.raises(ValueError):
+            parse_noise_tag(bad)
