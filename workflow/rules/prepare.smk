@@ -1,0 +1,44 @@
+rule prepare:
+    """Verified, split uint8 arrays and their manifest (also writes noise/clean.*)."""
+    input:
+        archive_of,
+    output:
+        manifest=prepared(),
+        arrays=multiext(
+            "data/prepared/{dataset}/",
+            "train_images.npy",
+            "train_labels.npy",
+            "val_images.npy",
+            "val_labels.npy",
+            "test_images.npy",
+            "test_labels.npy",
+        ),
+    params:
+        options=prepare_options,
+        mirror=mirror_option,
+    log:
+        "logs/prepare/{dataset}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "lambdapipe prepare --dataset {wildcards.dataset} --data-dir data {params.options}"
+        " {params.mirror} > {log} 2>&1"
+
+
+rule noise:
+    """One noisy-label variant of the training labels (re-uses the prepared arrays)."""
+    input:
+        prepared(),
+    output:
+        labels="data/prepared/{dataset}/noise/{noise}.npy",
+        spec="data/prepared/{dataset}/noise/{noise}.json",
+    params:
+        options=prepare_options,
+        noise=noise_options,
+    log:
+        "logs/noise/{dataset}/{noise}.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "lambdapipe prepare --dataset {wildcards.dataset} --data-dir data {params.options}"
+        " {params.noise} > {log} 2>&1"

@@ -1,0 +1,28 @@
+rule report:
+    """Tables (ours beside the published values), figures and metrics of every finished run."""
+    input:
+        summaries=[f"results/runs/{r.path}/summary.json" for r in RUNS.values()],
+        evaluations=[f"results/runs/{r.path}/eval_test.json" for r in RUNS.values()],
+    output:
+        tables=report(
+            directory("results/tables"),
+            patterns=["{name}.csv"],
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
+        figures=report(
+            directory("results/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+        metrics="results/metrics.json",
+        summary=report(
+            "results/report.md", caption="../report/summary.rst", category="Summary"
+        ),
+    log:
+        "logs/report.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "lambdapipe report --runs results/runs --out results > {log} 2>&1"

@@ -1,0 +1,33 @@
+rule train:
+    """One run. summary.json is written last, so its presence means finished; it is
+    protected so a finished run is never retrained by accident. Checkpoints are not
+    declared outputs: Snakemake deletes a job's outputs before rerunning it, and the CLI
+    resumes an interrupted run from the last.ckpt it finds in the run directory."""
+    input:
+        manifest=prepared(),
+        labels="data/prepared/{dataset}/noise/{noise}.npy",
+    output:
+        summary=protected("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
+    params:
+        run_dir="results/runs/{dataset}/{noise}/{model}/{seed}",
+        noise=noise_options,
+        recipe=train_option("recipe"),
+        overrides=train_option("set"),
+        model_args=train_option("model_args"),
+        device=config["train"]["device"],
+        deterministic="--deterministic" if config["train"]["deterministic"] else "",
+    log:
+        "logs/train/{dataset}/{noise}/{model}/{seed}.log",
+    conda:
+        "../../environment.yml"
+    threads: config["train"]["threads"]
+    resources:
+        gpu=gpu_tokens,
+        mem_mb=config["train"]["mem_mb"],
+        runtime=config["train"]["runtime"],
+    shell:
+        "lambdapipe train --model {wildcards.model} {params.model_args}"
+        " --dataset {wildcards.dataset} --data-dir data {params.noise}"
+        " --seed {wildcards.seed} --out {params.run_dir} --recipe {params.recipe}"
+        " {params.overrides} --device {params.device} {params.deterministic} --no-progress"
+        " > {log} 2>&1"
