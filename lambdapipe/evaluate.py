@@ -1,0 +1,201 @@
+"""Evaluation of a model on a split, and the checkpoint format it is read from.
+
+`predict` + `classification_metrics` are the only evaluation loop in the package: training
+calls them for val (and once, at the end, for test), `lambdapipe evaluate` for any split.
+A checkpoint is a `torch.save`d dict of tensors and primitives only, so it loads with
+`torch.load(weights_only=True)` (no pickled code runs), plus a `<name>.sha256` sidecar in
+`sha256sum` format that is checked before every load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lambdapipe import atomic
+from lambdapipe.augment import normalize
+from lambdapipe.errors import UserError
+
+ECE_BINS = 15
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
+    """Serialise once, write each path and its sidecar; both temp files are complete before
+    either is renamed, so a crash can only fall in the window between two renames."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    for path in paths:
+        with atomic.atomic_open(sidecar(path), "w") as side:
+            side.write(f"{digest}  {path.name}\n")
+            with atomic.atomic_open(path, "wb") as fh:
+                fh.write(data)
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify the sha256 sidecar, then load with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        expected = sidecar(path).read_text().split()[0]
+    except (OSError, IndexError):
+        raise UserError(f"corrupted checkpoint {path}: its sidecar {sidecar(path).name} "
+                        "is missing or empty") from None
+    actual = atomic.sha256_file(path)
+    if actual != expected:
+        raise UserError(f"corrupted checkpoint {path}: sha256 {actual[:12]}... does not match "
+                        f"{sidecar(path).name} ({expected[:12]}...)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not ours"
+        raise UserError(f"{path} is not loadable with torch.load(weights_only=True): "
+                        f"{type(exc).__name__}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise UserError(f"{path} is not a lambdapipe checkpoint (no config/model entries)")
+    return ckpt
+
+
+def build_model(config: dict[str, Any]) -> torch.nn.Module:
+    """The registered model a run config names, with the dataset's classes and image size."""
+    from lambdapipe.models import create_model
+
+    data = config["data"]
+    try:
+        return create_model(config["model"], num_classes=data["num_classes"],
+                            image_size=data["image_size"], **config.get("model_args", {}))
+    except UserError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot build model {config['model']!r} with args "
+                        f"{config.get('model_args', {})}: {msg}") from None
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load; a checkpoint of another architecture becomes a one-line UserError."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"checkpoint {where} does not fit its model: {first}") from None
+
+
+# --------------------------------------------------------------------------- evaluation
+def autocast(device: str | torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[precision])
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
+            std: torch.Tensor, precision: str = "fp32", channels_last: bool = False,
+            batch_size: int = 500) -> torch.Tensor:
+    """float32 logits for uint8 NCHW `images` (already on the model's device), eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for i in range(0, images.shape[0], batch_size):
+            x = normalize(images[i:i + batch_size], mean, std, channels_last)
+            with autocast(images.device, precision):
+                out.append(model(x).float())
+        return torch.cat(out)
+    finally:
+        model.train(was_training)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
+                           detailed: bool = False) -> dict[str, Any]:
+    """Accuracy, NLL and expected calibration error (15 equal-width confidence bins, Guo et
+    al. 2017: ECE = sum_b |B_b|/N |acc(B_b) - conf(B_b)|); with `detailed`, per-class
+    accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    logits, labels = logits.detach().float().cpu(), labels.cpu()  # small; CPU math is exact
+    n, k = logits.shape
+    probs = logits.softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).double()
+    bins = torch.clamp((conf.double() * ECE_BINS).ceil().long() - 1, 0, ECE_BINS - 1)
+    count = torch.zeros(ECE_BINS, dtype=torch.float64, device=logits.device)
+    count.index_add_(0, bins, torch.ones_like(correct))
+    gap = torch.zeros_like(count).index_add_(0, bins, correct - conf.double())
+    result: dict[str, Any] = {
+        "n": n,
+        "accuracy": correct.mean().item(),
+        "nll": F.cross_entropy(logits.double(), labels).item(),
+        "ece": (gap.abs().sum() / n).item(),
+    }
+    if detailed:
+        confusion = torch.zeros(k, k, dtype=torch.int64, device=logits.device)
+        confusion.view(-1).index_add_(0, labels * k + pred, torch.ones_like(labels))
+        support = confusion.sum(dim=1)
+        per_class = confusion.diagonal().double() / support.clamp(min=1)
+        result["per_class_accuracy"] = [v if s else None for v, s in
+                                        zip(per_class.tolist(), support.tolist(), strict=True)]
+        result["confusion_matrix"] = confusion.tolist()
+    return result
+
+
+def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
+                        out: Path | None) -> dict[str, Any]:
+    """Metrics of a training checkpoint on `split`; train is scored against its clean labels
+    (`accuracy`) and the run's noisy labels (`label_accuracy`)."""
+    from lambdapipe.augment import DeviceImages
+    from lambdapipe.data import load_split
+
+    state = load_checkpoint(ckpt, map_location="cpu")
+    config = state["config"]
+    model = build_model(config)
+    load_weights(model, state["model"], str(ckpt))
+    noise = config["noise"] if split == "train" else "clean"
+    data = load_split(Path(data_dir), config["dataset"], split, noise=noise)
+    h, w = data.images.shape[1:3]
+    if data.num_classes != config["data"]["num_classes"] or h != config["data"]["image_size"]:
+        raise UserError(f"checkpoint {ckpt} was trained on {config['data']['num_classes']} "
+                        f"classes at {config['data']['image_size']} px, but {config['dataset']} "
+                        f"{split} in {data_dir} has {data.num_classes} classes at {h} px")
+    images = DeviceImages(data.images, data.labels, data.clean_labels, device)
+    model.to(device)
+    recipe = config["recipe"]
+    mean = torch.tensor(config["data"]["mean"], device=device)
+    std = torch.tensor(config["data"]["std"], device=device)
+    logits = predict(model, images.images, mean, std, recipe["precision"],
+                     recipe["channels_last"])
+    result = {"checkpoint": str(ckpt), "iteration": state.get("iteration"),
+              "model": config["model"], "dataset": config["dataset"], "split": split,
+              "noise": noise, "classes": list(data.classes)}
+    result.update(classification_metrics(logits, images.clean_labels, detailed=True))
+    if split == "train" and noise != "clean":
+        result["label_accuracy"] = classification_metrics(logits, images.labels)["accuracy"]
+    if out is not None:
+        atomic.write_json(out, result)
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [f"{result['model']} on {result['dataset']} {result['split']} "
+             f"(n={result['n']}, checkpoint iteration {result['iteration']}):",
+             f"  accuracy {result['accuracy']:.4f}   nll {result['nll']:.4f}   "
+             f"ece {result['ece']:.4f}"]
+    if "label_accuracy" in result:
+        lines.append(f"  accuracy on the noisy labels ({result['noise']}) "
+                     f"{result['label_accuracy']:.4f}")
+    width = max(len(str(c)) for c in result["classes"])
+    for name, acc in zip(result["classes"], result["per_class_accuracy"], strict=True):
+        shown = "   n/a" if acc is None else f"{acc:.4f}"
+        lines.append(f"  {str(name):<{width}}  {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,482 @@
+"""The training loop: one loop, the step as a short class, evaluation shared with `evaluate`.
+
+The uint8 dataset lives on the device; each epoch's order, crop offsets and flips are drawn
+from a generator seeded by (seed, epoch) (see `augment.py`) and the learning rate is a pure
+function of the step (`Recipe.lr_at`), so a run resumed from `last.ckpt` replays exactly the
+batches and rates of an unbroken run. The test split is read once, after training, and
+scored on the checkpoint that val chose; it never takes part in selection.
+
+Run directory contract (docs/architecture.md): config.json, metrics.csv, last.ckpt and
+best.ckpt (+ .sha256), summary.json (its presence means finished).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import platform
+import random
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lambdapipe import atomic
+from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, normalize, plan_epoch
+from lambdapipe.errors import UserError
+from lambdapipe.evaluate import (
+    autocast,
+    build_model,
+    classification_metrics,
+    load_checkpoint,
+    load_weights,
+    predict,
+    save_checkpoint,
+)
+from lambdapipe.recipes import Recipe, get_recipe
+
+METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
+                  "val_loss", "val_acc", "images_per_s", "elapsed_s"]
+SYNC_EVERY = 50  # steps between host syncs for the progress bar and the divergence check
+SPEED_WINDOW = 5000  # iter_per_min is measured over the last this many steps
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    model_args: dict[str, Any]
+    dataset: str
+    data_dir: Path
+    noise: str
+    seed: int
+    out: Path
+    recipe: Recipe
+    deterministic: bool = False
+
+    @classmethod
+    def build(cls, *, model: str, model_args: dict[str, Any] | None, dataset: str,
+              data_dir: Path, noise: str, seed: int, out: Path, recipe: str,
+              overrides: dict[str, Any] | None = None,
+              deterministic: bool = False) -> TrainConfig:
+        return cls(model=model, model_args=dict(model_args or {}), dataset=dataset,
+                   data_dir=Path(data_dir), noise=noise, seed=int(seed), out=Path(out),
+                   recipe=get_recipe(recipe, overrides), deterministic=deterministic)
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a run directory to be resumed or its results reused."""
+        return json.loads(json.dumps({
+            "model": self.model, "model_args": self.model_args, "dataset": self.dataset,
+            "noise": self.noise, "seed": self.seed, "recipe": self.recipe.to_dict()}))
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key, value in wanted.items():
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and key == "recipe":
+            diffs += [f"recipe.{k}: {old.get(k)!r} -> {v!r}" for k, v in value.items()
+                      if old.get(k) != v]
+        elif old != value:
+            diffs.append(f"{key}: {old!r} -> {value!r}")
+    return diffs
+
+
+def _load_splits(cfg: TrainConfig, verify: bool = True):
+    """Train (with the noise variant) and val; `load_split` names the `prepare` command for
+    a dataset or noise variant that is missing."""
+    from lambdapipe.data import load_split
+
+    train = load_split(cfg.data_dir, cfg.dataset, "train", noise=cfg.noise, verify=verify)
+    val = load_split(cfg.data_dir, cfg.dataset, "val", verify=verify)
+    return train, val
+
+
+def _saved_config(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise UserError(f"{out / 'config.json'} is unreadable: choose another --out") from None
+
+
+def check_before_start(cfg: TrainConfig) -> None:
+    """Every check that can fail on the user's input, before a GPU is claimed: the data and
+    its checksums, the noise variant, the model and its arguments (one CPU forward pass),
+    the batch size against the split, and what `--out` already holds."""
+    saved = _saved_config(cfg.out)
+    if saved is not None:
+        diffs = _differences(saved, cfg.identity())
+        if diffs:
+            state = "finished" if (cfg.out / "summary.json").exists() else "interrupted"
+            raise UserError(f"--out {cfg.out} holds a {state} run of a different config "
+                            f"({'; '.join(diffs[:3])}): choose another --out")
+        if (cfg.out / "summary.json").exists():
+            return  # finished with this config: run() returns its summary, trains nothing
+    last = cfg.out / "last.ckpt"
+    if last.exists():  # corrupted, or of another config: refuse now, not after a GPU claim
+        diffs = _differences(load_checkpoint(last)["config"], cfg.identity())
+        if diffs:
+            raise UserError(f"{last} belongs to a different config ({'; '.join(diffs[:3])}): "
+                            "choose another --out")
+    train, val = _load_splits(cfg)
+    r = cfg.recipe
+    if r.batch_size > len(train.labels):
+        raise UserError(f"invalid batch_size {r.batch_size}: expected at most the "
+                        f"{len(train.labels)} training images of {cfg.dataset}")
+    model = build_model(_run_config(cfg, train, stats=False))
+    model.eval()
+    with torch.no_grad():
+        x = torch.zeros(2, 3, *train.images.shape[1:3])
+        try:
+            model(x)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"model {cfg.model} {cfg.model_args} cannot run on "
+                            f"{cfg.dataset} images ({train.images.shape[1]} px): "
+                            f"{str(exc).splitlines()[0]}") from None
+
+
+def _run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu"):
+    """The resolved config written to config.json and into every checkpoint."""
+    mean, std = channel_stats(train.images) if stats else ([0.0] * 3, [1.0] * 3)
+    return json.loads(json.dumps({  # plain JSON types only: checkpoints load weights_only
+        **cfg.identity(),
+        "deterministic": cfg.deterministic,
+        "out": str(cfg.out),
+        "data_dir": str(cfg.data_dir),
+        "device": str(device),
+        "data": {"num_classes": int(train.num_classes), "classes": list(train.classes),
+                 "image_size": int(train.images.shape[1]), "train_size": len(train.labels),
+                 "mean": mean, "std": std},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "numpy": np.__version__, "lambdapipe": _version()},
+    }, default=str))
+
+
+def _version() -> str:
+    from lambdapipe import __version__
+    return __version__
+
+
+# --------------------------------------------------------------------------- the step
+def make_optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
+                               weight_decay=r.weight_decay)
+    cls = torch.optim.Adam if r.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
+
+
+class TrainStep:
+    """normalise -> forward (autocast) -> loss -> backward (scaled for fp16) -> clip -> step.
+
+    Returns device tensors only (no host sync); `tally` accumulates, per step, the loss sum,
+    correct predictions against the noisy and the clean labels, the image count, the number
+    of fp16 steps skipped for inf/nan gradients, and the first step with a non-finite loss.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recipe,
+                 device: str, mean: torch.Tensor, std: torch.Tensor):
+        self.model, self.optimizer, self.r, self.device = model, optimizer, r, device
+        self.mean, self.std = mean, std
+        self.forward = torch.compile(model) if r.compile else model
+        self.scaler = torch.amp.GradScaler(torch.device(device).type,
+                                           enabled=r.precision == "fp16")
+        self.tally = torch.zeros(6, dtype=torch.float64, device=device)
+        self.tally[5] = -1  # first step with a non-finite loss, -1 while none
+
+    def reset_tally(self) -> None:
+        self.tally[:5] = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
+                 step: int) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.r.precision):
+            logits = self.forward(normalize(x, self.mean, self.std, self.r.channels_last))
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.r.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.r.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+        scale = self.scaler._scale.clone() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            pred = logits.argmax(dim=1)
+            t = self.tally
+            t[0] += loss.detach() * y.shape[0]
+            t[1] += (pred == y).sum()
+            t[2] += (pred == y_clean).sum()
+            t[3] += y.shape[0]
+            if scale is not None:  # GradScaler lowers its scale exactly when it skips a step
+                t[4] += (self.scaler._scale < scale).squeeze()
+            t[5] = torch.where((t[5] < 0) & ~torch.isfinite(loss.detach()), float(step), t[5])
+        return loss.detach()
+
+
+# --------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    iteration: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_iteration: int = -1
+    elapsed_s: float = 0.0
+    skipped_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _rng_state(device: str) -> dict[str, Any]:
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: str) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
+
+
+@contextlib.contextmanager
+def _kernels(deterministic: bool, device: str):
+    """Deterministic kernels for the duration of a run (restored after, for library users)."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    if deterministic and torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.backends.cudnn.benchmark = prev[1]
+
+
+def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(out / "metrics.csv", buf.getvalue())
+
+
+def _iter_per_min(rows: list[dict[str, float]], batch_size: int) -> float | None:
+    """Steps per minute of pure training time (evaluation excluded) over the last
+    SPEED_WINDOW steps, from each row's window length and images/s."""
+    steps = seconds = 0.0
+    prev = [0] + [row["iteration"] for row in rows]
+    for row, start in zip(reversed(rows), reversed(prev[:-1]), strict=True):
+        if steps >= SPEED_WINDOW:
+            break
+        n = row["iteration"] - start
+        steps += n
+        seconds += n * batch_size / row["images_per_s"] if row["images_per_s"] > 0 else 0.0
+    return 60 * steps / seconds if seconds > 0 else None
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _print_recipe(r: Recipe) -> None:
+    fields_ = " ".join(f"{k}={v}" for k, v in r.to_dict().items()
+                       if k not in ("name", "description"))
+    _log(f"recipe {r.name}: {r.description}")
+    _log(textwrap.fill(fields_, width=100, initial_indent="  ", subsequent_indent="  "))
+
+
+# --------------------------------------------------------------------------- the loop
+def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
+        callback: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train (or resume, or return the finished summary of) the run in `cfg.out`.
+
+    `callback(row)` is called after every evaluation, once its checkpoints and metrics are
+    on disk (an exception from it interrupts the run exactly like a kill would).
+    """
+    summary_path = cfg.out / "summary.json"
+    check_before_start(cfg)  # also refuses an --out that holds a different config
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    with _kernels(cfg.deterministic, device):
+        return _train(cfg, str(device), progress, callback)
+
+
+def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str, Any]:
+    from lambdapipe.models import count_params
+
+    r, out = cfg.recipe, cfg.out
+    started = time.perf_counter()
+    train, val = _load_splits(cfg, verify=False)  # checksums verified by check_before_start
+    config = _run_config(cfg, train, device=device)
+    _print_recipe(r)
+    steps_per_epoch = len(train.labels) // r.batch_size
+    total = r.total_steps(steps_per_epoch)
+    eval_every = r.eval_interval(steps_per_epoch)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(config).to(device)
+    if r.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, r)
+    mean = torch.tensor(config["data"]["mean"], device=device)
+    std = torch.tensor(config["data"]["std"], device=device)
+    step_fn = TrainStep(model, optimizer, r, device, mean, std)
+    state = RunState()
+
+    last = out / "last.ckpt"
+    if last.exists():
+        ckpt = load_checkpoint(last, map_location=device)  # its config: check_before_start
+        load_weights(model, ckpt["model"], str(last))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step_fn.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"], device)
+        state = RunState(**ckpt["state"])
+        _log(f"resuming {out} at iteration {state.iteration} of {total}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(out / "config.json", config)
+    session_start = time.perf_counter() - state.elapsed_s  # elapsed_s spans all sessions
+
+    train_data = DeviceImages(train.images, train.labels, train.clean_labels, device,
+                              pad=r.crop_padding)
+    val_data = DeviceImages(val.images, val.labels, val.clean_labels, device)
+    del train, val
+
+    bar = _progress_bar(total, state.iteration, progress)
+    it, plan, plan_epoch_no, diverged_at = state.iteration, None, -1, None
+    window_start, window_it = time.perf_counter(), it
+    lr = r.lr_at(it, total, steps_per_epoch)
+    while it < total:
+        epoch, step = divmod(it, steps_per_epoch)
+        if epoch != plan_epoch_no:
+            plan = plan_epoch(len(train_data), cfg.seed, epoch, r.crop_padding, r.flip, device)
+            plan_epoch_no = epoch
+        x, y, y_clean = augmented_batch(train_data, plan, step, r.batch_size)
+        lr = r.lr_at(it, total, steps_per_epoch)
+        step_fn(x, y, y_clean, lr, it)
+        it += 1
+        evaluate_now = it % eval_every == 0 or it == total
+        if it % SYNC_EVERY and not evaluate_now:
+            continue
+        tally = step_fn.tally.tolist()  # the host sync point
+        bar.update(it - bar.n)
+        bar.set_postfix(loss=f"{tally[0] / max(tally[3], 1):.3f}",
+                        acc=f"{tally[1] / max(tally[3], 1):.3f}")
+        if tally[5] >= 0:
+            diverged_at = int(tally[5])
+            break
+        if not evaluate_now:
+            continue
+        train_seconds = time.perf_counter() - window_start
+        logits = predict(model, val_data.images, mean, std, r.precision, r.channels_last)
+        val_metrics = classification_metrics(logits, val_data.labels)
+        row = {"iteration": it, "epoch": round(it / steps_per_epoch, 4), "lr": lr,
+               "train_loss": tally[0] / tally[3], "train_acc": tally[1] / tally[3],
+               "train_clean_acc": tally[2] / tally[3], "val_loss": val_metrics["nll"],
+               "val_acc": val_metrics["accuracy"],
+               "images_per_s": (it - window_it) * r.batch_size / max(train_seconds, 1e-9),
+               "elapsed_s": time.perf_counter() - session_start}
+        state.rows.append(row)
+        state.iteration, state.elapsed_s = it, row["elapsed_s"]
+        state.skipped_steps += int(tally[4])
+        step_fn.reset_tally()
+        paths = [last]
+        if row["val_acc"] > state.best_val_acc:
+            state.best_val_acc, state.best_iteration = row["val_acc"], it
+            paths.insert(0, out / "best.ckpt")
+        save_checkpoint({"config": config, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(),
+                         "scheduler": {"schedule": r.schedule, "step": it, "lr": lr},
+                         "scaler": step_fn.scaler.state_dict(), "rng": _rng_state(device),
+                         "iteration": it, "state": state.to_dict()}, *paths)
+        _write_metrics(out, state.rows)
+        if not progress:
+            _log(f"iter {it}/{total} epoch {row['epoch']:.2f} lr {lr:.3g} "
+                 f"train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
+                 f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
+                 f"{row['images_per_s']:.0f} img/s")
+        if callback is not None:
+            callback(row)
+        window_start, window_it = time.perf_counter(), it
+    bar.close()
+    if diverged_at is not None:
+        state.skipped_steps += int(step_fn.tally[4].item())
+        _log(f"diverged: non-finite loss at iteration {diverged_at}")
+
+    test = _test_on_best(cfg, device)  # the only time the test split is read
+    rows = state.rows
+    summary = {
+        "model": cfg.model, "model_args": cfg.model_args, "dataset": cfg.dataset,
+        "noise": cfg.noise, "seed": cfg.seed, "recipe": r.name, "precision": r.precision,
+        "params": count_params(model), "iterations": it if diverged_at is None else diverged_at,
+        "val_acc": state.best_val_acc if state.best_iteration >= 0 else None,
+        "best_iteration": state.best_iteration if state.best_iteration >= 0 else None,
+        "tst_acc": test["accuracy"] if test else None, "tst_nll": test["nll"] if test else None,
+        "ece": test["ece"] if test else None,
+        "best_train_loss": min((x["train_loss"] for x in rows), default=None),
+        "best_val_loss": min((x["val_loss"] for x in rows), default=None),
+        "train_clean_acc": rows[-1]["train_clean_acc"] if rows else None,
+        "status": "ok" if diverged_at is None else "diverged", "diverged_at": diverged_at,
+        "skipped_steps": state.skipped_steps,
+        "iter_per_min": _iter_per_min(rows, r.batch_size),
+        "wall_time_s": time.perf_counter() - session_start,
+        "session_time_s": time.perf_counter() - started,
+    }
+    summary = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+               for k, v in summary.items()}  # strict JSON: a NaN val loss becomes null
+    atomic.write_json(out / "summary.json", summary)
+    return summary
+
+
+def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:
+    """Test metrics of best.ckpt (None when no evaluation happened before divergence)."""
+    from lambdapipe.data import load_split
+
+    best = cfg.out / "best.ckpt"
+    if not best.exists():
+        return None
+    ckpt = load_checkpoint(best, map_location=device)
+    config = ckpt["config"]
+    model = build_model(config).to(device)
+    load_weights(model, ckpt["model"], str(best))
+    test = load_split(cfg.data_dir, cfg.dataset, "test")
+    images = DeviceImages(test.images, test.labels, test.clean_labels, device)
+    mean = torch.tensor(config["data"]["mean"], device=device)
+    std = torch.tensor(config["data"]["std"], device=device)
+    r = cfg.recipe
+    logits = predict(model, images.images, mean, std, r.precision, r.channels_last)
+    return classification_metrics(logits, images.labels)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, unit="it", leave=False)
