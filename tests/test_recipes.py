@@ -1,0 +1,86 @@
+"""Recipes: the published studies' numbers, their schedules, and refusal of bad overrides."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lambdapipe.errors import UserError
+from lambdapipe.recipes import get_recipe, list_recipes
+
+
+def test_every_recipe_loads_with_explicit_units():
+    assert set(list_recipes()) >= {"sgdm", "adam-restarts", "sgd-restarts", "demo"}
+    for name in list_recipes():
+        r = get_recipe(name)
+        assert (r.iterations is None) != (r.epochs is None)
+        assert (r.eval_every is None) != (r.eval_every_epochs is None)
+
+
+def test_sgdm_matches_the_baseline_tables():
+    r = get_recipe("sgdm")
+    assert (r.optimizer, r.lr, r.momentum, r.nesterov, r.weight_decay) == ("sgd", 0.1, 0.9,
+                                                                           False, 1e-3)
+    assert (r.batch_size, r.iterations, r.eval_every, r.crop_padding, r.flip) == (256, 48000,
+                                                                                 1000, 4, True)
+    total = r.total_steps(steps_per_epoch=175)
+    lrs = [r.lr_at(s, total, 175) for s in range(total)]
+    peak = lrs.index(max(lrs))
+    assert peak == 4799 and max(lrs) == pytest.approx(0.1)  # linear warm-up over 10 %
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(lrs[peak:-1], lrs[peak + 1:], strict=True))
+    assert lrs[-1] < 1e-8  # cosine to 0
+
+
+@pytest.mark.parametrize(("name", "t0", "cycles"), [("adam-restarts", 5, 5),
+                                                    ("sgd-restarts", 10, 5)])
+def test_warm_restart_budgets_end_at_the_bottom_of_a_cycle(name, t0, cycles):
+    r = get_recipe(name)
+    spe = 10
+    total = r.total_steps(spe)
+    assert total == round(r.epochs * spe)
+    lrs = [r.lr_at(s, total, spe) for s in range(total)]
+    restarts = [s for s in range(1, total) if lrs[s] > lrs[s - 1]]
+    ends = [t0 * (2 ** (i + 1) - 1) * spe for i in range(cycles - 1)]  # 5, 15, 35, 75 epochs
+    assert restarts == ends
+    assert lrs[0] == r.lr and all(lrs[s] == r.lr for s in restarts)
+    assert lrs[-1] == pytest.approx(r.restart_eta_min, abs=1e-3 * r.lr)
+    assert min(lrs) >= r.restart_eta_min
+
+
+def test_step_and_constant_schedules():
+    r = get_recipe("demo", {"schedule": "step", "warmup": 0, "step_milestones": [0.5, 0.75]})
+    assert [r.lr_at(s, 100, 10) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005])
+    c = get_recipe("demo", {"schedule": "constant", "warmup": 0})
+    assert {c.lr_at(s, 100, 10) for s in range(100)} == {0.05}
+
+
+def test_overrides_are_typed_and_a_budget_unit_replaces_the_other():
+    r = get_recipe("adam-restarts", {"iterations": 200, "eval_every": 20, "lr": "3e-4",
+                                     "precision": "bf16", "grad_clip": None})
+    assert (r.iterations, r.epochs, r.eval_every, r.eval_every_epochs) == (200, None, 20, None)
+    assert r.lr == 3e-4 and isinstance(r.iterations, int) and r.precision == "bf16"
+    assert get_recipe("sgdm", {"epochs": 2.5}).total_steps(100) == 250
+
+
+@pytest.mark.parametrize(("name", "overrides", "needle"), [
+    ("nope", {}, "invalid recipe 'nope': expected one of adam-restarts"),
+    ("sgdm", {"optimizer": "lamb"}, "invalid optimizer 'lamb': expected one of sgd, adam"),
+    ("sgdm", {"batch_size": 0}, "invalid batch_size 0: expected an integer >= 1"),
+    ("sgdm", {"batch_size": 2.5}, "invalid recipe field batch_size 2.5: expected an integer"),
+    ("sgdm", {"bogus": 1}, "invalid recipe field 'bogus': expected one of batch_size"),
+    ("sgdm", {"precision": "fp8"}, "invalid precision 'fp8'"),
+    ("sgdm", {"lr": "fast"}, "invalid recipe field lr 'fast': expected a finite number"),
+    ("sgdm", {"lr": math.inf}, "expected a finite number"),
+    ("sgdm", {"schedule": "linear"}, "invalid schedule 'linear'"),
+    ("sgdm", {"flip": "yes"}, "invalid recipe field flip 'yes': expected true or false"),
+    ("sgdm", {"iterations": None}, "exactly one of iterations, epochs"),
+    ("adam-restarts", {"nesterov": True}, "invalid nesterov True"),
+    ("sgdm", {"warmup": 1.5}, "invalid warmup 1.5"),
+])
+def test_bad_recipe_input_is_one_line(name, overrides, needle):
+    with pytest.raises(UserError) as err:
+        get_recipe(name, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
