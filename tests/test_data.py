@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +161,23 @@ def test_cli_prepare_digits(tmp_path):
                                     "--data-dir", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "invalid noise rate 1.0" in bad.output
     assert not (tmp_path / "x").exists()
+
+
+def test_concurrent_prepares_agree_and_are_deterministic(tmp_path):
+    """Two processes preparing one dataset at once (parallel Snakemake jobs): both succeed,
+    one directory wins, and its arrays equal a third, separate preparation bit for bit."""
+    code = ("import sys; from pathlib import Path; from lambdapipe import data;"
+            "p = data.prepare('digits', Path(sys.argv[1]), progress=False);"
+            "data.make_noise(p, data.noise_spec('symmetric', 0.4, 2))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")],
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    data.prepare("digits", tmp_path / "alone", progress=False)
+    shared = data.load_manifest(tmp_path / "shared", "digits")
+    alone = data.load_manifest(tmp_path / "alone", "digits")
+    assert shared["arrays"] == alone["arrays"]
+    assert [p.name for p in (tmp_path / "shared/prepared").iterdir()] == ["digits"]
+    noisy = data.load_split(tmp_path / "shared", "digits", "train", "symmetric-0.4-s2")
+    assert np.sum(noisy.labels != noisy.clean_labels) == round(0.4 * len(noisy))

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lambdapipe.errors import UserError
 from lambdapipe.noise import (
@@ -126,3 +128,15 @@ def test_bad_specs(kind, rate, match):
 def test_bad_tags(tag):
     with pytest.raises(UserError, match="noise tag"):
         parse_noise_tag(tag)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 400), c=st.integers(2, 12), rate=st.floats(0.0, 0.99),
+       kind=st.sampled_from(["symmetric", "pairflip"]), seed=st.integers(0, 5))
+def test_exact_counts_property(n, c, rate, kind, seed):
+    labels = np.random.default_rng(seed).integers(0, c, size=n)
+    spec = noise_spec(kind, rate, seed)
+    noisy = corrupt(labels, c, spec, key="prop")
+    assert np.sum(noisy != labels) == round(spec.rate * n)
+    t = transition_matrix(labels, noisy, c)
+    np.testing.assert_allclose(t.sum(axis=1), 1.0)
