@@ -69,7 +69,8 @@ def _describe(error) -> str:
         return (f"invalid config {where} {inst!r}: expected one of "
                 + ", ".join(str(v) for v in error.validator_value))
     if kind == "required":
-        return f"missing config key {where}.{error.validator_value[0]}"
+        missing = [k for k in error.validator_value if k not in inst]
+        return f"missing config key {where}.{missing[0]}"
     if kind in ("minItems", "minProperties"):
         return f"config key {where!r} is empty: give at least {error.validator_value}"
     if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):

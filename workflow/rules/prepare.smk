@@ -1,5 +1,7 @@
 rule prepare:
-    """Verified, split uint8 arrays and their manifest (also writes noise/clean.*)."""
+    """Verified, split uint8 arrays and their manifest (also writes noise/clean.*). It
+    owns data/prepared/<dataset>: a re-run (new split options) starts from an empty
+    directory, and every noise variant and run downstream is then out of date."""
     input:
         archive_of,
     output:
@@ -21,8 +23,9 @@ rule prepare:
     conda:
         "../../environment.yml"
     shell:
-        "lambdapipe prepare --dataset {wildcards.dataset} --data-dir data {params.options}"
-        " {params.mirror} > {log} 2>&1"
+        "rm -rf data/prepared/{wildcards.dataset} && lambdapipe prepare"
+        " --dataset {wildcards.dataset} --data-dir data {params.options} {params.mirror}"
+        " > {log} 2>&1"
 
 
 rule noise:
