@@ -1,0 +1,245 @@
+"""Training on the embedded digits dataset: it learns, noise hurts, resume is exact,
+divergence ends cleanly, checkpoints are safe, the test split never selects, bad input fails
+before any work."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lambdapipe import data, train
+from lambdapipe.cli import main
+from lambdapipe.errors import UserError
+from lambdapipe.evaluate import load_checkpoint
+
+TINY = {"base_width": 8}
+SHORT = {"iterations": 30, "eval_every": 10}
+TIMING = {"wall_time_s", "session_time_s", "iter_per_min"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    prepared = data.prepare("digits", root)
+    data.make_noise(prepared, data.noise_spec("symmetric", 0.5, 0))
+    return root
+
+
+def config(data_dir: Path, out: Path, noise: str = "clean", model: str = "resnet20x1",
+           seed: int = 0, deterministic: bool = False, **overrides) -> train.TrainConfig:
+    return train.TrainConfig.build(model=model, model_args=TINY, dataset="digits",
+                                   data_dir=data_dir, noise=noise, seed=seed, out=out,
+                                   recipe="demo", overrides=overrides,
+                                   deterministic=deterministic)
+
+
+def read_metrics(out: Path) -> list[dict[str, float]]:
+    with open(out / "metrics.csv") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    train.run(config(data_dir, out, **SHORT))
+    return out
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def train_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "resnet20x1", "--model-arg", "base_width=8", "--dataset",
+            "digits", "--data-dir", str(data_dir), "--out", str(out), "--recipe", "demo",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+# --------------------------------------------------------------------------- learning
+def test_demo_recipe_learns_digits_and_label_noise_hurts(data_dir, tmp_path, monkeypatch):
+    clean = train.run(config(data_dir, tmp_path / "clean"))
+    noisy = train.run(config(data_dir, tmp_path / "noisy", noise="symmetric-0.5"))
+    assert clean["status"] == noisy["status"] == "ok"
+    assert clean["iterations"] == noisy["iterations"] == 400
+    assert clean["tst_acc"] > 0.9  # chance is 0.1
+    assert noisy["tst_acc"] < clean["tst_acc"] and noisy["tst_nll"] > clean["tst_nll"]
+    # On 50 % symmetric noise the model fits the truth better than the labels it was given.
+    last = read_metrics(tmp_path / "noisy")[-1]
+    assert last["train_clean_acc"] > last["train_acc"] + 0.2
+
+    out = tmp_path / "clean"
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json", "metrics.csv", "last.ckpt", "last.ckpt.sha256", "best.ckpt",
+        "best.ckpt.sha256", "summary.json"}
+    with open(out / "metrics.csv") as fh:
+        assert next(csv.reader(fh)) == train.METRIC_COLUMNS
+    assert [r["iteration"] for r in read_metrics(out)] == list(range(50, 401, 50))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["recipe"]["name"] == "demo" and saved["model_args"] == TINY
+    assert json.loads((out / "summary.json").read_text()) == clean
+
+    # Same config, finished: the summary comes back and nothing trains again.
+    mtime = (out / "metrics.csv").stat().st_mtime_ns
+    monkeypatch.setattr(train, "_train", lambda *a: pytest.fail("retrained a finished run"))
+    assert train.run(config(data_dir, out)) == clean
+    assert (out / "metrics.csv").stat().st_mtime_ns == mtime
+
+
+# --------------------------------------------------------------------------- resume
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_from_last_checkpoint_equals_an_unbroken_run(data_dir, tmp_path):
+    # 45 steps, 22 per epoch: the break at 30 falls mid-epoch, the end off the eval grid.
+    kw = {"iterations": 45, "eval_every": 10, "deterministic": True}
+    unbroken = train.run(config(data_dir, tmp_path / "a", **kw))
+
+    def stop_at_30(row):
+        if row["iteration"] == 30:
+            raise Interrupt
+
+    out = tmp_path / "b"
+    with pytest.raises(Interrupt):
+        train.run(config(data_dir, out, **kw), callback=stop_at_30)
+    assert not (out / "summary.json").exists()
+    assert load_checkpoint(out / "last.ckpt")["iteration"] == 30
+    resumed = train.run(config(data_dir, out, **kw))
+
+    def strip(summary):
+        return {k: v for k, v in summary.items() if k not in TIMING}
+
+    assert strip(resumed) == strip(unbroken)
+
+    def curves(run_dir):
+        return [{k: v for k, v in row.items() if k not in ("images_per_s", "elapsed_s")}
+                for row in read_metrics(run_dir)]
+
+    assert curves(out) == curves(tmp_path / "a")
+    a, b = (load_checkpoint(d / "last.ckpt")["model"] for d in (tmp_path / "a", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- divergence
+def test_huge_learning_rate_diverges_with_exit_code_zero(data_dir, tmp_path):
+    out = tmp_path / "diverged"
+    result = cli(*train_args(data_dir, out, "--set", "lr=1e8", "--set", "iterations=200",
+                             "--set", "warmup=0"))
+    assert result.exit_code == 0, result.output
+    assert "diverged at iteration" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert isinstance(summary["diverged_at"], int) and 0 <= summary["diverged_at"] < 200
+    assert summary["iterations"] == summary["diverged_at"]
+    json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoints_load_weights_only_and_corruption_is_detected(data_dir, finished,
+                                                                 tmp_path):
+    summary = json.loads((finished / "summary.json").read_text())
+    for name, iteration in (("last", 30), ("best", summary["best_iteration"])):
+        path = finished / f"{name}.ckpt"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert set(ckpt) >= {"config", "model", "optimizer", "scheduler", "scaler", "rng",
+                             "iteration", "state"}
+        assert ckpt["iteration"] == iteration
+        assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
+        assert ckpt["optimizer"]["state"]  # momentum buffers travel with it
+        assert ckpt["config"]["model"] == "resnet20x1"
+        assert [r["iteration"] for r in ckpt["state"]["rows"]] == list(range(10, iteration + 1,
+                                                                             10))
+        digest, fname = (finished / f"{name}.ckpt.sha256").read_text().split()
+        assert fname == path.name
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(finished, broken)
+    (broken / "summary.json").unlink()  # an interrupted run with a damaged last.ckpt
+    raw = bytearray((broken / "last.ckpt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (broken / "last.ckpt").write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="corrupted checkpoint"):
+        load_checkpoint(broken / "last.ckpt")
+    with pytest.raises(UserError, match="corrupted checkpoint"):
+        train.check_before_start(config(data_dir, broken, **SHORT))
+
+
+# --------------------------------------------------------------------------- selection
+def test_test_split_is_read_once_after_training_on_the_val_chosen_checkpoint(
+        data_dir, tmp_path, monkeypatch):
+    events: list[tuple[str, object]] = []
+    real_load, real_score = data.load_split, train.classification_metrics
+
+    def spy_load(data_dir, dataset, split, **kw):
+        events.append(("load", split))
+        return real_load(data_dir, dataset, split, **kw)
+
+    def spy_score(logits, labels, **kw):
+        events.append(("score", len(labels)))
+        return real_score(logits, labels, **kw)
+
+    monkeypatch.setattr(data, "load_split", spy_load)
+    monkeypatch.setattr(train, "classification_metrics", spy_score)
+    out = tmp_path / "run"
+    summary = train.run(config(data_dir, out, iterations=60, eval_every=10))
+
+    n_val = len(real_load(data_dir, "digits", "val"))
+    n_test = len(real_load(data_dir, "digits", "test"))
+    assert events.count(("load", "test")) == 1
+    first_test = events.index(("load", "test"))
+    assert events[first_test:] == [("load", "test"), ("score", n_test)]  # once, at the very end
+    assert [e for e in events[:first_test] if e[0] == "score"] == [("score", n_val)] * 6
+
+    rows = read_metrics(out)
+    best = max(rows, key=lambda r: (r["val_acc"], -r["iteration"]))  # first maximum
+    assert summary["val_acc"] == best["val_acc"]
+    assert summary["best_iteration"] == best["iteration"]
+    assert load_checkpoint(out / "best.ckpt")["iteration"] == best["iteration"]
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--recipe", "nope"], "invalid recipe 'nope'"),
+    (["--set", "optimizer=lamb"], "invalid optimizer 'lamb'"),
+    (["--set", "batch_size=0"], "invalid batch_size 0"),
+    (["--set", "batch_size=100000"], "expected at most the 1294 training images of digits"),
+    (["--set", "colour=red"], "invalid recipe field 'colour'"),
+    (["--model", "resnet21"], "unknown model 'resnet21'"),
+    (["--model-arg", "depth=3"], "invalid model argument 'depth'"),
+    (["--noise", "0.3"], "lambdapipe prepare --dataset digits --noise 0.3"),
+    (["--dataset", "mnist"], "invalid dataset 'mnist'"),
+])
+def test_bad_input_fails_in_one_line_before_training(data_dir, tmp_path, extra, needle):
+    out = tmp_path / "run"
+    result = cli(*train_args(data_dir, out), *extra)  # later options win in click
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
+    assert needle in result.output and "Traceback" not in result.output
+    assert not (out / "config.json").exists()
+
+
+def test_finished_results_of_another_config_are_never_overwritten(data_dir, finished,
+                                                                  tmp_path):
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.iterdir()}
+    result = cli(*train_args(data_dir, finished, "--seed", "1", "--set", "iterations=30",
+                             "--set", "eval_every=10"))
+    assert result.exit_code == 2, result.output
+    assert "holds a finished run of a different config (seed: 0 -> 1)" in result.output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.iterdir()} == before
+
+    # A checkpoint of another model in --out (no config.json beside it) is refused too.
+    out = tmp_path / "other"
+    out.mkdir()
+    for name in ("last.ckpt", "last.ckpt.sha256"):
+        shutil.copy(finished / name, out / name)
+    result = cli(*train_args(data_dir, out, "--model", "resnet32x1"))
+    assert result.exit_code == 2, result.output
+    assert "belongs to a different config (model: 'resnet20x1' -> 'resnet32x1'" in result.output
