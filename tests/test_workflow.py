@@ -1,0 +1,141 @@
+"""The Snakemake workflow for real: DAG sizes from the config, lint, config errors before any
+job, and the demo end to end (prepare -> train -> evaluate -> report -> HTML report) with
+GPU claims under contention (fake devices, `--resources gpu=2`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+
+
+def snakemake(*args, cwd: Path, env: dict | None = None, timeout: int = 900):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(cwd), *args]
+    return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("Reasons:")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def expected_counts(cfg: dict) -> dict[str, int]:
+    """Jobs per rule, counted from the YAML alone."""
+    runs, variants, archives = set(), set(), set()
+    for ds, d in cfg["datasets"].items():
+        archives.add("tiny" if ds.startswith("tinyimagenet") else ds)
+        for g in d["grids"]:
+            for n in g["noise"]:
+                for rate in n["rates"]:
+                    variants.add((ds, n["kind"] if rate else "clean", rate))
+                    for m, s in itertools.product(g["models"], g["seeds"]):
+                        runs.add((ds, rate, m, s))
+    counts = {"download": len(archives - {"digits"}), "prepare": len(cfg["datasets"]),
+              "noise": len(variants), "train": len(runs), "evaluate": len(runs),
+              "report": 1, "all": 1}
+    counts = {k: v for k, v in counts.items() if v}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def test_dry_run_of_the_full_grid_has_one_job_per_run(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    res = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts == expected_counts(cfg)
+    assert counts["train"] == 255  # the reproduction grid as documented in the README
+
+
+def test_lint_is_clean(tmp_path):
+    res = snakemake("--lint", "--configfile", str(ROOT / "config" / "demo.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "Congratulations" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda g: g["models"].append("resnet19"), "invalid model 'resnet19'"),
+    (lambda g: g["noise"][0]["rates"].append(1.5), "rates[2] 1.5: expected a number >= 0"),
+    (lambda g: g.update(models=[]), "'datasets.digits.grids[0].models' is empty"),
+    (lambda g: g.update(sedes=[1]), "unknown config key 'datasets.digits.grids[0].sedes'"),
+], ids=["unknown-model", "rate-1.5", "empty-grid", "key-typo"])
+def test_bad_config_stops_snakemake_before_any_job(tmp_path, edit, message):
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    edit(cfg["datasets"]["digits"]["grids"][0])
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = snakemake("--cores", "1", "--configfile", str(path), cwd=tmp_path)
+    assert res.returncode != 0
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if message in ln]
+    assert len(lines) == 1, res.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo grid for real, jobs claiming 2 fake GPUs through lock files."""
+    work = tmp_path_factory.mktemp("demo")
+    log = work / "claims.jsonl"
+    env = {"LAMBDAPIPE_FAKE_GPUS": "2", "LAMBDAPIPE_GPU_LOG": str(log),
+           "LAMBDAPIPE_GPU_LOCK_DIR": str(work / "locks")}
+    res = snakemake("--cores", "2", "--resources", "gpu=2", "--configfile",
+                    str(ROOT / "config" / "demo.yaml"), "--config", "train={device: auto}",
+                    cwd=work, env=env)
+    assert res.returncode == 0, res.stderr[-5000:]
+    return work, log, env
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(demo_run):
+    work, _, _ = demo_run
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    summaries = sorted((work / "results" / "runs").glob("*/*/*/*/summary.json"))
+    assert len(summaries) == expected_counts(cfg)["train"] == 8
+    for path in summaries:
+        summary = json.loads(path.read_text())
+        assert summary["status"] == "ok" and 0.5 < summary["tst_acc"] <= 1.0
+        assert not path.stat().st_mode & stat.S_IWUSR  # protected: never retrained
+        assert (path.parent / "eval_test.json").is_file()
+    assert sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
+    assert (work / "results" / "tables" / "runs.csv").is_file()
+    assert json.loads((work / "results" / "metrics.json").read_text())
+    again = snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), cwd=work)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_gpu_claims_under_contention(demo_run):
+    _, log, _ = demo_run
+    claims = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(claims) == 16  # 8 train + 8 evaluate jobs, more jobs than the 2 devices
+    spans = defaultdict(list)
+    for c in claims:
+        spans[c["index"]].append((c["acquired"], c["released"]))
+    assert set(spans) == {0, 1}
+    for index, s in spans.items():
+        s.sort()
+        assert all(b[0] >= a[1] for a, b in itertools.pairwise(s)), f"gpu{index} shared"
+
+
+@pytest.mark.slow
+def test_html_report(demo_run):
+    work, _, _ = demo_run
+    out = work / "report.html"
+    res = snakemake("--configfile", str(ROOT / "config" / "demo.yaml"), "--report", str(out),
+                    cwd=work)
+    assert res.returncode == 0, res.stderr[-3000:]
+    html = out.read_text(errors="replace")
+    assert "acc_vs_noise_digits.png" in html and "runs.csv" in html
