@@ -1,0 +1,149 @@
+"""Evaluation: the metrics' arithmetic, a checkpoint scored on any split, and refusal of a
+checkpoint the registry or its weights do not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lambdapipe import data, train
+from lambdapipe.cli import main
+from lambdapipe.errors import UserError
+from lambdapipe.evaluate import (
+    classification_metrics,
+    evaluate_checkpoint,
+    format_result,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the suite shares 2 cores with other jobs, and oversubscribed
+    threads make a tiny model's step several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def reference_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    conf, pred = probs.max(1), probs.argmax(1)
+    ece = 0.0
+    for lo, hi in zip(np.linspace(0, 1, bins + 1)[:-1], np.linspace(0, 1, bins + 1)[1:],
+                      strict=True):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.mean() * abs((pred[inside] == labels[inside]).mean()
+                                       - conf[inside].mean())
+    return ece
+
+
+def test_metrics_match_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 4, generator=gen) * 3
+    labels = torch.randint(0, 4, (500,), generator=gen)
+    labels[:3] = 3  # class 3 is never predicted correctly below unless its logit wins
+    m = classification_metrics(logits, labels, detailed=True)
+    probs = logits.double().softmax(1).numpy()
+    y = labels.numpy()
+    pred = probs.argmax(1)
+    assert m["n"] == 500
+    assert m["accuracy"] == pytest.approx((pred == y).mean())
+    assert m["nll"] == pytest.approx(-np.log(probs[np.arange(500), y]).mean())
+    assert m["ece"] == pytest.approx(reference_ece(probs, y))
+    confusion = np.zeros((4, 4), dtype=int)
+    np.add.at(confusion, (y, pred), 1)
+    assert m["confusion_matrix"] == confusion.tolist()
+    assert m["per_class_accuracy"] == pytest.approx(
+        [confusion[c, c] / confusion[c].sum() for c in range(4)])
+
+
+def test_a_perfectly_calibrated_confident_model_has_zero_ece_and_absent_classes_are_none():
+    logits = torch.tensor([[20.0, 0, 0], [0, 20.0, 0]])
+    m = classification_metrics(logits, torch.tensor([0, 1]), detailed=True)
+    assert m["accuracy"] == 1.0 and m["ece"] == pytest.approx(0, abs=1e-7)
+    assert m["per_class_accuracy"] == [1.0, 1.0, None]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    data_dir = root / "data"
+    prepared = data.prepare("digits", data_dir)
+    data.make_noise(prepared, data.noise_spec("symmetric", 0.5, 0))
+    out = root / "noisy"
+    train.run(train.TrainConfig.build(
+        model="resnet20x1", model_args={"base_width": 8}, dataset="digits", data_dir=data_dir,
+        noise="symmetric-0.5", seed=0, out=out, recipe="demo",
+        overrides={"iterations": 60, "eval_every": 20}))
+    return data_dir, out
+
+
+def test_best_checkpoint_on_test_reproduces_the_summary(runs, tmp_path):
+    data_dir, out = runs
+    summary = json.loads((out / "summary.json").read_text())
+    target = tmp_path / "eval_test.json"
+    result = evaluate_checkpoint(out / "best.ckpt", "test", data_dir, "cpu", target)
+    assert result["accuracy"] == pytest.approx(summary["tst_acc"])
+    assert result["nll"] == pytest.approx(summary["tst_nll"])
+    assert result["ece"] == pytest.approx(summary["ece"])
+    assert result["iteration"] == summary["best_iteration"]
+    assert json.loads(target.read_text()) == result
+    assert sum(map(sum, result["confusion_matrix"])) == result["n"] == 359
+    assert len(result["per_class_accuracy"]) == 10
+    text = format_result(result)
+    assert "accuracy" in text and len(text.splitlines()) == 2 + 10
+
+
+def test_train_split_is_scored_against_clean_and_noisy_labels(runs):
+    data_dir, out = runs
+    result = evaluate_checkpoint(out / "last.ckpt", "train", data_dir, "cpu", None)
+    assert result["noise"] == "symmetric-0.5"
+    assert result["accuracy"] > result["label_accuracy"]  # noisy labels are half wrong
+    assert "noisy labels" in format_result(result)
+
+
+def test_cli_evaluate_writes_beside_the_checkpoint(runs):
+    data_dir, out = runs
+    result = CliRunner().invoke(main, ["evaluate", "--ckpt", str(out / "best.ckpt"),
+                                       "--split", "val", "--data-dir", str(data_dir),
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "eval_val.json").read_text())["split"] == "val"
+
+
+def _resave(src: Path, dst: Path, **config_changes) -> Path:
+    ckpt = load_checkpoint(src)
+    ckpt["config"].update(config_changes)
+    save_checkpoint(ckpt, dst)
+    return dst
+
+
+def test_checkpoint_the_registry_or_its_weights_do_not_fit_is_refused(runs, tmp_path):
+    data_dir, out = runs
+    unknown = _resave(out / "best.ckpt", tmp_path / "unknown.ckpt", model="resnet21")
+    with pytest.raises(UserError, match="unknown model 'resnet21'"):
+        evaluate_checkpoint(unknown, "test", data_dir, "cpu", None)
+    wider = _resave(out / "best.ckpt", tmp_path / "wider.ckpt", model_args={"base_width": 16})
+    with pytest.raises(UserError, match="does not fit its model"):
+        evaluate_checkpoint(wider, "test", data_dir, "cpu", None)
+    result = CliRunner().invoke(main, ["evaluate", "--ckpt", str(wider), "--data-dir",
+                                       str(data_dir), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("Error: checkpoint")
+    assert not (tmp_path / "eval_test.json").exists()
+
+    (tmp_path / "wider.ckpt.sha256").write_text("0" * 64 + "  wider.ckpt\n")
+    with pytest.raises(UserError, match="corrupted checkpoint"):
+        evaluate_checkpoint(wider, "test", data_dir, "cpu", None)
+    plain = tmp_path / "plain.ckpt"
+    save_checkpoint({"weights": torch.zeros(1)}, plain)
+    with pytest.raises(UserError, match="not a lambdapipe checkpoint"):
+        evaluate_checkpoint(plain, "test", data_dir, "cpu", None)
