@@ -1,0 +1,90 @@
+"""`lambdapipe bench` on the CPU with tiny widths: it times the training step of train.py,
+reports every figure, and refuses bad arguments before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lambdapipe import bench, data, train
+from lambdapipe.cli import main
+from lambdapipe.errors import UserError
+
+TINY = {"base_width": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_rows_time_the_training_step_of_train_py(monkeypatch):
+    calls = []
+    real_call = train.TrainStep.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[-1])  # the step index
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.TrainStep, "__call__", counting)
+    rows = bench.run(["resnet20x1", "resnet18"], dataset="digits", batch_size=8,
+                     precision="fp32", warmup=1, steps=2, model_args=TINY, device="cpu")
+    assert calls == [0, 1, 2] * 2  # warm-up + timed steps, per model, through TrainStep
+    assert [r["model"] for r in rows] == ["resnet20x1", "resnet18"]
+    for r in rows:
+        assert r["iter_per_min"] > 0 and r["images_per_s"] == pytest.approx(
+            r["iter_per_min"] * 8 / 60)
+        assert r["step_ms"] == pytest.approx(60_000 / r["iter_per_min"])
+        assert r["peak_mem_gib"] is None and r["mfu"] is None  # no GPU, no peak to compare
+        assert r["params"] > 0 and r["device"] == "cpu" and not r["diverged"]
+    r20, r18 = rows
+    assert r18["vs_resnet18"] == 1.0
+    assert r20["vs_resnet18"] == pytest.approx(r20["images_per_s"] / r18["images_per_s"])
+
+
+def test_table_json_and_cli(tmp_path):
+    rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="bf16",
+                     warmup=0, steps=1, model_args=TINY, device="cpu")
+    assert rows[0]["vs_resnet18"] is None  # no ResNet-18 in this run
+    table = bench.format_rows(rows).splitlines()
+    assert table[0].split()[:3] == ["model", "params(M)", "iter/min"]
+    assert table[2].startswith("resnet20x1") and "bf16" in table[-1]
+    bench.write_rows(rows, tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["model"] == "resnet20x1"
+
+    out = tmp_path / "cli.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--models", "resnet20x1", "--dataset", "digits", "--batch-size", "8",
+        "--precision", "fp32", "--warmup", "1", "--steps", "1", "--model-arg", "base_width=8",
+        "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "resnet20x1" in result.output and json.loads(out.read_text())["rows"]
+
+
+def test_real_data_uses_the_prepared_split(tmp_path):
+    data.prepare("digits", tmp_path)
+    rows = bench.run(["resnet20x1"], dataset="digits", data_dir=tmp_path, real_data=True,
+                     batch_size=16, precision="fp32", warmup=1, steps=1, model_args=TINY)
+    assert rows[0]["real_data"] is True
+    with pytest.raises(UserError, match="at most the 1294 images"):
+        bench.run(["resnet20x1"], dataset="digits", data_dir=tmp_path, real_data=True,
+                  batch_size=5000, precision="fp32", warmup=0, steps=1, model_args=TINY)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--models", "resnet21"], "invalid model 'resnet21'"),
+    (["--steps", "0"], "invalid steps 0"),
+    (["--batch-size", "0"], "invalid batch size 0"),
+    (["--models", ","], "no model to benchmark"),
+])
+def test_bad_arguments_are_one_line(args, needle):
+    result = CliRunner().invoke(main, ["bench", "--dataset", "digits", "--device", "cpu",
+                                       "--models", "resnet20x1", *args])
+    assert result.exit_code == 2
+    assert needle in result.output.strip().splitlines()[-1]
