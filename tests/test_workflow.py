@@ -84,6 +84,11 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path, edit, message):
     assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
 
 
+# The demo config with device auto, so that jobs claim (fake) GPUs.
+DEMO_ARGS = ("--configfile", str(ROOT / "config" / "demo.yaml"), "--config",
+             "train={device: auto}")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo grid for real, jobs claiming 2 fake GPUs through lock files."""
@@ -91,9 +96,7 @@ def demo_run(tmp_path_factory):
     log = work / "claims.jsonl"
     env = {"LAMBDAPIPE_FAKE_GPUS": "2", "LAMBDAPIPE_GPU_LOG": str(log),
            "LAMBDAPIPE_GPU_LOCK_DIR": str(work / "locks")}
-    res = snakemake("--cores", "2", "--resources", "gpu=2", "--configfile",
-                    str(ROOT / "config" / "demo.yaml"), "--config", "train={device: auto}",
-                    cwd=work, env=env)
+    res = snakemake("--cores", "2", "--resources", "gpu=2", *DEMO_ARGS, cwd=work, env=env)
     assert res.returncode == 0, res.stderr[-5000:]
     return work, log, env
 
@@ -112,7 +115,7 @@ def test_demo_end_to_end(demo_run):
     assert sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
     assert (work / "results" / "tables" / "runs.csv").is_file()
     assert json.loads((work / "results" / "metrics.json").read_text())
-    again = snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), cwd=work)
+    again = snakemake("-n", *DEMO_ARGS, cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
@@ -134,8 +137,7 @@ def test_gpu_claims_under_contention(demo_run):
 def test_html_report(demo_run):
     work, _, _ = demo_run
     out = work / "report.html"
-    res = snakemake("--configfile", str(ROOT / "config" / "demo.yaml"), "--report", str(out),
-                    cwd=work)
+    res = snakemake(*DEMO_ARGS, "--report", str(out), cwd=work)
     assert res.returncode == 0, res.stderr[-3000:]
     html = out.read_text(errors="replace")
     assert "acc_vs_noise_digits.png" in html and "runs.csv" in html
