@@ -69,8 +69,9 @@ def build_report(runs: Path, out: Path, published: Path | None = None) -> Writte
     figure_links: list[str] = []
     for dataset in sorted(df["dataset"].unique()):
         sub = df[df["dataset"] == dataset]
-        pub_rows = pub["resnet"][pub["resnet"]["dataset"]
-                                 == tables.PUBLISHED_DATASET.get(dataset)]
+        resnet = pub["resnet"]
+        pub_rows = resnet[(resnet["dataset"] == tables.PUBLISHED_DATASET.get(dataset))
+                          & resnet["test_acc"].notna()]
         built = {
             "loss": (figures.loss_curves(dataset, sub, collection, colours),
                      "no metrics.csv with train and val loss"),

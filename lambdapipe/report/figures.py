@@ -18,12 +18,13 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
 from lambdapipe.atomic import write_with
 from lambdapipe.report.load import Collection
 
 DPI = 150
-PANEL = (3.6, 2.7)  # inches per facet
+PANEL = (3.6, 2.8)  # inches per facet
 FORMATS = ("png", "svg")
 # Reproducible files: fixed SVG ids, no creation date.
 RC = {"svg.hashsalt": "lambdapipe", "svg.fonttype": "none"}
@@ -37,17 +38,38 @@ def palette(series: list[str]) -> dict[str, tuple]:
 
 
 def _figure(nrows: int, ncols: int, title: str, sharey: str | bool = False):
-    fig = Figure(figsize=(PANEL[0] * ncols + 2.2, PANEL[1] * nrows + 0.6),
-                 layout="constrained")
+    # A lone panel gets room enough for its legend-free axes to read as a plot, not a strip.
+    width, height = (5.5, 3.8) if nrows * ncols == 1 else PANEL
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
-    fig.suptitle(title, fontsize=13, fontweight="bold")
+    fig.suptitle(title, fontsize=12, fontweight="bold")
     return fig, axes
 
 
-def _legend(fig: Figure, handles: list, title: str | None = None) -> None:
-    fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False,
-               fontsize=9, title_fontsize=9)
+def _legend(fig: Figure, handles: list) -> None:
+    # Anchored just right of the figure; bbox_inches="tight" on save takes it in, and the
+    # layout engine leaves it alone, so it never overlaps a panel or the title.
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.93), frameon=False,
+               fontsize=9)
+
+
+def _empty(ax, text: str = "no runs") -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_xlabel("")
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log axis labelled 0.3, 1, 2 rather than 3x10^-1."""
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if _leading_digit(v) in (2, 3, 5) else ""))
+
+
+def _leading_digit(v: float) -> int:
+    return round(v / 10 ** math.floor(math.log10(v))) if v > 0 else 0
 
 
 def _series_handles(colours: dict[str, tuple], names) -> list:
@@ -117,13 +139,13 @@ def loss_curves(dataset: str, runs: pd.DataFrame, collection: Collection,
                     sns.lineplot(part, x="iteration", y="loss", ax=ax, color=colours[name],
                                  linestyle=ls, errorbar="sd", legend=False)
             _mark_divergence(ax, runs[(runs["condition"] == cond) & (runs["series"] == name)])
-            if sub.empty:
-                ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes,
-                        color="grey")
             ax.set_yscale("log")
+            _plain_log_ticks(ax)
             ax.set_title(f"{name}\nnoise: {cond}", fontsize=9)
             ax.set_xlabel("iteration (optimizer steps)")
             ax.set_ylabel("cross-entropy loss (nats, log)" if j == 0 else "")
+            if sub.empty:
+                _empty(ax)
     handles = _series_handles(colours, series) + [
         Line2D([], [], color="black", ls="-", label="train loss (noisy labels)"),
         Line2D([], [], color="black", ls="--", label="validation loss"),
@@ -154,12 +176,18 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
             sns.lineplot(g, x="rate_pct", y="acc_pct", ax=ax, color=colours[name],
                          errorbar="sd", err_style="bars", marker="o", legend=False,
                          err_kws={"capsize": 3})
+        # Diverged runs have no accuracy to plot; an x on the bottom edge keeps them in view.
+        div = runs[(runs["status"] == "diverged") & runs["noise_kind"].isin(["clean", kind])]
+        for row in div.itertuples():
+            ax.plot(100 * row.noise_rate, 0.03, marker="x", ms=8, mew=2, ls="",
+                    color=colours[row.series], transform=ax.get_xaxis_transform())
         ax.set_title(f"{kind} noise", fontsize=10)
         ax.set_xlabel("corrupted training labels (%)")
         ax.set_ylabel("test accuracy (%)")
-    handles = _series_handles(colours, ok["series"]) + [
+    handles = _series_handles(colours, runs["series"]) + [
         Line2D([], [], color="grey", marker="o", ls="", alpha=0.45, label="one run"),
         Line2D([], [], color="grey", marker="o", label="mean ± sd over runs"),
+        Line2D([], [], color="grey", marker="x", mew=2, ls="", label="diverged run"),
     ]
     _legend(fig, handles)
     return fig
@@ -186,6 +214,10 @@ def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
         if cond == "clean" and published is not None and not published.empty:
             ax.scatter(published["params_m"], 100 * published["test_acc"], marker="D",
                        facecolor="none", edgecolor="dimgrey", s=36, zorder=1)
+            for row in published.itertuples():
+                ax.annotate(f"R{row.depth}x{row.width} {row.precision}",
+                            (row.params_m, 100 * row.test_acc), xytext=(4, -3),
+                            textcoords="offset points", fontsize=6, color="dimgrey")
         ax.set_xscale("log")
         ax.set_title(f"noise: {cond}", fontsize=10)
         ax.set_xlabel("parameters (millions, log scale)")
@@ -229,12 +261,11 @@ def memorisation(dataset: str, runs: pd.DataFrame, collection: Collection,
                     sns.lineplot(part, x="iteration", y="acc", ax=ax, color=colours[name],
                                  linestyle=ls, errorbar="sd", legend=False)
             ax.axhline(100 * (1 - rate), color="dimgrey", ls=":", lw=1)
-            if sub.empty:
-                ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes,
-                        color="grey")
             ax.set_title(f"{name}\nnoise: {cond}", fontsize=9)
             ax.set_xlabel("iteration (optimizer steps)")
             ax.set_ylabel("training accuracy (%)" if j == 0 else "")
+            if sub.empty:
+                _empty(ax)
     handles = _series_handles(colours, series) + [
         Line2D([], [], color="black", ls="-", label="against noisy labels (trained on)"),
         Line2D([], [], color="black", ls="--", label="against true labels"),

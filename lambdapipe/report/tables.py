@@ -173,6 +173,18 @@ def metric_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> s
     return text + (f" (n={n})" if n < len(ok) else "")
 
 
+def fact_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str:
+    """A property of the model (parameter count), not a result: every run counts, diverged too,
+    and equal values across seeds show once."""
+    v = _values(g, col, scale)
+    if len(v) == 0:
+        return MISSING
+    if np.allclose(v, v[0]):
+        return f"{v[0]:.{digits}f}"
+    mean, std, _ = stat(v)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def status_cell(g: pd.DataFrame) -> str:
     n_ok = int((g["status"] == "ok").sum())
     diverged = _diverged_cell(g)
@@ -240,7 +252,7 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> T
         md.append({
             "model": label, "noise": condition,
             "depth": _int_cell(depth), "width": _int_cell(width),
-            "params (M)": metric_cell(g, "params", 2, 1e-6), "published params (M)":
+            "params (M)": fact_cell(g, "params", 2, 1e-6), "published params (M)":
                 p("params_m", 2),
             "seeds": str(_counts(g)["seeds"]),
             "val/acc": metric_cell(g, "val_acc", 3), "published val/acc": p("val_acc", 3),
@@ -354,7 +366,7 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
 
         md.append({
             "model": label, **{k: _int_cell(v) for k, v in hyper.items()},
-            "params (M)": metric_cell(g, "params", 2, 1e-6),
+            "params (M)": fact_cell(g, "params", 2, 1e-6),
             "published params (M)": p("params_m", 1), "seeds": str(_counts(g)["seeds"]),
             "tst/acc (%)": metric_cell(g, "tst_acc", 2, 100.0),
             "published tst/acc (%)": p("test_acc_pct", 2),
