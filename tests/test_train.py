@@ -253,3 +253,31 @@ def test_finished_results_of_another_config_are_never_overwritten(data_dir, fini
     result = cli(*train_args(data_dir, out, "--model", "resnet32x1"))
     assert result.exit_code == 2, result.output
     assert "belongs to a different config (model: 'resnet20x1' -> 'resnet32x1'" in result.output
+
+
+# --------------------------------------------------------------------------- precision
+def test_fp16_overflowing_steps_are_skipped_and_counted_not_diverged():
+    from lambdapipe.models import create_model
+    from lambdapipe.recipes import get_recipe
+
+    r = get_recipe("demo", {"precision": "fp16", "channels_last": True, "grad_clip": 1.0})
+    torch.manual_seed(0)
+    model = create_model("resnet20x1", 10, 16, **TINY).to(memory_format=torch.channels_last)
+    step = train.TrainStep(model, train.make_optimizer(model, r), r, "cpu",
+                           torch.zeros(3), torch.ones(3))
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # fp16 grads overflow
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    y = torch.arange(8) % 10
+    for i in range(3):
+        step(x, y, y, 0.05, i)
+    skipped, diverged_at = step.tally[4].item(), step.tally[5].item()
+    assert (skipped, diverged_at) == (3, -1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_bf16_run_with_progress_bar(data_dir, tmp_path):
+    summary = train.run(config(data_dir, tmp_path / "bf16", iterations=20, eval_every=10,
+                               precision="bf16"), progress=True)
+    assert summary["status"] == "ok" and summary["precision"] == "bf16"
+    assert summary["skipped_steps"] == 0 and 0 <= summary["tst_acc"] <= 1
