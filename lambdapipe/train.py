@@ -185,7 +185,8 @@ class TrainStep:
 
     Returns device tensors only (no host sync); `tally` accumulates, per step, the loss sum,
     correct predictions against the noisy and the clean labels, the image count, the number
-    of fp16 steps skipped for inf/nan gradients, and the first step with a non-finite loss.
+    of fp16 steps skipped for inf/nan gradients, and the first iteration whose loss was
+    non-finite (-1 while none).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recipe,
@@ -225,7 +226,9 @@ class TrainStep:
             t[3] += y.shape[0]
             if scale is not None:  # GradScaler lowers its scale exactly when it skips a step
                 t[4] += (self.scaler._scale < scale).squeeze()
-            t[5] = torch.where((t[5] < 0) & ~torch.isfinite(loss.detach()), float(step), t[5])
+            # iterations count from 1, as in metrics.csv: step i is iteration i + 1
+            t[5] = torch.where((t[5] < 0) & ~torch.isfinite(loss.detach()), float(step + 1),
+                               t[5])
         return loss.detach()
 
 
