@@ -264,6 +264,11 @@ def test_cli_report(tmp_path):
     runs = tmp_path / "runs"
     for seed in (0, 1):
         write_run(runs, "cifar100", "clean", "resnet20x1", seed, tst_acc=0.66 + seed / 100)
+    # Train writes the model overrides into summary.json; a narrowed model is not published.
+    d = write_run(runs, "cifar100", "clean", "resnet20x1", 2, params=17_534,
+                  model_args={"base_width": 64})
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps(summary | {"model_args": {"base_width": 4}}))
     result = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out",
                                        str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -271,6 +276,10 @@ def test_cli_report(tmp_path):
     assert "skipped figure acc_vs_noise_cifar100" in result.output
     row = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar100.md"), model="resnet20x1")
     assert row["tst/acc"] == "0.665 ± 0.007" and row["published tst/acc"] == "0.662"
+    assert row["params (M)"] == "0.27" and row["seeds"] == "2"
+    narrow = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar100.md"),
+                  model="resnet20x1 (base_width=4)")  # summary.json wins over config.json
+    assert narrow["published tst/acc"] == "—" and narrow["params (M)"] == "0.0175"
     empty = CliRunner().invoke(main, ["report", "--runs", str(tmp_path / "none"), "--out",
                                       str(tmp_path / "o2")])
     assert empty.exit_code == 2 and "does not exist" in empty.output

@@ -171,12 +171,16 @@ def read_metrics(path: Path) -> pd.DataFrame:
     return df
 
 
-def _model_args(config_path: Path) -> dict:
-    if not config_path.is_file():
+def _model_args(summary: dict, summary_path: Path, config_path: Path) -> dict:
+    """The run's model overrides: from summary.json (train writes them there), else config."""
+    if "model_args" in summary:
+        args, source = summary["model_args"] or {}, summary_path
+    elif config_path.is_file():
+        args, source = read_json_object(config_path).get("model_args") or {}, config_path
+    else:
         return {}
-    args = read_json_object(config_path).get("model_args") or {}
     if not isinstance(args, dict):
-        raise _malformed(config_path, f"model_args must be an object, found {args!r}")
+        raise _malformed(source, f"model_args must be an object, found {args!r}")
     return args
 
 
@@ -193,8 +197,8 @@ def collect_runs(root: Path) -> Collection:
         metrics = read_metrics(metrics_path) if metrics_path.is_file() else None
         if (d / "summary.json").is_file():
             summary, noise = read_summary(d / "summary.json")
-            out.runs.append(Run(run_id, d, summary, noise, _model_args(d / "config.json"),
-                                metrics))
+            args = _model_args(summary, d / "summary.json", d / "config.json")
+            out.runs.append(Run(run_id, d, summary, noise, args, metrics))
         else:
             out.incomplete.append(_incomplete(root, d, run_id, metrics))
     if not out.runs:

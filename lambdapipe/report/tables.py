@@ -89,7 +89,9 @@ def runs_frame(collection: Collection) -> pd.DataFrame:
     rows = []
     for run in collection.runs:
         row = {key: run.summary.get(key) for key in SUMMARY_FIELDS}
-        row.update({k: v for k, v in run.summary.items() if k not in row})
+        # Extra fields ride along into runs.csv; nested ones as JSON text.
+        row.update({k: json.dumps(v, sort_keys=True) if isinstance(v, dict | list) else v
+                    for k, v in run.summary.items() if k not in row})
         depth, width = depth_width(run.summary["model"])
         args = ", ".join(f"{k}={run.model_args[k]}" for k in sorted(run.model_args))
         row.update(
@@ -180,7 +182,8 @@ def fact_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str
     if len(v) == 0:
         return MISSING
     if np.allclose(v, v[0]):
-        return f"{v[0]:.{digits}f}"
+        # Tiny test-width models would all read 0.00 M at the published precision.
+        return f"{v[0]:.{digits}f}" if abs(v[0]) >= 10 ** (1 - digits) else f"{v[0]:.3g}"
     mean, std, _ = stat(v)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -272,9 +275,11 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> T
                                  ("tst_nll", "test_nll"), ("iter_per_min", "iter_per_min")]),
             "status": status_cell(g),
         })
-    notes = [f"Mean ± sample std over seeds (ok runs only); accuracies are fractions. "
-             f"Published: {'rows of ' + pub_ds if pub_ds else 'no published table for ' + dataset}"
-             ", matched on depth, width and precision for ResNets on clean labels."]
+    published_note = (f"Published: {pub_ds} rows, matched on depth, width and precision for "
+                      "ResNets on clean labels without model overrides." if pub_ds
+                      else f"No published baselines for {dataset}.")
+    notes = ["Mean ± sample std over seeds (ok runs only); accuracies are fractions. "
+             + published_note]
     return Table(f"baselines_{dataset}", f"{dataset}: results against the published ResNet "
                  "baselines", md, rows, notes)
 
