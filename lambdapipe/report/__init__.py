@@ -76,7 +76,7 @@ def build_report(runs: Path, out: Path, published: Path | None = None) -> Writte
             "loss": (figures.loss_curves(dataset, sub, collection, colours),
                      "no metrics.csv with train and val loss"),
             "acc_vs_noise": (figures.acc_vs_noise(dataset, sub, colours),
-                             "fewer than two noise rates among ok runs"),
+                             "no model with ok runs at two or more noise rates"),
             "acc_vs_params": (figures.acc_vs_params(dataset, sub, colours, pub_rows),
                               "fewer than two model sizes at any noise rate"),
             "memorisation": (figures.memorisation(dataset, sub, collection, colours),

@@ -33,13 +33,14 @@ METADATA = {"png": {"Software": None}, "svg": {"Date": None}}
 
 def palette(series: list[str]) -> dict[str, tuple]:
     names = sorted(set(series))
-    colours = sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))
+    colours = sns.color_palette("tab10" if len(names) <= 10 else
+                                "tab20" if len(names) <= 20 else "husl", len(names))
     return dict(zip(names, colours, strict=True))
 
 
 def _figure(nrows: int, ncols: int, title: str, sharey: str | bool = False):
     # A lone panel gets room enough for its legend-free axes to read as a plot, not a strip.
-    width, height = (5.5, 3.8) if nrows * ncols == 1 else PANEL
+    width, height = (6.5, 4.2) if nrows * ncols == 1 else PANEL
     fig = Figure(figsize=(width * ncols, height * nrows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
@@ -50,7 +51,8 @@ def _figure(nrows: int, ncols: int, title: str, sharey: str | bool = False):
 def _legend(fig: Figure, handles: list) -> None:
     # Anchored just right of the figure; bbox_inches="tight" on save takes it in, and the
     # layout engine leaves it alone, so it never overlaps a panel or the title.
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.93), frameon=False,
+    top = 1 - 0.55 / fig.get_figheight()  # just below the title, however tall the figure
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, top), frameon=False,
                fontsize=9)
 
 
@@ -126,11 +128,13 @@ def loss_curves(dataset: str, runs: pd.DataFrame, collection: Collection,
         return None
     conds = [c for c in _conditions(runs) if c in set(long["condition"])]
     series = sorted(set(long["series"]))
-    fig, axes = _figure(len(conds), len(series), f"{dataset}: training and validation loss "
+    # One row per model (a grid has many), one column per noise rate: a row reads as what
+    # noise does to that model, on one shared loss axis.
+    fig, axes = _figure(len(series), len(conds), f"{dataset}: training and validation loss "
                         "(mean ± sd over seeds)", sharey="row")
     styles = {"train_loss": "-", "val_loss": "--"}
-    for i, cond in enumerate(conds):
-        for j, name in enumerate(series):
+    for i, name in enumerate(series):
+        for j, cond in enumerate(conds):
             ax = axes[i][j]
             sub = long[(long["condition"] == cond) & (long["series"] == name)]
             for split, ls in styles.items():
@@ -141,7 +145,7 @@ def loss_curves(dataset: str, runs: pd.DataFrame, collection: Collection,
             _mark_divergence(ax, runs[(runs["condition"] == cond) & (runs["series"] == name)])
             ax.set_yscale("log")
             _plain_log_ticks(ax)
-            ax.set_title(f"{name}\nnoise: {cond}", fontsize=9)
+            ax.set_title(f"{name} · noise: {cond}", fontsize=9)
             ax.set_xlabel("iteration (optimizer steps)")
             ax.set_ylabel("cross-entropy loss (nats, log)" if j == 0 else "")
             if sub.empty:
@@ -158,7 +162,11 @@ def loss_curves(dataset: str, runs: pd.DataFrame, collection: Collection,
 def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | None:
     """Test accuracy against noise rate per model; every run a point, mean ± sd a line."""
     ok = runs[(runs["status"] == "ok") & runs["tst_acc"].map(_finite)]
-    if ok["noise_rate"].nunique() < 2:
+    # A model trained only on clean labels says nothing about noise: left out, not a stray dot.
+    rates = runs.groupby("series")["noise_rate"].nunique()
+    keep = rates[rates >= 2].index
+    ok, runs = ok[ok["series"].isin(keep)], runs[runs["series"].isin(keep)]
+    if ok.empty:
         return None
     kinds = sorted(set(ok["noise_kind"]) - {"clean"})
     fig, axes = _figure(1, len(kinds), f"{dataset}: test accuracy against label noise",
@@ -169,13 +177,18 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
         sub["rate_pct"] = 100 * sub["noise_rate"].astype(float)
         sub["acc_pct"] = 100 * sub["tst_acc"].astype(float)
         step = np.diff(np.unique(sub["rate_pct"])).min(initial=10.0)
-        for name, g in sub.groupby("series"):
-            jitter = rng.uniform(-0.08, 0.08, len(g)) * step
-            ax.scatter(g["rate_pct"] + jitter, g["acc_pct"], s=14, alpha=0.45,
-                       color=colours[name], edgecolor="none")
-            sns.lineplot(g, x="rate_pct", y="acc_pct", ax=ax, color=colours[name],
+        names = sorted(set(sub["series"]))
+        for k, (name, g) in enumerate(sub.groupby("series")):
+            # Dodge the models apart within 40 % of the narrowest rate gap so their error
+            # bars stay distinguishable; the points jitter inside each model's slot.
+            x = g["rate_pct"] + (names.index(name) - (len(names) - 1) / 2) * 0.4 * step / len(
+                names)
+            jitter = rng.uniform(-0.15, 0.15, len(g)) * 0.4 * step / len(names)
+            ax.scatter(x + jitter, g["acc_pct"], s=12, alpha=0.4, color=colours[name],
+                       edgecolor="none")
+            sns.lineplot(g.assign(x=x), x="x", y="acc_pct", ax=ax, color=colours[name],
                          errorbar="sd", err_style="bars", marker="o", legend=False,
-                         err_kws={"capsize": 3})
+                         err_kws={"capsize": 2}, zorder=3 + k)
         # Diverged runs have no accuracy to plot; an x on the bottom edge keeps them in view.
         div = runs[(runs["status"] == "diverged") & runs["noise_kind"].isin(["clean", kind])]
         for row in div.itertuples():
@@ -247,12 +260,12 @@ def memorisation(dataset: str, runs: pd.DataFrame, collection: Collection,
     long["acc"] *= 100
     conds = [c for c in _conditions(noisy) if c in set(long["condition"])]
     series = sorted(set(long["series"]))
-    fig, axes = _figure(len(conds), len(series), f"{dataset}: memorisation of noisy labels "
-                        "(training accuracy, mean ± sd over seeds)", sharey=True)
+    fig, axes = _figure(len(series), len(conds), f"{dataset}: memorisation of noisy labels "
+                        "(mean ± sd over seeds)", sharey=True)
     styles = {"train_acc": "-", "train_clean_acc": "--"}
-    for i, cond in enumerate(conds):
-        rate = float(noisy.loc[noisy["condition"] == cond, "noise_rate"].iloc[0])
-        for j, name in enumerate(series):
+    for i, name in enumerate(series):
+        for j, cond in enumerate(conds):
+            rate = float(noisy.loc[noisy["condition"] == cond, "noise_rate"].iloc[0])
             ax = axes[i][j]
             sub = long[(long["condition"] == cond) & (long["series"] == name)]
             for labels, ls in styles.items():
@@ -261,7 +274,7 @@ def memorisation(dataset: str, runs: pd.DataFrame, collection: Collection,
                     sns.lineplot(part, x="iteration", y="acc", ax=ax, color=colours[name],
                                  linestyle=ls, errorbar="sd", legend=False)
             ax.axhline(100 * (1 - rate), color="dimgrey", ls=":", lw=1)
-            ax.set_title(f"{name}\nnoise: {cond}", fontsize=9)
+            ax.set_title(f"{name} · noise: {cond}", fontsize=9)
             ax.set_xlabel("iteration (optimizer steps)")
             ax.set_ylabel("training accuracy (%)" if j == 0 else "")
             if sub.empty:
