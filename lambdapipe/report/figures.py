@@ -200,8 +200,10 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
     handles = _series_handles(colours, runs["series"]) + [
         Line2D([], [], color="grey", marker="o", ls="", alpha=0.45, label="one run"),
         Line2D([], [], color="grey", marker="o", label="mean ± sd over runs"),
-        Line2D([], [], color="grey", marker="x", mew=2, ls="", label="diverged run"),
     ]
+    if (runs["status"] == "diverged").any():
+        handles.append(Line2D([], [], color="grey", marker="x", mew=2, ls="",
+                              label="diverged run"))
     _legend(fig, handles)
     return fig
 
