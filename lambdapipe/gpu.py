@@ -121,7 +121,8 @@ def _log(claim: Claim, acquired: float, released: float) -> None:
     if not path:
         return
     line = json.dumps({"device": claim.device, "index": claim.index, "slot": claim.slot,
-                       "pid": os.getpid(), "acquired": acquired, "released": released})
+                       "pid": os.getpid(), "acquired": acquired, "released": released,
+                       "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
     # O_APPEND writes of one short line are atomic, so concurrent jobs never interleave.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
