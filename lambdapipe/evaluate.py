@@ -28,17 +28,24 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
-    """Serialise once, write each path and its sidecar; both temp files are complete before
-    either is renamed, so a crash can only fall in the window between two renames."""
+    """Serialise once; write each path so that a kill at ANY moment leaves it verifiable.
+
+    Three atomic steps: the sidecar first lists both the new and the current digest, then
+    the checkpoint is renamed into place, then the sidecar is narrowed to the new digest.
+    Whichever step a crash interrupts, the file on disk matches a digest in its sidecar,
+    while a truncated or bit-flipped file matches none.
+    """
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     for path in paths:
-        with atomic.atomic_open(sidecar(path), "w") as side:
-            side.write(f"{digest}  {path.name}\n")
-            with atomic.atomic_open(path, "wb") as fh:
-                fh.write(data)
+        path = Path(path)
+        current = atomic.sha256_file(path) if path.is_file() else None
+        if current is not None and current != digest:
+            atomic.write_text(sidecar(path), f"{digest}  {path.name}\n{current}  {path.name}\n")
+        atomic.write_bytes(path, data)
+        atomic.write_text(sidecar(path), f"{digest}  {path.name}\n")
 
 
 def sidecar(path: Path) -> Path:
@@ -51,14 +58,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        expected = sidecar(path).read_text().split()[0]
-    except (OSError, IndexError):
+        accepted = [line.split()[0] for line in sidecar(path).read_text().splitlines() if line]
+    except OSError:
+        accepted = []
+    if not accepted:
         raise UserError(f"corrupted checkpoint {path}: its sidecar {sidecar(path).name} "
-                        "is missing or empty") from None
+                        "is missing or empty")
     actual = atomic.sha256_file(path)
-    if actual != expected:
+    if actual not in accepted:
         raise UserError(f"corrupted checkpoint {path}: sha256 {actual[:12]}... does not match "
-                        f"{sidecar(path).name} ({expected[:12]}...)")
+                        f"{sidecar(path).name} ({accepted[0][:12]}...)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not ours"
