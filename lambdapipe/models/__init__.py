@@ -3,7 +3,10 @@
 Knows nothing of data or training: `create_model(name, num_classes, image_size, **args)`.
 """
 
-from lambdapipe.models import resnet as _resnet  # noqa: F401  (registers the ResNets)
+from lambdapipe.models import lambda_resnet as _lambda_resnet  # noqa: F401  (registers)
+from lambdapipe.models import resnet as _resnet  # noqa: F401  (registers)
+from lambdapipe.models.flops import estimate_flops, estimate_macs
+from lambdapipe.models.lambda_layer import LambdaLayer
 from lambdapipe.models.registry import (
     ModelError,
     count_params,
@@ -13,5 +16,5 @@ from lambdapipe.models.registry import (
     register_model,
 )
 
-__all__ = ["ModelError", "count_params", "create_model", "list_models",
-           "model_hyperparameters", "register_model"]
+__all__ = ["LambdaLayer", "ModelError", "count_params", "create_model", "estimate_flops",
+           "estimate_macs", "list_models", "model_hyperparameters", "register_model"]

@@ -1,0 +1,212 @@
+"""The lambda layer (Bello, "LambdaNetworks", ICLR 2021), self-context form over a 2-D map.
+
+With n query positions and m context positions (here the same H x W map):
+queries Q = BN(W_q X) split into h heads of query depth k, keys K = W_k X of depth k per
+intra-depth index u, values V = BN(W_v X) of depth v = dim_out / h per u. Then (paper eq. 1-4)
+
+    content lambda    lambda^c   = sum_u softmax_m(K)^T V            (k x v, shared by all n)
+    position lambdas  lambda^p_n = sum_u E_n^T V,  e_nm = R[m - n]   (k x v, one per n)
+    output            y_n        = (lambda^c + lambda^p_n)^T q_n      (per head, heads concat)
+
+R holds one k x u embedding per relative offset: over all (2H-1) x (2W-1) offsets of a fixed
+map for the global `rpe` form (`scope=None`, needs `context_size`), or over an r x r window for
+the lambda convolution (`lc`, scope r). No output projection and no biases, as in the paper.
+
+The position term has three implementations that compute the same function (`impl`):
+- 'conv':   lambda^p as a 2-D convolution of the values, (b*v, u, H, W) * (k, u, r', r'),
+            with the kernel cropped to r' = min(r, 2H-1) x min(r, 2W-1); n*r'^2*k*u*v MACs.
+- 'lambda': the paper's order with a dense (n, k, u, m) table of e_nm gathered from R (zero
+            outside the scope) times V as one GEMM; n*m*k*u*v MACs, table n*m*k*u floats.
+- 'logit':  a_nm = q_n . e_nm per head, then a @ V; n*m*h*u*(k+v) MACs, but it stores a
+            (b, h, u, n, m) tensor.
+'auto' picks the cheapest in MACs among those whose dense tensors fit the limits below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lambdapipe.models.registry import ModelError
+
+IMPLS = ("auto", "conv", "lambda", "logit")
+# 'auto' limits: logit order when n*m <= 2**16 (a 16x16 map: the (b, h, u, n, m) logits are
+# 67M elements at batch 256, h=4), lambda order when its table n*m*k*u <= 2**25 elements.
+LOGIT_MAX_NM = 2**16
+LAMBDA_MAX_TABLE = 2**25
+
+
+def _check_int(what: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ModelError(f"invalid {what} {value!r}: expected an integer >= {minimum}")
+    return value
+
+
+def relative_index(height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """(n, m) index of the offset m - n into a flattened (2H-1) x (2W-1) offset grid."""
+    ys, xs = torch.meshgrid(torch.arange(height, device=device),
+                            torch.arange(width, device=device), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[None, :] - ys[:, None] + height - 1
+    dx = xs[None, :] - xs[:, None] + width - 1
+    return dy * (2 * width - 1) + dx
+
+
+class LambdaLayer(nn.Module):
+    """Lambda layer mapping (b, dim, H, W) to (b, dim_out, H, W).
+
+    query_depth k, heads h, intra_depth u, scope r (odd; None for global relative position
+    embeddings over a map of `context_size` (H, W)).
+    """
+
+    def __init__(self, dim: int, dim_out: int, query_depth: int = 16, heads: int = 4,
+                 intra_depth: int = 1, scope: int | None = 23,
+                 context_size: tuple[int, int] | None = None, impl: str = "auto"):
+        super().__init__()
+        _check_int("input channels", dim)
+        _check_int("query depth k", query_depth)
+        _check_int("heads", heads)
+        _check_int("intra-depth u", intra_depth)
+        if _check_int("output channels", dim_out) % heads:
+            raise ModelError(f"invalid heads {heads!r}: expected a divisor of the {dim_out} "
+                             "output channels")
+        if impl not in IMPLS:
+            raise ModelError(f"invalid impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        if scope is None:
+            if context_size is None:
+                raise ModelError("invalid scope None: global relative position embeddings "
+                                 "need context_size=(H, W)")
+            height, width = (_check_int("context size", int(s)) for s in context_size)
+            shape = (2 * height - 1, 2 * width - 1)
+            self.context_size: tuple[int, int] | None = (height, width)
+        else:
+            if _check_int("scope r", scope) % 2 == 0:
+                raise ModelError(f"invalid scope r {scope!r}: expected an odd integer >= 1")
+            shape = (scope, scope)
+            self.context_size = None
+        self.query_depth, self.heads, self.intra_depth = query_depth, heads, intra_depth
+        self.value_depth = dim_out // heads
+        self.scope, self.impl = scope, impl
+        k, u, v = query_depth, intra_depth, self.value_depth
+        self.to_queries = nn.Sequential(nn.Conv2d(dim, k * heads, 1, bias=False),
+                                        nn.BatchNorm2d(k * heads))
+        self.to_keys = nn.Conv2d(dim, k * u, 1, bias=False)
+        self.to_values = nn.Sequential(nn.Conv2d(dim, v * u, 1, bias=False),
+                                       nn.BatchNorm2d(v * u))
+        # R: one k x u embedding per relative offset; std k^-1/2 gives q_n . e_nm unit variance.
+        self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape) / math.sqrt(k))
+        self._index_cache: dict[tuple[int, int, torch.device], Tensor] = {}
+
+    def extra_repr(self) -> str:
+        where = f"scope={self.scope}" if self.scope else f"context_size={self.context_size}"
+        return (f"query_depth={self.query_depth}, heads={self.heads}, "
+                f"intra_depth={self.intra_depth}, {where}, impl={self.impl!r}")
+
+    # ------------------------------------------------------------------ geometry and cost
+    def kernel_size(self, height: int, width: int) -> tuple[int, int]:
+        """The embedding window that can reach any position of an H x W map."""
+        ry, rx = self.rel_embedding.shape[-2:]
+        return min(ry, 2 * height - 1), min(rx, 2 * width - 1)
+
+    def position_macs(self, height: int, width: int, impl: str) -> int:
+        """Multiply-accumulates of the position term for one image (applying q included)."""
+        n = m = height * width
+        k, u, v, h = self.query_depth, self.intra_depth, self.value_depth, self.heads
+        if impl == "conv":
+            ry, rx = self.kernel_size(height, width)
+            return n * ry * rx * k * u * v + n * h * k * v
+        if impl == "lambda":
+            return n * m * k * u * v + n * h * k * v
+        if impl == "logit":
+            return n * m * h * u * (k + v)
+        raise ValueError(f"no MAC count for impl {impl!r}")
+
+    def macs(self, height: int, width: int) -> int:
+        """MACs of one image beyond the 1x1 projections: lambda^c, its use, the position term."""
+        n = height * width
+        k, u, v, h = self.query_depth, self.intra_depth, self.value_depth, self.heads
+        content = n * k * u * v + n * h * k * v
+        return content + self.position_macs(height, width, self.resolve_impl(height, width))
+
+    def resolve_impl(self, height: int, width: int) -> str:
+        """The implementation 'auto' runs for an H x W map (the cheapest that fits in memory)."""
+        if self.impl != "auto":
+            return self.impl
+        n = height * width
+        candidates = ["conv"]
+        if n * n * self.query_depth * self.intra_depth <= LAMBDA_MAX_TABLE:
+            candidates.append("lambda")
+        if n * n <= LOGIT_MAX_NM:
+            candidates.append("logit")
+        return min(candidates, key=lambda impl: self.position_macs(height, width, impl))
+
+    # ------------------------------------------------------------------ embeddings
+    def _cropped_embedding(self, height: int, width: int) -> Tensor:
+        """R restricted to the offsets an H x W map can use (centre kept; sizes are odd)."""
+        ry, rx = self.rel_embedding.shape[-2:]
+        ty, tx = self.kernel_size(height, width)
+        cy, cx = (ry - ty) // 2, (rx - tx) // 2
+        return self.rel_embedding[..., cy:cy + ty, cx:cx + tx]
+
+    def dense_embeddings(self, height: int, width: int) -> Tensor:
+        """e_nm as a (k, u, n, m) table: R[m - n] inside the scope, zero outside."""
+        emb = self._cropped_embedding(height, width)
+        py, px = height - 1 - emb.shape[-2] // 2, width - 1 - emb.shape[-1] // 2
+        emb = F.pad(emb, (px, px, py, py))  # now over all (2H-1) x (2W-1) offsets
+        key = (height, width, emb.device)
+        if key not in self._index_cache:
+            self._index_cache[key] = relative_index(height, width, emb.device)
+        return emb.flatten(2)[:, :, self._index_cache[key]]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, height, width = x.shape
+        if self.context_size is not None and (height, width) != self.context_size:
+            raise ValueError(f"lambda layer built for a {self.context_size} map got "
+                             f"{(height, width)}: global embeddings fix the map size")
+        n, h, k = height * width, self.heads, self.query_depth
+        u, v = self.intra_depth, self.value_depth
+        queries = self.to_queries(x).reshape(b, h, k, n)
+        keys = self.to_keys(x).reshape(b, u, k, n)
+        values = self.to_values(x).reshape(b, u, v, n)
+        # Softmax over context positions in at least fp32: half precision would lose mass.
+        keys = keys.softmax(dim=-1, dtype=torch.promote_types(keys.dtype, torch.float32))
+        content_lambda = torch.einsum("bukm,buvm->bkv", keys.to(values.dtype), values)
+        out = torch.einsum("bhkn,bkv->bhvn", queries, content_lambda)
+        impl = self.resolve_impl(height, width)
+        if impl == "conv":
+            out = out + self._position_conv(queries, values, height, width)
+        elif impl == "lambda":
+            out = out + self._position_lambda_order(queries, values, height, width)
+        else:
+            out = out + self._position_logit_order(queries, values, height, width)
+        return out.reshape(b, h * v, height, width)
+
+    def _position_conv(self, queries: Tensor, values: Tensor, height: int, width: int) -> Tensor:
+        b, u, v, n = values.shape
+        kernel = self._cropped_embedding(height, width)
+        ctx = values.reshape(b, u, v, height, width).transpose(1, 2).reshape(b * v, u, height,
+                                                                               width)
+        pad = (kernel.shape[-2] // 2, kernel.shape[-1] // 2)
+        position_lambdas = F.conv2d(ctx, kernel, padding=pad).reshape(b, v, -1, n)
+        return torch.einsum("bhkn,bvkn->bhvn", queries, position_lambdas)
+
+    def _position_lambda_order(self, queries: Tensor, values: Tensor, height: int,
+                               width: int) -> Tensor:
+        b, u, v, n = values.shape
+        k = self.query_depth
+        table = self.dense_embeddings(height, width).permute(2, 0, 1, 3).reshape(n * k, u * n)
+        ctx = values.permute(1, 3, 0, 2).reshape(u * n, b * v)
+        position_lambdas = (table @ ctx).reshape(n, k, b, v)
+        return torch.einsum("bhkn,nkbv->bhvn", queries, position_lambdas)
+
+    def _position_logit_order(self, queries: Tensor, values: Tensor, height: int,
+                              width: int) -> Tensor:
+        b, u, v, n = values.shape
+        h = self.heads
+        logits = torch.einsum("bhkn,kunm->bhnum", queries, self.dense_embeddings(height, width))
+        out = logits.reshape(b, h, n, u * n) @ values.permute(0, 1, 3, 2).reshape(b, 1, u * n, v)
+        return out.transpose(2, 3)
