@@ -30,8 +30,9 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
     """Serialise once; write each path so that a kill at ANY moment leaves it verifiable.
 
-    Three atomic steps: the sidecar first lists both the new and the current digest, then
-    the checkpoint is renamed into place, then the sidecar is narrowed to the new digest.
+    Three atomic steps: the sidecar first lists the new digest (and the current one, if a
+    file is there), then the checkpoint is renamed into place, then the sidecar is narrowed
+    to the new digest.
     Whichever step a crash interrupts, the file on disk matches a digest in its sidecar,
     while a truncated or bit-flipped file matches none.
     """
@@ -42,8 +43,9 @@ def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
     for path in paths:
         path = Path(path)
         current = atomic.sha256_file(path) if path.is_file() else None
-        if current is not None and current != digest:
-            atomic.write_text(sidecar(path), f"{digest}  {path.name}\n{current}  {path.name}\n")
+        if current != digest:  # also for a first write: a file is never without its digest
+            old = f"{current}  {path.name}\n" if current else ""
+            atomic.write_text(sidecar(path), f"{digest}  {path.name}\n{old}")
         atomic.write_bytes(path, data)
         atomic.write_text(sidecar(path), f"{digest}  {path.name}\n")
 
