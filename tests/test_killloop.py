@@ -1,0 +1,163 @@
+"""Kill anywhere: `lambdapipe train` SIGKILLed at random moments, and at random file-system
+operations (inside save_checkpoint, the metrics rewrite, the summary), never leaves a torn
+file under a final name, and the same command then finishes with the metrics of an
+uninterrupted run.
+
+CI runs LAMBDAPIPE_KILL_POINTS (default 5) points; the full loop is
+`LAMBDAPIPE_KILL_POINTS=24 pytest -m killloop tests/test_killloop.py -s` (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lambdapipe import data
+from lambdapipe.evaluate import load_checkpoint
+from lambdapipe.train import METRIC_COLUMNS
+
+TIMING = {"wall_time_s", "session_time_s", "iter_per_min"}
+TIMING_COLUMNS = {"images_per_s", "elapsed_s"}
+
+# Test-only instrumentation, installed by `python -c` in front of the CLI (never in the
+# package): every os.fsync / os.replace is counted, optionally slowed, and the process
+# SIGKILLs itself at operation number KILL_AT_OP. atomic.py fsyncs the temp file, renames
+# it, then fsyncs the directory, so an operation index lands before, between or after the
+# steps of each atomic write, including the three writes of save_checkpoint.
+HOOK = """
+import atexit, os, signal, sys, time
+_n = [0]
+_at = int(os.environ.get("KILL_AT_OP", "0"))
+_delay = float(os.environ.get("KILL_WRITE_DELAY", "0"))
+def _wrap(real):
+    def op(*args, **kwargs):
+        _n[0] += 1
+        if _delay:
+            time.sleep(_delay)
+        if _n[0] == _at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return op
+os.fsync, os.replace = _wrap(os.fsync), _wrap(os.replace)
+if os.environ.get("KILL_COUNT_FILE"):
+    atexit.register(lambda: open(os.environ["KILL_COUNT_FILE"], "w").write(str(_n[0])))
+from lambdapipe.cli import main
+sys.exit(main(prog_name="lambdapipe"))
+"""
+
+
+def train_cmd(data_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", HOOK, "train", "--model", "resnet20x1", "--model-arg",
+            "base_width=4", "--dataset", "digits", "--data-dir", str(data_dir), "--out",
+            str(out), "--recipe", "demo", "--set", "iterations=12", "--set", "eval_every=3",
+            "--set", "batch_size=32", "--device", "cpu", "--deterministic", "--no-progress"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+def run(cmd: list[str], **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(**extra), capture_output=True, text=True, timeout=300)
+
+
+def metrics(out: Path) -> list[dict[str, str]]:
+    with open(out / "metrics.csv", newline="") as fh:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS}
+                for row in csv.DictReader(fh)]
+
+
+def assert_no_torn_file(out: Path) -> list[str]:
+    """Every file under its final name is absent or complete; returns the ones present."""
+    present = []
+    if (out / "config.json").exists():
+        json.loads((out / "config.json").read_text())
+        present.append("config.json")
+    if (out / "metrics.csv").exists():
+        text = (out / "metrics.csv").read_text()
+        assert text.endswith("\n")
+        with open(out / "metrics.csv", newline="") as fh:
+            reader = csv.DictReader(fh)
+            assert reader.fieldnames == METRIC_COLUMNS
+            rows = list(reader)
+        assert rows and all(float(r[c]) == float(r[c]) for r in rows for c in METRIC_COLUMNS)
+        assert [int(r["iteration"]) for r in rows] == list(range(3, 3 * len(rows) + 1, 3))
+        present.append("metrics.csv")
+    for name in ("last.ckpt", "best.ckpt"):
+        if (out / name).exists():
+            ckpt = load_checkpoint(out / name)  # verifies the sha256 sidecar
+            assert ckpt["iteration"] in (3, 6, 9, 12)
+            present.append(name)
+    if (out / "summary.json").exists():
+        assert json.loads((out / "summary.json").read_text())["status"] == "ok"
+        present.append("summary.json")
+    return present
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill")
+    data.prepare("digits", root / "data", progress=False)
+    out = root / "reference"
+    start = time.monotonic()
+    res = run(train_cmd(root / "data", out), KILL_COUNT_FILE=str(root / "ops"))
+    seconds = time.monotonic() - start
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    ops = int((root / "ops").read_text())
+    assert ops > 12 * 4  # 4 evaluations x (2-3 checkpoint writes + metrics) x 2-3 ops each
+    return root, summary, metrics(out), ops, seconds
+
+
+@pytest.mark.killloop
+def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_property):
+    root, summary, rows, ops, seconds = reference
+    n_points = int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "5"))
+    rng = random.Random(int(os.environ.get("LAMBDAPIPE_KILL_SEED", "0")))
+    # Half the points kill at a file-system operation (inside the atomic writes), half after
+    # a random delay with slowed writes (50 ms per fsync/rename), anywhere in the process.
+    points = [("op", rng.randint(1, ops)) if i % 2 == 0 else ("time", rng.uniform(0, seconds))
+              for i in range(n_points)]
+    tally = {"killed": 0, "finished_before_kill": 0, "resumed_from_checkpoint": 0,
+             "kills_inside_checkpoint_writes": 0}
+    for i, (kind, at) in enumerate(points):
+        out = root / f"point{i}"
+        cmd = train_cmd(root / "data", out)
+        if kind == "op":
+            res = run(cmd, KILL_AT_OP=str(at))
+            killed = res.returncode == -signal.SIGKILL
+        else:
+            proc = subprocess.Popen(cmd, env=env(KILL_WRITE_DELAY="0.05"),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=at)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+            killed = proc.wait() == -signal.SIGKILL
+        tally["killed" if killed else "finished_before_kill"] += 1
+        present = assert_no_torn_file(out)
+        if "last.ckpt" in present and "summary.json" not in present:
+            tally["resumed_from_checkpoint"] += 1
+        if killed and list(out.glob(".*ckpt*.tmp")):
+            tally["kills_inside_checkpoint_writes"] += 1  # a temp file left mid-write
+
+        again = run(cmd)
+        assert again.returncode == 0, f"{kind}={at}: {again.stderr[-3000:]}"
+        resumed = json.loads((out / "summary.json").read_text())
+        strip = {k: v for k, v in resumed.items() if k not in TIMING}
+        assert strip == {k: v for k, v in summary.items() if k not in TIMING}, (kind, at)
+        assert metrics(out) == rows, (kind, at)
+    tally["points"] = n_points
+    print(f"kill loop: {json.dumps(tally)} over {ops} file-system operations per run")
+    for k, v in tally.items():
+        record_property(k, v)
+    assert tally["killed"] >= n_points // 2  # the op-points always kill
