@@ -20,14 +20,19 @@ MIRROR_ENV = "LAMBDAPIPE_MIRROR"
 
 
 def _user_errors(fn):
-    """Turn library `UserError`s into click usage errors: one line, exit code 2."""
+    """Turn library `UserError`s into click usage errors (one line, exit code 2), and a
+    failed artefact write (disk full) into one line with exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from lambdapipe.atomic import WriteError
+
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
             raise click.UsageError(str(exc)) from None
+        except WriteError as exc:  # disk full, quota, read-only: the old artefact is intact
+            raise click.ClickException(str(exc)) from None
 
     return wrapper
 
@@ -317,8 +322,11 @@ def bench(model_names: str, dataset: str, data_dir: Path, real_data: bool, batch
               help="Writes OUT/tables/*.{md,csv} and OUT/figures/*.{png,svg}.")
 @click.option("--published", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of published reference CSVs (default: the shipped copies).")
+@click.option("--published-as", "published_as", multiple=True, metavar="STANDIN=SOURCE",
+              help="Read a stand-in dataset's runs against SOURCE's published rows, e.g. "
+                   "digits=cifar10 (repeatable; the workflow passes config report.published_as).")
 @_user_errors
-def report(runs: Path, out: Path, published: Path | None) -> None:
+def report(runs: Path, out: Path, published: Path | None, published_as: tuple[str, ...]) -> None:
     """Tables (ours beside the published values) and figures from finished run directories.
 
     \b
@@ -327,7 +335,14 @@ def report(runs: Path, out: Path, published: Path | None) -> None:
     """
     from lambdapipe.report import build_report
 
-    written = build_report(runs, out, published=published)
+    pairs = {}
+    for item in published_as:
+        standin, eq, source = item.partition("=")
+        if not eq or not standin or not source:
+            raise UserError(f"invalid --published-as {item!r}: expected STANDIN=SOURCE, "
+                            "e.g. digits=cifar10")
+        pairs[standin] = source
+    written = build_report(runs, out, published=published, published_as=pairs)
     for path in written:
         click.echo(f"wrote {path}")
     for note in written.notes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,10 +38,16 @@ class Run:
     overrides: tuple[tuple[str, Any], ...] = ()
     model_args: tuple[tuple[str, Any], ...] = ()
     grid: str = ""
+    variant: str = ""  # a grid's named setting (fp16, lr0.001): its own run directory
 
     @property
     def path(self) -> str:
-        return f"{self.dataset}/{self.noise}/{self.model}/{self.seed}"
+        return f"{self.dataset}/{self.noise}/{self.model_dir}/{self.seed}"
+
+    @property
+    def model_dir(self) -> str:
+        """`resnet18`, or `resnet18@fp16` for a variant: one directory holds one setting."""
+        return f"{self.model}@{self.variant}" if self.variant else self.model
 
     def settings(self) -> tuple:
         return (self.recipe, self.overrides, self.model_args)
@@ -62,6 +69,9 @@ def _describe(error) -> str:
         allowed = ", ".join(schema.get("properties", {})) or "none"
         key = f"{where}.{extra[0]}" if error.absolute_path else extra[0]
         return f"unknown config key {key!r}: expected one of {allowed}"
+    if "propertyNames" in error.absolute_schema_path and "pattern" in schema:
+        return (f"invalid name {inst!r} in config key {where!r}: expected letters, digits, "
+                "'.' and '-' only")
     if "propertyNames" in error.absolute_schema_path:
         return (f"invalid name {inst!r} in config key {where!r}: expected one of "
                 + ", ".join(str(v) for v in schema.get("enum", [])))
@@ -135,8 +145,78 @@ def check_config(cfg: Any, schema_path: Path | None = None) -> dict:
     error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
     if error is not None:
         raise UserError(_describe(error))
+    cfg = apply_shrink(cfg)
     expand_runs(cfg)  # registry checks, conflicting duplicates, dead exclusions
     return cfg
+
+
+def apply_shrink(cfg: dict) -> dict:
+    """The demo-size stand-in of a published grid (`shrink:`, usually a second --configfile).
+
+    Each dataset named in `shrink.datasets` keeps its grids but trains them on the mapped
+    dataset (e.g. cifar10 -> digits); every other dataset is dropped. Model args and recipe
+    overrides are merged into each grid, seeds, models and rates narrowed, and
+    `report.published_as` records which source table the stand-in runs are read against.
+    Idempotent: the result has no `shrink` key, so the Snakefile may check twice.
+    """
+    shrink = cfg.pop("shrink", None)
+    if not shrink:
+        return cfg
+    datasets: dict[str, Any] = {}
+    for source, target in shrink["datasets"].items():
+        if source not in cfg["datasets"]:
+            raise UserError(f"config shrink.datasets names {source!r}, which the config does not "
+                            "train: expected one of " + ", ".join(cfg["datasets"]))
+        if target in datasets:
+            raise UserError(f"config shrink.datasets maps two datasets onto {target!r}: "
+                            "map one source dataset per stand-in")
+        grids = []
+        for grid in copy.deepcopy(cfg["datasets"][source]["grids"]):
+            grid["model_args"] = {**grid.get("model_args", {}), **shrink.get("model_args", {})}
+            grid["set"] = _merge_set(grid.get("set", {}), shrink.get("set", {}))
+            for extra in (grid.get("variants") or {}).values():
+                extra["set"] = _merge_set(extra.get("set", {}), shrink.get("set", {}))
+            if shrink.get("seeds"):
+                grid["seeds"] = list(shrink["seeds"])
+            if shrink.get("models"):
+                grid["models"] = [m for m in grid["models"] if m in shrink["models"]]
+            if shrink.get("rates"):
+                for entry in grid["noise"]:
+                    entry["rates"] = [r for r in entry["rates"] if r in shrink["rates"]]
+                grid["noise"] = [e for e in grid["noise"] if e["rates"]]
+            if grid["models"] and grid["noise"]:
+                grids.append(grid)
+        if not grids:
+            raise UserError(f"config shrink leaves no run of dataset {source!r}: "
+                            "check shrink.models and shrink.rates")
+        datasets[target] = {"prepare": shrink.get("prepare", {"split_seed": 0}), "grids": grids}
+        cfg.setdefault("report", {}).setdefault("published_as", {})[target] = source
+    cfg["datasets"] = datasets
+    kept = []
+    for pattern in cfg.get("exclude") or []:
+        if "dataset" in pattern and pattern["dataset"] not in shrink["datasets"]:
+            continue
+        pattern = dict(pattern)
+        if "dataset" in pattern:
+            pattern["dataset"] = shrink["datasets"][pattern["dataset"]]
+        kept.append(pattern)
+    cfg["exclude"] = [p for p in kept if _matches_any(cfg, p)]
+    return cfg
+
+
+def _merge_set(base: dict, over: dict) -> dict:
+    """Recipe overrides `over` on `base`; a budget or interval in one unit clears the other."""
+    from lambdapipe.recipes import _EXCLUSIVE
+
+    cleared = {_EXCLUSIVE[k] for k in over if k in _EXCLUSIVE}
+    return {**{k: v for k, v in base.items() if k not in cleared}, **over}
+
+
+def _matches_any(cfg: dict, pattern: dict) -> bool:
+    """An exclusion whose runs the shrink removed is dropped rather than reported as dead."""
+    probe = copy.deepcopy(cfg)
+    probe["exclude"] = []
+    return any(all(getattr(r, k) == v for k, v in pattern.items()) for r in expand_runs(probe))
 
 
 def noise_variants(cfg: dict, dataset: str) -> dict[str, dict[str, Any]]:
@@ -166,6 +246,11 @@ def _check_models(names: set[str], where: dict[str, str]) -> None:
                         + ", ".join(sorted(known)[:8]) + ", ...")
 
 
+def _variants(grid: dict) -> list[tuple[str, dict]]:
+    """(name, {set, model_args}) per variant; a grid without `variants` is one unnamed one."""
+    return list((grid.get("variants") or {"": {}}).items())
+
+
 def expand_runs(cfg: dict) -> list[Run]:
     """Every run of the grid, minus exclusions, each once (in config order)."""
     from lambdapipe.noise import noise_spec
@@ -177,26 +262,32 @@ def expand_runs(cfg: dict) -> list[Run]:
         for g, grid in enumerate(dcfg["grids"]):
             where = f"datasets.{dataset}.grids[{g}]"
             label = grid.get("name") or where
-            try:
-                get_recipe(grid["recipe"], grid.get("set") or {})
-            except UserError as exc:
-                raise UserError(f"config {where}.set: {exc}") from None
+            for name, extra in _variants(grid):
+                at = f"{where}.variants.{name}.set" if name else f"{where}.set"
+                try:
+                    get_recipe(grid["recipe"], {**(grid.get("set") or {}),
+                                                **extra.get("set", {})})
+                except UserError as exc:
+                    raise UserError(f"config {at}: {exc}") from None
             for m, model in enumerate(grid["models"]):
                 model_where.setdefault(model, f"{where}.models[{m}]")
             for entry in grid["noise"]:
                 for rate in entry["rates"]:
                     tag = noise_spec(entry["kind"], rate, entry.get("seed", 0)).tag
-                    for model in grid["models"]:
-                        for seed in grid["seeds"]:
-                            run = Run(dataset, tag, model, seed, grid["recipe"],
-                                      _frozen(grid.get("set") or {}),
-                                      _frozen(grid.get("model_args") or {}), label)
-                            old = runs.get(run.path)
-                            if old is not None and old.settings() != run.settings():
-                                raise UserError(
-                                    f"run {run.path} is in grids {old.grid!r} and {label!r} with "
-                                    "different recipe, set or model_args: give it one setting")
-                            runs.setdefault(run.path, run)
+                    for model, seed, (variant, extra) in itertools.product(
+                            grid["models"], grid["seeds"], _variants(grid)):
+                        run = Run(dataset, tag, model, seed, grid["recipe"],
+                                  _frozen({**(grid.get("set") or {}),
+                                           **extra.get("set", {})}),
+                                  _frozen({**(grid.get("model_args") or {}),
+                                           **extra.get("model_args", {})}),
+                                  label, variant)
+                        old = runs.get(run.path)
+                        if old is not None and old.settings() != run.settings():
+                            raise UserError(
+                                f"run {run.path} is in grids {old.grid!r} and {label!r} with "
+                                "different recipe, set or model_args: give it one setting")
+                        runs.setdefault(run.path, run)
     _check_models(set(model_where), model_where)
 
     kept = list(runs.values())
@@ -228,7 +319,7 @@ def run_args(run: Run) -> dict[str, str]:
             parts.append(f"{flag} {shlex.quote(f'{key}={text}')}")
         return " ".join(parts)
 
-    return {"recipe": run.recipe, "set": kv(run.overrides, "--set"),
+    return {"model": run.model, "recipe": run.recipe, "set": kv(run.overrides, "--set"),
             "model_args": kv(run.model_args, "--model-arg")}
 
 
@@ -241,3 +332,9 @@ def prepare_args(cfg: dict, dataset: str) -> str:
     if opts.get("image_size") is not None:
         parts.append(f"--image-size {int(opts['image_size'])}")
     return " ".join(parts)
+
+
+def published_as_args(cfg: dict) -> str:
+    """`lambdapipe report --published-as STANDIN=SOURCE ...` from `report.published_as`."""
+    pairs = (cfg.get("report") or {}).get("published_as") or {}
+    return " ".join(f"--published-as {k}={v}" for k, v in sorted(pairs.items()))

@@ -54,6 +54,9 @@ class Recipe:
     flip: bool = True  # random horizontal flip
     channels_last: bool = False
     compile: bool = False
+    # Test accuracy at every evaluation, as the LambdaNetworks community table reads it (best
+    # seen); reported beside ours, never used to choose a checkpoint.
+    track_test_every_eval: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -109,7 +112,7 @@ def list_recipes() -> list[str]:
 _FIELDS = {f.name: f for f in fields(Recipe)}
 _INT = {"batch_size", "iterations", "eval_every", "crop_padding"}
 _OPTIONAL = {"iterations", "epochs", "eval_every", "eval_every_epochs", "grad_clip"}
-_BOOL = {"nesterov", "flip", "channels_last", "compile"}
+_BOOL = {"nesterov", "flip", "channels_last", "compile", "track_test_every_eval"}
 _STR = {"name", "description", "optimizer", "schedule", "precision"}
 # Setting one unit of a pair clears the other, so `--set iterations=200` works on any recipe.
 _EXCLUSIVE = {"iterations": "epochs", "epochs": "iterations",

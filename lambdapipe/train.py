@@ -284,7 +284,8 @@ def _kernels(deterministic: bool, device: str):
 
 def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    columns = METRIC_COLUMNS + (["tst_acc"] if rows and "tst_acc" in rows[0] else [])
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic.write_text(out / "metrics.csv", buf.getvalue())
@@ -371,6 +372,13 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
                               pad=r.crop_padding)
     val_data = DeviceImages(val.images, val.labels, val.clean_labels, device)
     del train, val
+    test_data = None
+    if r.track_test_every_eval:  # reported only: best.ckpt is chosen on val below
+        from lambdapipe.data import load_split
+
+        test = load_split(cfg.data_dir, cfg.dataset, "test")
+        test_data = DeviceImages(test.images, test.labels, test.clean_labels, device)
+        del test
 
     bar = _progress_bar(total, state.iteration, progress)
     it, plan, plan_epoch_no, diverged_at = state.iteration, None, -1, None
@@ -406,6 +414,9 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
                "val_acc": val_metrics["accuracy"],
                "images_per_s": (it - window_it) * r.batch_size / max(train_seconds, 1e-9),
                "elapsed_s": time.perf_counter() - session_start}
+        if test_data is not None:
+            logits = predict(model, test_data.images, mean, std, r.precision, r.channels_last)
+            row["tst_acc"] = classification_metrics(logits, test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
         state.skipped_steps += int(tally[4])
@@ -446,6 +457,8 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
         "best_train_loss": min((x["train_loss"] for x in rows), default=None),
         "best_val_loss": min((x["val_loss"] for x in rows), default=None),
         "train_clean_acc": rows[-1]["train_clean_acc"] if rows else None,
+        "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
+        if r.track_test_every_eval else None,
         "status": "ok" if diverged_at is None else "diverged", "diverged_at": diverged_at,
         "skipped_steps": state.skipped_steps,
         "iter_per_min": _iter_per_min(rows, r.batch_size),

@@ -9,6 +9,7 @@ Writes under OUT:
   tables/noise_<dataset>.{md,csv}       model x noise rate
   tables/lambda_cifar10.{md,csv}        Lambda-ResNets beside the community CIFAR-10 table
   tables/imagenette_noisy.{md,csv}      the Imagenette noisy-label study beside its report
+  tables/variants.{md,csv}              named variants (fp16, an lr sweep) side by side on val
   tables/incomplete.{md,csv}            runs without summary.json (never results)
   tables/runs.csv                       every finished run, every summary field
   figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation
@@ -35,12 +36,17 @@ class Written(list):
         self.notes: list[str] = []
 
 
-def build_report(runs: Path, out: Path, published: Path | None = None) -> Written:
-    """Build every table and figure under `out` from the finished runs under `runs`."""
+def build_report(runs: Path, out: Path, published: Path | None = None,
+                 published_as: dict[str, str] | None = None) -> Written:
+    """Build every table and figure under `out` from the finished runs under `runs`.
+
+    `published_as` ({stand-in dataset: source dataset}) reads demo-size runs against the
+    source's published rows (config `report.published_as`, set by `shrink`).
+    """
     runs, out = Path(runs), Path(out)
     pub = read_published(published)
     collection = collect_runs(runs)  # validates every file before anything is written
-    df = tables.runs_frame(collection)
+    df = tables.runs_frame(collection, published_as)
     colours = figures.palette(list(df["series"]))
     written = Written()
 
@@ -50,7 +56,7 @@ def build_report(runs: Path, out: Path, published: Path | None = None) -> Writte
         all_tables += [tables.baseline_table(dataset, sub, pub["resnet"]),
                        tables.noise_table(dataset, sub)]
     for extra in (tables.lambda_table(df, pub["lambda"]),
-                  tables.imagenette_table(df, pub["imagenette"])):
+                  tables.imagenette_table(df, pub["imagenette"]), tables.variants_table(df)):
         if extra is not None:
             all_tables.append(extra)
     all_tables.append(tables.incomplete_table(collection))
@@ -70,7 +76,8 @@ def build_report(runs: Path, out: Path, published: Path | None = None) -> Writte
     for dataset in sorted(df["dataset"].unique()):
         sub = df[df["dataset"] == dataset]
         resnet = pub["resnet"]
-        pub_rows = resnet[(resnet["dataset"] == tables.PUBLISHED_DATASET.get(dataset))
+        source = (published_as or {}).get(dataset, dataset)
+        pub_rows = resnet[(resnet["dataset"] == tables.PUBLISHED_DATASET.get(source))
                           & resnet["test_acc"].notna()]
         built = {
             "loss": (figures.loss_curves(dataset, sub, collection, colours),

@@ -27,6 +27,9 @@ PUBLISHED_DATASET = {
     "tinyimagenet32": "TinyImageNet200_x32",
     "tinyimagenet64": "TinyImageNet200_x64",
 }
+STAND_IN_NOTE = (" {dataset} is a demo-size stand-in for {source}: rows are matched on the "
+                 "model alone (model args ignored), so the published column is context, not "
+                 "a like-for-like comparison.")
 LAMBDA_TABLE_MODELS = re.compile(r"(?:lambda_)?resnet(?:18|50)(?:_u\d+_r\d+)?")
 # The paper's Lambda-ResNet defaults: query depth k=16, heads h=4, intra-depth u=1, scope r=23.
 LAMBDA_DEFAULTS = {"k": 16, "h": 4, "u": 1, "r": 23}
@@ -84,8 +87,15 @@ def depth_width(model: str) -> tuple[int | None, int | None]:
     return None, None
 
 
-def runs_frame(collection: Collection) -> pd.DataFrame:
-    """One row per finished run: every summary field plus what the tables group on."""
+def runs_frame(collection: Collection, published_as: dict[str, str] | None = None
+               ) -> pd.DataFrame:
+    """One row per finished run: every summary field plus what the tables group on.
+
+    `published_as` maps a stand-in dataset (a demo-size run of a published grid, e.g. digits
+    for cifar10) to the source whose published rows it is read against; a variant (the
+    `@name` of a run directory such as `resnet18@fp16`) is its own model label.
+    """
+    published_as = published_as or {}
     rows = []
     for run in collection.runs:
         row = {key: run.summary.get(key) for key in SUMMARY_FIELDS}
@@ -94,11 +104,16 @@ def runs_frame(collection: Collection) -> pd.DataFrame:
                     for k, v in run.summary.items() if k not in row})
         depth, width = depth_width(run.summary["model"])
         args = ", ".join(f"{k}={run.model_args[k]}" for k in sorted(run.model_args))
+        variant = run.path.parent.name.partition("@")[2]
+        dataset = run.summary["dataset"]
         row.update(
+            variant=variant, published_dataset=published_as.get(dataset, dataset),
+            stand_in=dataset in published_as,
             run_id=run.run_id, noise_kind=run.noise.kind, noise_rate=run.noise.rate,
             noise_seed=run.noise.seed, condition=run.noise.condition,
             model_args=json.dumps(run.model_args, sort_keys=True) if run.model_args else "",
-            model_label=run.summary["model"] + (f" ({args})" if args else ""),
+            model_label=run.summary["model"] + (f"@{variant}" if variant else "")
+            + (f" ({args})" if args else ""),
             depth=depth, width=width,
         )
         rows.append(row)
@@ -235,14 +250,15 @@ def _counts(g: pd.DataFrame) -> dict:
 def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> Table:
     """The published ResNet baseline format, ours beside the published row of the same
     dataset, depth, width and precision (ResNets trained on clean labels, no model overrides)."""
-    pub_ds = PUBLISHED_DATASET.get(dataset)
+    stand_in = bool(df["stand_in"].any())
+    pub_ds = PUBLISHED_DATASET.get(df["published_dataset"].iloc[0] if len(df) else dataset)
     md, rows = [], []
     for (label, condition, precision, recipe), g in _groups(
             df, ["model_label", "condition", "precision", "recipe"]):
         first = g.iloc[0]
         depth, width = first["depth"], first["width"]
         pub = None
-        if (pub_ds and condition == "clean" and not first["model_args"]
+        if (pub_ds and condition == "clean" and (stand_in or not first["model_args"])
                 and re.fullmatch(r"resnet\d+(x\d+)?", first["model"])):
             hit = published[(published["dataset"] == pub_ds) & (published["depth"] == depth)
                             & (published["width"] == width)
@@ -278,6 +294,8 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> T
     published_note = (f"Published: {pub_ds} rows, matched on depth, width and precision for "
                       "ResNets on clean labels without model overrides." if pub_ds
                       else f"No published baselines for {dataset}.")
+    if pub_ds and stand_in:
+        published_note += STAND_IN_NOTE.format(dataset=dataset, source=pub_ds)
     notes = ["Mean ± sample std over seeds (ok runs only); accuracies are fractions. "
              + published_note]
     return Table(f"baselines_{dataset}", f"{dataset}: results against the published ResNet "
@@ -347,7 +365,7 @@ def lambda_hyper(model: str, model_args: dict) -> dict[str, int | None]:
 
 def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
     """Our CIFAR-10 Lambda-ResNet-18/50 and ResNet-18/50 runs beside the community table."""
-    sel = df[(df["dataset"] == "cifar10") & (df["condition"] == "clean")
+    sel = df[(df["published_dataset"] == "cifar10") & (df["condition"] == "clean")
              & df["model"].map(lambda m: bool(LAMBDA_TABLE_MODELS.fullmatch(m)))]
     if sel.empty:
         return None
@@ -357,7 +375,7 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
         args = json.loads(first["model_args"]) if first["model_args"] else {}
         hyper = lambda_hyper(first["model"], args)
         pub = None
-        if set(args) <= set(LAMBDA_DEFAULTS):
+        if first["stand_in"] or set(args) <= set(LAMBDA_DEFAULTS):
             if first["model"].startswith("lambda_"):
                 hit = published[(published["model"] == f"LambdaResNet{first['depth']}")
                                 & (published["k"] == hyper["k"]) & (published["h"] == hyper["h"])
@@ -374,6 +392,7 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
             "params (M)": fact_cell(g, "params", 2, 1e-6),
             "published params (M)": p("params_m", 1), "seeds": str(_counts(g)["seeds"]),
             "tst/acc (%)": metric_cell(g, "tst_acc", 2, 100.0),
+            "best tst/acc seen (%)": metric_cell(g, "tst_acc_best_seen", 2, 100.0),
             "published tst/acc (%)": p("test_acc_pct", 2),
             "published epochs": p("epochs", 0),
             "precision": precision, "recipe": recipe, "status": status_cell(g),
@@ -384,13 +403,20 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
             **metric_csv(g, "params", "params_m", 1e-6),
             "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
             **metric_csv(g, "tst_acc", "tst_acc_pct", 100.0),
+            **metric_csv(g, "tst_acc_best_seen", "tst_acc_best_seen_pct", 100.0),
             "tst_acc_pct_published":
                 _pub_float(pub["test_acc_pct"]) if pub is not None else math.nan,
             "status": status_cell(g),
         })
     notes = ["k = query depth, h = heads, u = intra-depth, r = scope (the community table's m). "
              "Published: the LambdaNetworks community implementation's CIFAR-10 table; "
-             "'—' where it has no row or no accuracy."]
+             "'—' where it has no row or no accuracy. tst/acc is best.ckpt's (chosen on val); "
+             "'best tst/acc seen' is the source's way of reading: the highest test accuracy "
+             "of any evaluation during training (recipe flag track_test_every_eval), an "
+             "optimistic number shown only so the gap is visible."]
+    if sel["stand_in"].any():
+        notes[0] += STAND_IN_NOTE.format(dataset=", ".join(sorted(sel["dataset"].unique())),
+                                         source="cifar10")
     return Table("lambda_cifar10", "cifar10: Lambda-ResNets against the community table",
                  md, rows, notes)
 
@@ -402,7 +428,7 @@ def _arch_key(architecture: str) -> str:
 
 def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
     """The Imagenette noisy-label study: losses and time beside the published report."""
-    sel = df[df["dataset"].str.startswith("imagenette")]
+    sel = df[df["published_dataset"].str.startswith("imagenette")]
     if sel.empty:
         return None
     keys = published["architecture"].map(_arch_key)
@@ -412,7 +438,8 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
         first = g.iloc[0]
         pub = None
         # The published study corrupts labels uniformly: clean and symmetric noise match.
-        if not first["model_args"] and first["noise_kind"] in ("clean", "symmetric"):
+        if ((first["stand_in"] or not first["model_args"])
+                and first["noise_kind"] in ("clean", "symmetric")):
             hit = published[(keys == first["model"]) & np.isclose(
                 pd.to_numeric(published["noise_pct"], errors="coerce"),
                 100 * first["noise_rate"])]
@@ -448,6 +475,9 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
         })
     notes = ["Published: the Imagenette noisy-label report (uniform noise; LR18_L3(lc) is our "
              "lr18_l3_lc). Training time is wall-clock seconds and depends on the hardware."]
+    if sel["stand_in"].any():
+        notes[0] += STAND_IN_NOTE.format(dataset=", ".join(sorted(sel["dataset"].unique())),
+                                         source="imagenette")
     return Table("imagenette_noisy", "Imagenette: noisy-label study against the published "
                  "report", md, rows, notes)
 
@@ -464,3 +494,32 @@ def incomplete_table(collection: Collection) -> Table:
         rows.append({**row, "last iteration": inc.last_iteration, "elapsed (s)": inc.elapsed_s})
     return Table("incomplete", "Runs without summary.json (running/incomplete)", md, rows,
                  ["Running, crashed or interrupted: none of these enter any table or figure."])
+
+
+def variants_table(df: pd.DataFrame) -> Table | None:
+    """Variants of one model side by side on val (an lr sweep: the best row is the lr to use).
+
+    Chosen on val accuracy, never test: the `best on val` mark is what a tuned config copies.
+    """
+    sel = df[df["variant"] != ""]
+    if sel.empty:
+        return None
+    md, rows = [], []
+    for (dataset, model, condition), g in _groups(sel, ["dataset", "model", "condition"]):
+        ok = g[g["status"] == "ok"]
+        means = ok.groupby("variant")["val_acc"].mean() if len(ok) else pd.Series(dtype=float)
+        best = means.idxmax() if len(means) and means.notna().any() else None
+        for variant, v in g.groupby("variant", sort=True):
+            md.append({"dataset": dataset, "model": model, "noise": condition,
+                       "variant": variant, "seeds": str(_counts(v)["seeds"]),
+                       "val/acc": metric_cell(v, "val_acc", 3),
+                       "best val loss": metric_cell(v, "best_val_loss", 3),
+                       "best on val": "yes" if variant == best else "",
+                       "status": status_cell(v)})
+            rows.append({"dataset": dataset, "model": model, "noise": condition,
+                         "variant": variant, **_counts(v), **metric_csv(v, "val_acc", "val_acc"),
+                         "best_on_val": variant == best, "status": status_cell(v)})
+    return Table("variants", "Variants (e.g. a learning-rate sweep) chosen on val", md, rows,
+                 ["Mean ± sample std over seeds (ok runs only). 'best on val' marks the "
+                  "variant with the highest mean val accuracy per dataset, model and noise; "
+                  "test accuracy plays no part in the choice."])

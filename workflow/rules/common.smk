@@ -4,7 +4,7 @@
 
 import shlex
 
-from lambdapipe.config import expand_runs, prepare_args, run_args
+from lambdapipe.config import expand_runs, prepare_args, published_as_args, run_args
 from lambdapipe.data.registry import dataset_info
 from lambdapipe.noise import parse_noise_tag
 
@@ -16,7 +16,7 @@ ARCHIVES = {dataset_info(d).archive: d for d in DATASETS if dataset_info(d).arch
 wildcard_constraints:
     dataset="|".join(DATASETS),
     noise=r"clean|[a-z]+-[0-9.e+-]+(-s[0-9]+)?",
-    model=r"[A-Za-z0-9_.]+",
+    model=r"[A-Za-z0-9_.]+(@[A-Za-z0-9.-]+)?",
     seed=r"[0-9]+",
     archive="|".join(ARCHIVES) or "(?!)",
 

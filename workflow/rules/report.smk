@@ -20,9 +20,11 @@ rule report:
         summary=report(
             "results/report.md", caption="../report/summary.rst", category="Summary"
         ),
+    params:
+        published_as=published_as_args(config),
     log:
         "logs/report.log",
     conda:
         "../../environment.yml"
     shell:
-        "lambdapipe report --runs results/runs --out results > {log} 2>&1"
+        "lambdapipe report --runs results/runs --out results {params.published_as} > {log} 2>&1"

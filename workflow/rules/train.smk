@@ -11,6 +11,7 @@ rule train:
     params:
         run_dir="results/runs/{dataset}/{noise}/{model}/{seed}",
         noise=noise_options,
+        model=train_option("model"),
         recipe=train_option("recipe"),
         overrides=train_option("set"),
         model_args=train_option("model_args"),
@@ -26,7 +27,7 @@ rule train:
         mem_mb=config["train"]["mem_mb"],
         runtime=config["train"]["runtime"],
     shell:
-        "lambdapipe train --model {wildcards.model} {params.model_args}"
+        "lambdapipe train --model {params.model} {params.model_args}"
         " --dataset {wildcards.dataset} --data-dir data {params.noise}"
         " --seed {wildcards.seed} --out {params.run_dir} --recipe {params.recipe}"
         " {params.overrides} --device {params.device} {params.deterministic} --no-progress"
