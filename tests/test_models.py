@@ -204,6 +204,7 @@ def test_flops_match_the_cost_reference():
     ("lambda_resnet18", {"u": 0}, "intra-depth u 0"),
     ("lambda_resnet18", {"impl": "cuda"}, "impl 'cuda'"),
     ("lambda_resnet50", {"drop_rate": 1.5}, "drop_rate 1.5"),
+    ("resnet18", {"drop_rate": "lots"}, "drop_rate 'lots'"),
 ])
 def test_bad_lambda_hyperparameters(name, args, needle):
     with pytest.raises(UserError) as err:

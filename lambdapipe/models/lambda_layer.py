@@ -30,19 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lambdapipe.models.registry import ModelError
+from lambdapipe.models.registry import ModelError, check_int
 
 IMPLS = ("auto", "conv", "lambda", "logit")
 # 'auto' limits: logit order when n*m <= 2**16 (a 16x16 map: the (b, h, u, n, m) logits are
 # 67M elements at batch 256, h=4), lambda order when its table n*m*k*u <= 2**25 elements.
 LOGIT_MAX_NM = 2**16
 LAMBDA_MAX_TABLE = 2**25
-
-
-def _check_int(what: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelError(f"invalid {what} {value!r}: expected an integer >= {minimum}")
-    return value
 
 
 def relative_index(height: int, width: int, device: torch.device | None = None) -> Tensor:
@@ -66,11 +60,11 @@ class LambdaLayer(nn.Module):
                  intra_depth: int = 1, scope: int | None = 23,
                  context_size: tuple[int, int] | None = None, impl: str = "auto"):
         super().__init__()
-        _check_int("input channels", dim)
-        _check_int("query depth k", query_depth)
-        _check_int("heads", heads)
-        _check_int("intra-depth u", intra_depth)
-        if _check_int("output channels", dim_out) % heads:
+        check_int("input channels", dim)
+        check_int("query depth k", query_depth)
+        check_int("heads", heads)
+        check_int("intra-depth u", intra_depth)
+        if check_int("output channels", dim_out) % heads:
             raise ModelError(f"invalid heads {heads!r}: expected a divisor of the {dim_out} "
                              "output channels")
         if impl not in IMPLS:
@@ -79,11 +73,11 @@ class LambdaLayer(nn.Module):
             if context_size is None:
                 raise ModelError("invalid scope None: global relative position embeddings "
                                  "need context_size=(H, W)")
-            height, width = (_check_int("context size", int(s)) for s in context_size)
+            height, width = (check_int("context size", int(s)) for s in context_size)
             shape = (2 * height - 1, 2 * width - 1)
             self.context_size: tuple[int, int] | None = (height, width)
         else:
-            if _check_int("scope r", scope) % 2 == 0:
+            if check_int("scope r", scope) % 2 == 0:
                 raise ModelError(f"invalid scope r {scope!r}: expected an odd integer >= 1")
             shape = (scope, scope)
             self.context_size = None

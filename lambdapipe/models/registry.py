@@ -22,6 +22,13 @@ class ModelError(UserError):
     """Unknown model name or invalid hyperparameter (one line)."""
 
 
+def check_int(what: str, value: object, minimum: int = 1) -> int:
+    """`value` if it is an integer >= minimum, else a one-line ModelError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ModelError(f"invalid {what} {value!r}: expected an integer >= {minimum}")
+    return value
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `fn` under its own `__name__`; a name may be registered once."""
     name = fn.__name__

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from lambdapipe.models.registry import ModelError, register_model
+from lambdapipe.models.registry import ModelError, check_int, register_model
 
 # (in_channels, out_channels, stride, input_size) -> module whose output has out_channels
 # channels at size down(input_size) when stride is 2.
@@ -31,12 +31,6 @@ def projection(in_ch: int, out_ch: int, stride: int) -> nn.Module:
     """1x1 conv + BN shortcut, used wherever the residual changes shape."""
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
                          nn.BatchNorm2d(out_ch))
-
-
-def check_positive(what: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelError(f"invalid {what} {value!r}: expected an integer >= {minimum}")
-    return value
 
 
 class BasicBlock(nn.Module):
@@ -99,8 +93,9 @@ class ResNet(nn.Module):
                  num_classes: int, image_size: int, stem: str, base_width: int = 64,
                  spatial: Sequence[SpatialFactory] | None = None, drop_rate: float = 0.0):
         super().__init__()
-        check_positive("base_width", base_width)
-        if not 0.0 <= drop_rate < 1.0:
+        check_int("base_width", base_width)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, int | float) \
+                or not 0.0 <= drop_rate < 1.0:
             raise ModelError(f"invalid drop_rate {drop_rate!r}: expected a float in [0, 1)")
         spatial = list(spatial or [conv3x3] * 4)
         size = image_size
@@ -149,7 +144,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ModelError(f"invalid depth {depth!r}: expected 6n+2 with n >= 1")
-        check_positive("base_width", base_width)
+        check_int("base_width", base_width)
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(3, base_width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(base_width), nn.ReLU(inplace=True))
