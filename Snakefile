@@ -45,3 +45,11 @@ rule all:
     input:
         all_targets(),
     default_target: True
+
+
+# On SLURM, check every job's partition and GPU request against `sinfo` before the first
+# sbatch: a profile the cluster cannot honour fails in one line (lambdapipe/slurm.py).
+onstart:
+    from lambdapipe.slurm import preflight
+
+    preflight(workflow)

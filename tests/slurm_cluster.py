@@ -37,6 +37,9 @@ from pathlib import Path
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 PARTITION = "debug"
+WRAPPER_MARK = ".lambdapipe-slurm-wrappers"
+CLIENTS = ("sbatch", "srun", "salloc", "squeue", "scancel", "sinfo", "scontrol", "sacct",
+           "sstat", "sacctmgr", "sshare")
 
 
 class ClusterUnavailable(RuntimeError):
@@ -115,6 +118,7 @@ class SlurmCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "etc" / "slurm.conf"
         self.log_dir = self.root / "log"
+        self.bin_dir = self.root / "bin"
         self.jobcomp = self.log_dir / "jobcomp.txt"
         # munged wants execute-for-all on every directory above its socket, which a
         # pytest tmp dir (0700) is not: the munge dir is a separate 0755 temp dir.
@@ -129,6 +133,7 @@ class SlurmCluster:
         """Environment for client commands (sbatch, squeue, snakemake) to reach this cluster."""
         env = dict(os.environ)
         env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         # A login-node default would otherwise steer jobs elsewhere.
         for var in ("SBATCH_PARTITION", "SLURM_PARTITION", "SBATCH_ACCOUNT", "SLURM_ACCOUNT"):
             env.pop(var, None)
@@ -145,8 +150,9 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ configuration
     def _write_config(self) -> None:
-        for sub in ("etc", "log", "state", "spool", "run", "dev"):
+        for sub in ("etc", "log", "state", "spool", "run", "dev", "bin"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._write_client_wrappers()
         self.munge_dir.chmod(0o755)
         key = self.munge_dir / "munge.key"
         key.write_bytes(os.urandom(1024))
@@ -179,7 +185,9 @@ class SlurmCluster:
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
+            # task/affinity, not task/none: the jobstep executor runs `srun --cpu-bind=q`,
+            # which task/none refuses. It needs no cgroups.
+            "TaskPlugin=task/affinity",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "MpiDefault=none",
@@ -205,6 +213,25 @@ class SlurmCluster:
         gres_conf = self.conf.parent / "gres.conf"
         gres_conf.write_text("".join(f"NodeName={self.node} Name=gpu File={f}\n"
                                      for f in self.gpu_files))
+
+    def _write_client_wrappers(self) -> None:
+        """`srun` etc. that always find this cluster's slurm.conf.
+
+        On a real node the config is in /etc/slurm (or slurmd's configless cache), and
+        snakemake's jobstep executor strips every SLURM_* variable, SLURM_CONF included,
+        before its nested `srun`. Wrappers first on PATH (which sbatch exports into the job)
+        give that srun our config without writing to /etc or /run."""
+        (self.bin_dir / WRAPPER_MARK).write_text("slurm client wrappers of a test cluster\n")
+        search = os.pathsep.join(
+            d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not (Path(d) / WRAPPER_MARK).exists())  # never wrap another wrapper
+        for name in CLIENTS:
+            real = shutil.which(name, path=search)
+            if real is None:
+                continue
+            wrapper = self.bin_dir / name
+            wrapper.write_text(f'#!/bin/sh\nSLURM_CONF="{self.conf}" exec {real} "$@"\n')
+            wrapper.chmod(0o755)
 
     # ------------------------------------------------------------------ lifecycle
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -387,9 +414,9 @@ if __name__ == "__main__":  # a cluster for a human: prints the env line, stops 
         print(f"installed {' '.join(PACKAGES)} in {took:.0f} s")
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     with SlurmCluster(root=root) as cluster:
-        print(f"export SLURM_CONF={cluster.conf}    # partition {cluster.partition}, "
-              f"node {cluster.node}, gpu:{cluster.gpus}; logs in {cluster.log_dir}",
-              flush=True)
+        print(f"export SLURM_CONF={cluster.conf} PATH={cluster.bin_dir}:$PATH"
+              f"    # partition {cluster.partition}, node {cluster.node}, "
+              f"gpu:{cluster.gpus}; logs in {cluster.log_dir}", flush=True)
         def _interrupt(*_):
             raise KeyboardInterrupt
 

@@ -6,14 +6,19 @@ Marked `slurm`; skipped with the reason when slurm-wlm/munge cannot be installed
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from slurm_cluster import start_or_skip
 
-pytestmark = pytest.mark.slurm
+from lambdapipe.errors import UserError
+from lambdapipe.slurm import Partition, Request, check_requests, cluster_partitions, gres_gpus
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +28,77 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
+@pytest.fixture(scope="module")
+def cpu_cluster(tmp_path_factory):
+    """A second cluster whose only node has no GPUs (no GresTypes at all)."""
+    c = start_or_skip(tmp_path_factory.mktemp("slurm-cpu"), gpus=0)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def on(monkeypatch):
+    """Point this process's SLURM clients at CLUSTER."""
+
+    def use(cluster):
+        monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+        monkeypatch.setenv("PATH", cluster.env["PATH"])
+        return cluster
+
+    return use
+
+
+# ---------------------------------------------------------------- pre-flight, no cluster
+@pytest.mark.parametrize("gres, n", [("gpu:2", 2), ("gpu:a100:4(S:0-1),nic:1", 4),
+                                      ("(null)", 0), ("", 0), ("gpu:a100:2(S:0,1),gpu:v100:1", 3),
+                                      ("gpu", 1), ("shard:8", 0)])
+def test_gres_gpus(gres, n):
+    assert gres_gpus(gres) == n
+
+
+PARTS = {"cpu": Partition("cpu", True, True, 0), "gpu": Partition("gpu", False, True, 4),
+         "old": Partition("old", False, False, 8)}
+
+
+@pytest.mark.parametrize("req, message", [
+    (Request("train", "gpu", 4), None),
+    (Request("prepare", None, 0), None),
+    (Request("train", "gpuu", 1), "slurm_partition 'gpuu' (rule train) does not exist on "
+                                  "this cluster: expected one of cpu, gpu, old"),
+    (Request("train", None, 1), "rule train asks for 1 GPU(s) but partition 'cpu' has no GPUs"),
+    (Request("train", "gpu", 5), "partition 'gpu' has at most 4 GPU(s) per node"),
+    (Request("train", "old", 1), "partition 'old' (rule train) is not up"),
+])
+def test_check_requests(req, message):
+    if message is None:
+        check_requests([req], PARTS)
+        return
+    with pytest.raises(UserError) as err:
+        check_requests([req], PARTS)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_no_default_partition_is_named():
+    parts = {"a": Partition("a", False, True, 0)}
+    with pytest.raises(UserError, match="names no slurm_partition .* one of a$"):
+        check_requests([Request("report", None, 0)], parts)
+
+
+def test_no_controller_is_one_line(monkeypatch, tmp_path):
+    (tmp_path / "empty.conf").write_text("")  # a missing file would be retried for 60 s
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "empty.conf"))
+    if not __import__("shutil").which("sinfo"):
+        with pytest.raises(UserError, match="needs `sinfo` on PATH"):
+            cluster_partitions()
+        return
+    with pytest.raises(UserError, match=r"^cannot reach the SLURM controller .*: \S"):
+        cluster_partitions()
+
+
+# ---------------------------------------------------------------- the cluster itself
+
+
+@pytest.mark.slurm
 def test_batch_job_runs_on_the_node_with_its_gpu(cluster, tmp_path):
     out = tmp_path / "job-%j.out"
     show = "hostname; env | grep -E '^(CUDA_VISIBLE_DEVICES|SLURM_JOB_GPUS)='"
@@ -38,6 +114,7 @@ def test_batch_job_runs_on_the_node_with_its_gpu(cluster, tmp_path):
     assert done[srun]["JobState"] == "COMPLETED"
 
 
+@pytest.mark.slurm
 def test_scancel_stops_a_running_job(cluster, tmp_path):
     job = cluster.sbatch("-o", str(tmp_path / "sleep.out"), "--wrap", "sleep 120")
     cluster.wait_job(job, states=("RUNNING",))
@@ -45,6 +122,7 @@ def test_scancel_stops_a_running_job(cluster, tmp_path):
     assert cluster.wait_job(job, timeout_s=30) == "CANCELLED"
 
 
+@pytest.mark.slurm
 def test_requests_the_cluster_cannot_meet_are_refused_at_submission(cluster):
     bad = cluster.run("sbatch", "-p", "nosuchpartition", "--wrap", "true", check=False)
     assert bad.returncode != 0 and "invalid partition" in bad.stderr.lower()
@@ -53,6 +131,17 @@ def test_requests_the_cluster_cannot_meet_are_refused_at_submission(cluster):
     assert greedy.returncode != 0
 
 
+@pytest.mark.slurm
+def test_sinfo_view_of_both_clusters(cluster, cpu_cluster, on):
+    on(cluster)
+    assert cluster_partitions() == {"debug": Partition("debug", True, True, 1)}
+    on(cpu_cluster)
+    assert cluster_partitions() == {"debug": Partition("debug", True, True, 0)}
+    with pytest.raises(UserError, match="has no GPUs"):
+        check_requests([Request("train", "debug", 1)])
+
+
+@pytest.mark.slurm
 def test_stop_leaves_no_daemon_behind(tmp_path):
     c = start_or_skip(tmp_path / "c", gpus=0)
     try:
@@ -82,3 +171,176 @@ def _alive(pids: list[int]) -> list[int]:
             continue
         alive.append(pid)
     return alive
+
+
+# ---------------------------------------------------------------- the grid through snakemake
+REPO = Path(__file__).resolve().parents[1]
+TIMING = re.compile(r"time|per_min|per_s")  # wall_time_s, session_time_s, iter_per_min...
+
+
+def _grid_config(path: Path) -> Path:
+    """The demo config, trimmed to 4 short runs and asking for a GPU per training job."""
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["train"]["device"] = "auto"  # -> resources gpu=1 -> sbatch --gpus=1
+    grid = cfg["datasets"]["digits"]["grids"][0]
+    grid.update(models=["resnet20x1"], seeds=[0, 1], set={"iterations": 100})
+    grid["noise"] = [{"kind": "symmetric", "rates": [0, 0.25]}]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _snakemake(workdir: Path, config: Path, env: dict, *extra: str,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(config), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _slurm_args(partition: str) -> list[str]:
+    # partition from the command line; --workflow-profile none drops profiles/default, whose
+    # gpu=1 token would let only one GPU job run at a time on the whole cluster.
+    return ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", "none",
+            "--default-resources", f"slurm_partition={partition}", "mem_mb=1000",
+            "runtime=10", "--set-resources", "train:cpus_per_task=1",
+            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks",
+            "2", "--latency-wait", "5", "--retries", "0"]
+
+
+def _summaries(workdir: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((workdir / "results" / "runs").glob("*/*/*/*/summary.json")):
+        key = str(path.parent.relative_to(workdir / "results" / "runs"))
+        out[key] = {k: v for k, v in json.loads(path.read_text()).items()
+                    if not TIMING.search(k)}
+    return out
+
+
+def _train_jobs(log: str) -> list[str]:
+    """SLURM job ids of the train rule's submissions in a snakemake log."""
+    return re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+) "
+                      r"\(log: \S*/rule_train/", log)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """Local run, then the same grid on SLURM with one training job scancel'ed mid-run,
+    then the rerun. Returns what the tests look at."""
+    base = tmp_path_factory.mktemp("grid")
+    c = start_or_skip(base / "cluster", gpus=2)
+    try:
+        config = _grid_config(base / "grid.yaml")
+        env_local = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("SLURM_", "LAMBDAPIPE_"))}
+        t0 = time.monotonic()
+        local = _snakemake(base / "local", config, env_local, "--cores", "2",
+                           "--workflow-profile", "none")
+        assert local.returncode == 0, local.stderr[-3000:]
+        t_local = time.monotonic() - t0
+
+        env = dict(c.env, LAMBDAPIPE_FAKE_GPUS="2",
+                   LAMBDAPIPE_GPU_LOG=str(base / "claims.jsonl"))
+        work = base / "slurm"
+        cmd = ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile",
+               str(config), *_slurm_args(c.partition)]
+        t0 = time.monotonic()
+        first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        cancelled = _cancel_a_training_job_once_one_finished(c, work)
+        first_out = first.communicate(timeout=300)[0]
+        t_first = time.monotonic() - t0
+        finished_before = {p: p.stat().st_mtime_ns
+                           for p in (work / "results" / "runs").glob("*/*/*/*/summary.json")}
+        t0 = time.monotonic()
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        t_rerun = time.monotonic() - t0
+        yield dict(cluster=c, local=base / "local", work=work, first=first,
+                   first_out=first_out, cancelled=cancelled, finished_before=finished_before,
+                   rerun=rerun, claims=base / "claims.jsonl",
+                   seconds=dict(local=t_local, slurm=t_first, rerun=t_rerun))
+    finally:
+        c.stop()
+
+
+def _cancel_a_training_job_once_one_finished(c, work: Path, timeout_s: float = 240) -> str:
+    """scancel a RUNNING train job while at least one run has already finished."""
+    deadline = time.monotonic() + timeout_s
+    runs = work / "results" / "runs"
+    while time.monotonic() < deadline:
+        done = list(runs.glob("*/*/*/*/summary.json")) if runs.exists() else []
+        if done:
+            out = c.run("squeue", "-h", "-t", "running", "-o", "%i|%k", check=False).stdout
+            training = [line.split("|")[0] for line in out.splitlines() if "rule_train" in line]
+            if training:
+                c.run("scancel", training[0])
+                return training[0]
+        time.sleep(0.3)
+    raise AssertionError("no training job was running after the first run finished")
+
+
+@pytest.mark.slurm
+def test_every_job_went_through_slurm_and_saw_its_gpu(grid):
+    c, rerun = grid["cluster"], grid["rerun"]
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    log = grid["first_out"] + rerun.stdout + rerun.stderr
+    submitted = set(re.findall(r"has been submitted with SLURM jobid (\d+)", log))
+    by_state = {}
+    for rec in c.finished_jobs():
+        by_state.setdefault(rec["JobState"], set()).add(rec["JobId"])
+    # every job snakemake submitted ran and finished in slurmctld's own record
+    assert submitted and submitted <= by_state.get("COMPLETED", set()) | {grid["cancelled"]}
+    # 4 train + 4 evaluate + prepare + 2 noise + report, one extra train for the cancelled run
+    trains = _train_jobs(log)
+    assert len(trains) == 5 and grid["cancelled"] in trains
+    assert len(submitted) == 13
+    # each training job took the SLURM path of gpu.claim: its own job id, its gres index
+    claims = [json.loads(line) for line in grid["claims"].read_text().splitlines()]
+    train_claims = {cl["slurm_job_id"]: cl for cl in claims if cl["slurm_job_id"] in trains}
+    assert set(train_claims) == set(trains) - {grid["cancelled"]} | (
+        {grid["cancelled"]} & set(train_claims))
+    for cl in train_claims.values():
+        assert cl["slot"] is None and cl["index"] in (0, 1)  # no lock: SLURM assigned it
+
+
+@pytest.mark.slurm
+def test_slurm_results_equal_the_local_run(grid):
+    local, slurm = _summaries(grid["local"]), _summaries(grid["work"])
+    assert len(local) == 4 and set(slurm) == set(local)
+    for key in local:
+        assert slurm[key] == local[key], key
+
+
+@pytest.mark.slurm
+def test_scancel_then_rerun_trains_only_what_is_missing(grid):
+    c, first, rerun = grid["cluster"], grid["first"], grid["rerun"]
+    assert first.returncode != 0  # the cancelled job failed the first run
+    states = {r["JobId"]: r["JobState"] for r in c.finished_jobs()}
+    assert states[grid["cancelled"]] == "CANCELLED"
+    assert f"SLURM-job '{grid['cancelled']}' failed" in grid["first_out"]
+    retrained = _train_jobs(rerun.stdout + rerun.stderr)
+    finished = grid["finished_before"]
+    assert len(retrained) == 4 - len(finished) >= 1
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was retrained"
+    print("seconds:", grid["seconds"])
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("which", ["committed profile", "unknown partition", "gpu, no gres"])
+def test_bad_profile_fails_in_one_line_before_any_job(which, cluster, cpu_cluster, tmp_path):
+    target = cpu_cluster if which == "gpu, no gres" else cluster
+    before = len(target.finished_jobs()), target.run("squeue", "-h").stdout
+    config = _grid_config(tmp_path / "grid.yaml")
+    if which == "committed profile":  # its CHANGE_ME placeholders, as shipped
+        extra = ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", "none"]
+        expect = "lambdapipe: slurm_partition 'CHANGE_ME_partition' (rule evaluate)"
+    else:
+        extra = _slurm_args("nosuch" if which == "unknown partition" else target.partition)
+        expect = ("lambdapipe: slurm_partition 'nosuch' (rule " if which == "unknown partition"
+                  else "lambdapipe: rule evaluate asks for 1 GPU(s) but partition 'debug' has "
+                       "no GPUs")  # evaluate and train both ask; rules are checked by name
+    proc = _snakemake(tmp_path / "w", config, target.env, *extra, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(expect), proc.stderr[-2000:]
+    assert "submitted with SLURM jobid" not in proc.stdout + proc.stderr
+    assert (len(target.finished_jobs()), target.run("squeue", "-h").stdout) == before
