@@ -335,7 +335,7 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
 def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str, Any]:
     from lambdapipe.models import count_params
 
-    r, out = cfg.recipe, cfg.out
+    r, out = cfg.recipe.on(device), cfg.out
     started = time.perf_counter()
     train, val = _load_splits(cfg, verify=False)  # checksums verified by check_before_start
     config = _run_config(cfg, train, device=device)
@@ -362,6 +362,9 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
         step_fn.scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"], device)
         state = RunState(**ckpt["state"])
+        # The checkpoint is the truth: a kill between its rename and metrics.csv's left the
+        # file one row short (or one ahead); rewrite it before anything else happens.
+        _write_metrics(out, state.rows)
         _log(f"resuming {out} at iteration {state.iteration} of {total}")
     else:
         out.mkdir(parents=True, exist_ok=True)
@@ -486,7 +489,7 @@ def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:
     images = DeviceImages(test.images, test.labels, test.clean_labels, device)
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
-    r = cfg.recipe
+    r = cfg.recipe.on(device)
     logits = predict(model, images.images, mean, std, r.precision, r.channels_last)
     return classification_metrics(logits, images.labels)
 
