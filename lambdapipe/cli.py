@@ -46,7 +46,13 @@ def _parse_key_values(values: tuple[str, ...], what: str) -> dict[str, object]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise click.BadParameter(f"{key.strip()}={raw!r}: value is not YAML ({problem}); "
+                                     "quote it or use a number, word, list or mapping",
+                                     param_hint=what) from None
     return out
 
 
@@ -264,6 +270,34 @@ def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: s
         result = evaluate_checkpoint(ckpt, split=split, data_dir=data_dir, device=dev, out=out)
     click.echo(format_result(result))
     click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint written by `lambdapipe train` (best.ckpt).")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
+              show_default=True)
+@click.option("--images", type=int, default=8, show_default=True,
+              help="Explain the first this many images of the split (the same for every run).")
+@data_dir_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to write into (default: beside the checkpoint).")
+@click.option("--device", default="cpu", show_default=True)
+@_user_errors
+def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | None,
+            device: str) -> None:
+    """FullGrad and Grad-CAM maps of CKPT's predictions, and its lambda layer's learned
+    position embeddings: explain_<split>.{npz,json,png,svg} (+ _position.{png,svg}).
+
+    \b
+    Example:
+      lambdapipe explain --ckpt results/runs/digits/clean/lr18_l3_lc/0/best.ckpt --images 8
+    """
+    from lambdapipe.explain import explain_checkpoint
+
+    for path in explain_checkpoint(ckpt, split=split, images=images, data_dir=data_dir,
+                                   out=out, device=device):
+        click.echo(f"wrote {path}")
 
 
 @main.command()
