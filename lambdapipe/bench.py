@@ -105,7 +105,7 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
     if batch_size > len(labels):
         raise bad_value("batch size", batch_size, f"at most the {len(labels)} images")
     recipe = get_recipe("sgdm", {"batch_size": batch_size, "precision": precision,
-                                 "compile": compile})
+                                 "compile": compile}).on(device)
     data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
     mean, std = (torch.tensor(v, device=device) for v in channel_stats(np.asarray(images)))
     steps_per_epoch = len(data) // batch_size

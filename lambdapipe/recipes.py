@@ -64,6 +64,14 @@ class Recipe:
         d["step_milestones"] = list(self.step_milestones)
         return d
 
+    def on(self, device: str) -> Recipe:
+        """The recipe as it runs on `device`. channels_last is a GPU layout; on CPU, oneDNN's
+        1x1-convolution weight-gradient kernel (torch 2.14, one thread) writes past its buffer
+        with it and corrupts the heap, so CPU runs keep NCHW."""
+        if self.channels_last and str(device).split(":")[0] == "cpu":
+            return dataclasses.replace(self, channels_last=False)
+        return self
+
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.iterations is not None:
             return self.iterations

@@ -84,3 +84,10 @@ def test_bad_recipe_input_is_one_line(name, overrides, needle):
     with pytest.raises(UserError) as err:
         get_recipe(name, overrides)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_channels_last_stays_off_on_cpu():
+    """oneDNN's CPU 1x1 weight-gradient kernel corrupts the heap with channels_last."""
+    r = get_recipe("demo", {"channels_last": True})
+    assert r.on("cpu").channels_last is False
+    assert r.on("cuda:1").channels_last is True and r.on("cuda") is r
