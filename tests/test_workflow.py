@@ -34,7 +34,7 @@ def job_counts(output: str) -> dict[str, int]:
 
 def expected_counts(cfg: dict) -> dict[str, int]:
     """Jobs per rule, counted from the YAML alone."""
-    runs, variants, archives = set(), set(), set()
+    runs, variants, archives, explained = set(), set(), set(), set()
     for ds, d in cfg["datasets"].items():
         archives.add("tiny" if ds.startswith("tinyimagenet") else ds)
         for g in d["grids"]:
@@ -43,8 +43,10 @@ def expected_counts(cfg: dict) -> dict[str, int]:
                     variants.add((ds, n["kind"] if rate else "clean", rate))
                     for m, s in itertools.product(g["models"], g["seeds"]):
                         runs.add((ds, rate, m, s))
+                        explained.add((ds, n["kind"] if rate else "clean", rate, m))
     counts = {"download": len(archives - {"digits"}), "prepare": len(cfg["datasets"]),
               "noise": len(variants), "train": len(runs), "evaluate": len(runs),
+              "explain": len(explained),
               "report": 1, "all": 1}
     counts = {k: v for k, v in counts.items() if v}
     counts["total"] = sum(counts.values())
@@ -112,6 +114,9 @@ def test_demo_end_to_end(demo_run):
         assert summary["status"] == "ok" and 0.5 < summary["tst_acc"] <= 1.0
         assert not path.stat().st_mode & stat.S_IWUSR  # protected: never retrained
         assert (path.parent / "eval_test.json").is_file()
+    explained = sorted((work / "results" / "runs").glob("*/*/*/*/explain_test.npz"))
+    assert [p.parts[-2] for p in explained] == ["0"] * 4  # one seed per model and noise
+    assert (work / "results" / "figures" / "attention_digits.png").is_file()
     assert sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
     assert (work / "results" / "tables" / "runs.csv").is_file()
     assert json.loads((work / "results" / "metrics.json").read_text())
@@ -123,7 +128,8 @@ def test_demo_end_to_end(demo_run):
 def test_gpu_claims_under_contention(demo_run):
     _, log, _ = demo_run
     claims = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(claims) == 16  # 8 train + 8 evaluate jobs, more jobs than the 2 devices
+    # 8 train + 8 evaluate + 4 explain jobs, more jobs than the 2 devices
+    assert len(claims) == 20
     spans = defaultdict(list)
     for c in claims:
         spans[c["index"]].append((c["acquired"], c["released"]))

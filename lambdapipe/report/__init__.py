@@ -12,7 +12,9 @@ Writes under OUT:
   tables/variants.{md,csv}              named variants (fp16, an lr sweep) side by side on val
   tables/incomplete.{md,csv}            runs without summary.json (never results)
   tables/runs.csv                       every finished run, every summary field
-  figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation
+  figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation,
+                                        attention (runs' explain_test.npz side by side),
+                                        position (a lambda layer's learned embeddings)
   metrics.json                          per-run tst_acc, val_acc, tst_nll, status (dvc metrics)
   report.md                             every table, figure links and what was skipped
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lambdapipe.atomic import write_json, write_text
+from lambdapipe.errors import UserError
 from lambdapipe.report import figures, tables
 from lambdapipe.report.load import collect_runs, read_published
 
@@ -89,6 +92,19 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
             "memorisation": (figures.memorisation(dataset, sub, collection, colours),
                              "no noisy-label run with train_acc and train_clean_acc curves"),
         }
+        explained = _explained(sub, collection)
+        built["attention"] = (
+            figures.attention_grid(explained, explained[0][1]["meta"]["classes"] if explained
+                                   else [], f"{dataset}: FullGrad and Grad-CAM of the same "
+                                   "test images, run by run")
+            if len(explained) >= 2 else None,
+            "fewer than two runs with explain_test.npz on the same images "
+            "(`lambdapipe explain --ckpt RUN/best.ckpt`)")
+        lam = [(label, arrays) for label, arrays in explained if "position" in arrays]
+        built["position"] = (
+            figures.position_panels(lam[0][1]["position"], lam[0][1]["meta"]["position"]["kind"],
+                                    f"{dataset}: {lam[0][0]}") if lam else None,
+            "no explained run with a lambda layer")
         for kind, (fig, why) in built.items():
             base = out / "figures" / f"{kind}_{dataset}"
             if fig is None:
@@ -110,6 +126,33 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     write_text(path, "\n".join(page).rstrip() + "\n")
     written.append(path)
     return written
+
+
+def _explained(sub, collection) -> list[tuple[str, dict]]:
+    """(model label, explain_test.npz arrays + its json) of one run per model, on the same
+    images; `lambdapipe explain` wrote them, the report only reads (no torch here)."""
+    import numpy as np
+
+    from lambdapipe.report.load import read_json_object
+
+    paths = {run.run_id: run.path for run in collection.runs}
+    found: dict[str, dict] = {}
+    for row in sub.sort_values(["model_label", "condition", "seed"]).itertuples():
+        path = paths[row.run_id] / "explain_test.npz"
+        label = row.model_label + ("" if row.condition == "clean" else f" {row.condition}")
+        if label in found or not path.is_file():
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except (OSError, ValueError) as exc:
+            raise UserError(f"malformed {path}: {exc}") from None
+        arrays["meta"] = read_json_object(path.with_suffix(".json"))
+        found[label] = arrays
+    if not found:
+        return []
+    first = next(iter(found.values()))["indices"]
+    return [(label, a) for label, a in found.items() if np.array_equal(a["indices"], first)]
 
 
 def _remove_stale(base: Path) -> None:

@@ -296,3 +296,62 @@ def _finite(v) -> bool:
     except (TypeError, ValueError):
         return False
 
+
+
+# --------------------------------------------------------------------------- attention
+def attention_grid(runs: list[tuple[str, dict]], classes: list[str], title: str) -> Figure:
+    """One row per image: the input, then FullGrad and Grad-CAM of each run on that image.
+
+    `runs` are (label, arrays of an explain_<split>.npz) on the same image indices, so a
+    ResNet and a Lambda-ResNet sit side by side; each map is drawn over the input it explains.
+    """
+    first = runs[0][1]
+    n = len(first["indices"])
+    ncols = 1 + 2 * len(runs)
+    fig = Figure(figsize=(1.9 * ncols, 1.9 * n + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, ncols, squeeze=False)
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(first["images"][i])
+        ax.set_title(f"#{int(first['indices'][i])} true {classes[int(first['labels'][i])]}",
+                     fontsize=8)
+        for j, (label, arrays) in enumerate(runs):
+            pred = classes[int(arrays["predicted"][i])]
+            for m, key in enumerate(("fullgrad", "gradcam")):
+                ax = axes[i, 1 + 2 * j + m]
+                ax.imshow(arrays["images"][i])
+                ax.imshow(arrays[key][i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+                name = "FullGrad" if key == "fullgrad" else "Grad-CAM"
+                ax.set_title(f"{label}\n{name} · pred {pred}" if i == 0 else f"pred {pred}",
+                             fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def position_panels(position: np.ndarray, kind: str, title: str) -> Figure:
+    """A lambda layer's learned position embeddings E, one panel per (u, k).
+
+    `position` is k x u x a x b: the r x r kernel of a lambda convolution (`lc`) or the
+    (2H-1) x (2W-1) relative-position table (`rpe`) of each query-depth index k.
+    """
+    k, u = position.shape[:2]
+    fig = Figure(figsize=(1.3 * k, 1.4 * u + 0.7), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(u, k, squeeze=False)
+    what = "r x r lambda-convolution kernels" if kind == "lc" else "relative-position tables"
+    fig.suptitle(f"{title}: position embeddings ({what}, {position.shape[2]}x"
+                 f"{position.shape[3]}), one per query-depth index k", fontsize=10)
+    for j in range(u):
+        for i in range(k):
+            ax = axes[j, i]
+            panel = position[i, j]
+            lim = float(np.abs(panel).max()) or 1.0
+            ax.imshow(panel, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"k={i}" + (f" u={j}" if u > 1 else ""), fontsize=7)
+    return fig

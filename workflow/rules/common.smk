@@ -10,6 +10,11 @@ from lambdapipe.noise import parse_noise_tag
 
 RUNS = {run.path: run for run in expand_runs(config)}
 DATASETS = sorted({run.dataset for run in RUNS.values()})
+# The run of each (dataset, noise, model) with the lowest seed gets `lambdapipe explain`.
+EXPLAINED = {}
+for _run in sorted(RUNS.values(), key=lambda r: r.seed):
+    EXPLAINED.setdefault((_run.dataset, _run.noise, _run.model), _run)
+EXPLAINED = sorted(r.path for r in EXPLAINED.values())
 ARCHIVES = {dataset_info(d).archive: d for d in DATASETS if dataset_info(d).archive}
 
 
@@ -31,6 +36,7 @@ def all_targets():
     return (
         [f"results/runs/{r.path}/summary.json" for r in runs]
         + [f"results/runs/{r.path}/eval_test.json" for r in runs]
+        + [f"results/runs/{path}/explain_test.json" for path in EXPLAINED]
         + ["results/metrics.json", "results/report.md"]
     )
 

@@ -22,3 +22,26 @@ rule evaluate:
         " --out {output} --device {params.device} > {log} 2>&1;"
         " else echo 'no best.ckpt: the run diverged before its first evaluation' > {log};"
         " echo '{{\"status\": \"diverged\", \"best_ckpt\": null}}' > {output}; fi"
+
+
+rule explain:
+    """FullGrad and Grad-CAM maps of best.ckpt on the first test images (the same for every
+    run of a dataset) and a lambda layer's position embeddings: the report's attention and
+    position figures. One seed per model and noise variant."""
+    input:
+        summary="results/runs/{dataset}/{noise}/{model}/{seed}/summary.json",
+    output:
+        "results/runs/{dataset}/{noise}/{model}/{seed}/explain_test.json",
+    params:
+        ckpt="results/runs/{dataset}/{noise}/{model}/{seed}/best.ckpt",
+        device=config["train"]["device"],
+    log:
+        "logs/explain/{dataset}/{noise}/{model}/{seed}.log",
+    conda:
+        "../../environment.yml"
+    threads: 1
+    resources:
+        gpu=gpu_tokens,
+    shell:
+        "lambdapipe explain --ckpt {params.ckpt} --split test --images 8 --data-dir data"
+        " --device {params.device} > {log} 2>&1"

@@ -3,6 +3,7 @@ rule report:
     input:
         summaries=[f"results/runs/{r.path}/summary.json" for r in RUNS.values()],
         evaluations=[f"results/runs/{r.path}/eval_test.json" for r in RUNS.values()],
+        explained=[f"results/runs/{path}/explain_test.json" for path in EXPLAINED],
     output:
         tables=report(
             directory("results/tables"),
