@@ -14,6 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["Snakefile", "workflow", "config", "profiles", "lambdapipe", "dvc.yaml", ".dvcignore",
+        "environment.yml",
         ".gitignore", "pyproject.toml"]
 
 pytestmark = pytest.mark.slow
