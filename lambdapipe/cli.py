@@ -282,10 +282,12 @@ def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: s
 @data_dir_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory to write into (default: beside the checkpoint).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None)
 @_user_errors
 def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | None,
-            device: str) -> None:
+            device: str, gpu_lock_dir: Path | None) -> None:
     """FullGrad and Grad-CAM maps of CKPT's predictions, and its lambda layer's learned
     position embeddings: explain_<split>.{npz,json,png,svg} (+ _position.{png,svg}).
 
@@ -293,10 +295,13 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
     Example:
       lambdapipe explain --ckpt results/runs/digits/clean/lr18_l3_lc/0/best.ckpt --images 8
     """
+    from lambdapipe import gpu
     from lambdapipe.explain import explain_checkpoint
 
-    for path in explain_checkpoint(ckpt, split=split, images=images, data_dir=data_dir,
-                                   out=out, device=device):
+    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+        written = explain_checkpoint(ckpt, split=split, images=images, data_dir=data_dir,
+                                     out=out, device=dev)
+    for path in written:
         click.echo(f"wrote {path}")
 
 
