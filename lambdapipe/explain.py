@@ -127,8 +127,14 @@ def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
     # NCHW-contiguous: the NHWC arrays permuted would run every conv channels-last, whose
     # 1x1 weight-gradient kernel in oneDNN (torch 2.14 CPU, one thread) writes out of bounds.
     x = normalize(torch.from_numpy(raw).permute(0, 3, 1, 2).contiguous().to(device), mean, std)
+    found = _lambda_layer(model)
+    seen: list[tuple[int, int]] = []  # the lambda layer's input map, for the position figure
+    hook = found[1].register_forward_hook(
+        lambda _m, args, _out: seen.append(tuple(args[0].shape[-2:]))) if found else None
     with torch.no_grad():
         predicted = model(x).argmax(1).cpu().numpy()
+    if hook is not None:
+        hook.remove()
     targets = [ClassifierOutputTarget(int(c)) for c in predicted]
     # In-place ReLUs would overwrite the activations the backward hooks read.
     for module in model.modules():
@@ -142,13 +148,13 @@ def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
     arrays = {"indices": index, "images": raw, "labels": np.asarray(data.labels)[index],
               "predicted": predicted, "fullgrad": fullgrad.astype(np.float32),
               "gradcam": gradcam.astype(np.float32)}
-    found = _lambda_layer(model)
     position = None
     if found is not None:
         arrays["position"] = found[1].rel_embedding.detach().float().cpu().numpy()
         position = {"layer": found[0],
                     "kind": "lc" if found[1].scope is not None else "rpe",
-                    "shape": list(arrays["position"].shape), "axes": "k, u, rows, cols"}
+                    "shape": list(arrays["position"].shape), "axes": "k, u, rows, cols",
+                    "feature_map": list(seen[0])}
     for key in ("fullgrad", "gradcam"):
         if not np.isfinite(arrays[key]).all():
             raise UserError(f"{ckpt}: the {key} maps are not finite; the checkpoint's weights "
@@ -180,6 +186,7 @@ def _figures(base: Path, arrays: dict[str, np.ndarray], meta: dict) -> list[Path
         f"{meta['model']} on {meta['dataset']} {meta['split']}"), base)
     if "position" in arrays:
         fig = figures.position_panels(arrays["position"], meta["position"]["kind"],
-                                      f"{meta['model']}: {meta['position']['layer']}")
+                                      f"{meta['model']}: {meta['position']['layer']}",
+                                      meta["position"]["feature_map"])
         written += figures.save(fig, base.parent / f"{base.name}_position")
     return written

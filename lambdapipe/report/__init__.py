@@ -103,7 +103,9 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
         lam = [(label, arrays) for label, arrays in explained if "position" in arrays]
         built["position"] = (
             figures.position_panels(lam[0][1]["position"], lam[0][1]["meta"]["position"]["kind"],
-                                    f"{dataset}: {lam[0][0]}") if lam else None,
+                                    f"{dataset}: {lam[0][0]}",
+                                    lam[0][1]["meta"]["position"].get("feature_map"))
+            if lam else None,
             "no explained run with a lambda layer")
         for kind, (fig, why) in built.items():
             base = out / "figures" / f"{kind}_{dataset}"

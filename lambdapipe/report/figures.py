@@ -8,6 +8,8 @@ show is skipped and named in the report's notes, never written empty.
 
 from __future__ import annotations
 
+import textwrap
+
 import math
 from pathlib import Path
 
@@ -324,7 +326,8 @@ def attention_grid(runs: list[tuple[str, dict]], classes: list[str], title: str)
                 ax.imshow(arrays["images"][i])
                 ax.imshow(arrays[key][i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)
                 name = "FullGrad" if key == "fullgrad" else "Grad-CAM"
-                ax.set_title(f"{label}\n{name} · pred {pred}" if i == 0 else f"pred {pred}",
+                head = textwrap.fill(label, 26)  # long run labels must not overlap
+                ax.set_title(f"{head}\n{name} · pred {pred}" if i == 0 else f"pred {pred}",
                              fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -332,19 +335,30 @@ def attention_grid(runs: list[tuple[str, dict]], classes: list[str], title: str)
     return fig
 
 
-def position_panels(position: np.ndarray, kind: str, title: str) -> Figure:
+def position_panels(position: np.ndarray, kind: str, title: str,
+                    feature_map: tuple[int, int] | None = None) -> Figure:
     """A lambda layer's learned position embeddings E, one panel per (u, k).
 
     `position` is k x u x a x b: the r x r kernel of a lambda convolution (`lc`) or the
-    (2H-1) x (2W-1) relative-position table (`rpe`) of each query-depth index k.
+    (2H-1) x (2W-1) relative-position table (`rpe`) of each query-depth index k. On an
+    H x W `feature_map` only the centre (2H-1) x (2W-1) offsets ever touch a pixel; the rest
+    keeps its initial noise, so only that centre is drawn.
     """
+    full = position.shape[2:]
+    if feature_map is not None:
+        a, b = (min(n, 2 * m - 1) for n, m in zip(full, feature_map, strict=True))
+        top, left = (full[0] - a) // 2, (full[1] - b) // 2
+        position = position[:, :, top:top + a, left:left + b]
+        if (a, b) != tuple(full):
+            title = (f"{title} (centre {a}x{b} of {full[0]}x{full[1]}: the offsets a "
+                     f"{feature_map[0]}x{feature_map[1]} map reaches)")
     k, u = position.shape[:2]
     fig = Figure(figsize=(1.3 * k, 1.4 * u + 0.7), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(u, k, squeeze=False)
     what = "r x r lambda-convolution kernels" if kind == "lc" else "relative-position tables"
-    fig.suptitle(f"{title}: position embeddings ({what}, {position.shape[2]}x"
-                 f"{position.shape[3]}), one per query-depth index k", fontsize=10)
+    fig.suptitle(f"{title}: position embeddings ({what}), one per query-depth index k",
+                 fontsize=10)
     for j in range(u):
         for i in range(k):
             ax = axes[j, i]
