@@ -8,9 +8,8 @@ show is skipped and named in the report's notes, never written empty.
 
 from __future__ import annotations
 
-import textwrap
-
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
