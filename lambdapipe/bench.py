@@ -197,4 +197,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    atomic.write_json(path, {"torch": torch.__version__, "rows": rows})
+    import datetime
+
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    atomic.write_json(path, {"torch": torch.__version__, "date": when, "rows": rows})

@@ -56,7 +56,9 @@ def test_table_json_and_cli(tmp_path):
     assert table[0].split()[:3] == ["model", "params(M)", "iter/min"]
     assert table[2].startswith("resnet20x1") and "bf16" in table[-1]
     bench.write_rows(rows, tmp_path / "b.json")
-    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["model"] == "resnet20x1"
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert written["rows"][0]["model"] == "resnet20x1"
+    assert written["torch"] == torch.__version__ and written["date"].startswith("20")
 
     out = tmp_path / "cli.json"
     result = CliRunner().invoke(main, [
