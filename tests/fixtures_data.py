@@ -156,12 +156,14 @@ class ArchiveServer:
 
     `break_after` (bytes): announce the full length but close the connection after that
     many bytes of the body, once, the way a dropped transfer looks to the client.
+    `redirects` ({path: url}): answer 302 with that Location instead.
     """
 
     def __init__(self, root: Path):
         self.root = root
         self.break_after: int | None = None
         self.requests: list[dict] = []
+        self.redirects: dict[str, str] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -172,6 +174,12 @@ class ArchiveServer:
                 path = server.root / self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 server.requests.append({"path": self.path, "range": rng})
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if not path.is_file():
                     self.send_error(404)
                     return

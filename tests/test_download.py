@@ -267,3 +267,19 @@ def test_wrong_layout_is_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not in the official layout: missing"):
         data.prepare("cifar10", tmp_path / "d", mirror=mirror, progress=False)
     assert _no_prepared(tmp_path / "d")
+
+
+def test_redirect_to_plain_http_is_refused(tmp_path, archive_server, monkeypatch):
+    """An https download must not continue over http: a 302 to a non-loopback http URL
+    stops before anything is written; a redirect that obeys the rule is followed."""
+    path, _ = _serve(archive_server, "cifar10", lambda p: make_cifar(p, False, 10),
+                     monkeypatch)
+    archive_server.redirects["/moved.tar.gz"] = "http://example.com/cifar-10-python.tar.gz"
+    raw = tmp_path / "raw"
+    with pytest.raises(UserError, match="refused redirect .* to 'http://example.com/") as exc:
+        data.download("cifar10", raw, url=archive_server.url("moved.tar.gz"), progress=False)
+    assert "\n" not in str(exc.value)
+    assert not raw.exists() or not [p for p in raw.iterdir() if not p.name.startswith(".")]
+    archive_server.redirects["/ok.tar.gz"] = archive_server.url(path.name)
+    final = data.download("cifar10", raw, url=archive_server.url("ok.tar.gz"), progress=False)
+    assert final.read_bytes() == path.read_bytes()

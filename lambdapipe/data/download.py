@@ -72,6 +72,22 @@ def _check_url(url: str) -> None:
                     "127.0.0.1/localhost test servers)")
 
 
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect obeys the rule of the first URL: https never continues over plain http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        try:
+            _check_url(newurl)
+        except UserError:
+            raise UserError(f"refused redirect from {req.full_url} to {newurl!r}: downloads "
+                            "follow only https:// (http:// only for 127.0.0.1/localhost test "
+                            "servers)") from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_CheckedRedirects)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -118,7 +134,7 @@ def _open(info: DatasetInfo, url: str, offset: int):
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        return urllib.request.urlopen(request, timeout=TIMEOUT_S)  # noqa: S310 - scheme checked
+        return _OPENER.open(request, timeout=TIMEOUT_S)  # scheme checked, redirects too
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # the .part already holds every byte
             return None
