@@ -3,7 +3,7 @@ operations (inside save_checkpoint, the metrics rewrite, the summary), never lea
 file under a final name, and the same command then finishes with the metrics of an
 uninterrupted run.
 
-CI runs LAMBDAPIPE_KILL_POINTS (default 5) points; the full loop is
+CI runs LAMBDAPIPE_KILL_POINTS (default 20) points; the full loop is
 `LAMBDAPIPE_KILL_POINTS=24 pytest -m killloop tests/test_killloop.py -s` (docs/reliability.md).
 """
 
@@ -121,7 +121,7 @@ def reference(tmp_path_factory):
 @pytest.mark.killloop
 def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_property):
     root, summary, rows, ops, seconds = reference
-    n_points = int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "5"))
+    n_points = int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "20"))
     rng = random.Random(int(os.environ.get("LAMBDAPIPE_KILL_SEED", "0")))
     # Half the points kill at a file-system operation (inside the atomic writes), half after
     # a random delay with slowed writes (50 ms per fsync/rename), anywhere in the process.
