@@ -1,0 +1,298 @@
+"""One config per published table: config/{resnet_baselines,lambda_cifar10,imagenette_noisy,
+imagenette_noisy_tuned}.yaml.
+
+- the dry run of each has the job counts worked out from its YAML, pinned as literals worked
+  out by hand from the published CSVs, and `lambdapipe check-config` prints the same run count;
+- each config covers exactly the rows of its published CSV (no more, no fewer);
+- each demo-size stand-in (config/ci/<name>.yaml as a second --configfile) runs end to end and
+  writes its source's table with the published column and ours filled (slow);
+- `lambdapipe models` lists the community table's models; config/README.md has a section per
+  config saying what it reproduces, that the H100 wall time is owed, and how it differs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from test_workflow import ROOT, job_counts, snakemake
+
+from lambdapipe.cli import main
+
+CONFIGS = ["resnet_baselines", "lambda_cifar10", "imagenette_noisy", "imagenette_noisy_tuned"]
+PUBLISHED = ROOT / "lambdapipe" / "published"
+
+# Jobs per rule of the full grids, worked out once by hand from the YAML and the published CSVs:
+# - resnet_baselines: 26 CSV rows in scope (CIFAR10_x32 8, CIFAR100_x32 8, TinyImageNet200_x32
+#   5, TinyImageNet200_x64 5; 7/7/4/4 fp32 models + one resnet18@fp16 each) x 3 seeds = 78;
+#   archives cifar10, cifar100 and one Tiny ImageNet zip for both sizes; explain: one per
+#   dataset and model, the @fp16 variant sharing resnet18's (7 + 7 + 4 + 4 = 22).
+# - lambda_cifar10: 6 CSV rows = 6 models x 3 seeds = 18; explain 6.
+# - imagenette_noisy: 10 models x 4 rates x 1 seed = 40 (the CSV's 32 rows + lr18_l3_rpe and
+#   lr34_l3_rpe, which it lacks); 4 noise variants; explain 40.
+# - imagenette_noisy_tuned: those 40 at lr 1e-3 + 10 models x 4 lr variants on clean labels =
+#   80; explain 40 (the sweep's variants share their model's clean-label explain job).
+PINNED = {
+    "resnet_baselines": {"download": 3, "prepare": 4, "noise": 4, "train": 78, "evaluate": 78,
+                         "explain": 22, "report": 1, "all": 1, "total": 191},
+    "lambda_cifar10": {"download": 1, "prepare": 1, "noise": 1, "train": 18, "evaluate": 18,
+                       "explain": 6, "report": 1, "all": 1, "total": 47},
+    "imagenette_noisy": {"download": 1, "prepare": 1, "noise": 4, "train": 40, "evaluate": 40,
+                         "explain": 40, "report": 1, "all": 1, "total": 128},
+    "imagenette_noisy_tuned": {"download": 1, "prepare": 1, "noise": 4, "train": 80,
+                               "evaluate": 80, "explain": 40, "report": 1, "all": 1,
+                               "total": 208},
+}
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "config" / f"{name}.yaml").read_text())
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def noise_tag(kind: str, rate: float, seed: int) -> str:
+    if not rate:
+        return "clean"
+    return f"{kind}-{rate:g}" + (f"-s{seed}" if seed else "")
+
+
+def grid_runs(cfg: dict) -> set[tuple[str, str, str, int]]:
+    """(dataset, noise tag, model dir, seed) of every run, from the YAML alone: a variant is
+    its own run directory `<model>@<variant>`."""
+    assert not cfg.get("exclude"), "grid_runs does not apply exclusions"
+    runs = set()
+    for ds, d in cfg["datasets"].items():
+        for g in d["grids"]:
+            variants = list(g.get("variants") or {}) or [""]
+            for n in g["noise"]:
+                for rate in n["rates"]:
+                    tag = noise_tag(n["kind"], rate, n.get("seed", 0))
+                    for model in g["models"]:
+                        for v in variants:
+                            for seed in g["seeds"]:
+                                runs.add((ds, tag, f"{model}@{v}" if v else model, seed))
+    return runs
+
+
+def expected_counts(cfg: dict) -> dict[str, int]:
+    """Jobs per rule counted from the YAML: like test_workflow.expected_counts, but a variant
+    is its own run (train, evaluate) and shares its model's explain job (lowest seed)."""
+    runs = grid_runs(cfg)
+    archives = {"tiny" if ds.startswith("tinyimagenet") else ds for ds in cfg["datasets"]}
+    counts = {"download": len(archives - {"digits"}), "prepare": len(cfg["datasets"]),
+              "noise": len({(ds, tag) for ds, tag, _, _ in runs}),
+              "train": len(runs), "evaluate": len(runs),
+              "explain": len({(ds, tag, m.partition("@")[0]) for ds, tag, m, _ in runs}),
+              "report": 1, "all": 1}
+    counts = {k: v for k, v in counts.items() if v}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# --------------------------------------------------------------------------- the full grids
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dry_run_counts(tmp_path, name):
+    res = snakemake("-n", "--configfile", str(ROOT / "config" / f"{name}.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts == expected_counts(load(name))
+    assert counts == PINNED[name]
+    assert not (tmp_path / "data").exists()  # a dry run touches nothing
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_check_config_counts_the_same_runs(name):
+    path = ROOT / "config" / f"{name}.yaml"
+    res = CliRunner().invoke(main, ["check-config", "--configfile", str(path)])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[-1] == f"{path}: ok, {PINNED[name]['train']} runs"
+
+
+def test_resnet_baselines_cover_the_published_rows():
+    """Every in-scope row of the published table is one (dataset, depth, width, precision) of
+    ours, and nothing else is trained."""
+    ours_to_theirs = {"cifar10": "CIFAR10_x32", "cifar100": "CIFAR100_x32",
+                      "tinyimagenet32": "TinyImageNet200_x32",
+                      "tinyimagenet64": "TinyImageNet200_x64"}
+    rows = [r for r in read_csv(PUBLISHED / "published_resnet_baselines.csv")
+            if r["dataset"] in ours_to_theirs.values()]
+    published = {(r["dataset"], int(r["depth"]), int(r["width"]), r["precision"]) for r in rows}
+    assert len(rows) == len(published) == 26
+    ours = set()
+    for ds, _, model_dir, _ in grid_runs(load("resnet_baselines")):
+        model, _, variant = model_dir.partition("@")
+        depth, width = re.fullmatch(r"resnet(\d+)(?:x(\d+))?", model).groups()
+        ours.add((ours_to_theirs[ds], int(depth), int(width or 1), variant or "fp32"))
+    assert ours == published
+    assert len(published) * 3 == PINNED["resnet_baselines"]["train"]
+
+
+def test_lambda_cifar10_covers_the_published_rows():
+    published = set()
+    for r in read_csv(PUBLISHED / "published_lambda_cifar10.csv"):
+        if r["model"].endswith(" baseline"):
+            published.add(r["model"].split()[0].lower())
+        else:
+            depth = r["model"].removeprefix("LambdaResNet")
+            suffix = "" if (r["u"], r["m"]) == ("1", "23") else f"_u{r['u']}_r{r['m']}"
+            published.add(f"lambda_resnet{depth}{suffix}")
+    (grid,) = load("lambda_cifar10")["datasets"]["cifar10"]["grids"]
+    assert set(grid["models"]) == published and len(published) == 6
+    assert len(published) * len(grid["seeds"]) == PINNED["lambda_cifar10"]["train"] == 18
+
+
+@pytest.mark.parametrize("name", ["imagenette_noisy", "imagenette_noisy_tuned"])
+def test_imagenette_covers_the_published_rows(name):
+    """The report's 32 (architecture, noise) rows are all trained; the only runs without a
+    published row are the two L3(rpe) models it lacks (config/README.md says so)."""
+    published = {(r["architecture"].lower().replace("(", "_").replace(")", ""),
+                  float(r["noise_pct"])) for r in
+                 read_csv(PUBLISHED / "published_imagenette_noisy_report.csv")}
+    assert len(published) == 32
+    runs = {(m, 0.0 if tag == "clean" else 100 * float(tag.split("-")[1]))
+            for _, tag, m, _ in grid_runs(load(name)) if "@" not in m}
+    assert published <= runs
+    assert {m for m, _ in runs - published} == {"lr18_l3_rpe", "lr34_l3_rpe"}
+    assert len(runs) == 40
+
+
+# --------------------------------------------------------------------------- the stand-ins
+# Per stand-in: its run directories, the table it writes (lambdapipe/report/tables.py: the
+# stand-in dataset is digits, `published_as` maps it to the source), the columns that hold
+# ours and the published value, and the published values of its rows, read by hand from the
+# CSV (matched on the model alone, model args ignored).
+STANDINS = {
+    "resnet_baselines": {
+        "runs": {"digits/clean/resnet18/0", "digits/clean/resnet18@fp16/0"},
+        "table": "baselines_digits", "key": ("model", "precision"),
+        "ours": ("tst_acc_mean", "iter_per_min_mean"), "published": "tst_acc_published",
+        "values": {("resnet18", "fp32"): 0.948, ("resnet18", "fp16"): 0.951},
+    },
+    "lambda_cifar10": {
+        "runs": {"digits/clean/resnet18/0"},
+        "table": "lambda_cifar10", "key": ("model",),
+        "ours": ("tst_acc_pct_mean", "tst_acc_best_seen_pct_mean"),
+        "published": "tst_acc_pct_published",
+        "values": {("resnet18",): 93.02},
+    },
+    "imagenette_noisy": {
+        "runs": {"digits/symmetric-0.25/lr18_l3_lc/0"},
+        "table": "imagenette_noisy", "key": ("model", "noise"),
+        "ours": ("best_val_loss_mean", "tst_acc_mean"), "published": "best_val_loss_published",
+        "values": {("lr18_l3_lc", "symmetric-0.25"): 2.363},
+    },
+    "imagenette_noisy_tuned": {
+        "runs": {"digits/clean/resnet18/0"} | {f"digits/clean/resnet18@lr{lr}/0"
+                                               for lr in ("1e-4", "3e-4", "1e-3", "3e-3")},
+        "table": "imagenette_noisy", "key": ("model", "noise"),
+        "ours": ("best_val_loss_mean", "tst_acc_mean"), "published": "best_val_loss_published",
+        "values": {("resnet18", "clean"): 2.32},
+    },
+}
+
+
+def number(cell: str) -> float:
+    value = float(cell)  # raises on an empty cell
+    assert math.isfinite(value), cell
+    return value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_standin_end_to_end(tmp_path, name):
+    res = snakemake("--cores", "2", "--configfile", str(ROOT / "config" / f"{name}.yaml"),
+                    str(ROOT / "config" / "ci" / f"{name}.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-5000:]
+    spec = STANDINS[name]
+    runs = tmp_path / "results" / "runs"
+    summaries = {str(p.parent.relative_to(runs)): json.loads(p.read_text())
+                 for p in runs.glob("*/*/*/*/summary.json")}
+    assert set(summaries) == spec["runs"]
+    for run, summary in summaries.items():
+        # a run whose evaluations are not finite is no result, whatever its status says
+        assert summary["status"] == "ok" and number(str(summary["tst_nll"])) > 0, run
+
+    tables = tmp_path / "results" / "tables"
+    rows = read_csv(tables / f"{spec['table']}.csv")
+    by_key: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_key.setdefault(tuple(row[k] for k in spec["key"]), []).append(row)
+    assert set(spec["values"]) <= set(by_key), sorted(by_key)
+    for key, published in spec["values"].items():
+        for row in by_key[key]:
+            assert number(row[spec["published"]]) == pytest.approx(published), (key, row)
+            for col in spec["ours"]:
+                number(row[col])
+    # every row with a published value has ours beside it
+    assert all(row[col] for row in rows if row[spec["published"]] for col in spec["ours"])
+    note = (tables / f"{spec['table']}.md").read_text()
+    assert "digits is a demo-size stand-in for" in note
+
+    if name == "imagenette_noisy_tuned":
+        sweep = read_csv(tables / "variants.csv")
+        assert sorted(r["variant"] for r in sweep) == ["lr1e-3", "lr1e-4", "lr3e-3", "lr3e-4"]
+        assert [r["best_on_val"] for r in sweep].count("True") == 1
+        best = max(sweep, key=lambda r: number(r["val_acc_mean"]))
+        assert best["best_on_val"] == "True"
+
+
+# --------------------------------------------------------------------------- models, README
+def test_models_lists_the_community_table():
+    """The counts themselves (8.6M, 8M, 23.5M truncated) are tests/test_models.py's."""
+    res = CliRunner().invoke(main, ["models", "--dataset", "cifar10"])
+    assert res.exit_code == 0, res.output
+    listed = {}
+    for line in res.output.splitlines()[1:]:
+        name, params, _ = line.split()
+        listed[name] = int(params.replace(",", ""))
+    for name in ("lambda_resnet18", "lambda_resnet18_u4_r7", "lambda_resnet18_u4_r5",
+                 "lambda_resnet50", "lambda_resnet50_u4_r7", "resnet18", "resnet50"):
+        assert listed.get(name, 0) > 0, name
+
+
+def readme_sections() -> dict[str, str]:
+    text = (ROOT / "config" / "README.md").read_text()
+    sections = {}
+    for part in re.split(r"^### ", text, flags=re.M)[1:]:
+        m = re.match(r"`([\w.]+)\.yaml`", part)
+        if m:
+            sections[m.group(1)] = part
+    return sections
+
+
+# What each config reproduces, as its README section names it.
+SOURCES = {"resnet_baselines": "`published_resnet_baselines.csv`",
+           "lambda_cifar10": "`published_lambda_cifar10.csv`",
+           "imagenette_noisy": "`published_imagenette_noisy_report.csv`",
+           "imagenette_noisy_tuned": "Grid `tuned` is the 40 runs above"}
+# A duration: a number followed by a unit of time.
+DURATION = re.compile(r"\d\s*(s|sec|seconds?|min|minutes?|h|hrs?|hours?|days?|GPU-?h)\b", re.I)
+
+
+def test_readme_quotes_no_h100_time():
+    lines = [ln for ln in (ROOT / "config" / "README.md").read_text().splitlines()
+             if "H100" in ln]
+    assert lines and not any(DURATION.search(ln) for ln in lines), lines
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_readme_has_a_section_per_config(name):
+    section = readme_sections().get(name)
+    assert section is not None, f"config/README.md has no '### `{name}.yaml`' section"
+    assert f"({PINNED[name]['train']} runs)" in section.splitlines()[0]
+    assert SOURCES[name] in section  # what it reproduces
+    assert "Differences from the source" in section
+    # the expected wall time on one H100: said to be owed, never a number
+    h100 = [ln for ln in section.splitlines() if "H100" in ln]
+    assert h100 and all("owed" in ln and not DURATION.search(ln) for ln in h100), h100
+    assert f"config/ci/{name}.yaml" in section  # and its stand-in
