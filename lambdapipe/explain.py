@@ -20,7 +20,8 @@ Writes next to the checkpoint (or into --out), every file atomically:
   explain_<split>.{png,svg}       per image: input, FullGrad, Grad-CAM, predicted/true class
   explain_<split>_position.{png,svg}  the position embeddings, one panel per (u, k)
 A run that diverged before its first evaluation has no best.ckpt: explain_<split>.json then
-says so (status diverged) and nothing else is written.
+says so (status diverged) and nothing else is written; so does a model whose outputs are not
+finite (status non-finite).
 `lambdapipe report` reads only the .npz/.json (it imports no torch) for its side-by-side
 figure of ResNet and Lambda-ResNet runs.
 """
@@ -28,6 +29,7 @@ figure of ResNet and Lambda-ResNet runs.
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +134,20 @@ def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
     hook = found[1].register_forward_hook(
         lambda _m, args, _out: seen.append(tuple(args[0].shape[-2:]))) if found else None
     with torch.no_grad():
-        predicted = model(x).argmax(1).cpu().numpy()
+        logits = model(x)
     if hook is not None:
         hook.remove()
+    if not torch.isfinite(logits).all():
+        # Nothing to attribute. A lambda layer is quadratic in its input, so while BatchNorm's
+        # running statistics still lag (the first tens of steps) eval-mode outputs can overflow;
+        # a whole grid must not stop for it: say so where the maps would be.
+        path = out / f"explain_{split}.json"
+        atomic.write_json(path, {"status": "non-finite", "checkpoint": str(ckpt),
+                                 "split": split, "model": config["model"]})
+        print(f"warning: {ckpt}: the model's outputs on the {split} images are not finite in "
+              "eval mode; no maps written", file=sys.stderr)
+        return [path]
+    predicted = logits.argmax(1).cpu().numpy()
     targets = [ClassifierOutputTarget(int(c)) for c in predicted]
     # In-place ReLUs would overwrite the activations the backward hooks read.
     for module in model.modules():

@@ -464,6 +464,8 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
         if r.track_test_every_eval else None,
         "status": "ok" if diverged_at is None else "diverged", "diverged_at": diverged_at,
         "skipped_steps": state.skipped_steps,
+        # evaluations whose val loss was not finite while training was (eval-mode overflow)
+        "nonfinite_val_evals": sum(not math.isfinite(x["val_loss"]) for x in rows),
         "iter_per_min": _iter_per_min(rows, r.batch_size),
         "wall_time_s": time.perf_counter() - session_start,
         "session_time_s": time.perf_counter() - started,

@@ -106,3 +106,23 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path):
 
     with pytest.raises(UserError, match="no convolutional last stage"):
         _target_layer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)), "mlp")
+
+
+def test_non_finite_outputs_are_a_status_not_a_failure(runs, tmp_path):
+    """Eval-mode outputs that overflow (a lambda net whose BN statistics still lag) must not
+    stop a grid: explain exits 0 and its JSON says non-finite."""
+    from lambdapipe.evaluate import load_checkpoint, save_checkpoint
+
+    root, data_dir = runs
+    state = load_checkpoint(root / "digits" / "clean" / "resnet20x1" / "0" / "best.ckpt")
+    bn = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][bn] = torch.full_like(state["model"][bn], float("nan"))
+    ckpt = tmp_path / "run" / "best.ckpt"
+    ckpt.parent.mkdir()
+    save_checkpoint(state, ckpt)
+    res = CliRunner().invoke(main, ["explain", "--ckpt", str(ckpt), "--data-dir",
+                                    str(data_dir), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "explain_test.json").read_text())["status"] == \
+        "non-finite"
+    assert not (tmp_path / "run" / "explain_test.npz").exists()

@@ -179,11 +179,11 @@ STANDINS = {
         "values": {("resnet18", "fp32"): 0.948, ("resnet18", "fp16"): 0.951},
     },
     "lambda_cifar10": {
-        "runs": {"digits/clean/resnet18/0"},
+        "runs": {"digits/clean/resnet18/0", "digits/clean/lambda_resnet18_u4_r7/0"},
         "table": "lambda_cifar10", "key": ("model",),
         "ours": ("tst_acc_pct_mean", "tst_acc_best_seen_pct_mean"),
         "published": "tst_acc_pct_published",
-        "values": {("resnet18",): 93.02},
+        "values": {("resnet18",): 93.02, ("lambda_resnet18_u4_r7",): 93.20},
     },
     "imagenette_noisy": {
         "runs": {"digits/symmetric-0.25/lr18_l3_lc/0"},
