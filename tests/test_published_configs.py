@@ -239,6 +239,9 @@ def test_standin_end_to_end(tmp_path, name):
     assert "digits is a demo-size stand-in for" in note
 
     if name == "imagenette_noisy_tuned":
+        # the sweep's rows are told apart in the CSV too, not only in the .md labels
+        assert sorted(r["variant"] for r in by_key[("resnet18", "clean")]) == \
+            ["", "lr1e-3", "lr1e-4", "lr3e-3", "lr3e-4"]
         sweep = read_csv(tables / "variants.csv")
         assert sorted(r["variant"] for r in sweep) == ["lr1e-3", "lr1e-4", "lr3e-3", "lr3e-4"]
         assert [r["best_on_val"] for r in sweep].count("True") == 1

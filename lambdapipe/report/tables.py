@@ -282,7 +282,7 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> T
             "precision": precision, "recipe": recipe, "status": status_cell(g),
         })
         rows.append({
-            "model": first["model"], "model_args": first["model_args"],
+            "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
             "noise": condition, "depth": depth, "width": width, "precision": precision,
             "recipe": recipe, **_counts(g),
             **metric_csv(g, "params", "params_m", 1e-6),
@@ -332,7 +332,7 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
             "precision": precision, "recipe": recipe, "status": status_cell(g),
         })
         rows.append({
-            "model": first["model"], "model_args": first["model_args"],
+            "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
             "noise": condition, "noise_kind": first["noise_kind"],
             "noise_rate": first["noise_rate"], "precision": precision, "recipe": recipe,
             **_counts(g),
@@ -398,7 +398,7 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
             "precision": precision, "recipe": recipe, "status": status_cell(g),
         })
         rows.append({
-            "model": first["model"], "model_args": first["model_args"],
+            "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
             **hyper, "precision": precision, "recipe": recipe, **_counts(g),
             **metric_csv(g, "params", "params_m", 1e-6),
             "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
@@ -463,6 +463,7 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
         })
         rows.append({
             "dataset": dataset, "model": first["model"], "model_args": first["model_args"],
+            "variant": first["variant"],
             "noise": condition, "noise_kind": first["noise_kind"],
             "noise_rate": first["noise_rate"], "precision": precision, "recipe": recipe,
             **_counts(g),
