@@ -60,6 +60,10 @@ def _parse_key_values(values: tuple[str, ...], what: str) -> dict[str, object]:
 dataset_option = click.option(
     "--dataset", required=True, help="Dataset name (see `lambdapipe prepare --help`)."
 )
+gpu_lock_dir_option = click.option(
+    "--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
+    default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None,
+    help="Where per-GPU lock files live, so concurrent jobs never share a GPU.")
 data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -199,9 +203,7 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
               help="Override a recipe field, e.g. lr=0.05 iterations=2000 precision=bf16.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (a free GPU if any, else CPU), cpu, cuda, cuda:N.")
-@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None,
-              help="Where per-GPU lock files live, so concurrent jobs never share a GPU.")
+@gpu_lock_dir_option
 @click.option("--deterministic/--no-deterministic", default=False,
               help="Bit-reproducible kernels (slower); resume then equals an unbroken run.")
 @click.option("--progress/--no-progress", default=None,
@@ -251,8 +253,7 @@ def train(model: str, model_args: tuple[str, ...], dataset: str, data_dir: Path,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: eval_<split>.json beside the checkpoint).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None)
+@gpu_lock_dir_option
 @_user_errors
 def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: str,
              gpu_lock_dir: Path | None) -> None:
@@ -283,8 +284,7 @@ def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: s
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory to write into (default: beside the checkpoint).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None)
+@gpu_lock_dir_option
 @_user_errors
 def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | None,
             device: str, gpu_lock_dir: Path | None) -> None:
@@ -322,8 +322,7 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None)
+@gpu_lock_dir_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON.")
 @_user_errors
