@@ -104,9 +104,9 @@ def test_bad_config_is_one_line_naming_the_key(case):
 
 
 def test_exclusion_removes_runs():
-    cfg = _bad(lambda c: c.update(exclude=[{"model": "resnet20x1", "seed": 1}]))
+    cfg = _bad(lambda c: c.update(exclude=[{"model": "lr18_l3_lc", "seed": 1}]))
     runs = cfgmod.expand_runs(cfgmod.check_config(cfg))
-    assert len(runs) == 6 and not any(r.model == "resnet20x1" and r.seed == 1 for r in runs)
+    assert len(runs) == 6 and not any(r.model == "lr18_l3_lc" and r.seed == 1 for r in runs)
 
 
 def test_run_args_are_cli_options():

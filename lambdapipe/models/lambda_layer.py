@@ -90,13 +90,8 @@ class LambdaLayer(nn.Module):
         self.to_keys = nn.Conv2d(dim, k * u, 1, bias=False)
         self.to_values = nn.Sequential(nn.Conv2d(dim, v * u, 1, bias=False),
                                        nn.BatchNorm2d(v * u))
-        # R: one k x u embedding per relative offset. The position term sums q.e v over k, u
-        # and m context positions (H W, or r^2 for a scope), so std (k u m)^-1/2 gives it unit
-        # variance at init, like a convolution's fan-in. With k^-1/2 alone it grew by sqrt(m)
-        # (23-32x) per layer, and a fresh all-lambda bottleneck net overflowed to NaN in eval
-        # mode, where BatchNorm's running statistics cannot yet absorb the scale.
-        context = (self.context_size[0] * self.context_size[1]) if scope is None else scope ** 2
-        self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape) / math.sqrt(k * u * context))
+        # R: one k x u embedding per relative offset; std k^-1/2 gives q_n . e_nm unit variance.
+        self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape) / math.sqrt(k))
         self._index_cache: dict[tuple[int, int, torch.device], Tensor] = {}
 
     def extra_repr(self) -> str:
