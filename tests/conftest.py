@@ -21,3 +21,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not _has_cuda():
             item.add_marker(skip)
+
+
+@pytest.fixture
+def crash_at_write(monkeypatch):
+    """`crash_at_write(n)`: the n-th atomic write_text/write_bytes from now raises
+    KeyboardInterrupt, as a kill between two renames would stop the process there."""
+    from lambdapipe import atomic
+
+    def arm(crash_at: int) -> None:
+        calls = {"n": 0}
+
+        def counted(real):
+            def write(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == crash_at:
+                    raise KeyboardInterrupt("killed")
+                return real(*args, **kwargs)
+            return write
+
+        monkeypatch.setattr(atomic, "write_text", counted(atomic.write_text))
+        monkeypatch.setattr(atomic, "write_bytes", counted(atomic.write_bytes))
+
+    return arm

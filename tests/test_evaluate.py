@@ -150,9 +150,9 @@ def test_checkpoint_the_registry_or_its_weights_do_not_fit_is_refused(runs, tmp_
 
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3])
-def test_checkpoint_survives_a_crash_between_any_two_writes(tmp_path, monkeypatch, crash_at):
+def test_checkpoint_survives_a_crash_between_any_two_writes(tmp_path, monkeypatch, crash_at_write,
+                                                            crash_at):
     """A kill between the sidecar and checkpoint renames must never make last.ckpt unreadable."""
-    from lambdapipe import atomic
     from lambdapipe.evaluate import load_checkpoint, save_checkpoint
 
     path = tmp_path / "last.ckpt"
@@ -160,19 +160,7 @@ def test_checkpoint_survives_a_crash_between_any_two_writes(tmp_path, monkeypatc
     new = {"config": {"v": 2}, "model": {"w": torch.ones(3)}}
     save_checkpoint(old, path)
 
-    calls = {"n": 0}
-    real_write_text, real_write_bytes = atomic.write_text, atomic.write_bytes
-
-    def counted(real):
-        def write(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == crash_at:
-                raise KeyboardInterrupt("killed")
-            return real(*args, **kwargs)
-        return write
-
-    monkeypatch.setattr(atomic, "write_text", counted(real_write_text))
-    monkeypatch.setattr(atomic, "write_bytes", counted(real_write_bytes))
+    crash_at_write(crash_at)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(new, path)
     monkeypatch.undo()

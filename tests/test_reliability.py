@@ -100,25 +100,12 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 # --------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("crash_at", [1, 2, 3])
-def test_first_checkpoint_is_never_without_its_digest(tmp_path, monkeypatch, crash_at):
+def test_first_checkpoint_is_never_without_its_digest(tmp_path, monkeypatch, crash_at_write,
+                                                     crash_at):
     """Regression (found by the kill loop): a kill right after the FIRST last.ckpt rename
     left it without a sidecar, and every resume refused it as corrupted."""
-    from lambdapipe import atomic
-
     path = tmp_path / "last.ckpt"
-    calls = {"n": 0}
-    real_text, real_bytes = atomic.write_text, atomic.write_bytes
-
-    def counted(real):
-        def write(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == crash_at:
-                raise KeyboardInterrupt("killed")
-            return real(*args, **kwargs)
-        return write
-
-    monkeypatch.setattr(atomic, "write_text", counted(real_text))
-    monkeypatch.setattr(atomic, "write_bytes", counted(real_bytes))
+    crash_at_write(crash_at)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"config": {}, "model": {"w": torch.ones(2)}}, path)
     monkeypatch.undo()
