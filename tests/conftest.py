@@ -44,3 +44,16 @@ def crash_at_write(monkeypatch):
         monkeypatch.setattr(atomic, "write_bytes", counted(atomic.write_bytes))
 
     return arm
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    the suite shares 2 cores with other jobs, and oversubscribed threads make a tiny model's
+    step several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

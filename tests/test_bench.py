@@ -16,12 +16,7 @@ from lambdapipe.errors import UserError
 TINY = {"base_width": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def test_rows_time_the_training_step_of_train_py(monkeypatch):

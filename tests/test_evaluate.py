@@ -22,15 +22,7 @@ from lambdapipe.evaluate import (
     save_checkpoint,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the suite shares 2 cores with other jobs, and oversubscribed
-    threads make a tiny model's step several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def reference_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:

@@ -32,12 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--set", "iterations=12", "--set", "eval_every=3", "--set", "batch_size=32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

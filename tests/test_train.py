@@ -24,14 +24,7 @@ SHORT = {"iterations": 30, "eval_every": 10}
 TIMING = {"wall_time_s", "session_time_s", "iter_per_min"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the suite shares 2 cores with other jobs, and oversubscribed
-    threads make a tiny model's step several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")
