@@ -118,7 +118,7 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
                              **(model_args or {})).to(device)
         if recipe.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        step = TrainStep(model, make_optimizer(model, recipe), recipe, device, mean, std)
+        step = TrainStep(model, make_optimizer(model, recipe, device), recipe, device, mean, std)
         plans: dict[int, Any] = {}
 
         def one(i: int, step=step, plans=plans) -> None:

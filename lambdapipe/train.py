@@ -171,13 +171,27 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------- the step
-def make_optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, r: Recipe, device: str = "cpu",
+                   fused: bool | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer. On CUDA the fused kernels (one launch for all parameters
+    instead of several per tensor: launch overhead is what bounds small models); they
+    compute the same update as the for-each path to float tolerance (tests/test_train.py).
+
+    Never fused SGD under fp16 loss scaling: a step the scaler skips still runs the fused
+    SGD kernel, which leaves the momentum buffer it allocated on the first step
+    uninitialised (NaN momentum from then on; caught by the test, torch 2.14 CPU, and
+    reported for CUDA fused SGD in torch 2.11). Fused Adam/AdamW skip such steps cleanly."""
+    if fused is None:
+        fused = torch.device(device).type == "cuda"
+    if r.optimizer == "sgd" and r.precision == "fp16":
+        fused = False
     params = model.parameters()
     if r.optimizer == "sgd":
         return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
-                               weight_decay=r.weight_decay)
+                               weight_decay=r.weight_decay, fused=fused or None)
     cls = torch.optim.Adam if r.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
+    return cls(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
+               fused=fused or None)
 
 
 class TrainStep:
@@ -348,7 +362,7 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
     model = build_model(config).to(device)
     if r.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, r)
+    optimizer = make_optimizer(model, r, device)
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
     step_fn = TrainStep(model, optimizer, r, device, mean, std)
