@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from lambdapipe.errors import UserError
+from lambdapipe.errors import UserError, bad_value
 
 DATA_DIR_ENV = "LAMBDAPIPE_DATA_DIR"
 MIRROR_ENV = "LAMBDAPIPE_MIRROR"
@@ -177,7 +177,14 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
     """
     from lambdapipe import data
 
+    from lambdapipe.noise import max_rate
+
     spec = data.noise_spec(noise_kind, noise_rate, noise_seed)
+    info = data.dataset_info(dataset)
+    top = max_rate(spec.kind, info.num_classes, info.classes)
+    if spec.rate > top:  # refused before the archive is read, not after the arrays exist
+        raise bad_value(f"{spec.kind} noise rate for {dataset}", spec.rate,
+                        f"at most {top:g} (only classes with a partner can flip)")
     prepared = data.prepare(dataset, data_dir, mirror=mirror, val_fraction=val_fraction,
                             val_size=val_size, split_seed=split_seed, image_size=image_size)
     variant = data.make_noise(prepared, spec)

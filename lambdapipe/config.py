@@ -246,6 +246,19 @@ def _check_models(names: set[str], where: dict[str, str]) -> None:
                         + ", ".join(sorted(known)[:8]) + ", ...")
 
 
+def _check_rate(dataset: str, kind: str, rate: float, where: str) -> None:
+    """A rate the noise step would refuse after the data is prepared, refused now."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.noise import max_rate
+
+    info = dataset_info(dataset)
+    top = max_rate(kind, info.num_classes, info.classes)
+    if rate > top:
+        raise UserError(f"invalid {kind} noise rate {rate!r} for {dataset} in config {where}: "
+                        f"expected at most {top:g} (only classes with a {kind} partner can "
+                        "flip)")
+
+
 def _variants(grid: dict) -> list[tuple[str, dict]]:
     """(name, {set, model_args}) per variant; a grid without `variants` is one unnamed one."""
     return list((grid.get("variants") or {"": {}}).items())
@@ -271,9 +284,10 @@ def expand_runs(cfg: dict) -> list[Run]:
                     raise UserError(f"config {at}: {exc}") from None
             for m, model in enumerate(grid["models"]):
                 model_where.setdefault(model, f"{where}.models[{m}]")
-            for entry in grid["noise"]:
+            for n, entry in enumerate(grid["noise"]):
                 for rate in entry["rates"]:
                     tag = noise_spec(entry["kind"], rate, entry.get("seed", 0)).tag
+                    _check_rate(dataset, entry["kind"], rate, f"{where}.noise[{n}]")
                     for model, seed, (variant, extra) in itertools.product(
                             grid["models"], grid["seeds"], _variants(grid)):
                         run = Run(dataset, tag, model, seed, grid["recipe"],

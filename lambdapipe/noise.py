@@ -115,6 +115,15 @@ def pair_map(num_classes: int, classes: list[str] | tuple[str, ...] | None = Non
     return (np.arange(num_classes, dtype=np.int64) + 1) % num_classes
 
 
+def max_rate(kind: str, num_classes: int, classes: list[str] | tuple[str, ...] | None = None
+             ) -> float:
+    """The highest rate `kind` can reach on a class-balanced split: pairflip moves only
+    labels of classes that have a partner (5 of CIFAR-10's 10), symmetric any label."""
+    if kind == "pairflip":
+        return float(np.mean(pair_map(num_classes, classes) >= 0))
+    return 1.0
+
+
 def corrupt(labels: np.ndarray, num_classes: int, spec: NoiseSpec, *, key: str,
             classes: list[str] | tuple[str, ...] | None = None) -> np.ndarray:
     """Noisy copy of `labels` for `spec`; `key` (the dataset name) enters the seed."""

@@ -92,7 +92,26 @@ BAD = {
             {**_at(c, GRID), "name": "other", "recipe": "sgdm"}),
         r"in grids 'demo' and 'other' with different recipe"),
     "missing key": (lambda c: _at(c, GRID).pop("seeds"), r"missing config key .*seeds"),
+    "pairflip past CIFAR-10's pairs": (
+        lambda c: c["datasets"].update(cifar10=_pairflip(c, 0.6)),
+        r"invalid pairflip noise rate 0\.6 for cifar10 in config datasets\.cifar10\.grids\[0\]"
+        r"\.noise\[0\]: expected at most 0\.5"),
 }
+
+
+def _pairflip(cfg, rate):
+    dataset = copy.deepcopy(cfg["datasets"]["digits"])
+    dataset["grids"][0]["noise"] = [{"kind": "pairflip", "rates": [rate]}]
+    return dataset
+
+
+def test_pairflip_rates_are_capped_by_the_dataset_pairs():
+    """CIFAR-10's convention pairs 5 of 10 classes; other datasets pair every class."""
+    for dataset, rate in (("cifar10", 0.5), ("cifar100", 0.9), ("digits", 0.9)):
+        cfg = copy.deepcopy(DEMO)
+        cfg["datasets"][dataset] = _pairflip(cfg, rate)
+        assert any(r.noise == f"pairflip-{rate:g}" and r.dataset == dataset
+                   for r in cfgmod.expand_runs(cfgmod.check_config(cfg)))
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))

@@ -140,3 +140,17 @@ def test_exact_counts_property(n, c, rate, kind, seed):
     assert np.sum(noisy != labels) == round(spec.rate * n)
     t = transition_matrix(labels, noisy, c)
     np.testing.assert_allclose(t.sum(axis=1), 1.0)
+
+
+def test_prepare_refuses_a_pairflip_rate_before_touching_the_archive(tmp_path):
+    from click.testing import CliRunner
+
+    from lambdapipe.cli import main
+
+    result = CliRunner().invoke(main, ["prepare", "--dataset", "cifar10", "--noise", "0.6",
+                                       "--noise-kind", "pairflip", "--data-dir",
+                                       str(tmp_path / "data")])
+    assert result.exit_code == 2
+    assert ("invalid pairflip noise rate for cifar10 0.6: expected at most 0.5"
+            in result.output)
+    assert not (tmp_path / "data").exists()  # no download was attempted
