@@ -176,7 +176,6 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
       lambdapipe prepare --dataset cifar10 --noise 0.25 --noise-kind symmetric
     """
     from lambdapipe import data
-
     from lambdapipe.noise import max_rate
 
     spec = data.noise_spec(noise_kind, noise_rate, noise_seed)
