@@ -5,11 +5,19 @@ on-device dataset, crop and flip per sample, forward, backward, optimizer), at s
 after `warmup` steps, bracketed by CUDA events (and a synchronize) on a GPU. Model FLOPs
 utilisation (MFU) = achieved model FLOP/s / the device's dense peak, with a training step
 counted as 3x the forward FLOPs (forward + two matmuls per weight in backward).
+
+Beside the step it measures what else a run pays, so `project.py` can turn rates into wall
+time: start-up (model build, compilation, autotuning: the warm-up's excess over steady
+steps), one evaluation pass (eval mode, as `predict` runs it) and one checkpoint write.
+With `slots` > 1 the same measurement runs in that many processes at once on the device
+(as `LAMBDAPIPE_GPU_SLOTS` lets the pipeline do), and the row holds their sum.
 """
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,8 @@ import torch
 from lambdapipe import atomic
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
 from lambdapipe.errors import UserError, bad_value
-from lambdapipe.recipes import PRECISIONS, get_recipe
+from lambdapipe.evaluate import predict, save_checkpoint
+from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.train import TrainStep, make_optimizer
 
 REFERENCE = "resnet18"
@@ -32,6 +41,8 @@ PEAK_FLOPS = {
     "A100": {"bf16": 312e12, "fp16": 312e12},
 }
 SYNTHETIC_IMAGES = 4096
+EVAL_IMAGES = 5000  # a CIFAR val split; `eval_images` changes it
+SLOT_TIMEOUT_S = 1800
 
 
 def device_peak(device: str, precision: str) -> float | None:
@@ -69,7 +80,22 @@ def _images(dataset: str, data_dir: Path, real_data: bool, image_size: int,
     return images, rng.integers(0, num_classes, SYNTHETIC_IMAGES)
 
 
-def check_args(names: list[str], batch_size: int, precision: str, warmup: int, steps: int) -> None:
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), i.e. interpreter + imports so far."""
+    try:
+        import os
+
+        ticks = os.sysconf("SC_CLK_TCK")
+        stat = Path("/proc/self/stat").read_text()
+        start = int(stat.rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - start, 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def check_args(names: list[str], batch_size: int, precision: str, warmup: int, steps: int,
+               slots: int = 1) -> None:
     """Refuse bad arguments before a GPU is claimed."""
     from lambdapipe.models import list_models
 
@@ -87,88 +113,198 @@ def check_args(names: list[str], batch_size: int, precision: str, warmup: int, s
         raise bad_value("warmup", warmup, "an integer >= 0")
     if steps < 1:
         raise bad_value("steps", steps, "an integer >= 1")
+    if slots < 1:
+        raise bad_value("slots", slots, "an integer >= 1")
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
+            image_size: int | None = None, data_dir: Path = Path("data"),
+            real_data: bool = False, warmup: int = 20,
+            steps: int = 50, eval_images: int = EVAL_IMAGES,
+            model_args: dict[str, Any] | None = None, device: str = "cpu",
+            barrier: Any = None) -> dict[str, Any]:
+    """One model under `recipe` on `device` (the recipe as it runs there: `Recipe.on`)."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.models import count_params, create_model
+
+    recipe = recipe.on(device)
+    info = dataset_info(dataset)
+    size = image_size or info.image_size
+    t_data = time.perf_counter()
+    images, labels = _images(dataset, Path(data_dir), real_data, size, info.num_classes)
+    batch_size = recipe.batch_size
+    if batch_size > len(labels):
+        raise bad_value("batch size", batch_size, f"at most the {len(labels)} images")
+    data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
+    mean, std = (torch.tensor(v, device=device) for v in channel_stats(np.asarray(images)))
+    _sync(device)
+    data_s = time.perf_counter() - t_data
+    steps_per_epoch = len(data) // batch_size
+    cuda = torch.device(device).type == "cuda"
+
+    t_build = time.perf_counter()
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=info.num_classes, image_size=size,
+                         **(model_args or {})).to(device)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, recipe, device)
+    step = TrainStep(model, optimizer, recipe, device, mean, std)
+    plans: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        epoch, k = divmod(i, steps_per_epoch)
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = plan_epoch(len(data), 0, epoch, recipe.crop_padding, recipe.flip,
+                                      device)
+        x, y, y_clean = augmented_batch(data, plans[epoch], k, batch_size)
+        step(x, y, y_clean, recipe.lr, i)
+
+    for i in range(warmup):
+        one(i)
+    step.tally.tolist()  # every queued op has run
+    warm_s = time.perf_counter() - t_build
+    if barrier is not None:  # concurrent slots start their timed steps together
+        barrier.wait()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        one(i)
+    if cuda:
+        end.record()
+        torch.cuda.synchronize(device)
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        step.tally.tolist()
+        seconds = time.perf_counter() - t0
+    step_s = seconds / steps
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+
+    # One evaluation pass as training runs it (the eager model in eval mode), after a warm one.
+    val = data.unpadded()[:eval_images]
+    predict(model, val[:min(len(val), 500)], mean, std, recipe.precision,
+            recipe.channels_last)
+    _sync(device)
+    t_eval = time.perf_counter()
+    predict(model, val, mean, std, recipe.precision, recipe.channels_last)
+    _sync(device)
+    eval_s = time.perf_counter() - t_eval
+    with tempfile.TemporaryDirectory() as tmp:  # what every evaluation writes: last.ckpt
+        t_ckpt = time.perf_counter()
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                        Path(tmp) / "last.ckpt")
+        ckpt_s = time.perf_counter() - t_ckpt
+
+    fwd = _forward_flops(model, size)
+    peak = device_peak(device, recipe.precision)
+    flops_per_s = 3 * fwd * batch_size / step_s if fwd else None
+    row = {
+        "model": name, "params": count_params(model), "dataset": dataset,
+        "real_data": real_data, "batch_size": batch_size, "precision": recipe.precision,
+        "compile": recipe.compile_mode or False, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "warmup": warmup, "steps": steps, "slots": 1, "step_ms": 1000 * step_s,
+        "iter_per_min": 60 / step_s, "images_per_s": batch_size / step_s,
+        "peak_mem_gib": peak_mem, "forward_flops_per_image": fwd,
+        "model_tflops_per_s": flops_per_s / 1e12 if flops_per_s else None,
+        "mfu": flops_per_s / peak if flops_per_s and peak else None,
+        "startup_s": max(warm_s - warmup * step_s, 0.0), "data_s": data_s,
+        "eval_images": len(val), "eval_images_per_s": len(val) / max(eval_s, 1e-9),
+        "ckpt_s": ckpt_s, "diverged": step.tally[5].item() >= 0,
+    }
+    return row
+
+
+def _release(device: str) -> None:
+    """Free the last model's memory before the next one is measured."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _slot(kwargs: dict[str, Any], barrier: Any, queue: Any) -> None:
+    try:
+        queue.put(("ok", measure(**kwargs, barrier=barrier)))
+    except BaseException as exc:  # reported to the parent, which raises it in one line
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        queue.put(("error", f"{type(exc).__name__}: {first}"))
+        barrier.abort()
+
+
+def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
+    """`measure` in `slots` processes at once on the same device; the row sums their rates
+    (images/s, iter/min: the device's aggregate) and memory, averages their per-process
+    costs, and keeps the per-process iteration rate as `iter_per_min_per_slot`."""
+    if slots == 1:
+        row = measure(**kwargs)
+        _release(kwargs.get("device", "cpu"))
+        return {**row, "iter_per_min_per_slot": row["iter_per_min"]}
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    barrier, queue = ctx.Barrier(slots), ctx.Queue()
+    procs = [ctx.Process(target=_slot, args=(kwargs, barrier, queue), daemon=True)
+             for _ in range(slots)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in procs:
+            results.append(queue.get(timeout=SLOT_TIMEOUT_S))
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    errors = [r for status, r in results if status == "error"]
+    if errors:
+        raise UserError(f"a benchmark slot failed: {errors[0]}")
+    rows = [r for _, r in results]
+    out = dict(rows[0])
+
+    def total(key):
+        vals = [r[key] for r in rows]
+        return None if any(v is None for v in vals) else sum(vals)
+
+    def mean(key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    out.update(slots=slots, iter_per_min=total("iter_per_min"),
+               images_per_s=total("images_per_s"), peak_mem_gib=total("peak_mem_gib"),
+               model_tflops_per_s=total("model_tflops_per_s"), mfu=total("mfu"),
+               step_ms=mean("step_ms"), startup_s=max(r["startup_s"] for r in rows),
+               data_s=mean("data_s"), eval_images_per_s=mean("eval_images_per_s"),
+               ckpt_s=mean("ckpt_s"), diverged=any(r["diverged"] for r in rows),
+               iter_per_min_per_slot=mean("iter_per_min"))
+    return out
 
 
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
         real_data: bool = False, batch_size: int = 256, precision: str = "bf16",
-        compile: bool = False, warmup: int = 20, steps: int = 50,
-        model_args: dict[str, Any] | None = None, device: str = "cpu") -> list[dict[str, Any]]:
-    """One row per model: iter/min, images/s, step time, peak memory, FLOP/s, MFU, and the
-    throughput relative to ResNet-18 when it is among `names`."""
-    from lambdapipe.data import dataset_info
-    from lambdapipe.models import count_params, create_model
-
-    check_args(names, batch_size, precision, warmup, steps)
-    info = dataset_info(dataset)
-    images, labels = _images(dataset, Path(data_dir), real_data, info.image_size,
-                             info.num_classes)
-    if batch_size > len(labels):
-        raise bad_value("batch size", batch_size, f"at most the {len(labels)} images")
-    recipe = get_recipe("sgdm", {"batch_size": batch_size, "precision": precision,
-                                 "compile": compile}).on(device)
-    data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
-    mean, std = (torch.tensor(v, device=device) for v in channel_stats(np.asarray(images)))
-    steps_per_epoch = len(data) // batch_size
-    cuda = torch.device(device).type == "cuda"
-    peak = device_peak(device, precision)
-    rows = []
-    for name in names:
-        torch.manual_seed(0)
-        model = create_model(name, num_classes=info.num_classes, image_size=info.image_size,
-                             **(model_args or {})).to(device)
-        if recipe.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        step = TrainStep(model, make_optimizer(model, recipe, device), recipe, device, mean, std)
-        plans: dict[int, Any] = {}
-
-        def one(i: int, step=step, plans=plans) -> None:
-            epoch, k = divmod(i, steps_per_epoch)
-            if epoch not in plans:
-                plans.clear()
-                plans[epoch] = plan_epoch(len(data), 0, epoch, recipe.crop_padding,
-                                          recipe.flip, device)
-            x, y, y_clean = augmented_batch(data, plans[epoch], k, batch_size)
-            step(x, y, y_clean, recipe.lr, i)
-
-        for i in range(warmup):
-            one(i)
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        for i in range(warmup, warmup + steps):
-            one(i)
-        if cuda:
-            end.record()
-            torch.cuda.synchronize(device)
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            step.tally.tolist()  # make sure every queued op has run
-            seconds = time.perf_counter() - t0
-        fwd = _forward_flops(model, info.image_size)
-        flops_per_s = 3 * fwd * batch_size * steps / seconds if fwd else None
-        rows.append({
-            "model": name, "params": count_params(model), "dataset": dataset,
-            "real_data": real_data, "batch_size": batch_size, "precision": precision,
-            "compile": compile, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "warmup": warmup, "steps": steps, "step_ms": 1000 * seconds / steps,
-            "iter_per_min": 60 * steps / seconds, "images_per_s": batch_size * steps / seconds,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-            "forward_flops_per_image": fwd, "model_tflops_per_s":
-                flops_per_s / 1e12 if flops_per_s else None,
-            "mfu": flops_per_s / peak if flops_per_s and peak else None,
-            "diverged": step.tally[5].item() >= 0,
-        })
-        del model, step, one
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
-    ref = next((r for r in rows if r["model"] == REFERENCE), None)
-    for r in rows:
-        r["vs_resnet18"] = r["images_per_s"] / ref["images_per_s"] if ref else None
+        compile: bool | str = False, warmup: int = 20, steps: int = 50,
+        model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
+        eval_images: int = EVAL_IMAGES, recipe: str = "sgdm") -> list[dict[str, Any]]:
+    """One row per model: iter/min, images/s, step time, peak memory, FLOP/s, MFU, start-up,
+    evaluation and checkpoint costs, and the throughput relative to ResNet-18 when it is
+    among `names`."""
+    check_args(names, batch_size, precision, warmup, steps, slots)
+    r = get_recipe(recipe, {"batch_size": batch_size, "precision": precision,
+                            "compile": compile})
+    rows = [measure_slots(slots, name=name, recipe=r, dataset=dataset, data_dir=data_dir,
+                          real_data=real_data, warmup=warmup, steps=steps,
+                          eval_images=eval_images, model_args=model_args, device=device)
+            for name in names]
+    ref = next((row for row in rows if row["model"] == REFERENCE), None)
+    for row in rows:
+        row["vs_resnet18"] = row["images_per_s"] / ref["images_per_s"] if ref else None
     return rows
 
 
@@ -179,25 +315,29 @@ def _fmt(value: Any, spec: str) -> str:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table, one line per model."""
     head = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms':>8} "
-            f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6}")
+            f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6} {'start s':>7} "
+            f"{'eval img/s':>10} {'ckpt s':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['model']:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
             f"{r['images_per_s']:>9.0f} {r['step_ms']:>8.2f} {_fmt(r['peak_mem_gib'], '8.2f'):>8} "
             f"{_fmt(r['model_tflops_per_s'], '8.1f'):>8} {_fmt(r['mfu'], '6.1%'):>6} "
-            f"{_fmt(r['vs_resnet18'], '6.2f'):>6}")
+            f"{_fmt(r.get('vs_resnet18'), '6.2f'):>6} {r['startup_s']:>7.1f} "
+            f"{r['eval_images_per_s']:>10.0f} {r['ckpt_s']:>6.2f}")
     if rows:
         r = rows[0]
+        slots = (f", {r['slots']} processes at once (rates and memory summed)"
+                 if r["slots"] > 1 else "")
         lines.append(f"({r['device_name']}, {r['precision']}, batch {r['batch_size']}, "
-                     f"{'compiled' if r['compile'] else 'eager'}, "
+                     f"{'compiled ' + r['compile'] if r['compile'] else 'eager'}, "
                      f"{'real' if r['real_data'] else 'synthetic'} {r['dataset']} data, "
-                     f"{r['steps']} timed steps after {r['warmup']} warm-up)")
+                     f"{r['steps']} timed steps after {r['warmup']} warm-up{slots})")
     return "\n".join(lines)
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+def write_rows(rows: list[dict[str, Any]], path: Path, **extra: Any) -> None:
     import datetime
 
     when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    atomic.write_json(path, {"torch": torch.__version__, "date": when, "rows": rows})
+    atomic.write_json(path, {"torch": torch.__version__, "date": when, **extra, "rows": rows})

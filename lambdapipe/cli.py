@@ -312,8 +312,22 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 
 
 @main.command()
-@click.option("--models", "model_names", default="resnet18,resnet20x1,lr18_l3_lc,lr18_l2_lc",
-              show_default=True, help="Comma-separated model names.")
+@click.option("--models", "model_names", default=None,
+              help="Comma-separated model names [default: resnet18,resnet20x1,lr18_l3_lc,"
+                   "lr18_l2_lc].")
+@click.option("--config", "configfiles", type=click.Path(dir_okay=False, path_type=Path),
+              multiple=True,
+              help="Project this workflow config's wall time instead: every distinct "
+                   "model x recipe of it is measured with its own recipe (repeat to merge "
+                   "files as snakemake --configfile A B does).")
+@click.option("--datasets", default=None, help="With --config: only these datasets (comma-"
+                                               "separated).")
+@click.option("--seeds", default=None, help="With --config: only these seeds (comma-separated).")
+@click.option("--slots", default="1", show_default=True,
+              help="Runs sharing the GPU at once (as LAMBDAPIPE_GPU_SLOTS); with --config a "
+                   "comma-separated list to compare, e.g. 1,2.")
+@click.option("--gpus", type=int, default=1, show_default=True,
+              help="With --config: GPUs the grid is spread over.")
 @click.option("--dataset", default="cifar10", show_default=True,
               help="Sets classes and image size; synthetic data unless --real-data.")
 @data_dir_option
@@ -322,8 +336,10 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16",
               show_default=True)
-@click.option("--compile/--no-compile", "compile_", default=False,
-              help="torch.compile the training step.")
+@click.option("--compile", "compile_", default="off", show_default=True,
+              type=click.Choice(["off", "default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"]),
+              help="torch.compile the model with this mode (reduce-overhead: + CUDA graphs).")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
@@ -332,26 +348,70 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON.")
 @_user_errors
-def bench(model_names: str, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
-          precision: str, compile_: bool, warmup: int, steps: int, model_args: tuple[str, ...],
+def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str | None,
+          seeds: str | None, slots: str,
+          gpus: int, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
+          precision: str, compile_: str, warmup: int, steps: int, model_args: tuple[str, ...],
           device: str, gpu_lock_dir: Path | None, out: Path | None) -> None:
-    """Time the whole training step: iter/min, images/s, peak memory, MFU, ratio to ResNet-18.
+    """Time the whole training step: iter/min, images/s, peak memory, MFU, ratio to
+    ResNet-18, start-up, evaluation and checkpoint costs; or, with --config, project a
+    config's wall time on this device from those measurements.
 
     \b
-    Example:
+    Examples:
       lambdapipe bench --models resnet18,lr18_l3_lc --batch-size 256 --precision bf16
+      lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 --slots 1,2
     """
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu
 
-    names = [m.strip() for m in model_names.split(",") if m.strip()]
-    benchmark.check_args(names, batch_size, precision, warmup, steps)
+    try:
+        slot_counts = [int(v) for v in slots.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"invalid --slots {slots!r}: expected integers >= 1, e.g. 1,2") from None
+    if not slot_counts or min(slot_counts) < 1:
+        raise UserError(f"invalid --slots {slots!r}: expected integers >= 1, e.g. 1,2")
+    compile_mode = False if compile_ == "off" else compile_
+    if configfiles:
+        from lambdapipe import project
+        from lambdapipe.config import load_configs
+
+        if model_names is not None or model_args:
+            raise UserError("--config takes models and model args from the config: drop "
+                            "--models and --model-arg")
+        cfg = load_configs(configfiles)
+        named = " ".join(str(p) for p in configfiles)
+        wanted = [d.strip() for d in datasets.split(",")] if datasets else None
+        for d in wanted or []:
+            if d not in cfg["datasets"]:
+                raise UserError(f"invalid --datasets {d!r}: expected datasets of "
+                                f"{named}: " + ", ".join(cfg["datasets"]))
+        try:
+            seed_list = [int(v) for v in seeds.split(",")] if seeds else None
+        except ValueError:
+            raise UserError(f"invalid --seeds {seeds!r}: expected integers, e.g. 0,1") from None
+        project.cells(cfg, wanted, seed_list)  # an empty selection fails before a GPU claim
+        with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+            result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slot_counts,
+                                     gpus=gpus,
+                                     device=dev, warmup=warmup, steps=steps,
+                                     data_dir=data_dir, real_data=real_data,
+                                     progress=lambda m: click.echo(m, err=True))
+        click.echo(project.format_projection(result))
+        if out is not None:
+            benchmark.write_rows(result.pop("rows"), out, config=named, **result)
+        return
+    if len(slot_counts) != 1:
+        raise UserError(f"invalid --slots {slots!r}: one count without --config")
+    names = [m.strip() for m in (model_names or "resnet18,resnet20x1,lr18_l3_lc,lr18_l2_lc")
+             .split(",") if m.strip()]
+    benchmark.check_args(names, batch_size, precision, warmup, steps, slot_counts[0])
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:  # timings need the GPU to itself
         rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
-                             batch_size=batch_size, precision=precision, compile=compile_,
+                             batch_size=batch_size, precision=precision, compile=compile_mode,
                              warmup=warmup, steps=steps,
                              model_args=_parse_key_values(model_args, "--model-arg"),
-                             device=dev)
+                             device=dev, slots=slot_counts[0])
     click.echo(benchmark.format_rows(rows))
     if out is not None:
         benchmark.write_rows(rows, out)

@@ -134,6 +134,33 @@ def load_config(path: str | Path) -> dict:
     return check_config(cfg)
 
 
+def load_configs(paths: Iterable[str | Path]) -> dict:
+    """Several YAML configs merged as `snakemake --configfile A B` merges them (later files
+    update earlier ones key by key, nested mappings recursively), then validated."""
+    merged: dict = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} not found")
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {str(path)!r} is not valid YAML: "
+                            f"{str(exc).splitlines()[0]}") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"config file {str(path)!r} must be a mapping of keys")
+        _update(merged, cfg)
+    return check_config(merged)
+
+
+def _update(base: dict, over: dict) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
 def check_config(cfg: Any, schema_path: Path | None = None) -> dict:
     """Validate `cfg` (schema + registries) and return a copy with defaults filled in."""
     if not isinstance(cfg, dict):

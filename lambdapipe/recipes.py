@@ -21,6 +21,8 @@ from lambdapipe.errors import UserError, bad_value
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "warm-restarts", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# torch.compile modes (`compile: true` is "default"); reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Recipe:
     crop_padding: int = 4  # random crop after zero padding by this many pixels (0 = none)
     flip: bool = True  # random horizontal flip
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str = False  # false, true (= "default") or one of COMPILE_MODES
     # Test accuracy at every evaluation, as the LambdaNetworks community table reads it (best
     # seen); reported beside ours, never used to choose a checkpoint.
     track_test_every_eval: bool = False
@@ -71,6 +73,13 @@ class Recipe:
         if self.channels_last and str(device).split(":")[0] == "cpu":
             return dataclasses.replace(self, channels_last=False)
         return self
+
+    @property
+    def compile_mode(self) -> str | None:
+        """The torch.compile mode, or None when the step runs eagerly."""
+        if self.compile is False:
+            return None
+        return "default" if self.compile is True else self.compile
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.iterations is not None:
@@ -120,7 +129,7 @@ def list_recipes() -> list[str]:
 _FIELDS = {f.name: f for f in fields(Recipe)}
 _INT = {"batch_size", "iterations", "eval_every", "crop_padding"}
 _OPTIONAL = {"iterations", "epochs", "eval_every", "eval_every_epochs", "grad_clip"}
-_BOOL = {"nesterov", "flip", "channels_last", "compile", "track_test_every_eval"}
+_BOOL = {"nesterov", "flip", "channels_last", "track_test_every_eval"}
 _STR = {"name", "description", "optimizer", "schedule", "precision"}
 # Setting one unit of a pair clears the other, so `--set iterations=200` works on any recipe.
 _EXCLUSIVE = {"iterations": "epochs", "epochs": "iterations",
@@ -137,6 +146,13 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise bad_value(f"recipe field {key}", value, "true or false")
+    if key == "compile":
+        if isinstance(value, bool) or value in COMPILE_MODES:
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad_value("recipe field compile", value,
+                        "true, false or a torch.compile mode: " + ", ".join(COMPILE_MODES))
     if key in _STR:
         return str(value)
     if key in ("betas", "step_milestones"):

@@ -207,7 +207,8 @@ class TrainStep:
                  device: str, mean: torch.Tensor, std: torch.Tensor):
         self.model, self.optimizer, self.r, self.device = model, optimizer, r, device
         self.mean, self.std = mean, std
-        self.forward = torch.compile(model) if r.compile else model
+        self.forward = (torch.compile(model, mode=r.compile_mode) if r.compile_mode
+                        else model)
         self.scaler = torch.amp.GradScaler(torch.device(device).type,
                                            enabled=r.precision == "fp16")
         self.tally = torch.zeros(6, dtype=torch.float64, device=device)

@@ -38,6 +38,10 @@ def test_rows_time_the_training_step_of_train_py(monkeypatch):
         assert r["step_ms"] == pytest.approx(60_000 / r["iter_per_min"])
         assert r["peak_mem_gib"] is None and r["mfu"] is None  # no GPU, no peak to compare
         assert r["params"] > 0 and r["device"] == "cpu" and not r["diverged"]
+        # what else a run pays: start-up beyond steady steps, evaluation, checkpoint writes
+        assert r["startup_s"] >= 0 and r["data_s"] > 0 and r["ckpt_s"] > 0
+        assert r["eval_images"] == bench.SYNTHETIC_IMAGES and r["eval_images_per_s"] > 0
+        assert r["slots"] == 1 and r["iter_per_min_per_slot"] == r["iter_per_min"]
     r20, r18 = rows
     assert r18["vs_resnet18"] == 1.0
     assert r20["vs_resnet18"] == pytest.approx(r20["images_per_s"] / r18["images_per_s"])
@@ -79,9 +83,30 @@ def test_real_data_uses_the_prepared_split(tmp_path):
     (["--steps", "0"], "invalid steps 0"),
     (["--batch-size", "0"], "invalid batch size 0"),
     (["--models", ","], "no model to benchmark"),
+    (["--slots", "0"], "invalid --slots '0': expected integers >= 1"),
+    (["--slots", "two"], "invalid --slots 'two'"),
+    (["--slots", "1,2"], "one count without --config"),
+    (["--config", "config/demo.yaml"], "--config takes models and model args from the config"),
+    (["--compile", "fast"], "'fast' is not one of 'off', 'default'"),
 ])
 def test_bad_arguments_are_one_line(args, needle):
     result = CliRunner().invoke(main, ["bench", "--dataset", "digits", "--device", "cpu",
                                        "--models", "resnet20x1", *args])
     assert result.exit_code == 2
     assert needle in result.output.strip().splitlines()[-1]
+
+
+def test_slots_run_in_processes_at_once_and_sum():
+    """Two processes share the device; the row is their aggregate (what LAMBDAPIPE_GPU_SLOTS
+    buys), and a failing slot is one line, not a hang."""
+    from lambdapipe.recipes import get_recipe
+
+    r = get_recipe("demo", {"batch_size": 8})
+    kw = dict(name="resnet20x1", recipe=r, dataset="digits", warmup=1, steps=2,
+              eval_images=64, model_args=TINY, device="cpu")
+    row = bench.measure_slots(2, **kw)
+    assert row["slots"] == 2 and row["iter_per_min_per_slot"] > 0
+    assert row["iter_per_min"] == pytest.approx(2 * row["iter_per_min_per_slot"])
+    assert row["images_per_s"] == pytest.approx(row["iter_per_min"] * 8 / 60, rel=1e-6)
+    with pytest.raises(UserError, match=r"a benchmark slot failed: .*base_width"):
+        bench.measure_slots(2, **{**kw, "model_args": {"base_width": -1}})

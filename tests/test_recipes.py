@@ -79,11 +79,21 @@ def test_overrides_are_typed_and_a_budget_unit_replaces_the_other():
     ("sgdm", {"iterations": None}, "exactly one of iterations, epochs"),
     ("adam-restarts", {"nesterov": True}, "invalid nesterov True"),
     ("sgdm", {"warmup": 1.5}, "invalid warmup 1.5"),
+    ("sgdm", {"compile": "fast"}, "invalid recipe field compile 'fast': expected true, false or "
+                                  "a torch.compile mode: default, reduce-overhead"),
 ])
 def test_bad_recipe_input_is_one_line(name, overrides, needle):
     with pytest.raises(UserError) as err:
         get_recipe(name, overrides)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_compile_takes_a_flag_or_a_mode():
+    assert get_recipe("sgdm").compile_mode is None
+    assert get_recipe("sgdm", {"compile": True}).compile_mode == "default"
+    assert get_recipe("sgdm", {"compile": "true"}).compile_mode == "default"
+    assert get_recipe("sgdm", {"compile": "false"}).compile_mode is None
+    assert get_recipe("sgdm", {"compile": "reduce-overhead"}).compile_mode == "reduce-overhead"
 
 
 def test_channels_last_stays_off_on_cpu():

@@ -16,9 +16,9 @@ from PIL import Image
 
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
+from lambdapipe.reference import depth_width
 from lambdapipe.report import build_report
 from lambdapipe.report.load import parse_noise_tag
-from lambdapipe.report.tables import depth_width
 
 R20_CLEAN_TST = [0.921, 0.925, 0.926]
 R20_NOISY_TST = [0.850, 0.862]

@@ -344,3 +344,29 @@ def test_fused_sgd_under_loss_scaling_is_what_we_avoid(one_thread):
     if skipped[0] == skipped[1] and torch.allclose(*params, rtol=1e-5, atol=1e-6):
         pytest.skip(f"torch {torch.__version__}: fused SGD now matches plain SGD across a "
                     "skipped fp16 step; make_optimizer may fuse SGD under fp16 again")
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_matches_eager(one_thread):
+    """`compile:` is a speed setting: the compiled step (the lambda layer's einsums and
+    position conv included) trains the same model as the eager one. Two steps: further on,
+    a tiny-width BN channel amplifies rounding and the comparison stops meaning anything."""
+    from lambdapipe.models import create_model
+    from lambdapipe.recipes import get_recipe
+
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    losses, params = [], []
+    for mode in (False, "reduce-overhead"):  # CUDA graphs are skipped on CPU: a plain compile
+        r = get_recipe("demo", {"compile": mode, "lr": 0.05})
+        torch.manual_seed(0)
+        model = create_model("lr18_l3_lc", 10, 16, **TINY)
+        step = train.TrainStep(model, train.make_optimizer(model, r, "cpu"), r, "cpu",
+                               torch.zeros(3), torch.ones(3))
+        assert (step.forward is model) is (mode is False)
+        losses.append([step(x, y, y, r.lr, i).item() for i in range(2)])
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(params[0], params[1], rtol=1e-4, atol=1e-5)

@@ -61,6 +61,13 @@ def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
+def split_sizes(info: DatasetInfo, val_fraction: float | None = None,
+                val_size: int | None = None) -> tuple[int, int]:
+    """(train, val) image counts that `prepare` will make with these options."""
+    val, _ = _resolve_val_count(info, val_fraction, val_size)
+    return info.num_train - val, val
+
+
 def _resolve_val_count(info: DatasetInfo, val_fraction: float | None,
                        val_size: int | None) -> tuple[int, dict]:
     if val_fraction is not None and val_size is not None:

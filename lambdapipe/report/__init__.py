@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lambdapipe.atomic import write_json, write_text
 from lambdapipe.errors import UserError
+from lambdapipe.reference import PUBLISHED_DATASET
 from lambdapipe.report import figures, tables
 from lambdapipe.report.load import collect_runs, read_published
 
@@ -80,7 +81,7 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
         sub = df[df["dataset"] == dataset]
         resnet = pub["resnet"]
         source = (published_as or {}).get(dataset, dataset)
-        pub_rows = resnet[(resnet["dataset"] == tables.PUBLISHED_DATASET.get(source))
+        pub_rows = resnet[(resnet["dataset"] == PUBLISHED_DATASET.get(source))
                           & resnet["test_acc"].notna()]
         built = {
             "loss": (figures.loss_curves(dataset, sub, collection, colours),

@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from lambdapipe.errors import UserError
+from lambdapipe.reference import PUBLISHED_DIR
 
-PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "published"
 PUBLISHED_FILES = {
     "resnet": ("published_resnet_baselines.csv",
                ("dataset", "depth", "width", "params_m", "val_acc", "test_acc", "test_nll",

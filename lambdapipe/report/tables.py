@@ -17,16 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from lambdapipe.reference import PUBLISHED_DATASET, arch_key, depth_width
 from lambdapipe.report.load import SUMMARY_FIELDS, Collection
 
 MISSING = "—"
-# Our dataset names -> the published baseline table's.
-PUBLISHED_DATASET = {
-    "cifar10": "CIFAR10_x32",
-    "cifar100": "CIFAR100_x32",
-    "tinyimagenet32": "TinyImageNet200_x32",
-    "tinyimagenet64": "TinyImageNet200_x64",
-}
 STAND_IN_NOTE = (" {dataset} is a demo-size stand-in for {source}: rows are matched on the "
                  "model alone (model args ignored), so the published column is context, not "
                  "a like-for-like comparison.")
@@ -76,17 +70,6 @@ def _csv_value(v: object) -> object:
 
 
 # --------------------------------------------------------------------------- the runs frame
-def depth_width(model: str) -> tuple[int | None, int | None]:
-    """resnet20x2 -> (20, 2); resnet18, lr18_l3_lc, lambda_resnet50_u4_r7 -> (18|50, 1)."""
-    m = re.fullmatch(r"resnet(\d+)x(\d+)", model)
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    m = re.fullmatch(r"(?:resnet|lambda_resnet|lr)(\d+)(?:_\w+)?", model)
-    if m:
-        return int(m.group(1)), 1
-    return None, None
-
-
 def runs_frame(collection: Collection, published_as: dict[str, str] | None = None
                ) -> pd.DataFrame:
     """One row per finished run: every summary field plus what the tables group on.
@@ -421,17 +404,12 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
                  md, rows, notes)
 
 
-def _arch_key(architecture: str) -> str:
-    """`LR18_L3(lc)` -> `lr18_l3_lc`, `ResNet18` -> `resnet18`: the published names as ours."""
-    return architecture.lower().replace("(", "_").replace(")", "")
-
-
 def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
     """The Imagenette noisy-label study: losses and time beside the published report."""
     sel = df[df["published_dataset"].str.startswith("imagenette")]
     if sel.empty:
         return None
-    keys = published["architecture"].map(_arch_key)
+    keys = published["architecture"].map(arch_key)
     md, rows = [], []
     for (dataset, label, condition, precision, recipe), g in _groups(
             sel, ["dataset", "model_label", "condition", "precision", "recipe"]):

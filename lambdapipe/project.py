@@ -1,0 +1,208 @@
+"""A config's wall time on this device, projected from measured costs (`lambdapipe bench
+--config`).
+
+Each distinct (dataset, model, model args, recipe) of the config is measured once with
+`bench.measure_slots` at every requested slot count, on synthetic data of the dataset's
+shape. One run then costs
+
+    launch (process start, imports, data to device) + start-up (build, compile, autotune)
+    + steps / rate  +  evaluations x (val images / eval rate + one checkpoint write)
+
+where steps and evaluations follow from the recipe and the train/val split the config
+prepares, and rate is the per-process rate with `slots` runs sharing the device. The test
+pass at the end (one forward pass) is not counted. Runs are packed perfectly onto
+`gpus` x `slots` processes, so the totals are lower bounds of the grid's wall time.
+The published figure beside each cell is training only: steps / the published iter/min
+(ResNet baselines, on an RTX 3090) or the reported training time (Imagenette study).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lambdapipe.bench import measure_slots, process_age_s
+from lambdapipe.config import Run, expand_runs
+from lambdapipe.data import dataset_info
+from lambdapipe.data.prepared import split_sizes
+from lambdapipe.errors import UserError
+from lambdapipe.noise import parse_noise_tag
+from lambdapipe.recipes import Recipe, get_recipe
+from lambdapipe.reference import PUBLISHED_DATASET, arch_key, depth_width, read_table
+
+
+@dataclass
+class Cell:
+    """Runs that cost the same: one dataset, model, model args and recipe (seeds and noise
+    rates differ)."""
+
+    dataset: str
+    model: str
+    variant: str
+    model_args: dict[str, Any]
+    recipe: Recipe
+    image_size: int
+    train_size: int
+    val_size: int
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}@{self.variant}" if self.variant else self.model
+
+    @property
+    def steps(self) -> int:
+        return self.recipe.total_steps(self.train_size // self.recipe.batch_size)
+
+    @property
+    def evaluations(self) -> int:
+        every = self.recipe.eval_interval(self.train_size // self.recipe.batch_size)
+        return math.ceil(self.steps / every)
+
+
+def cells(cfg: dict, datasets: list[str] | None = None,
+          seeds: list[int] | None = None) -> list[Cell]:
+    """The config's runs (of these datasets and seeds) grouped into cells (config order)."""
+    out: dict[tuple, Cell] = {}
+    for run in expand_runs(cfg):
+        if (datasets and run.dataset not in datasets) or (seeds and run.seed not in seeds):
+            continue
+        key = (run.dataset, run.model, run.variant, run.settings())
+        if key not in out:
+            prep = cfg["datasets"][run.dataset].get("prepare") or {}
+            info = dataset_info(run.dataset)
+            train, val = split_sizes(info, prep.get("val_fraction"), prep.get("val_size"))
+            out[key] = Cell(run.dataset, run.model, run.variant,
+                            {k: json.loads(v) for k, v in run.model_args},
+                            get_recipe(run.recipe, {k: json.loads(v) for k, v in run.overrides}),
+                            prep.get("image_size") or info.image_size, train, val)
+        out[key].runs.append(run)
+    if not out:
+        raise UserError("no run of the config is left to project: check --datasets and "
+                        "--seeds against the config's datasets " + ", ".join(cfg["datasets"]))
+    return list(out.values())
+
+
+def published_seconds(cell: Cell, published_as: dict[str, str]) -> float | None:
+    """The published training time of one run of this cell, where a source gives one."""
+    source = published_as.get(cell.dataset, cell.dataset)
+    if cell.model_args and source == cell.dataset:  # a changed model is not the published one
+        return None
+    if source in PUBLISHED_DATASET:
+        # The baseline table's rates are for its ResNets under its recipe (batch 256).
+        if cell.recipe.name != "sgdm" or not re.fullmatch(r"resnet\d+(x\d+)?", cell.model):
+            return None
+        depth, width = depth_width(cell.model)
+        for row in read_table("published_resnet_baselines.csv"):
+            if (row["dataset"] == PUBLISHED_DATASET[source] and row["depth"] == str(depth)
+                    and row["width"] == str(width)
+                    and row["precision"] == cell.recipe.precision and row["iter_per_min"]):
+                return 60 * cell.steps / float(row["iter_per_min"])
+        return None
+    if source.startswith("imagenette"):
+        if cell.recipe.name != "adam-restarts":  # the study's recipe sets its time per run
+            return None
+        rates = {parse_noise_tag(r.noise).rate for r in cell.runs}
+        times = [float(row["training_time_s"])
+                 for row in read_table("published_imagenette_noisy_report.csv")
+                 if arch_key(row["architecture"]) == cell.model and row["training_time_s"]
+                 and any(math.isclose(float(row["noise_pct"]), 100 * r) for r in rates)]
+        return sum(times) / len(times) if times else None
+    return None
+
+
+def run_seconds(cell: Cell, row: dict[str, Any], launch_s: float) -> dict[str, float]:
+    """One run's projected wall time from a `bench.measure_slots` row, by part."""
+    parts = {
+        "launch_s": launch_s + row["data_s"],
+        "startup_s": row["startup_s"],
+        "train_s": 60 * cell.steps / row["iter_per_min_per_slot"],
+        "eval_s": cell.evaluations * (cell.val_size / row["eval_images_per_s"]
+                                      + row["ckpt_s"]),
+    }
+    parts["run_s"] = sum(parts.values())
+    return parts
+
+
+def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | None = None,
+            slots: list[int] = (1,),
+            gpus: int = 1, device: str = "cpu", warmup: int = 20, steps: int = 50,
+            data_dir: Any = "data", real_data: bool = False,
+            progress: Any = None) -> dict[str, Any]:
+    """Measure every cell at every slot count and project the config's wall time."""
+    if gpus < 1:
+        raise UserError(f"invalid gpus {gpus!r}: expected an integer >= 1")
+    if not slots or any(s < 1 for s in slots):
+        raise UserError(f"invalid slots {list(slots)!r}: expected integers >= 1")
+    launch_s = process_age_s() or 0.0  # interpreter start and imports, as every run pays
+    published_as = (cfg.get("report") or {}).get("published_as") or {}
+    todo = cells(cfg, datasets, seeds)
+    rows, totals = [], {s: 0.0 for s in slots}
+    published_total, published_missing = 0.0, 0
+    for cell in todo:
+        pub = published_seconds(cell, published_as)
+        if pub is None:
+            published_missing += len(cell.runs)
+        else:
+            published_total += pub * len(cell.runs)
+        for s in slots:
+            if progress:
+                progress(f"measuring {cell.dataset} {cell.label} with {s} slot(s)")
+            row = measure_slots(s, name=cell.model, recipe=cell.recipe, dataset=cell.dataset,
+                                image_size=cell.image_size, data_dir=data_dir,
+                                real_data=real_data, warmup=warmup, steps=steps,
+                                eval_images=cell.val_size, model_args=cell.model_args,
+                                device=device)
+            parts = run_seconds(cell, row, launch_s)
+            totals[s] += parts["run_s"] * len(cell.runs) / (s * gpus)
+            rows.append({"dataset": cell.dataset, "model": cell.label,
+                         "precision": cell.recipe.precision,
+                         "batch_size": cell.recipe.batch_size, "runs": len(cell.runs),
+                         "steps": cell.steps, "evaluations": cell.evaluations,
+                         "slots": s, "iter_per_min": row["iter_per_min"],
+                         "iter_per_min_per_slot": row["iter_per_min_per_slot"],
+                         "peak_mem_gib": row["peak_mem_gib"], **parts,
+                         "published_run_s": pub, "device_name": row["device_name"]})
+    best = min(totals, key=totals.get)
+    return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals,
+            "best_slots": best, "published_total_s": published_total or None,
+            "published_missing_runs": published_missing, "runs": sum(len(c.runs) for c in todo)}
+
+
+def _minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds / 60:.1f}" if seconds >= 600 else f"{seconds / 60:.2f}"
+
+
+def format_projection(result: dict[str, Any]) -> str:
+    head = (f"{'dataset':<15} {'model':<22} {'prec':<5} {'runs':>4} {'steps':>7} {'slots':>5} "
+            f"{'iter/min':>9} {'per run':>8} {'start s':>7} {'eval min':>8} {'run min':>8} "
+            f"{'pub. min':>8}")
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} {r['runs']:>4} "
+            f"{r['steps']:>7} {r['slots']:>5} {r['iter_per_min']:>9.0f} "
+            f"{r['iter_per_min_per_slot']:>8.0f} {r['startup_s'] + r['launch_s']:>7.1f} "
+            f"{_minutes(r['eval_s']):>8} {_minutes(r['run_s']):>8} "
+            f"{_minutes(r['published_run_s']):>8}")
+    device = result["rows"][0]["device_name"] if result["rows"] else "?"
+    lines.append("")
+    for s, total in result["total_s"].items():
+        best = s == result["best_slots"] and len(result["total_s"]) > 1
+        mark = "  <- fewest minutes" if best else ""
+        lines.append(f"projected wall time, {result['runs']} runs on {result['gpus']} x "
+                     f"{device}, {s} run(s) per device at once: {_minutes(total)} min{mark}")
+    pub = result["published_total_s"]
+    if pub is not None:
+        missing = result["published_missing_runs"]
+        lines.append(f"published training time of the same runs: {_minutes(pub)} min "
+                     "(training only; baselines: RTX 3090 iter/min)"
+                     + (f", {missing} runs without a published time" if missing else ""))
+    lines.append("(lower bounds: perfect packing; launch = process start + data to device; "
+                 "the final test pass is not counted)")
+    return "\n".join(lines)
