@@ -6,12 +6,13 @@ Each distinct (dataset, model, model args, recipe) of the config is measured onc
 shape. One run then costs
 
     launch (process start, imports, data to device) + start-up (build, compile, autotune)
-    + steps / rate  +  evaluations x (val images / eval rate + one checkpoint write)
+    + steps / rate  +  evaluations x (images scored / eval rate + one checkpoint write)
 
 where steps and evaluations follow from the recipe and the train/val split the config
-prepares, and rate is the per-process rate with `slots` runs sharing the device. The test
-pass at the end (one forward pass) is not counted. Runs are packed perfectly onto
-`gpus` x `slots` processes, so the totals are lower bounds of the grid's wall time.
+prepares, images scored are val (plus test where the recipe tracks it at every evaluation),
+and rate is the per-process rate with `slots` runs sharing the device. The test pass at the
+end (one forward pass) is not counted. Runs are packed perfectly onto `gpus` x `slots`
+processes, so the totals are lower bounds of the grid's wall time.
 The published figure beside each cell is training only: steps / the published iter/min
 (ResNet baselines, on an RTX 3090) or the reported training time (Imagenette study).
 """
@@ -116,12 +117,13 @@ def published_seconds(cell: Cell, published_as: dict[str, str]) -> float | None:
 
 def run_seconds(cell: Cell, row: dict[str, Any], launch_s: float) -> dict[str, float]:
     """One run's projected wall time from a `bench.measure_slots` row, by part."""
+    scored = cell.val_size + (dataset_info(cell.dataset).num_test
+                              if cell.recipe.track_test_every_eval else 0)
     parts = {
         "launch_s": launch_s + row["data_s"],
         "startup_s": row["startup_s"],
         "train_s": 60 * cell.steps / row["iter_per_min_per_slot"],
-        "eval_s": cell.evaluations * (cell.val_size / row["eval_images_per_s"]
-                                      + row["ckpt_s"]),
+        "eval_s": cell.evaluations * (scored / row["eval_images_per_s"] + row["ckpt_s"]),
     }
     parts["run_s"] = sum(parts.values())
     return parts

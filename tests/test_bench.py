@@ -110,3 +110,44 @@ def test_slots_run_in_processes_at_once_and_sum():
     assert row["images_per_s"] == pytest.approx(row["iter_per_min"] * 8 / 60, rel=1e-6)
     with pytest.raises(UserError, match=r"a benchmark slot failed: .*base_width"):
         bench.measure_slots(2, **{**kw, "model_args": {"base_width": -1}})
+
+
+def test_gpu_bench_script_runs_every_part_and_writes_the_index(tmp_path):
+    """scripts/gpu-bench.sh is the one command that regenerates the GPU figures; here with a
+    stand-in `lambdapipe` that records its arguments (the real one is tested above)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "bin" / "lambdapipe"
+    fake.parent.mkdir()
+    fake.write_text("""#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+print("table for", " ".join(args))
+if "--out" in args:
+    out = args[args.index("--out") + 1]
+    rows = [{"device_name": "fake-gpu"}]
+    json.dump({"torch": "9.9", "date": "2026-11-23T00:00:00+00:00", "rows": rows},
+              open(out, "w"))
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}",
+           "LAMBDAPIPE_BENCH_DEVICE": "cpu", "LAMBDAPIPE_BENCH_OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "step", "slots",
+                           "data", "cifar10"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    assert sorted(p.stem for p in out.glob("*.json")) == [
+        "cifar10-baselines", "data-real", "data-synthetic", "slots2", "step"]
+    index = (out / "index.md").read_text()
+    assert "## cifar10-baselines" in index and "fake-gpu, torch 9.9, 2026-11-23" in index
+    assert ("`lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 "
+            "--seeds 0 --slots 1,2 --device cpu --out") in index
+    assert "--real-data" in (out / "data-real.cmd").read_text()
+
+    bad = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "bogus"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown part 'bogus'" in bad.stderr

@@ -60,6 +60,12 @@ def test_run_seconds_adds_launch_startup_training_and_evaluations():
     parts = project.run_seconds(cell, row, launch_s=3.0)
     assert parts == {"launch_s": 5.0, "startup_s": 10.0, "train_s": 480.0,
                      "eval_s": 48 * (0.1 + 0.5), "run_s": 5.0 + 10.0 + 480.0 + 28.8}
+    # The community recipe also scores the 10k test images at every evaluation (reported
+    # as the source reads it, never used for selection): that is paid for too.
+    lam = project.cells(load_config(CONFIG / "lambda_cifar10.yaml"))[0]
+    assert lam.recipe.track_test_every_eval and lam.evaluations == 310
+    eval_s = project.run_seconds(lam, row, launch_s=3.0)["eval_s"]
+    assert eval_s == pytest.approx(310 * ((lam.val_size + 10_000) / 50_000 + 0.5))
 
 
 def test_cli_projects_a_stand_in_config(tmp_path):

@@ -38,6 +38,7 @@ class DatasetInfo:
     md5: str | None = None
     size: int | None = None  # archive bytes: progress-bar total only, md5 is the check
     num_train: int = 0  # official training images (checked against --val-size up front)
+    num_test: int = 0  # test images (for cost estimates: `bench --config`)
     sizes: tuple[int, ...] | None = None  # allowed --image-size values; None: any >= 8
     default_val_fraction: float = 0.1
     note: str = ""
@@ -57,9 +58,10 @@ class DatasetInfo:
 _TINY = dict(num_classes=200, classes=None, source="tinyimagenet",
              url="https://cs231n.stanford.edu/tiny-imagenet-200.zip",
              archive="tiny-imagenet-200.zip", md5="90528d7ca1a48142e341f4ef8d21d0de",
-             size=248100043, num_train=100_000, note="labelled official val set used as test")
+             size=248100043, num_train=100_000, num_test=10_000,
+             note="labelled official val set used as test")
 _NETTE = dict(num_classes=10, image_size=128, classes=tuple(n for _, n in IMAGENETTE_WNIDS),
-              source="imagenette", num_train=9469,
+              source="imagenette", num_train=9469, num_test=3925,
               note="official val set used as test; resize shorter side + center crop")
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -68,11 +70,13 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("cifar10", 10, 32, CIFAR10_CLASSES, "cifar10",
                     url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                     archive="cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
-                    size=170498071, sizes=(32,), num_train=50_000),
+                    size=170498071, sizes=(32,), num_train=50_000,
+                    num_test=10_000),
         DatasetInfo("cifar100", 100, 32, None, "cifar100",
                     url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                     archive="cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
-                    size=169001437, sizes=(32,), num_train=50_000),
+                    size=169001437, sizes=(32,), num_train=50_000,
+                    num_test=10_000),
         DatasetInfo("tinyimagenet32", image_size=32, sizes=(32,), **_TINY),
         DatasetInfo("tinyimagenet64", image_size=64, sizes=(64,), **_TINY),
         DatasetInfo("imagenette", **_NETTE,
@@ -86,7 +90,7 @@ DATASETS: dict[str, DatasetInfo] = {
                     url="https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",
                     archive="imagenette2.tgz", md5="fe2fc210e6bb7c5664d602c3cd71e612"),
         DatasetInfo("digits", 10, 16, tuple(str(d) for d in range(10)), "digits", sizes=(16,),
-                    num_train=1438,
+                    num_train=1438, num_test=359,
                     note="scikit-learn's bundled 8x8 digits upscaled to 16x16 RGB; "
                          "test = fixed seeded stratified 20% held out"),
     )

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Every GPU figure docs/performance.md owes, measured and written in one command:
+#
+#   bash scripts/gpu-bench.sh                 # all parts (roughly 15-25 min on one H100)
+#   bash scripts/gpu-bench.sh step slots      # some parts: step compile slots data
+#                                             #   cifar10 lambda imagenette
+#
+# Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
+# torch version, UTC date); OUT/index.md gathers them with the commands that made them.
+# OUT defaults to docs/bench/<gpu name>; set LAMBDAPIPE_BENCH_OUT to change it.
+# LAMBDAPIPE_BENCH_DEVICE (default cuda) exists for the script's own test on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(step compile slots data cifar10 lambda imagenette)
+device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
+if [ "$device" = cuda ]; then
+    gpu=$(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
+    if [ -z "$gpu" ]; then
+        echo "gpu-bench: no CUDA device visible; these figures are GPU figures" >&2
+        exit 2
+    fi
+else
+    gpu=$device
+fi
+out=${LAMBDAPIPE_BENCH_OUT:-docs/bench/$(echo "$gpu" | tr -c 'A-Za-z0-9\n' '-' | tr -s '-')}
+mkdir -p "$out"
+
+models=resnet18,resnet20x1,lr18_l3_lc,lr18_l3_rpe,lr18_l2_lc,lr18_l2_rpe
+measure() {  # measure PART ARGS...: one `lambdapipe bench` call, its table and its JSON
+    local part=$1; shift
+    echo "lambdapipe bench $* --device $device --out $out/$part.json" > "$out/$part.cmd"
+    echo "== $part: $(cat "$out/$part.cmd")" >&2
+    lambdapipe bench "$@" --device "$device" --out "$out/$part.json" | tee "$out/$part.txt"
+}
+
+for part in "${parts[@]}"; do
+    case $part in
+        step) measure step --models "$models,resnet34,lr34_l3_lc" --batch-size 256 \
+                  --precision bf16 ;;
+        compile)
+            measure compile --models "$models" --batch-size 256 --precision bf16 \
+                --compile default
+            measure graphs --models "$models" --batch-size 256 --precision bf16 \
+                --compile reduce-overhead ;;
+        slots) measure slots2 --models resnet20x1,resnet18 --batch-size 256 \
+                   --precision bf16 --slots 2 ;;
+        data)  # the prepared-dataset path against synthetic tensors (digits: offline)
+            lambdapipe prepare --dataset digits > /dev/null
+            measure data-synthetic --models resnet18 --dataset digits --batch-size 256 \
+                --precision bf16 --steps 200
+            measure data-real --models resnet18 --dataset digits --real-data \
+                --batch-size 256 --precision bf16 --steps 200 ;;
+        cifar10) measure cifar10-baselines --config config/resnet_baselines.yaml \
+                     --datasets cifar10 --seeds 0 --slots 1,2 ;;
+        lambda) measure lambda-cifar10 --config config/lambda_cifar10.yaml --seeds 0 ;;
+        imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
+                        --seeds 0 ;;
+        *) echo "gpu-bench: unknown part '$part': expected step compile slots data" \
+                "cifar10 lambda imagenette" >&2; exit 2 ;;
+    esac
+done
+
+python - "$out" <<'EOF'
+"""OUT/index.md: every part measured so far, with its command, device, torch and date."""
+import json
+import sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+lines = ["# GPU measurements", "",
+         "Written by `bash scripts/gpu-bench.sh` (docs/performance.md says what each figure "
+         "means). Rerun it to regenerate this page.", ""]
+for path in sorted(out.glob("*.json")):
+    saved = json.loads(path.read_text())
+    rows = saved.get("rows") or [{}]
+    lines += [f"## {path.stem}", "",
+              f"`{(out / (path.stem + '.cmd')).read_text().strip()}`", "",
+              f"{rows[0].get('device_name', '?')}, torch {saved['torch']}, {saved['date']}", "",
+              "```", (out / (path.stem + ".txt")).read_text().rstrip(), "```", ""]
+tmp = out / "index.md.tmp"
+tmp.write_text("\n".join(lines))
+tmp.replace(out / "index.md")
+print(f"wrote {out / 'index.md'}")
+EOF
