@@ -251,8 +251,8 @@ def train(model: str, model_args: tuple[str, ...], dataset: str, data_dir: Path,
 
 
 @main.command()
-@click.option("--ckpt", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              required=True, help="Checkpoint written by `lambdapipe train`.")
+@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint written by `lambdapipe train`.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
               show_default=True)
 @data_dir_option

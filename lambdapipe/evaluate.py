@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +162,32 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
     return result
 
 
+def diverged_before_first_eval(run: Path) -> bool:
+    """A run that diverged before its first evaluation: finished, but with no best.ckpt."""
+    try:
+        summary = json.loads((Path(run) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and summary.get("status") == "diverged"
+            and summary.get("best_iteration") is None)
+
+
 def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
                         out: Path | None) -> dict[str, Any]:
     """Metrics of a training checkpoint on `split`; train is scored against its clean labels
-    (`accuracy`) and the run's noisy labels (`label_accuracy`)."""
+    (`accuracy`) and the run's noisy labels (`label_accuracy`). The missing best.ckpt of a
+    run that diverged before its first evaluation gives `status: diverged` (written to
+    `out`), not an error, so one such run does not stop a grid."""
     from lambdapipe.augment import DeviceImages
     from lambdapipe.data import load_split
 
+    ckpt = Path(ckpt)
+    if not ckpt.is_file() and diverged_before_first_eval(ckpt.parent):
+        result = {"status": "diverged", "best_ckpt": None, "checkpoint": str(ckpt),
+                  "split": split}
+        if out is not None:
+            atomic.write_json(out, result)
+        return result
     state = load_checkpoint(ckpt, map_location="cpu")
     config = state["config"]
     model = build_model(config)
@@ -186,7 +206,7 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
     std = torch.tensor(config["data"]["std"], device=device)
     logits = predict(model, images.images, mean, std, recipe["precision"],
                      recipe["channels_last"])
-    result = {"checkpoint": str(ckpt), "iteration": state.get("iteration"),
+    result = {"status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
               "model": config["model"], "dataset": config["dataset"], "split": split,
               "noise": noise, "classes": list(data.classes)}
     result.update(classification_metrics(logits, images.clean_labels, detailed=True))
@@ -198,6 +218,9 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
 
 
 def format_result(result: dict[str, Any]) -> str:
+    if result.get("status") == "diverged":
+        return (f"{result['checkpoint']}: no checkpoint to evaluate, the run diverged before "
+                "its first evaluation")
     lines = [f"{result['model']} on {result['dataset']} {result['split']} "
              f"(n={result['n']}, checkpoint iteration {result['iteration']}):",
              f"  accuracy {result['accuracy']:.4f}   nll {result['nll']:.4f}   "

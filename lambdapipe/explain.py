@@ -76,17 +76,6 @@ def _load(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def _diverged_before_first_eval(run: Path) -> bool:
-    import json
-
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(summary, dict) and summary.get("status") == "diverged" \
-        and summary.get("best_iteration") is None
-
-
 def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
                        data_dir: Path = Path("data"), out: Path | None = None,
                        device: str = "cpu") -> list[Path]:
@@ -96,9 +85,11 @@ def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
         raise UserError(f"invalid --images {images!r}: expected an integer >= 1")
     if split not in SPLITS:
         raise UserError(f"invalid --split {split!r}: expected one of {', '.join(SPLITS)}")
+    from lambdapipe.evaluate import diverged_before_first_eval
+
     ckpt = Path(ckpt)
     out = Path(out) if out is not None else ckpt.parent
-    if not ckpt.is_file() and _diverged_before_first_eval(ckpt.parent):
+    if not ckpt.is_file() and diverged_before_first_eval(ckpt.parent):
         # Nothing to explain, and nothing is wrong: say so where the maps would be, so a
         # grid with one such run still completes (the report shows the others).
         path = out / f"explain_{split}.json"

@@ -111,6 +111,29 @@ def test_cli_evaluate_writes_beside_the_checkpoint(runs):
     assert json.loads((out / "eval_val.json").read_text())["split"] == "val"
 
 
+@pytest.mark.parametrize("verb", ["evaluate", "explain"])
+def test_a_run_that_diverged_before_any_evaluation_is_reported_not_an_error(tmp_path, verb):
+    """The workflow calls evaluate and explain on every run; one without best.ckpt because it
+    diverged first must not stop the grid, while a missing checkpoint otherwise is an error."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "diverged", "best_iteration": None,
+                                                  "diverged_at": 3}))
+    args = [verb, "--ckpt", str(run / "best.ckpt"), "--data-dir", str(tmp_path / "no-data"),
+            "--device", "cpu"] + (["--out", str(run / "eval_test.json")] if verb == "evaluate"
+                                  else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    written = json.loads((run / f"{verb[:4] if verb == 'evaluate' else verb}_test.json")
+                         .read_text())
+    assert written["status"] == "diverged" and written["best_ckpt"] is None
+
+    (run / "summary.json").write_text(json.dumps({"status": "ok", "best_iteration": 10}))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "best.ckpt" in result.output and "not" in result.output.splitlines()[-1]
+
+
 def _resave(src: Path, dst: Path, **config_changes) -> Path:
     ckpt = load_checkpoint(src)
     ckpt["config"].update(config_changes)
