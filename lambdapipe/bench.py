@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -302,10 +303,23 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
                           real_data=real_data, warmup=warmup, steps=steps,
                           eval_images=eval_images, model_args=model_args, device=device)
             for name in names]
-    ref = next((row for row in rows if row["model"] == REFERENCE), None)
+    by_name = {row["model"]: row for row in rows}
+    ref = by_name.get(REFERENCE)
     for row in rows:
         row["vs_resnet18"] = row["images_per_s"] / ref["images_per_s"] if ref else None
+        # Issue 6's bar: each Lambda-ResNet against the ResNet of its depth, same run.
+        base = by_name.get(matching_resnet(row["model"]) or "")
+        row["vs_resnet"] = row["images_per_s"] / base["images_per_s"] if base else None
+        row["mem_vs_resnet"] = (row["peak_mem_gib"] / base["peak_mem_gib"]
+                                if base and row["peak_mem_gib"] and base["peak_mem_gib"]
+                                else None)
     return rows
+
+
+def matching_resnet(model: str) -> str | None:
+    """lr34_l3_lc -> resnet34, lambda_resnet50_u4_r7 -> resnet50; None for a ResNet."""
+    m = re.fullmatch(r"(?:lr|lambda_resnet)(\d+)(?:_\w+)?", model)
+    return f"resnet{m.group(1)}" if m else None
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -315,15 +329,16 @@ def _fmt(value: Any, spec: str) -> str:
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table, one line per model."""
     head = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms':>8} "
-            f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6} {'start s':>7} "
-            f"{'eval img/s':>10} {'ckpt s':>6}")
+            f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6} {'vs base':>7} "
+            f"{'mem x':>5} {'start s':>7} {'eval img/s':>10} {'ckpt s':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['model']:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
             f"{r['images_per_s']:>9.0f} {r['step_ms']:>8.2f} {_fmt(r['peak_mem_gib'], '8.2f'):>8} "
             f"{_fmt(r['model_tflops_per_s'], '8.1f'):>8} {_fmt(r['mfu'], '6.1%'):>6} "
-            f"{_fmt(r.get('vs_resnet18'), '6.2f'):>6} {r['startup_s']:>7.1f} "
+            f"{_fmt(r.get('vs_resnet18'), '6.2f'):>6} {_fmt(r.get('vs_resnet'), '7.2f'):>7} "
+            f"{_fmt(r.get('mem_vs_resnet'), '5.2f'):>5} {r['startup_s']:>7.1f} "
             f"{r['eval_images_per_s']:>10.0f} {r['ckpt_s']:>6.2f}")
     if rows:
         r = rows[0]

@@ -37,7 +37,8 @@ measure() {  # measure PART ARGS...: one `lambdapipe bench` call, its table and 
 
 for part in "${parts[@]}"; do
     case $part in
-        step) measure step --models "$models,resnet34,lr34_l3_lc" --batch-size 256 \
+        step) measure step --models "$models,resnet34,lr34_l3_lc,lr34_l3_rpe,lr34_l2_lc" \
+                  --batch-size 256 \
                   --precision bf16 ;;
         compile)
             measure compile --models "$models" --batch-size 256 --precision bf16 \

@@ -43,7 +43,7 @@ def test_rows_time_the_training_step_of_train_py(monkeypatch):
         assert r["eval_images"] == bench.SYNTHETIC_IMAGES and r["eval_images_per_s"] > 0
         assert r["slots"] == 1 and r["iter_per_min_per_slot"] == r["iter_per_min"]
     r20, r18 = rows
-    assert r18["vs_resnet18"] == 1.0
+    assert r18["vs_resnet18"] == 1.0 and r18["vs_resnet"] is None  # a ResNet has no base
     assert r20["vs_resnet18"] == pytest.approx(r20["images_per_s"] / r18["images_per_s"])
 
 
@@ -151,3 +151,17 @@ if "--out" in args:
     bad = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "bogus"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown part 'bogus'" in bad.stderr
+
+
+def test_lambda_resnets_are_compared_with_the_resnet_of_their_depth():
+    assert [bench.matching_resnet(m) for m in ("lr34_l3_lc", "lr18_l2_rpe",
+                                               "lambda_resnet50_u4_r7", "resnet18")] == [
+        "resnet34", "resnet18", "resnet50", None]
+    rows = bench.run(["resnet18", "lr18_l3_lc", "lr34_l3_lc"], dataset="digits",
+                     batch_size=8, precision="fp32", warmup=0, steps=1, model_args=TINY,
+                     eval_images=16)
+    r18, lr18, lr34 = rows
+    assert lr18["vs_resnet"] == pytest.approx(lr18["images_per_s"] / r18["images_per_s"])
+    assert lr34["vs_resnet"] is None  # no resnet34 measured in this run
+    assert lr18["mem_vs_resnet"] is None  # CPU: no peak memory
+    assert "vs base" in bench.format_rows(rows)
