@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure docs/performance.md owes, measured and written in one command:
 #
-#   bash scripts/gpu-bench.sh                 # all parts (roughly 15-25 min on one H100)
+#   bash scripts/gpu-bench.sh                 # all parts (never run on a GPU yet)
 #   bash scripts/gpu-bench.sh step slots      # some parts: step compile slots data
 #                                             #   cifar10 lambda imagenette
 #
