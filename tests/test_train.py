@@ -276,38 +276,49 @@ def test_bf16_run_with_progress_bar(data_dir, tmp_path):
     assert summary["skipped_steps"] == 0 and 0 <= summary["tst_acc"] <= 1
 
 
+def _eight_steps(r, optimizer_for) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """Start and end weights and fp16-skipped steps of 8 TrainSteps of a tiny ResNet-20 on
+    fixed images, with `optimizer_for(model)`; fp16 starts at a loss scale that overflows."""
+    from lambdapipe.models import create_model
+
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    torch.manual_seed(0)
+    model = create_model("resnet20x1", 10, 16, **TINY)
+    start = [p.detach().clone() for p in model.parameters()]
+    step = train.TrainStep(model, optimizer_for(model), r, "cpu", torch.zeros(3), torch.ones(3))
+    if r.precision == "fp16":
+        step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    for i in range(8):
+        step(x, y, y, r.lr, i)
+    return start, [p.detach().clone() for p in model.parameters()], step.tally[4].item()
+
+
 @pytest.mark.parametrize("recipe,precision", [("sgdm", "fp32"), ("adam-restarts", "fp32"),
                                               ("adam-restarts", "fp16"), ("demo", "fp16")])
 def test_fused_optimizer_matches_the_foreach_path(recipe, precision, one_thread):
     """CUDA runs use the fused optimizer kernels; they must compute the same training,
     including fp16 steps the loss scaler skips (the first of them here)."""
-    from lambdapipe.models import create_model
     from lambdapipe.recipes import get_recipe
 
     # An lr each optimizer is stable at: 8 steps of Adam at 0.05 on 8 images are chaotic,
     # and any two roundings drift apart by the lr itself.
     lr = 0.05 if recipe in ("sgdm", "demo") else 1e-3
     r = get_recipe(recipe, {"precision": precision, "grad_clip": 1.0, "lr": lr})
-    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(0))
-    y = torch.arange(8) % 10
+    # SGD under fp16 loss scaling is never fused (its skipped steps corrupt momentum)
+    expect_fused = not (r.optimizer == "sgd" and precision == "fp16")
     params, skipped = [], []
     for fused in (False, True):
-        torch.manual_seed(0)
-        model = create_model("resnet20x1", 10, 16, **TINY)
-        start = [p.detach().clone() for p in model.parameters()]
-        opt = train.make_optimizer(model, r, "cpu", fused=fused)
-        # SGD under fp16 loss scaling is never fused (its skipped steps corrupt momentum)
-        expect_fused = fused and not (r.optimizer == "sgd" and precision == "fp16")
-        assert opt.defaults["fused"] is (True if expect_fused else None)
-        step = train.TrainStep(model, opt, r, "cpu", torch.zeros(3), torch.ones(3))
-        if precision == "fp16":
-            step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
-        for i in range(8):
-            step(x, y, y, r.lr, i)
-        params.append([p.detach().clone() for p in model.parameters()])
-        skipped.append(step.tally[4].item())
-        moved = max((a - b).abs().max().item() for a, b in zip(params[-1], start, strict=True))
+        def optimizer_for(model, fused=fused):
+            opt = train.make_optimizer(model, r, "cpu", fused=fused)
+            assert opt.defaults["fused"] is (True if fused and expect_fused else None)
+            return opt
+
+        start, end, skips = _eight_steps(r, optimizer_for)
+        params.append(end)
+        skipped.append(skips)
+        moved = max((a - b).abs().max().item() for a, b in zip(end, start, strict=True))
         assert moved > 0.1 * r.lr  # the steps did train
     assert skipped[0] == skipped[1]
     assert (1 <= skipped[0] <= 6) if precision == "fp16" else skipped[0] == 0
@@ -321,27 +332,17 @@ def test_fused_optimizer_matches_the_foreach_path(recipe, precision, one_thread)
 def test_fused_sgd_under_loss_scaling_is_what_we_avoid(one_thread):
     """Why make_optimizer never fuses SGD under fp16: with a skipped step, fused SGD trains
     differently from plain SGD. If this starts skipping (a fixed torch), the exception can go."""
-    from lambdapipe.models import create_model
     from lambdapipe.recipes import get_recipe
 
-    r = get_recipe("demo", {"precision": "fp16", "grad_clip": 1.0})
+    r = get_recipe("demo", {"precision": "fp16", "grad_clip": 1.0, "lr": 0.05})
     assert r.optimizer == "sgd"
-    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8,
-                      generator=torch.Generator().manual_seed(0))
-    y = torch.arange(8) % 10
-    params, skipped = [], []
-    for fused in (None, True):
-        torch.manual_seed(0)
-        model = create_model("resnet20x1", 10, 16, **TINY)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
-        step = train.TrainStep(model, opt, r, "cpu", torch.zeros(3), torch.ones(3))
-        step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
-        for i in range(8):
-            step(x, y, y, 0.05, i)
-        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-        skipped.append(step.tally[4].item())
-    assert skipped[0] >= 1
-    if skipped[0] == skipped[1] and torch.allclose(*params, rtol=1e-5, atol=1e-6):
+    runs = [_eight_steps(r, lambda model, fused=fused: torch.optim.SGD(
+                model.parameters(), lr=0.05, momentum=0.9, fused=fused))
+            for fused in (None, True)]
+    (_, plain, skipped), (_, fused, skipped_fused) = runs
+    assert skipped >= 1
+    if skipped == skipped_fused and all(torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+                                        for a, b in zip(plain, fused, strict=True)):
         pytest.skip(f"torch {torch.__version__}: fused SGD now matches plain SGD across a "
                     "skipped fp16 step; make_optimizer may fuse SGD under fp16 again")
 
