@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import queue as queue_module
 import re
 import tempfile
 import time
@@ -256,10 +257,23 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
              for _ in range(slots)]
     for p in procs:
         p.start()
-    results = []
+    results: list[tuple[str, Any]] = []
+    deadline = time.monotonic() + SLOT_TIMEOUT_S
     try:
-        for _ in procs:
-            results.append(queue.get(timeout=SLOT_TIMEOUT_S))
+        while len(results) < slots:
+            try:
+                results.append(queue.get(timeout=5))
+                continue
+            except queue_module.Empty:
+                pass
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead and queue.empty():  # killed (out of memory, a signal) before reporting
+                time.sleep(1)  # a report may still be in the pipe
+                if queue.empty():
+                    raise UserError(f"a benchmark slot died with exit code {dead[0]} "
+                                    "before reporting (out of memory?)")
+            if time.monotonic() > deadline:
+                raise UserError(f"benchmark slots did not finish within {SLOT_TIMEOUT_S} s")
     finally:
         for p in procs:
             p.join(timeout=60)

@@ -142,7 +142,8 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
     launch_s = process_age_s() or 0.0  # interpreter start and imports, as every run pays
     published_as = (cfg.get("report") or {}).get("published_as") or {}
     todo = cells(cfg, datasets, seeds)
-    rows, totals = [], {s: 0.0 for s in slots}
+    rows: list[dict[str, Any]] = []
+    totals: dict[int, float | None] = {s: 0.0 for s in slots}
     published_total, published_missing = 0.0, 0
     for cell in todo:
         pub = published_seconds(cell, published_as)
@@ -153,22 +154,30 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
         for s in slots:
             if progress:
                 progress(f"measuring {cell.dataset} {cell.label} with {s} slot(s)")
-            row = measure_slots(s, name=cell.model, recipe=cell.recipe, dataset=cell.dataset,
-                                image_size=cell.image_size, data_dir=data_dir,
-                                real_data=real_data, warmup=warmup, steps=steps,
-                                eval_images=cell.val_size, model_args=cell.model_args,
-                                device=device)
+            base = {"dataset": cell.dataset, "model": cell.label,
+                    "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
+                    "runs": len(cell.runs), "steps": cell.steps,
+                    "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
+            try:
+                row = measure_slots(s, name=cell.model, recipe=cell.recipe,
+                                    dataset=cell.dataset, image_size=cell.image_size,
+                                    data_dir=data_dir, real_data=real_data, warmup=warmup,
+                                    steps=steps, eval_images=cell.val_size,
+                                    model_args=cell.model_args, device=device)
+            except (UserError, RuntimeError) as exc:  # e.g. two copies do not fit in memory
+                if s == 1:
+                    raise
+                totals[s] = None
+                rows.append({**base, "error": str(exc).splitlines()[0]})
+                continue
             parts = run_seconds(cell, row, launch_s)
-            totals[s] += parts["run_s"] * len(cell.runs) / (s * gpus)
-            rows.append({"dataset": cell.dataset, "model": cell.label,
-                         "precision": cell.recipe.precision,
-                         "batch_size": cell.recipe.batch_size, "runs": len(cell.runs),
-                         "steps": cell.steps, "evaluations": cell.evaluations,
-                         "slots": s, "iter_per_min": row["iter_per_min"],
+            if totals[s] is not None:
+                totals[s] += parts["run_s"] * len(cell.runs) / (s * gpus)
+            rows.append({**base, "iter_per_min": row["iter_per_min"],
                          "iter_per_min_per_slot": row["iter_per_min_per_slot"],
                          "peak_mem_gib": row["peak_mem_gib"], **parts,
-                         "published_run_s": pub, "device_name": row["device_name"]})
-    best = min(totals, key=totals.get)
+                         "device_name": row["device_name"]})
+    best = min((s for s in totals if totals[s] is not None), key=totals.get)
     return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals,
             "best_slots": best, "published_total_s": published_total or None,
             "published_missing_runs": published_missing, "runs": sum(len(c.runs) for c in todo)}
@@ -186,19 +195,24 @@ def format_projection(result: dict[str, Any]) -> str:
             f"{'pub. min':>8}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} "
+                         f"{r['runs']:>4} {r['steps']:>7} {r['slots']:>5}  failed: {r['error']}")
+            continue
         lines.append(
             f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} {r['runs']:>4} "
             f"{r['steps']:>7} {r['slots']:>5} {r['iter_per_min']:>9.0f} "
             f"{r['iter_per_min_per_slot']:>8.0f} {r['startup_s'] + r['launch_s']:>7.1f} "
             f"{_minutes(r['eval_s']):>8} {_minutes(r['run_s']):>8} "
             f"{_minutes(r['published_run_s']):>8}")
-    device = result["rows"][0]["device_name"] if result["rows"] else "?"
+    device = next((r["device_name"] for r in result["rows"] if "device_name" in r), "?")
     lines.append("")
     for s, total in result["total_s"].items():
         best = s == result["best_slots"] and len(result["total_s"]) > 1
         mark = "  <- fewest minutes" if best else ""
+        shown = f"{_minutes(total)} min" if total is not None else "not possible (see above)"
         lines.append(f"projected wall time, {result['runs']} runs on {result['gpus']} x "
-                     f"{device}, {s} run(s) per device at once: {_minutes(total)} min{mark}")
+                     f"{device}, {s} run(s) per device at once: {shown}{mark}")
     pub = result["published_total_s"]
     if pub is not None:
         missing = result["published_missing_runs"]

@@ -111,3 +111,42 @@ def test_configs_merge_as_snakemake_merges_them(tmp_path):
     assert merged["train"]["device"] == "cpu"
     with pytest.raises(UserError, match="not found"):
         load_configs([tmp_path / "missing.yaml"])
+
+
+def test_a_slot_count_that_fails_is_reported_and_the_others_still_project(monkeypatch):
+    """Two copies of a big model may not fit on one GPU: that slot count is 'not possible',
+    the one-slot projection still stands; a dead slot process is one line, not a hang."""
+    from lambdapipe import bench
+
+    real = project.measure_slots
+
+    def oom_with_two(slots, **kw):
+        if slots == 2:
+            raise UserError("a benchmark slot failed: OutOfMemoryError: CUDA out of memory")
+        return real(slots, **kw)
+
+    monkeypatch.setattr(project, "measure_slots", oom_with_two)
+    cfg = load_configs([CONFIG / "resnet_baselines.yaml", CONFIG / "ci" / "resnet_baselines.yaml"])
+    result = project.project(cfg, seeds=[0], slots=[1, 2], warmup=0, steps=1)
+    assert result["total_s"][2] is None and result["total_s"][1] > 0
+    assert result["best_slots"] == 1
+    text = project.format_projection(result)
+    assert "failed: a benchmark slot failed: OutOfMemoryError" in text
+    assert "2 run(s) per device at once: not possible" in text
+
+    monkeypatch.setattr(bench, "_slot", _die)
+    with pytest.raises(UserError, match="slot died with exit code 3"):
+        bench.measure_slots(2, name="resnet20x1", recipe=cfg_recipe(), dataset="digits",
+                            warmup=0, steps=1, model_args={"base_width": 4})
+
+
+def cfg_recipe():
+    from lambdapipe.recipes import get_recipe
+
+    return get_recipe("demo", {"batch_size": 8})
+
+
+def _die(kwargs, barrier, queue):
+    import os
+
+    os._exit(3)
