@@ -318,8 +318,9 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--config", "configfiles", type=click.Path(dir_okay=False, path_type=Path),
               multiple=True,
               help="Project this workflow config's wall time instead: every distinct "
-                   "model x recipe of it is measured with its own recipe (repeat to merge "
-                   "files as snakemake --configfile A B does).")
+                   "model x recipe of it is measured with its own recipe, batch size and "
+                   "precision (repeat to merge files as snakemake --configfile A B does); "
+                   "--compile MODE then applies to every cell.")
 @click.option("--datasets", default=None, help="With --config: only these datasets (comma-"
                                                "separated).")
 @click.option("--seeds", default=None, help="With --config: only these seeds (comma-separated).")
@@ -393,9 +394,9 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
         project.cells(cfg, wanted, seed_list)  # an empty selection fails before a GPU claim
         with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
             result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slot_counts,
-                                     gpus=gpus,
-                                     device=dev, warmup=warmup, steps=steps,
+                                     gpus=gpus, device=dev, warmup=warmup, steps=steps,
                                      data_dir=data_dir, real_data=real_data,
+                                     compile=None if compile_ == "off" else compile_,
                                      progress=lambda m: click.echo(m, err=True))
         click.echo(project.format_projection(result))
         if out is not None:

@@ -19,6 +19,7 @@ The published figure beside each cell is training only: steps / the published it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -130,11 +131,11 @@ def run_seconds(cell: Cell, row: dict[str, Any], launch_s: float) -> dict[str, f
 
 
 def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | None = None,
-            slots: list[int] = (1,),
-            gpus: int = 1, device: str = "cpu", warmup: int = 20, steps: int = 50,
-            data_dir: Any = "data", real_data: bool = False,
-            progress: Any = None) -> dict[str, Any]:
-    """Measure every cell at every slot count and project the config's wall time."""
+            slots: list[int] = (1,), gpus: int = 1, device: str = "cpu", warmup: int = 20,
+            steps: int = 50, data_dir: Any = "data", real_data: bool = False,
+            compile: bool | str | None = None, progress: Any = None) -> dict[str, Any]:
+    """Measure every cell at every slot count and project the config's wall time;
+    `compile` (a mode) replaces every cell's recipe setting, to price a compiled grid."""
     if gpus < 1:
         raise UserError(f"invalid gpus {gpus!r}: expected an integer >= 1")
     if not slots or any(s < 1 for s in slots):
@@ -142,6 +143,9 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
     launch_s = process_age_s() or 0.0  # interpreter start and imports, as every run pays
     published_as = (cfg.get("report") or {}).get("published_as") or {}
     todo = cells(cfg, datasets, seeds)
+    if compile is not None:
+        for cell in todo:
+            cell.recipe = dataclasses.replace(cell.recipe, compile=compile)
     rows: list[dict[str, Any]] = []
     totals: dict[int, float | None] = {s: 0.0 for s in slots}
     published_total, published_missing = 0.0, 0
@@ -156,6 +160,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                 progress(f"measuring {cell.dataset} {cell.label} with {s} slot(s)")
             base = {"dataset": cell.dataset, "model": cell.label,
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
+                    "compile": cell.recipe.compile_mode or False,
                     "runs": len(cell.runs), "steps": cell.steps,
                     "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
             try:

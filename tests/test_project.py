@@ -150,3 +150,24 @@ def _die(kwargs, barrier, queue):
     import os
 
     os._exit(3)
+
+
+def test_compile_prices_every_cell_compiled(monkeypatch):
+    seen = []
+
+    def fake(slots, **kw):
+        seen.append(kw["recipe"].compile_mode)
+        return {"data_s": 1.0, "startup_s": 30.0, "iter_per_min": 6000.0,
+                "iter_per_min_per_slot": 6000.0, "eval_images_per_s": 1e4, "ckpt_s": 0.1,
+                "peak_mem_gib": None, "device_name": "fake"}
+
+    monkeypatch.setattr(project, "measure_slots", fake)
+    cfg = load_config(CONFIG / "resnet_baselines.yaml")
+    result = project.project(cfg, datasets=["cifar10"], seeds=[0], compile="reduce-overhead")
+    assert seen == ["reduce-overhead"] * 8
+    assert {r["compile"] for r in result["rows"]} == {"reduce-overhead"}
+    project.project(cfg, datasets=["cifar10"], seeds=[0])
+    assert seen[8:] == [None] * 8  # the config's own setting (off) otherwise
+    # 8 runs, each 48k steps at 6000/min (8 min) + 48 evaluations + start-up, one GPU, 1 slot
+    each = result["launch_s"] + 1.0 + 30.0 + 480.0 + 48 * (0.5 + 0.1)
+    assert result["total_s"][1] == pytest.approx(8 * each)
