@@ -53,8 +53,11 @@ for part in "${parts[@]}"; do
                 --precision bf16 --steps 200
             measure data-real --models resnet18 --dataset digits --real-data \
                 --batch-size 256 --precision bf16 --steps 200 ;;
-        cifar10) measure cifar10-baselines --config config/resnet_baselines.yaml \
-                     --datasets cifar10 --seeds 0 --slots 1,2 ;;
+        cifar10)
+            measure cifar10-baselines --config config/resnet_baselines.yaml \
+                --datasets cifar10 --seeds 0 --slots 1,2
+            measure cifar10-baselines-graphs --config config/resnet_baselines.yaml \
+                --datasets cifar10 --seeds 0 --slots 1,2 --compile reduce-overhead ;;
         lambda) measure lambda-cifar10 --config config/lambda_cifar10.yaml --seeds 0 ;;
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;

@@ -141,7 +141,8 @@ if "--out" in args:
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     assert sorted(p.stem for p in out.glob("*.json")) == [
-        "cifar10-baselines", "data-real", "data-synthetic", "slots2", "step"]
+        "cifar10-baselines", "cifar10-baselines-graphs", "data-real", "data-synthetic",
+        "slots2", "step"]
     index = (out / "index.md").read_text()
     assert "## cifar10-baselines" in index and "fake-gpu, torch 9.9, 2026-11-23" in index
     assert ("`lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 "
