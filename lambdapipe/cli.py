@@ -366,41 +366,14 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu
 
-    try:
-        slot_counts = [int(v) for v in slots.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"invalid --slots {slots!r}: expected integers >= 1, e.g. 1,2") from None
-    if not slot_counts or min(slot_counts) < 1:
-        raise UserError(f"invalid --slots {slots!r}: expected integers >= 1, e.g. 1,2")
+    slot_counts = _int_list(slots, "--slots", minimum=1, example="1,2")
     compile_mode = False if compile_ == "off" else compile_
     if configfiles:
-        from lambdapipe import project
-        from lambdapipe.config import load_configs
-
         if model_names is not None or model_args:
             raise UserError("--config takes models and model args from the config: drop "
                             "--models and --model-arg")
-        cfg = load_configs(configfiles)
-        named = " ".join(str(p) for p in configfiles)
-        wanted = [d.strip() for d in datasets.split(",")] if datasets else None
-        for d in wanted or []:
-            if d not in cfg["datasets"]:
-                raise UserError(f"invalid --datasets {d!r}: expected datasets of "
-                                f"{named}: " + ", ".join(cfg["datasets"]))
-        try:
-            seed_list = [int(v) for v in seeds.split(",")] if seeds else None
-        except ValueError:
-            raise UserError(f"invalid --seeds {seeds!r}: expected integers, e.g. 0,1") from None
-        project.cells(cfg, wanted, seed_list)  # an empty selection fails before a GPU claim
-        with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
-            result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slot_counts,
-                                     gpus=gpus, device=dev, warmup=warmup, steps=steps,
-                                     data_dir=data_dir, real_data=real_data,
-                                     compile=None if compile_ == "off" else compile_,
-                                     progress=lambda m: click.echo(m, err=True))
-        click.echo(project.format_projection(result))
-        if out is not None:
-            benchmark.write_rows(result.pop("rows"), out, config=named, **result)
+        _bench_config(configfiles, datasets, seeds, slot_counts, gpus, compile_mode or None,
+                      data_dir, real_data, warmup, steps, device, gpu_lock_dir, out)
         return
     if len(slot_counts) != 1:
         raise UserError(f"invalid --slots {slots!r}: one count without --config")
@@ -416,6 +389,48 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     click.echo(benchmark.format_rows(rows))
     if out is not None:
         benchmark.write_rows(rows, out)
+
+
+def _int_list(value: str, option: str, minimum: int, example: str) -> list[int]:
+    """'1,2' -> [1, 2] for a comma-separated option, or one line naming the option."""
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < minimum:
+        raise UserError(f"invalid {option} {value!r}: expected integers >= {minimum}, "
+                        f"e.g. {example}")
+    return numbers
+
+
+def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: str | None,
+                  slots: list[int], gpus: int, compile_mode: str | None, data_dir: Path,
+                  real_data: bool, warmup: int, steps: int, device: str,
+                  gpu_lock_dir: Path | None, out: Path | None) -> None:
+    """`bench --config`: every argument checked before the GPU is claimed."""
+    from lambdapipe import bench as benchmark
+    from lambdapipe import gpu, project
+    from lambdapipe.config import load_configs
+
+    cfg = load_configs(configfiles)
+    named = " ".join(str(p) for p in configfiles)
+    wanted = [d.strip() for d in datasets.split(",")] if datasets else None
+    for d in wanted or []:
+        if d not in cfg["datasets"]:
+            raise UserError(f"invalid --datasets {d!r}: expected datasets of {named}: "
+                            + ", ".join(cfg["datasets"]))
+    seed_list = _int_list(seeds, "--seeds", minimum=0, example="0,1") if seeds else None
+    if gpus < 1:
+        raise UserError(f"invalid --gpus {gpus!r}: expected an integer >= 1")
+    project.cells(cfg, wanted, seed_list)  # an empty selection fails here too
+    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+        result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
+                                 device=dev, warmup=warmup, steps=steps, data_dir=data_dir,
+                                 real_data=real_data, compile=compile_mode,
+                                 progress=lambda m: click.echo(m, err=True))
+    click.echo(project.format_projection(result))
+    if out is not None:
+        benchmark.write_rows(result.pop("rows"), out, config=named, **result)
 
 
 # --------------------------------------------------------------------------- reporting

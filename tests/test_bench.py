@@ -84,7 +84,7 @@ def test_real_data_uses_the_prepared_split(tmp_path):
     (["--batch-size", "0"], "invalid batch size 0"),
     (["--models", ","], "no model to benchmark"),
     (["--slots", "0"], "invalid --slots '0': expected integers >= 1"),
-    (["--slots", "two"], "invalid --slots 'two'"),
+    (["--slots", "two"], "invalid --slots 'two': expected integers >= 1"),
     (["--slots", "1,2"], "one count without --config"),
     (["--config", "config/demo.yaml"], "--config takes models and model args from the config"),
     (["--compile", "fast"], "'fast' is not one of 'off', 'default'"),

@@ -94,7 +94,7 @@ def test_cli_projects_a_stand_in_config(tmp_path):
     (["--datasets", "mnist"], "invalid --datasets 'mnist': expected datasets of"),
     (["--seeds", "7"], "no run of the config is left to project"),
     (["--seeds", "x"], "invalid --seeds 'x'"),
-    (["--gpus", "0"], "invalid gpus 0"),
+    (["--gpus", "0"], "invalid --gpus 0"),
 ])
 def test_bad_projection_arguments_are_one_line(args, needle):
     result = CliRunner().invoke(main, ["bench", "--config", str(CONFIG / "demo.yaml"),
