@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import queue as queue_module
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, pla
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
+from lambdapipe.reference import depth_width
 from lambdapipe.train import TrainStep, make_optimizer
 
 REFERENCE = "resnet18"
@@ -332,8 +332,8 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
 
 def matching_resnet(model: str) -> str | None:
     """lr34_l3_lc -> resnet34, lambda_resnet50_u4_r7 -> resnet50; None for a ResNet."""
-    m = re.fullmatch(r"(?:lr|lambda_resnet)(\d+)(?:_\w+)?", model)
-    return f"resnet{m.group(1)}" if m else None
+    depth, _ = depth_width(model)
+    return f"resnet{depth}" if depth and not model.startswith("resnet") else None
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -121,17 +121,20 @@ def load_schema(path: Path | None = None) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def load_config(path: str | Path) -> dict:
-    """Read a YAML config and return it validated, with defaults filled in."""
+def _read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found")
     try:
-        cfg = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"config file {str(path)!r} is not valid YAML: "
                         f"{str(exc).splitlines()[0]}") from None
-    return check_config(cfg)
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config and return it validated, with defaults filled in."""
+    return check_config(_read_yaml(path))
 
 
 def load_configs(paths: Iterable[str | Path]) -> dict:
@@ -139,14 +142,7 @@ def load_configs(paths: Iterable[str | Path]) -> dict:
     update earlier ones key by key, nested mappings recursively), then validated."""
     merged: dict = {}
     for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {str(path)!r} not found")
-        try:
-            cfg = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file {str(path)!r} is not valid YAML: "
-                            f"{str(exc).splitlines()[0]}") from None
+        cfg = _read_yaml(path) or {}
         if not isinstance(cfg, dict):
             raise UserError(f"config file {str(path)!r} must be a mapping of keys")
         _update(merged, cfg)

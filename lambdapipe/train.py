@@ -178,9 +178,10 @@ def make_optimizer(model: torch.nn.Module, r: Recipe, device: str = "cpu",
     compute the same update as the for-each path to float tolerance (tests/test_train.py).
 
     Never fused SGD under fp16 loss scaling: a step the scaler skips still runs the fused
-    SGD kernel, which leaves the momentum buffer it allocated on the first step
-    uninitialised (NaN momentum from then on; caught by the test, torch 2.14 CPU, and
-    reported for CUDA fused SGD in torch 2.11). Fused Adam/AdamW skip such steps cleanly."""
+    SGD kernel, after which fused SGD trains differently from plain SGD (its momentum buffer
+    is allocated but not written: test_fused_sgd_under_loss_scaling_is_what_we_avoid shows
+    it on torch 2.14 CPU; it is reported for CUDA fused SGD in torch 2.11). Fused Adam/AdamW
+    skip such steps cleanly."""
     if fused is None:
         fused = torch.device(device).type == "cuda"
     if r.optimizer == "sgd" and r.precision == "fp16":
