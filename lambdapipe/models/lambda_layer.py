@@ -19,7 +19,13 @@ The position term has three implementations that compute the same function (`imp
             outside the scope) times V as one GEMM; n*m*k*u*v MACs, table n*m*k*u floats.
 - 'logit':  a_nm = q_n . e_nm per head, then a @ V; n*m*h*u*(k+v) MACs, but it stores a
             (b, h, u, n, m) tensor.
-'auto' picks the cheapest in MACs among those whose dense tensors fit the limits below.
+'auto' runs what `models/autotune.py` measured fastest for the layer's map size on the
+device at hand (`tuned`, set before training, never inside forward); without a measurement
+it picks the cheapest in MACs among those whose dense tensors fit the limits below.
+
+The forward is a pure function of its input and parameters: it stores nothing on the module
+(torch.compile and CUDA graphs replay it; a tensor kept from one replay is overwritten by the
+next), and e_nm is cut from the padded R by `unfold`, with no index table to cache.
 """
 
 from __future__ import annotations
@@ -38,15 +44,6 @@ IMPLS = ("auto", "conv", "lambda", "logit")
 LOGIT_MAX_NM = 2**16
 LAMBDA_MAX_TABLE = 2**25
 
-
-def relative_index(height: int, width: int, device: torch.device | None = None) -> Tensor:
-    """(n, m) index of the offset m - n into a flattened (2H-1) x (2W-1) offset grid."""
-    ys, xs = torch.meshgrid(torch.arange(height, device=device),
-                            torch.arange(width, device=device), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[None, :] - ys[:, None] + height - 1
-    dx = xs[None, :] - xs[:, None] + width - 1
-    return dy * (2 * width - 1) + dx
 
 
 class LambdaLayer(nn.Module):
@@ -92,7 +89,9 @@ class LambdaLayer(nn.Module):
                                        nn.BatchNorm2d(v * u))
         # R: one k x u embedding per relative offset; std k^-1/2 gives q_n . e_nm unit variance.
         self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape) / math.sqrt(k))
-        self._index_cache: dict[tuple[int, int, torch.device], Tensor] = {}
+        # (height, width, impl) measured fastest by models/autotune.py for 'auto'; plain
+        # Python values, so torch.compile specialises on them instead of breaking the graph.
+        self.tuned: tuple[int, int, str] | None = None
 
     def extra_repr(self) -> str:
         where = f"scope={self.scope}" if self.scope else f"context_size={self.context_size}"
@@ -126,16 +125,32 @@ class LambdaLayer(nn.Module):
         return content + self.position_macs(height, width, self.resolve_impl(height, width))
 
     def resolve_impl(self, height: int, width: int) -> str:
-        """The implementation 'auto' runs for an H x W map (the cheapest that fits in memory)."""
+        """The implementation this layer runs for an H x W map: the requested one, else the
+        measured fastest (`tuned`), else `rule_impl`."""
         if self.impl != "auto":
             return self.impl
+        if self.tuned is not None and self.tuned[:2] == (height, width):
+            return self.tuned[2]
+        return self.rule_impl(height, width)
+
+    def candidate_impls(self, height: int, width: int) -> list[str]:
+        """The implementations whose dense tensors stay within the fixed limits."""
         n = height * width
         candidates = ["conv"]
         if n * n * self.query_depth * self.intra_depth <= LAMBDA_MAX_TABLE:
             candidates.append("lambda")
         if n * n <= LOGIT_MAX_NM:
             candidates.append("logit")
-        return min(candidates, key=lambda impl: self.position_macs(height, width, impl))
+        return candidates
+
+    def rule_impl(self, height: int, width: int) -> str:
+        """The fixed rule (CPU, or no measurement): the fewest MACs among the candidates."""
+        best, best_macs = "conv", self.position_macs(height, width, "conv")
+        for impl in self.candidate_impls(height, width)[1:]:
+            macs = self.position_macs(height, width, impl)
+            if macs < best_macs:
+                best, best_macs = impl, macs
+        return best
 
     # ------------------------------------------------------------------ embeddings
     def _cropped_embedding(self, height: int, width: int) -> Tensor:
@@ -150,10 +165,11 @@ class LambdaLayer(nn.Module):
         emb = self._cropped_embedding(height, width)
         py, px = height - 1 - emb.shape[-2] // 2, width - 1 - emb.shape[-1] // 2
         emb = F.pad(emb, (px, px, py, py))  # now over all (2H-1) x (2W-1) offsets
-        key = (height, width, emb.device)
-        if key not in self._index_cache:
-            self._index_cache[key] = relative_index(height, width, emb.device)
-        return emb.flatten(2)[:, :, self._index_cache[key]]
+        # windows[a, b, y', x'] = emb[a + y', b + x']; e_nm for n = (y, x) is the window at
+        # (a, b) = (H-1-y, W-1-x), hence the flip. A view until the reshape copies it once.
+        windows = emb.unfold(2, height, 1).unfold(3, width, 1).flip(2, 3)
+        k, u = emb.shape[:2]
+        return windows.reshape(k, u, height * width, height * width)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
