@@ -32,7 +32,7 @@ from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
-from lambdapipe.train import TrainStep, make_optimizer
+from lambdapipe.train import TrainStep, _kernels, make_optimizer, runtime_settings
 
 REFERENCE = "resnet18"
 # Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
@@ -124,13 +124,30 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
-            image_size: int | None = None, data_dir: Path = Path("data"),
-            real_data: bool = False, warmup: int = 20,
-            steps: int = 50, eval_images: int = EVAL_IMAGES,
-            model_args: dict[str, Any] | None = None, device: str = "cpu",
-            barrier: Any = None) -> dict[str, Any]:
-    """One model under `recipe` on `device` (the recipe as it runs there: `Recipe.on`)."""
+def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
+    """One model under `recipe` on `device` (the recipe as it runs there: `Recipe.on`),
+    with the kernel settings a training run has (cuDNN autotuning, TF32 as the recipe says)."""
+    device = kwargs.get("device", "cpu")
+    with _kernels(False, device, recipe.on(device).tf32):
+        return _measure(name, recipe, **kwargs)
+
+
+def path_label(path: str, runtime: dict[str, Any]) -> str:
+    """What a row ran: eager / compiled / graphs, channels_last, each lambda impl."""
+    kind = {"eager": "eager", "reduce-overhead": "graphs", "max-autotune": "graphs+autotune"}
+    label = kind.get(path, "compiled" if not path.startswith("eager") else "eager-fallback")
+    if runtime.get("channels_last"):
+        label += "/cl"
+    impls = sorted(set(runtime.get("lambda_impls", {}).values()))
+    return label + (" " + "+".join(impls) if impls else "")
+
+
+def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
+             image_size: int | None = None, data_dir: Path = Path("data"),
+             real_data: bool = False, warmup: int = 20,
+             steps: int = 50, eval_images: int = EVAL_IMAGES,
+             model_args: dict[str, Any] | None = None, device: str = "cpu",
+             barrier: Any = None) -> dict[str, Any]:
     from lambdapipe.data import dataset_info
     from lambdapipe.models import count_params, create_model
 
@@ -152,7 +169,10 @@ def measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
     t_build = time.perf_counter()
     torch.manual_seed(0)
     model = create_model(name, num_classes=info.num_classes, image_size=size,
-                         **(model_args or {})).to(device)
+                         **(model_args or {}))
+    # the path training takes: lambda impls measured (or cached) as `train` chooses them
+    runtime = runtime_settings(model, recipe, size, device)
+    model = model.to(device)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, recipe, device)
@@ -213,7 +233,9 @@ def measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
     row = {
         "model": name, "params": count_params(model), "dataset": dataset,
         "real_data": real_data, "batch_size": batch_size, "precision": recipe.precision,
-        "compile": recipe.compile_mode or False, "device": str(device),
+        "compile": recipe.compile_mode or False, "path": path_label(step.path, runtime),
+        "channels_last": recipe.channels_last, "tf32": recipe.tf32,
+        "lambda_impls": runtime["lambda_impls"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "warmup": warmup, "steps": steps, "slots": 1, "step_ms": 1000 * step_s,
         "iter_per_min": 60 / step_s, "images_per_s": batch_size / step_s,
@@ -304,30 +326,42 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
 
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
         real_data: bool = False, batch_size: int = 256, precision: str = "bf16",
-        compile: bool | str = False, warmup: int = 20, steps: int = 50,
+        compile: bool | str = "auto", warmup: int = 20, steps: int = 50,
         model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
-        eval_images: int = EVAL_IMAGES, recipe: str = "sgdm") -> list[dict[str, Any]]:
+        eval_images: int = EVAL_IMAGES, recipe: str = "sgdm",
+        on_row: Any = None) -> list[dict[str, Any]]:
     """One row per model: iter/min, images/s, step time, peak memory, FLOP/s, MFU, start-up,
     evaluation and checkpoint costs, and the throughput relative to ResNet-18 when it is
-    among `names`."""
+    among `names`. `on_row(row)` is called as each row is measured (a time limit then loses
+    only the rows not yet measured)."""
     check_args(names, batch_size, precision, warmup, steps, slots)
     r = get_recipe(recipe, {"batch_size": batch_size, "precision": precision,
                             "compile": compile})
-    rows = [measure_slots(slots, name=name, recipe=r, dataset=dataset, data_dir=data_dir,
-                          real_data=real_data, warmup=warmup, steps=steps,
-                          eval_images=eval_images, model_args=model_args, device=device)
-            for name in names]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        rows.append(measure_slots(slots, name=name, recipe=r, dataset=dataset,
+                                  data_dir=data_dir, real_data=real_data, warmup=warmup,
+                                  steps=steps, eval_images=eval_images,
+                                  model_args=model_args, device=device))
+        _ratios(rows)
+        if on_row is not None:
+            on_row(rows[-1])
+    _ratios(rows)  # rows measured before their reference get theirs now
+    return rows
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """Throughput over ResNet-18's, and (issue 6's bar) each Lambda-ResNet's throughput and
+    memory over the ResNet of its depth, among the rows measured so far in this run."""
     by_name = {row["model"]: row for row in rows}
     ref = by_name.get(REFERENCE)
     for row in rows:
         row["vs_resnet18"] = row["images_per_s"] / ref["images_per_s"] if ref else None
-        # Issue 6's bar: each Lambda-ResNet against the ResNet of its depth, same run.
         base = by_name.get(matching_resnet(row["model"]) or "")
         row["vs_resnet"] = row["images_per_s"] / base["images_per_s"] if base else None
         row["mem_vs_resnet"] = (row["peak_mem_gib"] / base["peak_mem_gib"]
                                 if base and row["peak_mem_gib"] and base["peak_mem_gib"]
                                 else None)
-    return rows
 
 
 def matching_resnet(model: str) -> str | None:
@@ -340,26 +374,29 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table, one line per model."""
-    head = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms':>8} "
-            f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6} {'vs base':>7} "
-            f"{'mem x':>5} {'start s':>7} {'eval img/s':>10} {'ckpt s':>6}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['model']:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
+HEAD = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms':>8} "
+        f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6} {'vs base':>7} "
+        f"{'mem x':>5} {'start s':>7} {'eval img/s':>10} {'ckpt s':>6}  path")
+
+
+def format_row(r: dict[str, Any]) -> str:
+    return (f"{r['model']:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
             f"{r['images_per_s']:>9.0f} {r['step_ms']:>8.2f} {_fmt(r['peak_mem_gib'], '8.2f'):>8} "
             f"{_fmt(r['model_tflops_per_s'], '8.1f'):>8} {_fmt(r['mfu'], '6.1%'):>6} "
             f"{_fmt(r.get('vs_resnet18'), '6.2f'):>6} {_fmt(r.get('vs_resnet'), '7.2f'):>7} "
             f"{_fmt(r.get('mem_vs_resnet'), '5.2f'):>5} {r['startup_s']:>7.1f} "
-            f"{r['eval_images_per_s']:>10.0f} {r['ckpt_s']:>6.2f}")
+            f"{r['eval_images_per_s']:>10.0f} {r['ckpt_s']:>6.2f}  {r.get('path', '-')}")
+
+
+def format_rows(rows: list[dict[str, Any]], head: bool = True) -> str:
+    """A plain-text table, one line per model (`head=False`: the closing line only)."""
+    lines = [HEAD, "-" * len(HEAD)] + [format_row(r) for r in rows] if head else []
     if rows:
         r = rows[0]
         slots = (f", {r['slots']} processes at once (rates and memory summed)"
                  if r["slots"] > 1 else "")
         lines.append(f"({r['device_name']}, {r['precision']}, batch {r['batch_size']}, "
-                     f"{'compiled ' + r['compile'] if r['compile'] else 'eager'}, "
+                     f"{'tf32, ' if r.get('tf32') else ''}"
                      f"{'real' if r['real_data'] else 'synthetic'} {r['dataset']} data, "
                      f"{r['steps']} timed steps after {r['warmup']} warm-up{slots})")
     return "\n".join(lines)

@@ -337,10 +337,11 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16",
               show_default=True)
-@click.option("--compile", "compile_", default="off", show_default=True,
-              type=click.Choice(["off", "default", "reduce-overhead", "max-autotune",
+@click.option("--compile", "compile_", default="auto", show_default=True,
+              type=click.Choice(["auto", "off", "default", "reduce-overhead", "max-autotune",
                                  "max-autotune-no-cudagraphs"]),
-              help="torch.compile the model with this mode (reduce-overhead: + CUDA graphs).")
+              help="torch.compile mode; auto is what training runs (CUDA graphs on a GPU, "
+                   "eager on a CPU); reduce-overhead: + CUDA graphs.")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
@@ -367,12 +368,14 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     from lambdapipe import gpu
 
     slot_counts = _int_list(slots, "--slots", minimum=1, example="1,2")
-    compile_mode = False if compile_ == "off" else compile_
+    compile_mode: bool | str = False if compile_ == "off" else compile_
     if configfiles:
         if model_names is not None or model_args:
             raise UserError("--config takes models and model args from the config: drop "
                             "--models and --model-arg")
-        _bench_config(configfiles, datasets, seeds, slot_counts, gpus, compile_mode or None,
+        # auto: each cell as its recipe says; off or a mode: every cell so
+        _bench_config(configfiles, datasets, seeds, slot_counts, gpus,
+                      None if compile_ == "auto" else compile_mode,
                       data_dir, real_data, warmup, steps, device, gpu_lock_dir, out)
         return
     if len(slot_counts) != 1:
@@ -380,13 +383,25 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     names = [m.strip() for m in (model_names or "resnet18,resnet20x1,lr18_l3_lc,lr18_l2_lc")
              .split(",") if m.strip()]
     benchmark.check_args(names, batch_size, precision, warmup, steps, slot_counts[0])
+    done: list[dict] = []
+
+    def on_row(row: dict) -> None:  # printed and saved as measured: a kill loses no row
+        done.append(row)
+        click.echo(benchmark.format_row(row))
+        if out is not None:
+            benchmark.write_rows(done, out)
+
+    parsed_args = _parse_key_values(model_args, "--model-arg")
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:  # timings need the GPU to itself
+        click.echo(benchmark.HEAD + "\n" + "-" * len(benchmark.HEAD))
         rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
                              batch_size=batch_size, precision=precision, compile=compile_mode,
-                             warmup=warmup, steps=steps,
-                             model_args=_parse_key_values(model_args, "--model-arg"),
-                             device=dev, slots=slot_counts[0])
-    click.echo(benchmark.format_rows(rows))
+                             warmup=warmup, steps=steps, model_args=parsed_args,
+                             device=dev, slots=slot_counts[0], on_row=on_row)
+    if len(rows) > 1:  # ratios to rows measured later: the whole table once more
+        click.echo(benchmark.format_rows(rows))
+    else:
+        click.echo(benchmark.format_rows(rows, head=False))
     if out is not None:
         benchmark.write_rows(rows, out)
 
@@ -404,7 +419,7 @@ def _int_list(value: str, option: str, minimum: int, example: str) -> list[int]:
 
 
 def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: str | None,
-                  slots: list[int], gpus: int, compile_mode: str | None, data_dir: Path,
+                  slots: list[int], gpus: int, compile_mode: bool | str | None, data_dir: Path,
                   real_data: bool, warmup: int, steps: int, device: str,
                   gpu_lock_dir: Path | None, out: Path | None) -> None:
     """`bench --config`: every argument checked before the GPU is claimed."""

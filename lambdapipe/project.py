@@ -160,7 +160,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                 progress(f"measuring {cell.dataset} {cell.label} with {s} slot(s)")
             base = {"dataset": cell.dataset, "model": cell.label,
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
-                    "compile": cell.recipe.compile_mode or False,
+                    "compile": cell.recipe.on(device).compile_mode or False,
                     "runs": len(cell.runs), "steps": cell.steps,
                     "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
             try:
@@ -181,7 +181,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
             rows.append({**base, "iter_per_min": row["iter_per_min"],
                          "iter_per_min_per_slot": row["iter_per_min_per_slot"],
                          "peak_mem_gib": row["peak_mem_gib"], **parts,
-                         "device_name": row["device_name"]})
+                         "device_name": row["device_name"], "path": row.get("path")})
     best = min((s for s in totals if totals[s] is not None), key=totals.get)
     return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals,
             "best_slots": best, "published_total_s": published_total or None,
@@ -197,7 +197,7 @@ def _minutes(seconds: float | None) -> str:
 def format_projection(result: dict[str, Any]) -> str:
     head = (f"{'dataset':<15} {'model':<22} {'prec':<5} {'runs':>4} {'steps':>7} {'slots':>5} "
             f"{'iter/min':>9} {'per run':>8} {'start s':>7} {'eval min':>8} {'run min':>8} "
-            f"{'pub. min':>8}")
+            f"{'pub. min':>8}  path")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         if "error" in r:
@@ -209,7 +209,7 @@ def format_projection(result: dict[str, Any]) -> str:
             f"{r['steps']:>7} {r['slots']:>5} {r['iter_per_min']:>9.0f} "
             f"{r['iter_per_min_per_slot']:>8.0f} {r['startup_s'] + r['launch_s']:>7.1f} "
             f"{_minutes(r['eval_s']):>8} {_minutes(r['run_s']):>8} "
-            f"{_minutes(r['published_run_s']):>8}")
+            f"{_minutes(r['published_run_s']):>8}  {r.get('path') or '-'}")
     device = next((r["device_name"] for r in result["rows"] if "device_name" in r), "?")
     lines.append("")
     for s, total in result["total_s"].items():

@@ -23,6 +23,11 @@ SCHEDULES = ("cosine", "warm-restarts", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # torch.compile modes (`compile: true` is "default"); reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# `compile: auto` (the default): CUDA graphs on a GPU, where they measured 3x eager for every
+# model (docs/performance.md); eager on a CPU, where compiling costs minutes and gains little.
+AUTO_COMPILE = {"cuda": "reduce-overhead"}
+# Fields that change speed, not the experiment: a run directory resumes across them.
+SPEED_FIELDS = ("compile", "channels_last", "tf32")
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,9 @@ class Recipe:
     precision: str = "fp32"
     crop_padding: int = 4  # random crop after zero padding by this many pixels (0 = none)
     flip: bool = True  # random horizontal flip
-    channels_last: bool = False
-    compile: bool | str = False  # false, true (= "default") or one of COMPILE_MODES
+    channels_last: bool | str = "auto"  # auto: on CUDA, off on CPU
+    compile: bool | str = "auto"  # auto, false, true (= "default") or one of COMPILE_MODES
+    tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (CUDA only)
     # Test accuracy at every evaluation, as the LambdaNetworks community table reads it (best
     # seen); reported beside ours, never used to choose a checkpoint.
     track_test_every_eval: bool = False
@@ -67,17 +73,24 @@ class Recipe:
         return d
 
     def on(self, device: str) -> Recipe:
-        """The recipe as it runs on `device`. channels_last is a GPU layout; on CPU, oneDNN's
-        1x1-convolution weight-gradient kernel (torch 2.14, one thread) writes past its buffer
-        with it and corrupts the heap, so CPU runs keep NCHW."""
-        if self.channels_last and str(device).split(":")[0] == "cpu":
-            return dataclasses.replace(self, channels_last=False)
-        return self
+        """The recipe as it runs on `device`, every `auto` resolved. channels_last is a GPU
+        layout; on CPU, oneDNN's 1x1-convolution weight-gradient kernel (torch 2.14, one
+        thread) writes past its buffer with it and corrupts the heap, so CPU runs keep NCHW.
+        TF32 exists on CUDA only."""
+        kind = str(device).split(":")[0]
+        on_cuda = kind == "cuda"
+        compile_ = self.compile
+        if compile_ == "auto":
+            compile_ = AUTO_COMPILE.get(kind, False)
+        return dataclasses.replace(
+            self, compile=compile_, channels_last=on_cuda and self.channels_last is not False,
+            tf32=on_cuda and self.tf32 and self.precision == "fp32")
 
     @property
     def compile_mode(self) -> str | None:
-        """The torch.compile mode, or None when the step runs eagerly."""
-        if self.compile is False:
+        """The torch.compile mode, or None when the step runs eagerly (`auto` means what
+        `on(device)` resolves it to; unresolved it is None)."""
+        if self.compile is False or self.compile == "auto":
             return None
         return "default" if self.compile is True else self.compile
 
@@ -129,7 +142,7 @@ def list_recipes() -> list[str]:
 _FIELDS = {f.name: f for f in fields(Recipe)}
 _INT = {"batch_size", "iterations", "eval_every", "crop_padding"}
 _OPTIONAL = {"iterations", "epochs", "eval_every", "eval_every_epochs", "grad_clip"}
-_BOOL = {"nesterov", "flip", "channels_last", "track_test_every_eval"}
+_BOOL = {"nesterov", "flip", "tf32", "track_test_every_eval"}
 _STR = {"name", "description", "optimizer", "schedule", "precision"}
 # Setting one unit of a pair clears the other, so `--set iterations=200` works on any recipe.
 _EXCLUSIVE = {"iterations": "epochs", "epochs": "iterations",
@@ -147,12 +160,16 @@ def _coerce(key: str, value: Any) -> Any:
             return value
         raise bad_value(f"recipe field {key}", value, "true or false")
     if key == "compile":
-        if isinstance(value, bool) or value in COMPILE_MODES:
+        if isinstance(value, bool) or value in COMPILE_MODES or value == "auto":
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise bad_value("recipe field compile", value,
-                        "true, false or a torch.compile mode: " + ", ".join(COMPILE_MODES))
+                        "auto, true, false or a torch.compile mode: " + ", ".join(COMPILE_MODES))
+    if key == "channels_last":
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise bad_value("recipe field channels_last", value, "auto, true or false")
     if key in _STR:
         return str(value)
     if key in ("betas", "step_milestones"):

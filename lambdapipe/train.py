@@ -44,7 +44,7 @@ from lambdapipe.evaluate import (
     predict,
     save_checkpoint,
 )
-from lambdapipe.recipes import Recipe, get_recipe
+from lambdapipe.recipes import SPEED_FIELDS, Recipe, get_recipe
 
 METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
                   "val_loss", "val_acc", "images_per_s", "elapsed_s"]
@@ -82,12 +82,13 @@ class TrainConfig:
 
 
 def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs in the experiment; speed settings (SPEED_FIELDS) do not count."""
     diffs = []
     for key, value in wanted.items():
         old = saved.get(key)
         if isinstance(value, dict) and isinstance(old, dict) and key == "recipe":
             diffs += [f"recipe.{k}: {old.get(k)!r} -> {v!r}" for k, v in value.items()
-                      if old.get(k) != v]
+                      if old.get(k) != v and k not in SPEED_FIELDS]
         elif old != value:
             diffs.append(f"{key}: {old!r} -> {value!r}")
     return diffs
@@ -165,6 +166,22 @@ def _run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu"
     }, default=str))
 
 
+def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int,
+                     device: str) -> dict[str, Any]:
+    """The speed settings a run resolved on `device` (config.json's `runtime`), after
+    choosing each 'auto' lambda layer's implementation (timed on CUDA, cached on disk;
+    models/autotune.py). `r` is the recipe as it runs there (`Recipe.on`)."""
+    from lambdapipe.evaluate import AMP_DTYPES
+    from lambdapipe.models.autotune import choose_impls, default_cache
+
+    impls = choose_impls(model, image_size, r.batch_size, device,
+                         AMP_DTYPES.get(r.precision), r.channels_last, cache=default_cache(),
+                         log=_log)
+    return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,
+            "tf32": r.tf32, "lambda_impls": {name: c["impl"] for name, c in impls.items()},
+            "lambda_impls_how": sorted({c["how"] for c in impls.values()})}
+
+
 def _version() -> str:
     from lambdapipe import __version__
     return __version__
@@ -210,6 +227,8 @@ class TrainStep:
         self.mean, self.std = mean, std
         self.forward = (torch.compile(model, mode=r.compile_mode) if r.compile_mode
                         else model)
+        # what the step runs: "eager", a torch.compile mode, or "eager (fallback: reason)"
+        self.path = r.compile_mode or "eager"
         self.scaler = torch.amp.GradScaler(torch.device(device).type,
                                            enabled=r.precision == "fp16")
         self.tally = torch.zeros(6, dtype=torch.float64, device=device)
@@ -220,12 +239,34 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
                  step: int) -> torch.Tensor:
+        if self.forward is self.model:
+            return self._step(x, y, y_clean, lr, step)
+        try:
+            return self._step(x, y, y_clean, lr, step)
+        except Exception as exc:  # noqa: BLE001 - any compile or graph-capture failure
+            self.fall_back(exc)
+        return self._step(x, y, y_clean, lr, step)
+
+    def fall_back(self, exc: BaseException) -> None:
+        """Continue eagerly after the compiled step failed (compilation, CUDA graph capture
+        or replay): one warning line, and the reason in `path` (summary.json's `compile`).
+        Failures surface in the forward or backward, before the optimizer step, so the
+        step is simply taken again; a failure the eager step repeats is raised from there."""
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        self.path = f"eager (fallback: {type(exc).__name__}: {reason})"
+        self.forward = self.model
+        self.optimizer.zero_grad(set_to_none=True)
+        _log(f"warning: {self.r.compile_mode} compiled step failed, training continues "
+             f"eagerly: {type(exc).__name__}: {reason}")
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
+              step: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.r.precision):
             logits = self.forward(normalize(x, self.mean, self.std, self.r.channels_last))
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.r.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.r.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -284,18 +325,24 @@ def _set_rng_state(state: dict[str, Any], device: str) -> None:
 
 
 @contextlib.contextmanager
-def _kernels(deterministic: bool, device: str):
-    """Deterministic kernels for the duration of a run (restored after, for library users)."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+def _kernels(deterministic: bool, device: str, tf32: bool = False):
+    """Deterministic kernels and the TF32 setting for the duration of a run (restored
+    after, for library users)."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     if deterministic and torch.device(device).type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(prev[0])
         torch.backends.cudnn.benchmark = prev[1]
+        torch.set_float32_matmul_precision(prev[2])
+        torch.backends.cudnn.allow_tf32 = prev[3]
 
 
 def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
@@ -344,7 +391,7 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
     check_before_start(cfg)  # also refuses an --out that holds a different config
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    with _kernels(cfg.deterministic, device):
+    with _kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
         return _train(cfg, str(device), progress, callback)
 
 
@@ -361,7 +408,9 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
     eval_every = r.eval_interval(steps_per_epoch)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(config).to(device)
+    model = build_model(config)
+    config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device)
+    model = model.to(device)
     if r.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, r, device)
@@ -478,7 +527,8 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
         "train_clean_acc": rows[-1]["train_clean_acc"] if rows else None,
         "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
         if r.track_test_every_eval else None,
-        "status": "ok" if diverged_at is None else "diverged", "diverged_at": diverged_at,
+        "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
+        "compile": step_fn.path,
         "skipped_steps": state.skipped_steps,
         # evaluations whose val loss was not finite while training was (eval-mode overflow)
         "nonfinite_val_evals": sum(not math.isfinite(x["val_loss"]) for x in rows),
@@ -490,6 +540,17 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
                for k, v in summary.items()}  # strict JSON: a NaN val loss becomes null
     atomic.write_json(out / "summary.json", summary)
     return summary
+
+
+def _status(diverged_at: int | None, rows: list[dict[str, float]],
+            test: dict[str, Any] | None) -> str:
+    """ok, diverged (training loss not finite), or non-finite: training was finite but the
+    final evaluation (the last val pass, or test on best.ckpt) was not, so the run is no
+    result (the report leaves it out of every mean and names it)."""
+    if diverged_at is not None:
+        return "diverged"
+    finals = ([rows[-1]["val_loss"]] if rows else []) + ([test["nll"]] if test else [])
+    return "ok" if all(math.isfinite(v) for v in finals) else "non-finite"
 
 
 def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:

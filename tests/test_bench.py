@@ -87,7 +87,7 @@ def test_real_data_uses_the_prepared_split(tmp_path):
     (["--slots", "two"], "invalid --slots 'two': expected integers >= 1"),
     (["--slots", "1,2"], "one count without --config"),
     (["--config", "config/demo.yaml"], "--config takes models and model args from the config"),
-    (["--compile", "fast"], "'fast' is not one of 'off', 'default'"),
+    (["--compile", "fast"], "'fast' is not one of 'auto', 'off', 'default'"),
 ])
 def test_bad_arguments_are_one_line(args, needle):
     result = CliRunner().invoke(main, ["bench", "--dataset", "digits", "--device", "cpu",

@@ -79,8 +79,11 @@ def test_overrides_are_typed_and_a_budget_unit_replaces_the_other():
     ("sgdm", {"iterations": None}, "exactly one of iterations, epochs"),
     ("adam-restarts", {"nesterov": True}, "invalid nesterov True"),
     ("sgdm", {"warmup": 1.5}, "invalid warmup 1.5"),
-    ("sgdm", {"compile": "fast"}, "invalid recipe field compile 'fast': expected true, false or "
-                                  "a torch.compile mode: default, reduce-overhead"),
+    ("sgdm", {"compile": "fast"}, "invalid recipe field compile 'fast': expected auto, true, "
+                                  "false or a torch.compile mode: default, reduce-overhead"),
+    ("sgdm", {"channels_last": "yes"}, "invalid recipe field channels_last 'yes': expected "
+                                       "auto, true or false"),
+    ("sgdm", {"tf32": "no"}, "invalid recipe field tf32 'no': expected true or false"),
 ])
 def test_bad_recipe_input_is_one_line(name, overrides, needle):
     with pytest.raises(UserError) as err:
@@ -89,15 +92,32 @@ def test_bad_recipe_input_is_one_line(name, overrides, needle):
 
 
 def test_compile_takes_a_flag_or_a_mode():
-    assert get_recipe("sgdm").compile_mode is None
+    assert get_recipe("sgdm").compile == "auto" and get_recipe("sgdm").compile_mode is None
     assert get_recipe("sgdm", {"compile": True}).compile_mode == "default"
     assert get_recipe("sgdm", {"compile": "true"}).compile_mode == "default"
     assert get_recipe("sgdm", {"compile": "false"}).compile_mode is None
     assert get_recipe("sgdm", {"compile": "reduce-overhead"}).compile_mode == "reduce-overhead"
 
 
+def test_auto_is_the_fast_path_on_cuda_and_eager_on_cpu():
+    """The defaults: CUDA graphs, channels_last and TF32 (fp32 recipes) on a GPU; none on a
+    CPU. Explicit settings stand, except channels_last on CPU (below) and TF32 off CUDA."""
+    r = get_recipe("sgdm")
+    assert (r.compile, r.channels_last, r.tf32) == ("auto", "auto", True)
+    gpu, cpu = r.on("cuda:0"), r.on("cpu")
+    assert (gpu.compile_mode, gpu.channels_last, gpu.tf32) == ("reduce-overhead", True, True)
+    assert (cpu.compile_mode, cpu.channels_last, cpu.tf32) == (None, False, False)
+    assert r.on("cuda").on("cuda") == r.on("cuda")  # resolving twice changes nothing
+    bf16 = get_recipe("sgdm", {"precision": "bf16"}).on("cuda")
+    assert bf16.tf32 is False  # autocast runs the matmuls in bf16: TF32 does not apply
+    off = get_recipe("sgdm", {"compile": False, "channels_last": False, "tf32": False})
+    assert (off.on("cuda").compile_mode, off.on("cuda").channels_last,
+            off.on("cuda").tf32) == (None, False, False)
+    assert get_recipe("demo", {"compile": "default"}).on("cpu").compile_mode == "default"
+
+
 def test_channels_last_stays_off_on_cpu():
     """oneDNN's CPU 1x1 weight-gradient kernel corrupts the heap with channels_last."""
     r = get_recipe("demo", {"channels_last": True})
     assert r.on("cpu").channels_last is False
-    assert r.on("cuda:1").channels_last is True and r.on("cuda") is r
+    assert r.on("cuda:1").channels_last is True
