@@ -3,10 +3,12 @@
 Stride: a lambda layer has none, so a strided block runs its lambda layer at the block's input
 resolution and then downsamples with 3x3 average pooling (stride 2, padding 1), before the BN.
 
-- `lr{18,34}_l{2,3}_{rpe,lc}` (the Imagenette noisy-label study): ResNet-18/34 whose stage 2
-  (`layer2`, 128 channels) or stage 3 (`layer3`, 256 channels) has the FIRST 3x3 conv of EACH
-  block replaced by a lambda layer (k=16, h=4, u=1); `lc` is a lambda convolution of scope
-  r=23, `rpe` uses global relative position embeddings over the whole map.
+- `lr{18,34}_l{2,3}_{rpe,lc}` (the Imagenette noisy-label study): ResNet-18/34 with ONE lambda
+  layer (k=16, h=4, u=1) in stage 2 (`layer2`, 128 channels) or stage 3 (`layer3`, 256
+  channels): the first 3x3 conv of the stage's last block ("We replace only one layer of ResNet
+  in the second and third layer"; docs/models.md says why this conv). `lambda_blocks=first`
+  puts it in the first (strided) block, `all` in every block (the cost reference's layout).
+  `lc` is a lambda convolution of scope r=23, `rpe` uses global relative position embeddings.
 - `lambda_resnet{18,50,152,200}*` (LambdaNetworks paper, and its community CIFAR table):
   bottleneck ResNets whose every 3x3 conv is a lambda convolution (k=16, h=4, u=1, r=23 by
   default; the `_u4_r7`/`_u4_r5` variants set u and r).
@@ -17,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from lambdapipe.models.lambda_layer import LambdaLayer
-from lambdapipe.models.registry import register_model
+from lambdapipe.models.registry import ModelError, register_model
 from lambdapipe.models.resnet import (
     BasicBlock,
     Bottleneck,
@@ -41,32 +43,47 @@ def lambda_spatial(k: int, heads: int, u: int, r: int | None, impl: str) -> Spat
     return factory
 
 
+LAMBDA_BLOCKS = ("last", "first", "all")
+
+
 def _study_model(depth: int, stage: int, position: str):
     layers = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}[depth]
     kind = "lambda convolution (scope r)" if position == "lc" else "global relative positions"
 
-    def build(num_classes, image_size, base_width, stem, k, heads, u, r, impl, drop_rate):
-        spatial: list[SpatialFactory] = [conv3x3] * 4
-        spatial[stage - 1] = lambda_spatial(k, heads, u, r, impl)
+    def build(num_classes, image_size, base_width, stem, k, heads, u, r, impl, drop_rate,
+              lambda_blocks, zero_init_residual):
+        if lambda_blocks not in LAMBDA_BLOCKS:
+            raise ModelError(f"invalid lambda_blocks {lambda_blocks!r}: expected one of "
+                             f"{', '.join(LAMBDA_BLOCKS)}")
+        n = layers[stage - 1]
+        lam = lambda_spatial(k, heads, u, r, impl)
+        per_block = {"last": [conv3x3] * (n - 1) + [lam], "first": [lam] + [conv3x3] * (n - 1),
+                     "all": [lam] * n}[lambda_blocks]
+        spatial: list = [conv3x3] * 4
+        spatial[stage - 1] = per_block
         return ResNet(BasicBlock, layers, num_classes, image_size,
-                      default_stem(image_size, stem), base_width, spatial, drop_rate)
+                      default_stem(image_size, stem), base_width, spatial, drop_rate,
+                      zero_init_residual=zero_init_residual)
 
     if position == "lc":
         def factory(num_classes: int, image_size: int, base_width: int = 64,
                     stem: str | None = None, k: int = 16, heads: int = 4, u: int = 1,
-                    r: int = 23, impl: str = "auto", drop_rate: float = 0.0) -> nn.Module:
+                    r: int = 23, impl: str = "auto", drop_rate: float = 0.0,
+                    lambda_blocks: str = "last", zero_init_residual: bool = False) -> nn.Module:
             return build(num_classes, image_size, base_width, stem, k, heads, u, r, impl,
-                         drop_rate)
+                         drop_rate, lambda_blocks, zero_init_residual)
     else:
         def factory(num_classes: int, image_size: int, base_width: int = 64,
                     stem: str | None = None, k: int = 16, heads: int = 4, u: int = 1,
-                    impl: str = "auto", drop_rate: float = 0.0) -> nn.Module:
+                    impl: str = "auto", drop_rate: float = 0.0, lambda_blocks: str = "last",
+                    zero_init_residual: bool = False) -> nn.Module:
             return build(num_classes, image_size, base_width, stem, k, heads, u, None, impl,
-                         drop_rate)
+                         drop_rate, lambda_blocks, zero_init_residual)
 
     factory.__name__ = f"lr{depth}_l{stage}_{position}"
-    factory.__doc__ = (f"ResNet-{depth}, first 3x3 conv of every stage-{stage} block a lambda "
-                       f"layer with {kind}.")
+    factory.__doc__ = (f"ResNet-{depth} with ONE lambda layer ({kind}) in stage {stage}: the "
+                       f"first 3x3 conv of its last block (lambda_blocks=first|all: of the "
+                       f"first block | of every block).")
     return factory
 
 
@@ -78,21 +95,24 @@ for _depth in (18, 34):
 
 def lambda_bottleneck_resnet(layers: list[int], num_classes: int, image_size: int,
                              base_width: int, stem: str | None, k: int, heads: int, u: int,
-                             r: int, impl: str, drop_rate: float) -> ResNet:
-    """Bottleneck ResNet with every 3x3 conv a lambda convolution."""
+                             r: int, impl: str, drop_rate: float,
+                             zero_init_residual: bool = True) -> ResNet:
+    """Bottleneck ResNet with every 3x3 conv a lambda convolution. Zero-initialised residual
+    branches by default: a lambda layer is quadratic in its input, so with every block's
+    branch live, eval-mode outputs overflow at init (docs/models.md, "Eval-mode scale")."""
     spatial = [lambda_spatial(k, heads, u, r, impl)] * 4
     return ResNet(Bottleneck, layers, num_classes, image_size, default_stem(image_size, stem),
-                  base_width, spatial, drop_rate)
+                  base_width, spatial, drop_rate, zero_init_residual=zero_init_residual)
 
 
 def _lambda_resnet(name: str, layers: list[int], u_default: int, r_default: int,
                    drop_default: float, doc: str):
     def factory(num_classes: int, image_size: int, base_width: int = 64,
                 stem: str | None = None, k: int = 16, heads: int = 4, u: int = u_default,
-                r: int = r_default, impl: str = "auto",
-                drop_rate: float = drop_default) -> nn.Module:
+                r: int = r_default, impl: str = "auto", drop_rate: float = drop_default,
+                zero_init_residual: bool = True) -> nn.Module:
         return lambda_bottleneck_resnet(layers, num_classes, image_size, base_width, stem, k,
-                                        heads, u, r, impl, drop_rate)
+                                        heads, u, r, impl, drop_rate, zero_init_residual)
 
     factory.__name__ = name
     factory.__doc__ = doc

@@ -85,13 +85,16 @@ class ResNet(nn.Module):
     """A four-stage ResNet (widths w, 2w, 4w, 8w).
 
     `stem='cifar'`: one 3x3 stride-1 conv, no max-pool; `'imagenet'`: 7x7/2 conv + 3x3/2
-    max-pool. `spatial[i]` builds the receptive-field conv of every block in stage i; the
-    feature-map size each block sees is tracked so global-context layers can size themselves.
+    max-pool. `spatial[i]` builds the receptive-field conv of every block in stage i (or is
+    a list, one factory per block); the feature-map size each block sees is tracked so
+    global-context layers can size themselves. `zero_init_residual` starts the last BN scale
+    of every residual branch at zero, so each block starts as its shortcut.
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  num_classes: int, image_size: int, stem: str, base_width: int = 64,
-                 spatial: Sequence[SpatialFactory] | None = None, drop_rate: float = 0.0):
+                 spatial: Sequence[SpatialFactory | Sequence[SpatialFactory]] | None = None,
+                 drop_rate: float = 0.0, zero_init_residual: bool = False):
         super().__init__()
         check_int("base_width", base_width)
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, int | float) \
@@ -113,10 +116,11 @@ class ResNet(nn.Module):
         stages = []
         for i, (n_blocks, factory) in enumerate(zip(layers, spatial, strict=True)):
             planes = base_width * 2**i
+            per_block = list(factory) if isinstance(factory, list | tuple) else [factory] * n_blocks
             blocks = []
             for j in range(n_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(block(in_ch, planes, stride, size, factory))
+                blocks.append(block(in_ch, planes, stride, size, per_block[j]))
                 in_ch = planes * block.expansion
                 size = down(size) if stride == 2 else size
             stages.append(nn.Sequential(*blocks))
@@ -124,7 +128,10 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(in_ch, num_classes)
-        init_weights(self, zero_init_residual=False)
+        if not isinstance(zero_init_residual, bool):
+            raise ModelError(f"invalid zero_init_residual {zero_init_residual!r}: expected "
+                             "true or false")
+        init_weights(self, zero_init_residual=zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)
@@ -176,9 +183,10 @@ def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
             nn.init.zeros_(m.bias)
     if zero_init_residual:
         for m in model.modules():
-            last = getattr(m, "bn3", None) or getattr(m, "bn2", None)
-            if isinstance(m, BasicBlock | Bottleneck) and last is not None:
-                nn.init.zeros_(last.weight)
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
 
 def default_stem(image_size: int, stem: str | None) -> str:

@@ -155,10 +155,15 @@ def stat(values: np.ndarray) -> tuple[float, float, int]:
 
 
 def _diverged_cell(g: pd.DataFrame) -> str:
+    """The runs that are no result: diverged ones by iteration, non-finite ones counted."""
     its = []
     for v in g.loc[g["status"] == "diverged", "diverged_at"]:
         its.append(str(int(v)) if v is not None and np.isfinite(v) else "?")
-    return ", ".join(f"diverged@{it}" for it in its)
+    parts = [f"diverged@{it}" for it in its]
+    nonfinite = int((g["status"] == "non-finite").sum())
+    if nonfinite:
+        parts.append(f"{nonfinite} non-finite")
+    return ", ".join(parts)
 
 
 def metric_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str:
