@@ -70,7 +70,8 @@ def test_overrides_are_typed_and_a_budget_unit_replaces_the_other():
     ("sgdm", {"optimizer": "lamb"}, "invalid optimizer 'lamb': expected one of sgd, adam"),
     ("sgdm", {"batch_size": 0}, "invalid batch_size 0: expected an integer >= 1"),
     ("sgdm", {"batch_size": 2.5}, "invalid recipe field batch_size 2.5: expected an integer"),
-    ("sgdm", {"bogus": 1}, "invalid recipe field 'bogus': expected one of batch_size"),
+    ("sgdm", {"bogus": 1}, "invalid recipe field 'bogus': expected one of augment, "
+                           "batch_size"),
     ("sgdm", {"precision": "fp8"}, "invalid precision 'fp8'"),
     ("sgdm", {"lr": "fast"}, "invalid recipe field lr 'fast': expected a finite number"),
     ("sgdm", {"lr": math.inf}, "expected a finite number"),
