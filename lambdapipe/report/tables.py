@@ -29,8 +29,9 @@ from lambdapipe.report.load import SUMMARY_FIELDS, Collection
 
 MISSING = "—"
 STAND_IN_NOTE = (" {dataset} is a demo-size stand-in for {source}: rows are matched on the "
-                 "model alone (model args ignored), so the published column is context, not "
-                 "a like-for-like comparison.")
+                 "model, precision and recipe, ignoring model args, image size, budget and "
+                 "batch size, so the published column is context, not a like-for-like "
+                 "comparison.")
 LAMBDA_TABLE_MODELS = re.compile(r"(?:lambda_)?resnet(?:18|50)(?:_u\d+_r\d+)?")
 # The paper's Lambda-ResNet defaults: query depth k=16, heads h=4, intra-depth u=1, scope r=23.
 LAMBDA_DEFAULTS = {"k": 16, "h": 4, "u": 1, "r": 23}
@@ -38,6 +39,8 @@ LAMBDA_DEFAULTS = {"k": 16, "h": 4, "u": 1, "r": 23}
 # recipe's: precision is a column of its own, the rest change speed or what is logged.
 NOT_RECIPE = frozenset({"description", "precision", "channels_last", "compile", "tf32",
                         "track_test_every_eval"})
+# What a demo-size stand-in (config `shrink.set`) changes on purpose: budget and batch.
+SHRUNK = frozenset({"iterations", "epochs", "eval_every", "eval_every_epochs", "batch_size"})
 
 
 @dataclass
@@ -106,6 +109,7 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
         name = run.summary.get("recipe")
         row.update(
             recipe_name=name, recipe_changed=bool(changes),
+            recipe_changed_beyond_shrink=bool(set(changes) - SHRUNK),
             # A changed recipe is another recipe: its own rows, never the published one's.
             recipe=f"{name} ({', '.join(f'{k}={_setting(v)}' for k, v in sorted(changes.items()))})"
             if changes and name else name,
@@ -152,15 +156,15 @@ def _setting(value) -> str:
 def like_published(first: pd.Series, table: str, published_dataset: str | None = None) -> bool:
     """Whether a group's runs were trained like the published table's rows: the source's
     recipe unchanged, its precision and image size (reference.PUBLISHED_*). A stand-in
-    (a demo-size run of the grid) shrinks budget, size and widths on purpose and is compared
-    on the recipe's name and the precision alone; its table says so."""
+    (a demo-size run of the grid) shrinks budget, batch, image size and widths on purpose:
+    it is compared on the rest of the recipe and the precision; its table says so."""
     if first["recipe_name"] != PUBLISHED_RECIPE[table]:
         return False
     precision = PUBLISHED_PRECISION.get(table)
     if precision is not None and first["precision"] != precision:
         return False
     if first["stand_in"]:
-        return True
+        return not first["recipe_changed_beyond_shrink"]
     size = PUBLISHED_IMAGE_SIZE.get(published_dataset or table)
     if size is not None and not (pd.notna(first.get("image_size"))
                                  and int(first["image_size"]) == size):
