@@ -39,11 +39,16 @@ PUBLISHED_COUNTS = [
     ("resnet34", 1000, 224, {}, 21.80, 2),
     ("resnet50", 1000, 224, {}, 25.56, 2),
     ("resnet18", 1000, 32, {}, 11.68, 2),  # ImageNet1k_x32 row: CIFAR stem
-    # LambdaNetworks paper, ImageNet: LambdaResNet-50 15.0M; its |u|=4 row (16.0M) is matched
-    # with |k|=8 (k=16, u=4 gives 16.53M, pinned below).
+    # LambdaNetworks paper, ImageNet: LambdaResNet-50 15.0M (r=23); its |u|=4 row (16.0M) is
+    # k=16, u=4 with the 7x7 scope (16.04M): the scope, not k, makes the difference from
+    # r=23 (16.53M, pinned below). k=8 at r=23 rounds to 16.0M too (docs/models.md).
     ("lambda_resnet50", 1000, 224, {}, 15.0, 1),
+    ("lambda_resnet50_u4_r7", 1000, 224, {}, 16.04, 2),
     ("lambda_resnet50", 1000, 224, {"k": 8, "u": 4}, 16.0, 1),
     ("lambda_resnet50", 1000, 224, {"u": 4}, 16.53, 2),
+    # Paper LambdaResNet-152/200 (35M / 42M, hybrids): ours, every 3x3 a lambda layer.
+    ("lambda_resnet152", 1000, 224, {}, 32.81, 2),
+    ("lambda_resnet200", 1000, 224, {}, 35.30, 2),
     # Community CIFAR-10 table, 32 px: LambdaResNet-50 ~13.0M (u=1, r=23), ~14.0M (u=4, r=7).
     ("lambda_resnet50", 10, 32, {}, 13.0, 1),
     ("lambda_resnet50_u4_r7", 10, 32, {}, 14.0, 1),
