@@ -277,7 +277,7 @@ def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
         if key in _EXCLUSIVE and _EXCLUSIVE[key] not in overrides:
             values[_EXCLUSIVE[key]] = None
         if key == "augment":
-            for cleared, to in _AUGMENT_RESETS.get(value, {}).items():
+            for cleared, to in _AUGMENT_RESETS.get(_coerce(key, value), {}).items():
                 if cleared not in overrides:
                     values[cleared] = to
     unknown = set(values) - set(_FIELDS)

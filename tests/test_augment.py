@@ -152,6 +152,7 @@ def test_adam_restarts_uses_the_random_resized_crop_and_none_stays_reachable():
     none = get_recipe("adam-restarts", {"augment": "none"})  # clears the flip too
     assert (none.augment, none.crop_padding, none.flip, none.resized_crop) == (
         "none", 0, False, None)
+    assert get_recipe("adam-restarts", {"augment": None}) == none  # YAML null reads as none
     # On a CIFAR recipe, the resized crop drops the padding but keeps the flip.
     rrc = get_recipe("sgdm", {"augment": "random-resized-crop"})
     assert (rrc.crop_padding, rrc.flip) == (0, True)
