@@ -1,13 +1,16 @@
-"""The dataset on the device, and augmentation as tensor indexing (airbench style).
+"""The dataset on the device, and augmentation as tensor ops (airbench style).
 
 A split is held as uint8 NCHW on the device, zero-padded once; a batch is gathered by index
 with per-sample crop offsets and flip flags, so the training step never touches the host.
-Every random draw of an epoch (order, offsets, flips) comes from one generator seeded by
-(seed, epoch): a run resumed at any step sees exactly the batches the unbroken run saw.
+The ImageNet-style random-resized crop resamples the whole batch in one `grid_sample` call,
+one affine box per sample. Every random draw of an epoch (order, offsets or boxes, flips)
+comes from one CPU generator seeded by (seed, epoch): a run resumed at any step sees exactly
+the batches the unbroken run saw, on any device.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,14 +41,20 @@ class DeviceImages:
         return self.images[..., p:p + self.size, p:p + self.size] if p else self.images
 
 
+RESIZED_CROP_ATTEMPTS = 10  # boxes tried per image before the centre-crop fallback
+
+
 @dataclass
 class EpochPlan:
-    """All random draws of one epoch: order, crop offsets (dy, dx) and flip flags."""
+    """All random draws of one epoch: order, crop offsets (dy, dx) and flip flags; for a
+    random-resized crop (dy, dx) is the box's top-left corner and (h, w) its size in pixels."""
 
     order: torch.Tensor
     dy: torch.Tensor
     dx: torch.Tensor
     flip: torch.Tensor
+    h: torch.Tensor | None = None
+    w: torch.Tensor | None = None
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -54,14 +63,71 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def plan_epoch(n: int, seed: int, epoch: int, pad: int, flip: bool,
-               device: str | torch.device) -> EpochPlan:
-    """Drawn on the CPU (identical on every device), moved to the device once per epoch."""
+               device: str | torch.device, *,
+               resized_crop: tuple[tuple[float, float], tuple[float, float]] | None = None,
+               size: int | None = None) -> EpochPlan:
+    """Drawn on the CPU (identical on every device), moved to the device once per epoch.
+
+    `resized_crop` = ((scale_min, scale_max), (ratio_min, ratio_max)) draws a random-resized
+    crop box per image of `size` x `size` pixels instead of pad-and-crop offsets.
+    """
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=g)
+    if resized_crop is not None:
+        if not size:
+            raise ValueError("a random-resized crop needs the image size")
+        top, left, h, w = resized_crop_boxes(n, size, *resized_crop, g)
+        flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+        return EpochPlan(*(t.to(device, non_blocking=True)
+                           for t in (order, top, left, flips, h, w)))
+    # The pad-and-crop stream is drawn in this order since the first release: old runs resume
+    # onto exactly the batches they saw.
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
     return EpochPlan(*(t.to(device, non_blocking=True) for t in (order, dy, dx, flips)))
+
+
+def resized_crop_boxes(n: int, size: int, scale: tuple[float, float],
+                       ratio: tuple[float, float], g: torch.Generator):
+    """(top, left, h, w) int64 boxes inside a `size` x `size` image, one per image.
+
+    Inception-style sampling, as torchvision's RandomResizedCrop draws it: area a fraction
+    U(scale) of the image, aspect ratio log-uniform in `ratio`; of RESIZED_CROP_ATTEMPTS
+    draws the first that fits is taken, and an image none fits gets the centre crop at the
+    ratio clamped into `ratio`. All attempts are drawn for every image (a fixed number of
+    draws per epoch), so the stream never depends on which attempts fitted.
+    """
+    k = RESIZED_CROP_ATTEMPTS
+    area = size * size * torch.empty(n, k, dtype=torch.float64).uniform_(*scale, generator=g)
+    log_r = torch.empty(n, k, dtype=torch.float64).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(area * aspect)).long()
+    h = torch.round(torch.sqrt(area / aspect)).long()
+    u_top = torch.rand(n, k, generator=g, dtype=torch.float64)
+    u_left = torch.rand(n, k, generator=g, dtype=torch.float64)
+    fits = (w >= 1) & (w <= size) & (h >= 1) & (h <= size)
+    # Uniform integer offsets in [0, size - h] (inclusive), as randint would give.
+    top = torch.minimum((u_top * (size - h + 1)).long(), (size - h).clamp(min=0))
+    left = torch.minimum((u_left * (size - w + 1)).long(), (size - w).clamp(min=0))
+    first = torch.argmax(fits.long(), dim=1)  # the first fitting attempt (0 if none fits)
+    pick = first[:, None]
+    top, left, h, w = (t.gather(1, pick)[:, 0] for t in (top, left, h, w))
+    # Fallback: the largest centred box whose ratio lies in `ratio`.
+    none_fit = ~fits.any(dim=1)
+    if none_fit.any():
+        if ratio[0] > 1.0:
+            fw, fh = size, round(size / ratio[0])
+        elif ratio[1] < 1.0:
+            fw, fh = round(size * ratio[1]), size
+        else:
+            fw, fh = size, size
+        h = torch.where(none_fit, fh, h)
+        w = torch.where(none_fit, fw, w)
+        top = torch.where(none_fit, (size - fh) // 2, top)
+        left = torch.where(none_fit, (size - fw) // 2, left)
+    return top, left, h, w
 
 
 def augmented_batch(data: DeviceImages, plan: EpochPlan, step: int, batch_size: int):
@@ -70,6 +136,9 @@ def augmented_batch(data: DeviceImages, plan: EpochPlan, step: int, batch_size: 
     sl = slice(step * batch_size, (step + 1) * batch_size)
     idx, dy, dx, flip = plan.order[sl], plan.dy[sl], plan.dx[sl], plan.flip[sl]
     s = data.size
+    if plan.h is not None:
+        x = resized_crop(data.unpadded()[idx], dy, dx, plan.h[sl], plan.w[sl], flip)
+        return x, data.labels[idx], data.clean_labels[idx]
     if data.pad:
         ar = torch.arange(s, device=idx.device)
         rows = (dy[:, None] + ar)[:, None, :, None]  # (B, 1, s, 1)
@@ -80,6 +149,28 @@ def augmented_batch(data: DeviceImages, plan: EpochPlan, step: int, batch_size: 
         x = data.images[idx]
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x, data.labels[idx], data.clean_labels[idx]
+
+
+def resized_crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor,
+                 w: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> each image's box (top, left, h, w) resized bilinearly back to
+    H x W, mirrored where `flip`: one affine grid and one `grid_sample` for the batch.
+
+    With align_corners=False the output spans the box's pixel edges, so a full-image box
+    without flip samples every pixel at its centre: the identity, exactly.
+    """
+    b, _, height, width = x.shape
+    hf, wf = h.to(torch.float32), w.to(torch.float32)
+    sx = wf / width
+    theta = torch.zeros(b, 2, 3, dtype=torch.float32, device=x.device)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)  # a mirrored x axis is the flip
+    theta[:, 0, 2] = (2 * left.to(torch.float32) + wf) / width - 1
+    theta[:, 1, 1] = hf / height
+    theta[:, 1, 2] = (2 * top.to(torch.float32) + hf) / height - 1
+    grid = F.affine_grid(theta, [b, x.shape[1], height, width], align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -184,7 +184,7 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
         if epoch not in plans:
             plans.clear()
             plans[epoch] = plan_epoch(len(data), 0, epoch, recipe.crop_padding, recipe.flip,
-                                      device)
+                                      device, resized_crop=recipe.resized_crop, size=data.size)
         x, y, y_clean = augmented_batch(data, plans[epoch], k, batch_size)
         step(x, y, y_clean, recipe.lr, i)
 

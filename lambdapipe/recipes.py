@@ -21,6 +21,10 @@ from lambdapipe.errors import UserError, bad_value
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "warm-restarts", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# How a training image is cropped (lambdapipe/augment.py): pad-and-crop (CIFAR style, by
+# crop_padding pixels), the ImageNet-style random-resized crop (crop_scale, crop_ratio), or
+# not at all; `flip` mirrors with either crop.
+AUGMENTS = ("crop", "random-resized-crop", "none")
 # torch.compile modes (`compile: true` is "default"); reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # `compile: auto` (the default): CUDA graphs on a GPU, where they measured 3x eager for every
@@ -57,8 +61,11 @@ class Recipe:
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # max global gradient norm
     precision: str = "fp32"
-    crop_padding: int = 4  # random crop after zero padding by this many pixels (0 = none)
-    flip: bool = True  # random horizontal flip
+    augment: str = "crop"  # one of AUGMENTS; a config without it means crop, as before
+    crop_padding: int = 4  # augment crop: random crop after zero padding (0 = none)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop: area fraction range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop: aspect w/h range
+    flip: bool = True  # random horizontal flip (with any augment but none)
     channels_last: bool | str = "auto"  # auto: on CUDA, off on CPU
     compile: bool | str = "auto"  # auto, false, true (= "default") or one of COMPILE_MODES
     tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (CUDA only)
@@ -70,7 +77,15 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["step_milestones"] = list(self.step_milestones)
+        d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
         return d
+
+    @property
+    def resized_crop(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """(scale, ratio) of the random-resized crop, or None under another augment."""
+        if self.augment != "random-resized-crop":
+            return None
+        return self.crop_scale, self.crop_ratio
 
     def on(self, device: str) -> Recipe:
         """The recipe as it runs on `device`, every `auto` resolved. channels_last is a GPU
@@ -129,6 +144,12 @@ class Recipe:
         return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * t_cur / t_i))
 
 
+def field_default(key: str) -> Any:
+    """A field's value in a saved config written before the field existed: every field added
+    since defaults to the behaviour from before it existed, so old runs stay resumable."""
+    return _DEFAULTS.get(key)
+
+
 @functools.cache
 def _recipe_table() -> dict[str, dict[str, Any]]:
     text = resources.files("lambdapipe").joinpath("recipes.yaml").read_text()
@@ -140,16 +161,27 @@ def list_recipes() -> list[str]:
 
 
 _FIELDS = {f.name: f for f in fields(Recipe)}
+_DEFAULTS = Recipe(name="").to_dict()
 _INT = {"batch_size", "iterations", "eval_every", "crop_padding"}
 _OPTIONAL = {"iterations", "epochs", "eval_every", "eval_every_epochs", "grad_clip"}
 _BOOL = {"nesterov", "flip", "tf32", "track_test_every_eval"}
-_STR = {"name", "description", "optimizer", "schedule", "precision"}
+_STR = {"name", "description", "optimizer", "schedule", "precision", "augment"}
+_PAIRS = {"betas", "step_milestones", "crop_scale", "crop_ratio"}
 # Setting one unit of a pair clears the other, so `--set iterations=200` works on any recipe.
 _EXCLUSIVE = {"iterations": "epochs", "epochs": "iterations",
               "eval_every": "eval_every_epochs", "eval_every_epochs": "eval_every"}
+# Setting `augment` resets what the new augment does not use, unless set too, so
+# `--set augment=none` is "no augmentation" on any recipe.
+_AUGMENT_RESETS = {"none": {"crop_padding": 0, "flip": False},
+                   "random-resized-crop": {"crop_padding": 0}}
+# A recipe's `provenance:` says where each of its numbers comes from: one of these words,
+# a colon, then the source's words (stated), what it was inferred from, or why we chose it.
+PROVENANCE_KINDS = ("stated", "inferred", "ours")
 
 
 def _coerce(key: str, value: Any) -> Any:
+    if key == "augment" and (value is None or str(value).lower() in ("none", "null")):
+        return "none"  # a word of its own here, not a missing value
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
         if key in _OPTIONAL:
             return None
@@ -172,7 +204,7 @@ def _coerce(key: str, value: Any) -> Any:
         raise bad_value("recipe field channels_last", value, "auto, true or false")
     if key in _STR:
         return str(value)
-    if key in ("betas", "step_milestones"):
+    if key in _PAIRS:
         items = value if isinstance(value, list | tuple) else str(value).split(",")
         try:
             return tuple(float(v) for v in items)
@@ -228,7 +260,23 @@ def _validate(r: Recipe) -> None:
     need(0 < r.step_gamma <= 1, "step_gamma", r.step_gamma, "a number in (0, 1]")
     need(0 <= r.label_smoothing < 1, "label_smoothing", r.label_smoothing, "a number in [0, 1)")
     need(r.grad_clip is None or r.grad_clip > 0, "grad_clip", r.grad_clip, "none or > 0")
+    need(r.augment in AUGMENTS, "augment", r.augment, AUGMENTS)
     need(r.crop_padding >= 0, "crop_padding", r.crop_padding, "an integer >= 0")
+    need(r.crop_padding == 0 or r.augment == "crop", "crop_padding", r.crop_padding,
+         f"0 with augment {r.augment} (padding belongs to augment crop)")
+    need(not (r.flip and r.augment == "none"), "flip", r.flip,
+         "false with augment none (no augmentation at all)")
+    need(len(r.crop_scale) == 2 and 0 < r.crop_scale[0] <= r.crop_scale[1] <= 1,
+         "crop_scale", list(r.crop_scale), "two fractions 0 < min <= max <= 1")
+    need(len(r.crop_ratio) == 2 and 0 < r.crop_ratio[0] <= r.crop_ratio[1],
+         "crop_ratio", list(r.crop_ratio), "two aspect ratios 0 < min <= max")
+
+
+def recipe_changes(recipe: Recipe) -> dict[str, Any]:
+    """The fields where `recipe` differs from the named recipe in recipes.yaml (its `--set`
+    overrides): a run records them so a report never passes it off as the named recipe."""
+    named = get_recipe(recipe.name).to_dict()
+    return {k: v for k, v in recipe.to_dict().items() if v != named.get(k)}
 
 
 def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -237,6 +285,7 @@ def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
     if name not in table:
         raise bad_value("recipe", name, list_recipes())
     values: dict[str, Any] = {"name": name, **table[name]}
+    values.pop("provenance", None)  # documentation, checked by recipe_provenance
     overrides = overrides or {}
     for key, value in overrides.items():
         if key not in _FIELDS or key == "name":
@@ -244,9 +293,39 @@ def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
         values[key] = value
         if key in _EXCLUSIVE and _EXCLUSIVE[key] not in overrides:
             values[_EXCLUSIVE[key]] = None
+        if key == "augment":
+            for cleared, to in _AUGMENT_RESETS.get(_coerce(key, value), {}).items():
+                if cleared not in overrides:
+                    values[cleared] = to
     unknown = set(values) - set(_FIELDS)
     if unknown:  # a typo in recipes.yaml itself
         raise UserError(f"recipes.yaml: recipe {name!r} has unknown fields {sorted(unknown)}")
     recipe = Recipe(**{k: _coerce(k, v) for k, v in values.items()})
     _validate(recipe)
     return recipe
+
+
+def recipe_provenance(name: str) -> dict[str, tuple[str, str]]:
+    """{field: (kind, text)} for every field the recipe sets: where its value comes from.
+
+    kind is one of PROVENANCE_KINDS; a field without an entry, an entry for a field the
+    recipe does not set, or an unknown kind is an error in recipes.yaml itself.
+    """
+    table = _recipe_table()
+    if name not in table:
+        raise bad_value("recipe", name, list_recipes())
+    entry = dict(table[name])
+    prov = entry.pop("provenance", None) or {}
+    set_fields = set(entry) - {"description"}
+    if set(prov) != set_fields:
+        raise UserError(f"recipes.yaml: recipe {name!r} provenance must name exactly its "
+                        f"fields: missing {sorted(set_fields - set(prov))}, extra "
+                        f"{sorted(set(prov) - set_fields)}")
+    out = {}
+    for key, text in prov.items():
+        kind, sep, why = str(text).partition(":")
+        if not sep or kind.strip() not in PROVENANCE_KINDS or not why.strip():
+            raise UserError(f"recipes.yaml: recipe {name!r} provenance of {key} {text!r}: "
+                            f"expected '<{'|'.join(PROVENANCE_KINDS)}>: <source or reason>'")
+        out[key] = (kind.strip(), why.strip())
+    return out

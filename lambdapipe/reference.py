@@ -19,6 +19,21 @@ PUBLISHED_DATASET = {
     "tinyimagenet64": "TinyImageNet200_x64",
 }
 
+# What a published table's rows were trained with, so a published value stands only beside
+# runs trained alike (same dataset, image size, model, precision, recipe). Keys are the
+# tables of report.load.PUBLISHED_FILES.
+# - recipe: ours that reproduces the source's training (lambdapipe/recipes.yaml, whose
+#   `provenance:` says which of its numbers the source states); a run under another recipe,
+#   or with recipe fields changed (`--set`), is not like the published rows.
+PUBLISHED_RECIPE = {"resnet": "sgdm", "lambda": "sgd-restarts", "imagenette": "adam-restarts"}
+# - precision: the baseline table has a column; the other two sources do not state one, and
+#   neither mentions mixed precision: fp32, PyTorch's default (inferred).
+PUBLISHED_PRECISION = {"lambda": "fp32", "imagenette": "fp32"}
+# - image size in pixels: the baseline table names it (x32, x64), the community table is
+#   CIFAR-10 at 32 px; the Imagenette report does not state one (None: not compared).
+PUBLISHED_IMAGE_SIZE = {"CIFAR10_x32": 32, "CIFAR100_x32": 32, "TinyImageNet200_x32": 32,
+                        "TinyImageNet200_x64": 64, "lambda": 32, "imagenette": None}
+
 
 def depth_width(model: str) -> tuple[int | None, int | None]:
     """resnet20x2 -> (20, 2); resnet18, lr18_l3_lc, lambda_resnet50_u4_r7 -> (18|50, 1)."""

@@ -44,7 +44,7 @@ from lambdapipe.evaluate import (
     predict,
     save_checkpoint,
 )
-from lambdapipe.recipes import SPEED_FIELDS, Recipe, get_recipe
+from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe, recipe_changes
 
 METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
                   "val_loss", "val_acc", "images_per_s", "elapsed_s"]
@@ -88,7 +88,7 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
         old = saved.get(key)
         if isinstance(value, dict) and isinstance(old, dict) and key == "recipe":
             diffs += [f"recipe.{k}: {old.get(k)!r} -> {v!r}" for k, v in value.items()
-                      if old.get(k) != v and k not in SPEED_FIELDS]
+                      if old.get(k, field_default(k)) != v and k not in SPEED_FIELDS]
         elif old != value:
             diffs.append(f"{key}: {old!r} -> {value!r}")
     return diffs
@@ -455,7 +455,8 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
     while it < total:
         epoch, step = divmod(it, steps_per_epoch)
         if epoch != plan_epoch_no:
-            plan = plan_epoch(len(train_data), cfg.seed, epoch, r.crop_padding, r.flip, device)
+            plan = plan_epoch(len(train_data), cfg.seed, epoch, r.crop_padding, r.flip, device,
+                              resized_crop=r.resized_crop, size=train_data.size)
             plan_epoch_no = epoch
         x, y, y_clean = augmented_batch(train_data, plan, step, r.batch_size)
         lr = r.lr_at(it, total, steps_per_epoch)
@@ -517,6 +518,7 @@ def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str,
     summary = {
         "model": cfg.model, "model_args": cfg.model_args, "dataset": cfg.dataset,
         "noise": cfg.noise, "seed": cfg.seed, "recipe": r.name, "precision": r.precision,
+        "recipe_changes": recipe_changes(cfg.recipe), "image_size": config["data"]["image_size"],
         "params": count_params(model), "iterations": it if diverged_at is None else diverged_at,
         "val_acc": state.best_val_acc if state.best_iteration >= 0 else None,
         "best_iteration": state.best_iteration if state.best_iteration >= 0 else None,

@@ -121,8 +121,12 @@ NETTE_WNIDS = [w for w, _ in registry.IMAGENETTE_WNIDS]
 
 
 def make_imagenette(path: Path, train_per_class: int = 6, val_per_class: int = 2,
-                    seed: int = 0) -> dict:
-    """imagenette2-160/{train,val}/<wnid>/*.JPEG + noisy_imagenette.csv (is_valid marks val)."""
+                    seed: int = 0, mislabel: tuple[str, ...] = ()) -> dict:
+    """imagenette2-160/{train,val}/<wnid>/*.JPEG + noisy_imagenette.csv (is_valid marks val).
+
+    `mislabel`: paths (`train/<wnid>/<wnid>_<j>.JPEG`) whose noisy_labels_0 names the next
+    class instead of the folder's, as a CSV from another archive or an edited one would.
+    """
     rng = np.random.default_rng(seed)
     root = "imagenette2-160"
     rows = []
@@ -134,7 +138,8 @@ def make_imagenette(path: Path, train_per_class: int = 6, val_per_class: int = 2
                     # Landscape and portrait shapes exercise resize-shorter-side + crop.
                     size = (40 + 3 * j, 30) if j % 2 else (30, 44 + j)
                     _add_bytes(tf, f"{root}/{rel}", _jpeg(rng, *size))
-                    row = {"path": rel, "noisy_labels_0": w, "is_valid": split == "val"}
+                    clean = NETTE_WNIDS[(ci + 1) % 10] if rel in mislabel else w
+                    row = {"path": rel, "noisy_labels_0": clean, "is_valid": split == "val"}
                     for pct, rate in ((1, 0.01), (5, 0.05), (25, 0.25), (50, 0.5)):
                         flip = rng.random() < rate
                         other = NETTE_WNIDS[(ci + 1 + rng.integers(9)) % 10]

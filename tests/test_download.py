@@ -132,6 +132,27 @@ def test_imagenette_with_official_noise(tmp_path, archive_server, monkeypatch):
 
 
 # --------------------------------------------------------------------------- transfer faults
+@pytest.mark.parametrize("mislabel", [
+    ("train/n03028079/n03028079_3.JPEG",),
+    ("val/n01440764/n01440764_1.JPEG", "train/n03394916/n03394916_0.JPEG"),
+], ids=["one train row", "a val row and a train row"])
+def test_imagenette_clean_column_must_match_the_folders(tmp_path, archive_server, monkeypatch,
+                                                        mislabel):
+    path, _ = _serve(archive_server, "imagenette", make_imagenette, monkeypatch,
+                     mislabel=mislabel)
+    with pytest.raises(UserError) as err:
+        data.prepare("imagenette", tmp_path, url=archive_server.url(path.name), progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "raw" / path.name) in msg
+    assert (f"noisy_imagenette.csv's noisy_labels_0 disagrees with the folder labels in "
+            f"{len(mislabel)} rows") in msg
+    first = sorted(f"imagenette2-160/{m}" for m in mislabel)[0]
+    wnid = first.split("/")[2]
+    said = NETTE_WNIDS[(NETTE_WNIDS.index(wnid) + 1) % 10]
+    assert f"e.g. {said!r} for {first}: expected the folder's class" in msg
+    assert _no_prepared(tmp_path)
+
+
 def test_resume_after_broken_transfer(tmp_path, archive_server, monkeypatch):
     path, _ = _serve(archive_server, "cifar10", lambda p: make_cifar(p, False, 10),
                      monkeypatch)

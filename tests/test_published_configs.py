@@ -35,7 +35,8 @@ PUBLISHED = ROOT / "lambdapipe" / "published"
 #   dataset and model, the @fp16 variant sharing resnet18's (7 + 7 + 4 + 4 = 22).
 # - lambda_cifar10: 6 CSV rows = 6 models x 3 seeds = 18; explain 6.
 # - imagenette_noisy: 10 models x 4 rates x 1 seed = 40 (the CSV's 32 rows + lr18_l3_rpe and
-#   lr34_l3_rpe, which it lacks); 4 noise variants; explain 40.
+#   lr34_l3_rpe, which it lacks), and the same 40 without augmentation (`@noaug`) = 80;
+#   4 noise variants; explain 40 (the @noaug variants share their model's).
 # - imagenette_noisy_tuned: those 40 at lr 1e-3 + 10 models x 4 lr variants on clean labels =
 #   80; explain 40 (the sweep's variants share their model's clean-label explain job).
 PINNED = {
@@ -43,8 +44,8 @@ PINNED = {
                          "explain": 22, "report": 1, "all": 1, "total": 191},
     "lambda_cifar10": {"download": 1, "prepare": 1, "noise": 1, "train": 18, "evaluate": 18,
                        "explain": 6, "report": 1, "all": 1, "total": 47},
-    "imagenette_noisy": {"download": 1, "prepare": 1, "noise": 4, "train": 40, "evaluate": 40,
-                         "explain": 40, "report": 1, "all": 1, "total": 128},
+    "imagenette_noisy": {"download": 1, "prepare": 1, "noise": 4, "train": 80, "evaluate": 80,
+                         "explain": 40, "report": 1, "all": 1, "total": 208},
     "imagenette_noisy_tuned": {"download": 1, "prepare": 1, "noise": 4, "train": 80,
                                "evaluate": 80, "explain": 40, "report": 1, "all": 1,
                                "total": 208},
@@ -170,7 +171,9 @@ def test_imagenette_covers_the_published_rows(name):
 # Per stand-in: its run directories, the table it writes (lambdapipe/report/tables.py: the
 # stand-in dataset is digits, `published_as` maps it to the source), the columns that hold
 # ours and the published value, and the published values of its rows, read by hand from the
-# CSV (matched on the model alone, model args ignored).
+# CSV (matched on model, precision and recipe; model args, size, budget and batch ignored).
+# `unpublished`: rows that must read no published value (their recipe differs from the
+# source's beyond what the stand-in shrinks).
 STANDINS = {
     "resnet_baselines": {
         "runs": {"digits/clean/resnet18/0", "digits/clean/resnet18@fp16/0"},
@@ -186,17 +189,20 @@ STANDINS = {
         "values": {("resnet18",): 93.02, ("lambda_resnet18_u4_r7",): 93.20},
     },
     "imagenette_noisy": {
-        "runs": {"digits/symmetric-0.25/lr18_l3_lc/0"},
-        "table": "imagenette_noisy", "key": ("model", "noise"),
+        "runs": {"digits/symmetric-0.25/lr18_l3_lc/0", "digits/symmetric-0.25/lr18_l3_lc@noaug/0"},
+        "table": "imagenette_noisy", "key": ("model", "noise", "variant"),
         "ours": ("best_val_loss_mean", "tst_acc_mean"), "published": "best_val_loss_published",
-        "values": {("lr18_l3_lc", "symmetric-0.25"): 2.363},
+        "values": {("lr18_l3_lc", "symmetric-0.25", ""): 2.363},
+        "unpublished": {("lr18_l3_lc", "symmetric-0.25", "noaug")},  # augment none
     },
-    "imagenette_noisy_tuned": {
+    "imagenette_noisy_tuned": {  # lr 1e-3 and the sweep are not the report's recipe
         "runs": {"digits/clean/resnet18/0"} | {f"digits/clean/resnet18@lr{lr}/0"
                                                for lr in ("1e-4", "3e-4", "1e-3", "3e-3")},
-        "table": "imagenette_noisy", "key": ("model", "noise"),
+        "table": "imagenette_noisy", "key": ("model", "noise", "variant"),
         "ours": ("best_val_loss_mean", "tst_acc_mean"), "published": "best_val_loss_published",
-        "values": {("resnet18", "clean"): 2.32},
+        "values": {},
+        "unpublished": {("resnet18", "clean", v)
+                        for v in ("", "lr1e-4", "lr3e-4", "lr1e-3", "lr3e-3")},
     },
 }
 
@@ -233,6 +239,10 @@ def test_standin_end_to_end(tmp_path, name):
             assert number(row[spec["published"]]) == pytest.approx(published), (key, row)
             for col in spec["ours"]:
                 number(row[col])
+    for key in spec.get("unpublished", ()):
+        assert [row[spec["published"]] for row in by_key[key]] == [""], key
+        for col in spec["ours"]:
+            number(by_key[key][0][col])
     # every row with a published value has ours beside it
     assert all(row[col] for row in rows if row[spec["published"]] for col in spec["ours"])
     note = (tables / f"{spec['table']}.md").read_text()
@@ -240,8 +250,7 @@ def test_standin_end_to_end(tmp_path, name):
 
     if name == "imagenette_noisy_tuned":
         # the sweep's rows are told apart in the CSV too, not only in the .md labels
-        assert sorted(r["variant"] for r in by_key[("resnet18", "clean")]) == \
-            ["", "lr1e-3", "lr1e-4", "lr3e-3", "lr3e-4"]
+        assert sorted(v for _, _, v in by_key) == ["", "lr1e-3", "lr1e-4", "lr3e-3", "lr3e-4"]
         sweep = read_csv(tables / "variants.csv")
         assert sorted(r["variant"] for r in sweep) == ["lr1e-3", "lr1e-4", "lr3e-3", "lr3e-4"]
         assert [r["best_on_val"] for r in sweep].count("True") == 1

@@ -1,4 +1,5 @@
-"""Recipes: the published studies' numbers, their schedules, and refusal of bad overrides."""
+"""Recipes: the published studies' numbers and where each comes from, their schedules, and
+refusal of bad overrides."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import math
 
 import pytest
 
+from lambdapipe import recipes
 from lambdapipe.errors import UserError
-from lambdapipe.recipes import get_recipe, list_recipes
+from lambdapipe.recipes import PROVENANCE_KINDS, get_recipe, list_recipes, recipe_provenance
 
 
 def test_every_recipe_loads_with_explicit_units():
@@ -18,12 +20,24 @@ def test_every_recipe_loads_with_explicit_units():
         assert (r.eval_every is None) != (r.eval_every_epochs is None)
 
 
-def test_sgdm_matches_the_baseline_tables():
+def test_sgdm_has_the_numbers_the_baseline_tables_state():
     r = get_recipe("sgdm")
-    assert (r.optimizer, r.lr, r.momentum, r.nesterov, r.weight_decay) == ("sgd", 0.1, 0.9,
-                                                                           False, 1e-3)
-    assert (r.batch_size, r.iterations, r.eval_every, r.crop_padding, r.flip) == (256, 48000,
-                                                                                 1000, 4, True)
+    assert (r.optimizer, r.lr, r.momentum, r.weight_decay) == ("sgd", 0.1, 0.9, 1e-3)
+    assert (r.batch_size, r.iterations) == (256, 48000)
+    prov = recipe_provenance("sgdm")
+    assert all(prov[k][0] == "stated" for k in ("optimizer", "lr", "momentum", "weight_decay",
+                                                 "batch_size", "iterations"))
+
+
+def test_sgdm_schedule_and_augmentation_are_ours():
+    """The tables state no schedule or augmentation: warm-up, cosine, crop and flip are our
+    choices, and recipes.yaml says so."""
+    r = get_recipe("sgdm")
+    assert (r.nesterov, r.eval_every, r.augment, r.crop_padding, r.flip) == (
+        False, 1000, "crop", 4, True)
+    prov = recipe_provenance("sgdm")
+    assert all(prov[k][0] == "ours" for k in ("schedule", "warmup", "augment", "crop_padding",
+                                               "flip", "eval_every"))
     total = r.total_steps(steps_per_epoch=175)
     lrs = [r.lr_at(s, total, 175) for s in range(total)]
     peak = lrs.index(max(lrs))
@@ -70,7 +84,8 @@ def test_overrides_are_typed_and_a_budget_unit_replaces_the_other():
     ("sgdm", {"optimizer": "lamb"}, "invalid optimizer 'lamb': expected one of sgd, adam"),
     ("sgdm", {"batch_size": 0}, "invalid batch_size 0: expected an integer >= 1"),
     ("sgdm", {"batch_size": 2.5}, "invalid recipe field batch_size 2.5: expected an integer"),
-    ("sgdm", {"bogus": 1}, "invalid recipe field 'bogus': expected one of batch_size"),
+    ("sgdm", {"bogus": 1}, "invalid recipe field 'bogus': expected one of augment, "
+                           "batch_size"),
     ("sgdm", {"precision": "fp8"}, "invalid precision 'fp8'"),
     ("sgdm", {"lr": "fast"}, "invalid recipe field lr 'fast': expected a finite number"),
     ("sgdm", {"lr": math.inf}, "expected a finite number"),
@@ -121,3 +136,38 @@ def test_channels_last_stays_off_on_cpu():
     r = get_recipe("demo", {"channels_last": True})
     assert r.on("cpu").channels_last is False
     assert r.on("cuda:1").channels_last is True
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_field_of_every_recipe_says_where_it_comes_from(name):
+    prov = recipe_provenance(name)
+    table = recipes._recipe_table()[name]
+    assert set(prov) == set(table) - {"description", "provenance"}
+    assert all(kind in PROVENANCE_KINDS and len(why) > 10 for kind, why in prov.values())
+
+
+def test_the_fields_the_sources_do_not_state_are_not_called_theirs():
+    """The issue's list: ours or inferred, never stated."""
+    adam, sgd = recipe_provenance("adam-restarts"), recipe_provenance("sgd-restarts")
+    assert adam["epochs"][0] == "ours"
+    assert adam["augment"][0] == "inferred" and "As for image augmentation" in adam["augment"][1]
+    assert sgd["epochs"][0] == "ours"
+    assert all(sgd[k][0] == "inferred" for k in ("optimizer", "momentum", "weight_decay",
+                                                  "lr", "batch_size", "restart_t0"))
+    assert all(kind == "ours" for kind, _ in recipe_provenance("demo").values())
+
+
+@pytest.mark.parametrize(("provenance", "needle"), [
+    ({"lr": "stated: the source"}, "provenance must name exactly its fields: missing "
+                                   "['batch_size']"),
+    ({"lr": "stated: x", "batch_size": "ours: y", "epochs": "ours: z"}, "extra ['epochs']"),
+    ({"lr": "guessed: the source", "batch_size": "ours: y"}, "provenance of lr 'guessed: the "
+                                                             "source': expected '<stated|"),
+    ({"lr": "stated", "batch_size": "ours: y"}, "provenance of lr 'stated'"),
+])
+def test_bad_provenance_is_one_line(monkeypatch, provenance, needle):
+    table = {"toy": {"lr": 0.1, "batch_size": 8, "provenance": provenance}}
+    monkeypatch.setattr(recipes, "_recipe_table", lambda: table)
+    with pytest.raises(UserError) as err:
+        recipe_provenance("toy")
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -22,16 +22,21 @@ from lambdapipe.report.load import parse_noise_tag
 
 R20_CLEAN_TST = [0.921, 0.925, 0.926]
 R20_NOISY_TST = [0.850, 0.862]
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenette": 128}
 
 
 def write_run(root: Path, dataset: str, noise: str, model: str, seed: int, *,
-              finished: bool = True, model_args: dict | None = None, **summary) -> Path:
-    """A run directory as `lambdapipe train` leaves it: config, metrics, maybe a summary."""
+              finished: bool = True, model_args: dict | None = None,
+              config_size: int | None = ..., **summary) -> Path:
+    """A run directory as `lambdapipe train` leaves it: config, metrics, maybe a summary.
+    config.json holds the image size (`config_size`), as runs from before summary.json carried
+    it wrote it."""
     d = root / dataset / noise / model / str(seed)
     d.mkdir(parents=True)
+    size = IMAGE_SIZE.get(dataset) if config_size is ... else config_size
     (d / "config.json").write_text(json.dumps(
         {"model": model, "model_args": model_args or {}, "dataset": dataset, "noise": noise,
-         "seed": seed}))
+         "seed": seed} | ({"data": {"image_size": size}} if size is not None else {})))
     rate = parse_noise_tag(noise).rate
     lines = ["iteration,epoch,lr,train_loss,train_acc,train_clean_acc,val_loss,val_acc,"
              "images_per_s,elapsed_s"]
@@ -71,12 +76,16 @@ def make_runs(root: Path) -> Path:
               precision="bf16", status="diverged", diverged_at=1200, tst_acc=0.1,
               tst_nll=float("nan"))
     write_run(root, "cifar10", "clean", "lambda_resnet18_u4_r7", 0, params=8_600_000,
-              tst_acc=0.930)
+              tst_acc=0.930, recipe="sgd-restarts")
     # A summary without the optional iter_per_min and ece: shown as '—', not a crash.
     write_run(root, "cifar10", "clean", "resnet18", 0, params=11_173_962, tst_acc=0.950,
-              iter_per_min=..., ece=...)
+              iter_per_min=..., ece=..., wall_time_s=2520.0)
+    # ResNet-18 under the community recipe: beside the community table, not the baselines.
+    write_run(root, "cifar10", "clean", "resnet18", 1, params=11_173_962, tst_acc=0.940,
+              recipe="sgd-restarts")
     write_run(root, "imagenette", "symmetric-0.25", "lr18_l3_lc", 0, params=8_010_000,
-              best_train_loss=1.8, best_val_loss=2.4, wall_time_s=15000.0, tst_acc=0.61)
+              best_train_loss=1.8, best_val_loss=2.4, wall_time_s=15000.0, tst_acc=0.61,
+              recipe="adam-restarts")
     return root
 
 
@@ -126,9 +135,19 @@ def test_baseline_table_means_stds_and_published(report):
     lr = pick(md, model="lr18_l3_lc", noise="clean")
     assert lr["published tst/acc"] == "—" and lr["depth"] == "18"
     assert lr["tst/acc"] == "0.945 ± 0.007" and lr["precision"] == "bf16"
-    r18 = pick(md, model="resnet18", noise="clean")
+    r18 = pick(md, model="resnet18", noise="clean", recipe="sgdm")
     assert r18["iter/min"] == "—"  # missing optional key
     assert r18["published tst/acc"] == "0.948" and r18["tst/acc"] == "0.950"
+    # Training time beside the tables' hours, both in hours: 2520 s = 0.70 h vs 0.6 h.
+    assert r18["training time (h)"] == "0.70" and r18["published training time (h)"] == "0.6"
+    assert pick(md, model="resnet20x1", noise="clean")["published training time (h)"] == "—"
+    r18_csv = pick(rows, model="resnet18", recipe="sgdm")
+    assert float(r18_csv["training_time_h_mean"]) == pytest.approx(0.7)
+    assert float(r18_csv["training_time_h_published"]) == pytest.approx(0.6)
+    # The same model under another recipe is not the baseline table's: no published value.
+    other = pick(md, model="resnet18", noise="clean", recipe="sgd-restarts")
+    assert other["tst/acc"] == "0.940" and other["published tst/acc"] == "—"
+    assert other["published params (M)"] == "—"
 
 
 def test_noise_table_and_diverged(report):
@@ -154,7 +173,7 @@ def test_incomplete_listed_never_results(report):
     assert [r["run"] for r in inc] == ["cifar10/symmetric-0.25/resnet20x1/2"]
     assert inc[0]["status"] == "running/incomplete" and inc[0]["last iteration"] == "800"
     run_ids = [r["run_id"] for r in csv_rows(out / "tables" / "runs.csv")]
-    assert len(run_ids) == 11 and "cifar10/symmetric-0.25/resnet20x1/2" not in run_ids
+    assert len(run_ids) == 12 and "cifar10/symmetric-0.25/resnet20x1/2" not in run_ids
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == set(run_ids)
     assert metrics["cifar10/clean/resnet20x1/1"]["tst_acc"] == pytest.approx(0.925)
@@ -178,11 +197,51 @@ def test_lambda_and_imagenette_tables(report):
     lr = pick(lam, model="lambda_resnet18_u4_r7")
     assert (lr["k"], lr["h"], lr["u"], lr["r"]) == ("16", "4", "4", "7")
     assert lr["tst/acc (%)"] == "93.00" and lr["published tst/acc (%)"] == "93.20"
-    assert pick(lam, model="resnet18")["published tst/acc (%)"] == "93.02"
+    assert pick(lam, model="resnet18", recipe="sgd-restarts")["published tst/acc (%)"] == "93.02"
+    # ResNet-18 under sgdm is in the table (ours), but not beside the community value.
+    assert pick(lam, model="resnet18", recipe="sgdm")["published tst/acc (%)"] == "—"
     assert {r["model"] for r in lam} == {"lambda_resnet18_u4_r7", "resnet18"}
     img = pick(md_rows(out / "tables" / "imagenette_noisy.md"), model="lr18_l3_lc")
     assert img["published best train loss"] == "1.904"  # LR18_L3(lc) at 25 %
     assert img["best train loss"] == "1.800" and img["published training time (s)"] == "17792"
+
+
+# One run per case, each in its own runs tree; whether the published value stands beside it.
+LIKE_CASES = {
+    "as published": ({}, True),
+    "another recipe": ({"recipe": "sgd-restarts"}, False),
+    "a changed recipe field": ({"recipe_changes": {"lr": 0.05}}, False),
+    "a speed-only change": ({"recipe_changes": {"compile": True, "channels_last": True}}, True),
+    "another precision": ({"precision": "bf16"}, False),
+    "another image size": ({"config_size": 64}, False),
+    "an unknown image size": ({"config_size": None}, False),
+    "the image size in summary.json": ({"config_size": None, "image_size": 32}, True),
+    "summary.json's size wins": ({"image_size": 64}, False),
+}
+
+
+@pytest.mark.parametrize("case", LIKE_CASES)
+def test_a_published_value_stands_only_beside_like_runs(tmp_path, case):
+    """Same dataset, image size, model, precision and recipe (unchanged), or '—'."""
+    change, published = LIKE_CASES[case]
+    runs = tmp_path / "runs"
+    write_run(runs, "cifar10", "clean", "resnet20x1", 0, tst_acc=0.92, **change)
+    build_report(runs, tmp_path / "out")
+    row = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar10.md"), model="resnet20x1")
+    assert row["tst/acc"] == "0.920"
+    assert row["published tst/acc"] == ("0.924" if published else "—"), row
+    if case == "a changed recipe field":
+        assert row["recipe"] == "sgdm (lr=0.05)"
+
+
+@pytest.mark.parametrize("recipe, published", [("adam-restarts", "2.363"), ("sgdm", "—")])
+def test_imagenette_published_only_under_the_report_recipe(tmp_path, recipe, published):
+    runs = tmp_path / "runs"
+    write_run(runs, "imagenette", "symmetric-0.25", "lr18_l3_lc", 0, recipe=recipe,
+              best_val_loss=2.4)
+    build_report(runs, tmp_path / "out")
+    row = pick(md_rows(tmp_path / "out" / "tables" / "imagenette_noisy.md"), model="lr18_l3_lc")
+    assert row["published best val loss"] == published and row["best val loss"] == "2.400"
 
 
 def test_figures_written_readable_and_skips_noted(report):

@@ -95,14 +95,25 @@ def test_demo_recipe_learns_digits_and_label_noise_hurts(data_dir, tmp_path, mon
     assert (out / "metrics.csv").stat().st_mtime_ns == mtime
 
 
+def test_summary_records_the_recipe_changes_and_image_size(finished):
+    """What the report needs to put a run beside only like published rows."""
+    summary = json.loads((finished / "summary.json").read_text())
+    assert summary["recipe"] == "demo"
+    assert summary["recipe_changes"] == {"iterations": 30, "eval_every": 10}
+    config = json.loads((finished / "config.json").read_text())
+    assert summary["image_size"] == config["data"]["image_size"] == 16
+
+
 # --------------------------------------------------------------------------- resume
 class Interrupt(Exception):
     pass
 
 
-def test_resume_from_last_checkpoint_equals_an_unbroken_run(data_dir, tmp_path):
+@pytest.mark.parametrize("augment", [{}, {"augment": "random-resized-crop", "flip": True}],
+                         ids=["crop", "random-resized-crop"])
+def test_resume_from_last_checkpoint_equals_an_unbroken_run(data_dir, tmp_path, augment):
     # 45 steps, 22 per epoch: the break at 30 falls mid-epoch, the end off the eval grid.
-    kw = {"iterations": 45, "eval_every": 10, "deterministic": True}
+    kw = {"iterations": 45, "eval_every": 10, "deterministic": True, **augment}
     unbroken = train.run(config(data_dir, tmp_path / "a", **kw))
 
     def stop_at_30(row):

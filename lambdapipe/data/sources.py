@@ -241,6 +241,9 @@ def read_tinyimagenet(info: DatasetInfo, archive: Path | None, scratch: Path, im
                     np.asarray(test_labels, dtype=np.int64), classes, {"wnids": wnids})
 
 
+CLEAN_COLUMN = "noisy_labels_0"  # the noisy-label CSV's 0 % column: the clean labels
+
+
 def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int,
                     progress: bool) -> Official:
     """imagenette2-*/{train,val}/<wnid>/*.JPEG + noisy_imagenette.csv (official val = test).
@@ -295,9 +298,27 @@ def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, imag
         rows = list(csv.DictReader(io.StringIO(fetch(csv_names[0]).decode())))
     labels = {s: np.asarray([index[PurePosixPath(k).parts[-2]] for k in keys], dtype=np.int64)
               for s, keys in split_keys.items()}
+    _check_clean_column(info, archive, rows, root, split_keys)
     noisy = _imagenette_noise(info, archive, rows, root, split_keys["train"], index)
     return Official(arrays["train"], labels["train"], arrays["val"], labels["val"],
                     [n for _, n in IMAGENETTE_WNIDS], {"wnids": wnids}, noisy)
+
+
+def _check_clean_column(info: DatasetInfo, archive: Path, rows: list[dict],
+                        root: PurePosixPath, split_keys: dict[str, list[str]]) -> None:
+    """noisy_labels_0 is the clean labelling: it must name each image's folder, or the CSV
+    belongs to another archive (or was edited) and its noisy columns mean nothing here."""
+    if not rows or "path" not in rows[0] or CLEAN_COLUMN not in rows[0]:
+        raise _layout_error(info, archive, f"noisy_imagenette.csv lacks path/{CLEAN_COLUMN} "
+                                           "columns")
+    by_path = {str(root / r["path"]): r[CLEAN_COLUMN] for r in rows}
+    wrong = [(k, by_path[k]) for keys in split_keys.values() for k in keys
+             if k in by_path and by_path[k] != PurePosixPath(k).parts[-2]]
+    if wrong:
+        name, said = wrong[0]
+        raise _layout_error(info, archive, f"noisy_imagenette.csv's {CLEAN_COLUMN} disagrees "
+                                           f"with the folder labels in {len(wrong)} rows, e.g. "
+                                           f"{said!r} for {name}: expected the folder's class")
 
 
 def _imagenette_noise(info: DatasetInfo, archive: Path, rows: list[dict], root: PurePosixPath,

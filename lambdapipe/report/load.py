@@ -21,7 +21,7 @@ from lambdapipe.reference import PUBLISHED_DIR
 PUBLISHED_FILES = {
     "resnet": ("published_resnet_baselines.csv",
                ("dataset", "depth", "width", "params_m", "val_acc", "test_acc", "test_nll",
-                "iter_per_min", "precision")),
+                "iter_per_min", "training_time_h", "precision")),
     "lambda": ("published_lambda_cifar10.csv",
                ("model", "k", "h", "u", "m", "params_m", "test_acc_pct", "epochs")),
     "imagenette": ("published_imagenette_noisy_report.csv",
@@ -171,6 +171,14 @@ def read_metrics(path: Path) -> pd.DataFrame:
     return df
 
 
+def _config_image_size(config_path: Path) -> int | None:
+    """The training resolution config.json records (`data.image_size`), None if it does not."""
+    if not config_path.is_file():
+        return None
+    size = (read_json_object(config_path).get("data") or {}).get("image_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def _model_args(summary: dict, summary_path: Path, config_path: Path) -> dict:
     """The run's model overrides: from summary.json (train writes them there), else config."""
     if "model_args" in summary:
@@ -198,6 +206,8 @@ def collect_runs(root: Path) -> Collection:
         if (d / "summary.json").is_file():
             summary, noise = read_summary(d / "summary.json")
             args = _model_args(summary, d / "summary.json", d / "config.json")
+            if summary.get("image_size") is None:  # runs from before train wrote it there
+                summary["image_size"] = _config_image_size(d / "config.json")
             out.runs.append(Run(run_id, d, summary, noise, args, metrics))
         else:
             out.incomplete.append(_incomplete(root, d, run_id, metrics))

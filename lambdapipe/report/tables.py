@@ -17,16 +17,30 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from lambdapipe.reference import PUBLISHED_DATASET, arch_key, depth_width
+from lambdapipe.reference import (
+    PUBLISHED_DATASET,
+    PUBLISHED_IMAGE_SIZE,
+    PUBLISHED_PRECISION,
+    PUBLISHED_RECIPE,
+    arch_key,
+    depth_width,
+)
 from lambdapipe.report.load import SUMMARY_FIELDS, Collection
 
 MISSING = "—"
 STAND_IN_NOTE = (" {dataset} is a demo-size stand-in for {source}: rows are matched on the "
-                 "model alone (model args ignored), so the published column is context, not "
-                 "a like-for-like comparison.")
+                 "model, precision and recipe, ignoring model args, image size, budget and "
+                 "batch size, so the published column is context, not a like-for-like "
+                 "comparison.")
 LAMBDA_TABLE_MODELS = re.compile(r"(?:lambda_)?resnet(?:18|50)(?:_u\d+_r\d+)?")
 # The paper's Lambda-ResNet defaults: query depth k=16, heads h=4, intra-depth u=1, scope r=23.
 LAMBDA_DEFAULTS = {"k": 16, "h": 4, "u": 1, "r": 23}
+# Recipe fields whose change (summary.json `recipe_changes`) leaves the experiment the named
+# recipe's: precision is a column of its own, the rest change speed or what is logged.
+NOT_RECIPE = frozenset({"description", "precision", "channels_last", "compile", "tf32",
+                        "track_test_every_eval"})
+# What a demo-size stand-in (config `shrink.set`) changes on purpose: budget and batch.
+SHRUNK = frozenset({"iterations", "epochs", "eval_every", "eval_every_epochs", "batch_size"})
 
 
 @dataclass
@@ -89,6 +103,17 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
         args = ", ".join(f"{k}={run.model_args[k]}" for k in sorted(run.model_args))
         variant = run.path.parent.name.partition("@")[2]
         dataset = run.summary["dataset"]
+        changes = run.summary.get("recipe_changes")
+        changes = {k: v for k, v in (changes if isinstance(changes, dict) else {}).items()
+                   if k not in NOT_RECIPE}
+        name = run.summary.get("recipe")
+        row.update(
+            recipe_name=name, recipe_changed=bool(changes),
+            recipe_changed_beyond_shrink=bool(set(changes) - SHRUNK),
+            # A changed recipe is another recipe: its own rows, never the published one's.
+            recipe=f"{name} ({', '.join(f'{k}={_setting(v)}' for k, v in sorted(changes.items()))})"
+            if changes and name else name,
+        )
         row.update(
             variant=variant, published_dataset=published_as.get(dataset, dataset),
             stand_in=dataset in published_as,
@@ -101,7 +126,7 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
         )
         rows.append(row)
     df = pd.DataFrame(rows)
-    for key in ("precision", "recipe"):
+    for key in ("precision", "recipe", "recipe_name"):
         df[key] = df[key].fillna(MISSING)
     # Figures: a model trained on one dataset with several recipes or precisions is several
     # series (lines), never pooled; tables group on recipe and precision columns instead.
@@ -115,6 +140,36 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
     df["_cond_order"] = [(kind != "clean", kind, rate)
                          for kind, rate in zip(df["noise_kind"], df["noise_rate"], strict=True)]
     return df
+
+
+def _setting(value) -> str:
+    """A recipe setting as `--set` spells it: 0.001, none, [0.08, 1.0]."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+def like_published(first: pd.Series, table: str, published_dataset: str | None = None) -> bool:
+    """Whether a group's runs were trained like the published table's rows: the source's
+    recipe unchanged, its precision and image size (reference.PUBLISHED_*). A stand-in
+    (a demo-size run of the grid) shrinks budget, batch, image size and widths on purpose:
+    it is compared on the rest of the recipe and the precision; its table says so."""
+    if first["recipe_name"] != PUBLISHED_RECIPE[table]:
+        return False
+    precision = PUBLISHED_PRECISION.get(table)
+    if precision is not None and first["precision"] != precision:
+        return False
+    if first["stand_in"]:
+        return not first["recipe_changed_beyond_shrink"]
+    size = PUBLISHED_IMAGE_SIZE.get(published_dataset or table)
+    if size is not None and not (pd.notna(first.get("image_size"))
+                                 and int(first["image_size"]) == size):
+        return False
+    return not first["recipe_changed"]
 
 
 def runs_table(df: pd.DataFrame) -> str:
@@ -247,7 +302,8 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> T
         depth, width = first["depth"], first["width"]
         pub = None
         if (pub_ds and condition == "clean" and (stand_in or not first["model_args"])
-                and re.fullmatch(r"resnet\d+(x\d+)?", first["model"])):
+                and re.fullmatch(r"resnet\d+(x\d+)?", first["model"])
+                and like_published(first, "resnet", pub_ds)):
             hit = published[(published["dataset"] == pub_ds) & (published["depth"] == depth)
                             & (published["width"] == width)
                             & (published["precision"] == precision)]
@@ -267,6 +323,8 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> T
             "tst/nll": metric_cell(g, "tst_nll", 3), "published tst/nll": p("test_nll", 3),
             "iter/min": metric_cell(g, "iter_per_min", 0),
             "published iter/min": p("iter_per_min", 0),
+            "training time (h)": metric_cell(g, "wall_time_s", 2, 1 / 3600),
+            "published training time (h)": p("training_time_h", 1),
             "precision": precision, "recipe": recipe, "status": status_cell(g),
         })
         rows.append({
@@ -277,10 +335,17 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> T
             "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
             **_with_pub(g, pub, [("val_acc", "val_acc"), ("tst_acc", "test_acc"),
                                  ("tst_nll", "test_nll"), ("iter_per_min", "iter_per_min")]),
+            **metric_csv(g, "wall_time_s", "training_time_h", 1 / 3600),
+            "training_time_h_published":
+                _pub_float(pub["training_time_h"]) if pub is not None else math.nan,
             "status": status_cell(g),
         })
-    published_note = (f"Published: {pub_ds} rows, matched on depth, width and precision for "
-                      "ResNets on clean labels without model overrides." if pub_ds
+    published_note = (f"Published: {pub_ds} rows, beside ResNets on clean labels without "
+                      "model overrides of the same depth, width, precision and image size, "
+                      f"trained with recipe {PUBLISHED_RECIPE['resnet']} unchanged; other "
+                      "rows read '—'. Training time: ours is the run's wall-clock time "
+                      "(summary wall_time_s), the published one the tables' hours on one "
+                      "RTX 3090 (ResNet-18 only)." if pub_ds
                       else f"No published baselines for {dataset}.")
     if pub_ds and stand_in:
         published_note += STAND_IN_NOTE.format(dataset=dataset, source=pub_ds)
@@ -363,7 +428,8 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
         args = json.loads(first["model_args"]) if first["model_args"] else {}
         hyper = lambda_hyper(first["model"], args)
         pub = None
-        if first["stand_in"] or set(args) <= set(LAMBDA_DEFAULTS):
+        if (first["stand_in"] or set(args) <= set(LAMBDA_DEFAULTS)) and like_published(
+                first, "lambda"):
             if first["model"].startswith("lambda_"):
                 hit = published[(published["model"] == f"LambdaResNet{first['depth']}")
                                 & (published["k"] == hyper["k"]) & (published["h"] == hyper["h"])
@@ -397,8 +463,11 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
             "status": status_cell(g),
         })
     notes = ["k = query depth, h = heads, u = intra-depth, r = scope (the community table's m). "
-             "Published: the LambdaNetworks community implementation's CIFAR-10 table; "
-             "'—' where it has no row or no accuracy. tst/acc is best.ckpt's (chosen on val); "
+             "Published: the LambdaNetworks community implementation's CIFAR-10 table, beside "
+             f"runs at 32 px in fp32 trained with recipe {PUBLISHED_RECIPE['lambda']} "
+             "unchanged (its ResNet baseline rows are kuangliu/pytorch-cifar's, quoted by "
+             "the source, whose recipe differs); '—' where it has no row or no accuracy, or "
+             "the run was trained otherwise. tst/acc is best.ckpt's (chosen on val); "
              "'best tst/acc seen' is the source's way of reading: the highest test accuracy "
              "of any evaluation during training (recipe flag track_test_every_eval), an "
              "optimistic number shown only so the gap is visible."]
@@ -422,7 +491,8 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
         pub = None
         # The published study corrupts labels uniformly: clean and symmetric noise match.
         if ((first["stand_in"] or not first["model_args"])
-                and first["noise_kind"] in ("clean", "symmetric")):
+                and first["noise_kind"] in ("clean", "symmetric")
+                and like_published(first, "imagenette")):
             hit = published[(keys == first["model"]) & np.isclose(
                 pd.to_numeric(published["noise_pct"], errors="coerce"),
                 100 * first["noise_rate"])]
@@ -458,7 +528,12 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
             "status": status_cell(g),
         })
     notes = ["Published: the Imagenette noisy-label report (uniform noise; LR18_L3(lc) is our "
-             "lr18_l3_lc). Training time is wall-clock seconds and depends on the hardware."]
+             f"lr18_l3_lc), beside runs in fp32 trained with recipe "
+             f"{PUBLISHED_RECIPE['imagenette']} unchanged (the report states no image size). "
+             "Training time is wall-clock seconds, ours from summary wall_time_s, the "
+             "published converted from the report's h m s (P100 GPUs for the "
+             "Lambda-ResNets, the authors' own computers for the ResNets): it depends on "
+             "the hardware."]
     if sel["stand_in"].any():
         notes[0] += STAND_IN_NOTE.format(dataset=", ".join(sorted(sel["dataset"].unique())),
                                          source="imagenette")
