@@ -361,6 +361,10 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--slots", default="1", show_default=True,
               help="Runs sharing the GPU at once (as LAMBDAPIPE_GPU_SLOTS); with --config a "
                    "comma-separated list to compare, e.g. 1,2.")
+@click.option("--pack", type=int, default=1, show_default=True,
+              help="Also time this many runs stepping together in one process (as `train "
+                   "--seeds` does), beside one run; with --config, project the grid with each "
+                   "cell's seeds packed, up to this many to a process.")
 @click.option("--gpus", type=int, default=1, show_default=True,
               help="With --config: GPUs the grid is spread over.")
 @click.option("--dataset", default="cifar10", show_default=True,
@@ -384,7 +388,7 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
               help="Also write the figures as JSON.")
 @_user_errors
 def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str | None,
-          seeds: str | None, slots: str,
+          seeds: str | None, slots: str, pack: int,
           gpus: int, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
           precision: str, compile_: str, warmup: int, steps: int, model_args: tuple[str, ...],
           device: str, gpu_lock_dir: Path | None, out: Path | None) -> None:
@@ -396,18 +400,24 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     Examples:
       lambdapipe bench --models resnet18,lr18_l3_lc --batch-size 256 --precision bf16
       lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 --slots 1,2
+      lambdapipe bench --models resnet20x1 --pack 4 --compile reduce-overhead
     """
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu
 
     slot_counts = _int_list(slots, "--slots", minimum=1, example="1,2")
+    if pack < 1:
+        raise UserError(f"invalid --pack {pack!r}: expected an integer >= 1")
+    if pack > 1 and slot_counts != [1]:
+        raise UserError(f"--pack {pack} and --slots {slots} exclude each other: runs share "
+                        "the GPU either in one process (--pack) or in several (--slots)")
     compile_mode = False if compile_ == "off" else compile_
     if configfiles:
         if model_names is not None or model_args:
             raise UserError("--config takes models and model args from the config: drop "
                             "--models and --model-arg")
         _bench_config(configfiles, datasets, seeds, slot_counts, gpus, compile_mode or None,
-                      data_dir, real_data, warmup, steps, device, gpu_lock_dir, out)
+                      data_dir, real_data, warmup, steps, device, gpu_lock_dir, out, pack)
         return
     if len(slot_counts) != 1:
         raise UserError(f"invalid --slots {slots!r}: one count without --config")
@@ -419,7 +429,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
                              batch_size=batch_size, precision=precision, compile=compile_mode,
                              warmup=warmup, steps=steps,
                              model_args=_parse_key_values(model_args, "--model-arg"),
-                             device=dev, slots=slot_counts[0])
+                             device=dev, slots=slot_counts[0], pack=pack)
     click.echo(benchmark.format_rows(rows))
     if out is not None:
         benchmark.write_rows(rows, out)
@@ -440,7 +450,7 @@ def _int_list(value: str, option: str, minimum: int, example: str) -> list[int]:
 def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: str | None,
                   slots: list[int], gpus: int, compile_mode: str | None, data_dir: Path,
                   real_data: bool, warmup: int, steps: int, device: str,
-                  gpu_lock_dir: Path | None, out: Path | None) -> None:
+                  gpu_lock_dir: Path | None, out: Path | None, pack: int = 1) -> None:
     """`bench --config`: every argument checked before the GPU is claimed."""
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu, project
@@ -460,7 +470,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
         result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
                                  device=dev, warmup=warmup, steps=steps, data_dir=data_dir,
-                                 real_data=real_data, compile=compile_mode,
+                                 real_data=real_data, compile=compile_mode, pack=pack,
                                  progress=lambda m: click.echo(m, err=True))
     click.echo(project.format_projection(result))
     if out is not None:
