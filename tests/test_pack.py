@@ -200,3 +200,25 @@ def test_packed_runs_on_cuda_use_one_stream_each_and_match_alone(data_dir, tmp_p
         # points of accuracy of each other (chance is 0.1, these reach > 0.8).
         assert b["val_acc"] > 0.8 and abs(a["val_acc"] - b["val_acc"]) < 0.1
         assert abs(a["best_train_loss"] - b["best_train_loss"]) < 0.25
+
+
+@pytest.mark.gpu
+def test_packed_runs_on_cuda_with_cuda_graphs_each_compile_their_own_step(data_dir, tmp_path,
+                                                                       monkeypatch):
+    """The compiled default path: each run's TrainStep compiles its own model (CUDA graphs
+    with reduce-overhead), replayed on its own stream, interleaved with the other run's."""
+    compiled = []
+    real_init = train.TrainStep.__init__
+
+    def recording(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        compiled.append(self.forward)
+
+    monkeypatch.setattr(train.TrainStep, "__init__", recording)
+    kw = {"iterations": 40, "eval_every": 20, "batch_size": 64, "compile": "reduce-overhead"}
+    summaries = run_packed([config(data_dir, tmp_path / str(s), s, False, **kw)
+                            for s in (0, 1)], device="cuda")
+    assert len({id(f) for f in compiled}) == len(compiled) >= 2  # one compiled step per run
+    for s in summaries:
+        assert s["status"] == "ok" and s["iterations"] == 40 and s["skipped_steps"] == 0
+        assert s["tst_nll"] is not None and s["best_val_loss"] is not None  # finite
