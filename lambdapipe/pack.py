@@ -6,11 +6,14 @@ separate processes time-slice the GPU instead of overlapping. Here every run is 
 runs step in turn, and on CUDA each run's work is issued on its own stream (and, compiled,
 through its own compiled step), so the kernels of different runs can run side by side.
 
-Packing changes nothing but speed. The one thing runs in a process share is the global RNG
-(dropout draws from it in forward), so each run's RNG state (python, numpy, torch, CUDA) is
-swapped in before its turn and out after it: a packed run draws exactly the numbers it
-would draw alone, which is what makes it bitwise equal to a solo run on CPU with
-`--deterministic` (tests/test_pack.py).
+Packing changes nothing but speed. What runs in one process share is the global RNG: model
+initialisation and dropout (in forward) draw from torch's generators, so each run's torch
+CPU and CUDA generator states are swapped in before its turn and out after it, and a packed
+run draws exactly the numbers it would draw alone: bitwise equal to a solo run on CPU with
+`--deterministic` (tests/test_pack.py). Python's and numpy's global generators, which
+training never draws from (the data order comes from a generator seeded by seed and epoch),
+stay process-wide: swapping numpy's state costs about 0.2 ms, a large part of a small
+model's step. The process's RNG state as a whole is restored when the pack is done.
 """
 
 from __future__ import annotations
@@ -28,26 +31,35 @@ from lambdapipe.errors import UserError
 from lambdapipe.train import Run, TrainConfig, _kernels, check_before_start
 
 
-def _get_rng(cuda: torch.device | None) -> tuple:
-    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+def _get_torch_rng(cuda: torch.device | None) -> tuple:
+    return (torch.get_rng_state(),
             torch.cuda.get_rng_state(cuda) if cuda is not None else None)
 
 
-def _set_rng(state: tuple, cuda: torch.device | None) -> None:
-    py, npy, cpu, gpu = state
-    random.setstate(py)
-    np.random.set_state(npy)
+def _set_torch_rng(state: tuple, cuda: torch.device | None) -> None:
+    cpu, gpu = state
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(gpu, cuda)
 
 
-class Lane:
-    """What one run owns in a shared process: its RNG state and, on CUDA, its stream.
+def _get_rng(cuda: torch.device | None) -> tuple:
+    return random.getstate(), np.random.get_state(), _get_torch_rng(cuda)
 
-    `with lane.turn():` installs the run's RNG state and makes its stream current for one
-    call (`start`, `advance`, `finish`), then keeps the state the call left. On CUDA the
-    generator state is a host-side (seed, offset) pair, so the swap costs no device sync.
+
+def _set_rng(state: tuple, cuda: torch.device | None) -> None:
+    py, npy, torch_state = state
+    random.setstate(py)
+    np.random.set_state(npy)
+    _set_torch_rng(torch_state, cuda)
+
+
+class Lane:
+    """What one run owns in a shared process: its torch RNG state and, on CUDA, its stream.
+
+    `with lane.turn():` installs the run's torch generator states and makes its stream
+    current for one call (`start`, `advance`, `finish`), then keeps the states the call left.
+    On CUDA the generator state is a host-side (seed, offset) pair: no device sync.
     """
 
     def __init__(self, cuda: torch.device | None):
@@ -58,11 +70,11 @@ class Lane:
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
         if self.rng is not None:
-            _set_rng(self.rng, self.cuda)
+            _set_torch_rng(self.rng, self.cuda)
         with torch.cuda.stream(self.stream) if self.stream is not None \
                 else contextlib.nullcontext():
             yield
-        self.rng = _get_rng(self.cuda)
+        self.rng = _get_torch_rng(self.cuda)
 
 
 def cuda_device(device: str) -> torch.device | None:
