@@ -324,40 +324,135 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
     return out
 
 
+def measure_packed(pack: int, **kwargs: Any) -> list[dict[str, Any]]:
+    """`measure` for one run, then `pack` runs stepping in turn in this one process as
+    `lambdapipe train --seeds` steps a cell's seeds: each its own data on the device, model,
+    optimizer and `TrainStep`, and (`pack.Lane`) RNG state and, on CUDA, stream. Returns the
+    one-run row and, for `pack` > 1, the packed row: rates summed over the runs (aggregate
+    iter/min), `iter_per_min_per_run`, `vs_one_run` (aggregate / one run's), peak memory of
+    all runs; evaluation and checkpoint costs are the one run's (each run pays its own)."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.models import create_model
+    from lambdapipe.pack import Lane, cuda_device
+
+    device = kwargs.get("device", "cpu")
+    one = {**measure(**kwargs), "pack": 1}
+    _release(device)
+    one.update(iter_per_min_per_run=one["iter_per_min"], iter_per_min_per_slot=one["iter_per_min"],
+               vs_one_run=1.0)
+    if pack == 1:
+        return [one]
+    recipe = kwargs["recipe"].on(device)
+    info = dataset_info(kwargs.get("dataset", "cifar10"))
+    size = kwargs.get("image_size") or info.image_size
+    warmup, steps = kwargs.get("warmup", 20), kwargs.get("steps", 50)
+    images, labels = _images(info.name, Path(kwargs.get("data_dir", "data")),
+                             kwargs.get("real_data", False), size, info.num_classes)
+    cuda = cuda_device(device)
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)
+        torch.cuda.reset_peak_memory_stats(cuda)
+    t_build = time.perf_counter()
+    runs = []
+    for seed in range(pack):
+        lane = Lane(cuda)
+        with lane.turn():
+            data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
+            mean, std = (torch.tensor(v, device=device) for v in channel_stats(images))
+            torch.manual_seed(seed)
+            model = create_model(kwargs["name"], num_classes=info.num_classes, image_size=size,
+                                 **(kwargs.get("model_args") or {}))
+            runtime_settings(model, recipe, size, device)  # the impls `train` would run
+            model = model.to(device)
+            if recipe.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            step = TrainStep(model, make_optimizer(model, recipe, device), recipe, device,
+                             mean, std)
+        runs.append((lane, data, step, {}))
+    steps_per_epoch = len(images) // recipe.batch_size
+
+    def round_(i: int) -> None:
+        """Step i of every run, each in its turn."""
+        epoch, k = divmod(i, steps_per_epoch)
+        for seed, (lane, data, step, plans) in enumerate(runs):
+            with lane.turn():
+                if epoch not in plans:
+                    plans.clear()
+                    plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding,
+                                              recipe.flip, device,
+                                              resized_crop=recipe.resized_crop, size=data.size)
+                x, y, y_clean = augmented_batch(data, plans[epoch], k, recipe.batch_size)
+                step(x, y, y_clean, recipe.lr, i)
+
+    def settle() -> None:
+        for _, _, step, _ in runs:
+            step.tally.tolist()
+        _sync(device)
+
+    with _kernels(False, device, recipe.tf32):
+        for i in range(warmup):
+            round_(i)
+        settle()
+        warm_s = time.perf_counter() - t_build
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            round_(i)
+        settle()
+        seconds = time.perf_counter() - t0
+    round_s = seconds / steps
+    scale = pack * one["step_ms"] / (1000 * round_s)  # packed work per second / one run's
+    row = {**one, "pack": pack, "step_ms": 1000 * round_s,
+           "iter_per_min": pack * 60 / round_s, "iter_per_min_per_run": 60 / round_s,
+           "images_per_s": pack * recipe.batch_size / round_s,
+           "peak_mem_gib": torch.cuda.max_memory_allocated(cuda) / 2**30 if cuda else None,
+           "model_tflops_per_s": one["model_tflops_per_s"] * scale
+           if one["model_tflops_per_s"] else None,
+           "mfu": one["mfu"] * scale if one["mfu"] else None,
+           "startup_s": max(warm_s - warmup * round_s, 0.0),
+           "vs_one_run": scale,
+           "diverged": any(step.tally[5].item() >= 0 for _, _, step, _ in runs)}
+    runs.clear()  # the models, optimizers and device data of the pack go
+    _release(device)
+    return [one, row]
+
+
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
         real_data: bool = False, batch_size: int = 256, precision: str = "bf16",
         compile: bool | str = "auto", warmup: int = 20, steps: int = 50,
         model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
-        eval_images: int = EVAL_IMAGES, recipe: str = "sgdm",
+        eval_images: int = EVAL_IMAGES, recipe: str = "sgdm", pack: int = 1,
         on_row: Any = None) -> list[dict[str, Any]]:
     """One row per model: iter/min, images/s, step time, peak memory, FLOP/s, MFU, start-up,
     evaluation and checkpoint costs, and the throughput relative to ResNet-18 when it is
-    among `names`. `on_row(row)` is called as each row is measured (a time limit then loses
-    only the rows not yet measured)."""
+    among `names`; with `pack` > 1 two rows per model, one run and `pack` runs in one process
+    (`measure_packed`), each compared with the ResNet row of the same pack. `on_row(row)` is
+    called as each row is measured (a time limit then loses only the rows not yet measured)."""
     check_args(names, batch_size, precision, warmup, steps, slots)
     r = get_recipe(recipe, {"batch_size": batch_size, "precision": precision,
                             "compile": compile})
+    kwargs = {"recipe": r, "dataset": dataset, "data_dir": data_dir, "real_data": real_data,
+              "warmup": warmup, "steps": steps, "eval_images": eval_images,
+              "model_args": model_args, "device": device}
     rows: list[dict[str, Any]] = []
     for name in names:
-        rows.append(measure_slots(slots, name=name, recipe=r, dataset=dataset,
-                                  data_dir=data_dir, real_data=real_data, warmup=warmup,
-                                  steps=steps, eval_images=eval_images,
-                                  model_args=model_args, device=device))
+        new = ([measure_slots(slots, name=name, **kwargs)] if pack == 1
+               else measure_packed(pack, name=name, **kwargs))
+        rows.extend(new)
         _ratios(rows)
-        if on_row is not None:
-            on_row(rows[-1])
+        for row in new if on_row is not None else []:
+            on_row(row)
     _ratios(rows)  # rows measured before their reference get theirs now
     return rows
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
     """Throughput over ResNet-18's, and (issue 6's bar) each Lambda-ResNet's throughput and
-    memory over the ResNet of its depth, among the rows measured so far in this run."""
-    by_name = {row["model"]: row for row in rows}
-    ref = by_name.get(REFERENCE)
+    memory over the ResNet of its depth, among the rows of the same pack measured so far."""
+    by_name = {(row["model"], row.get("pack", 1)): row for row in rows}
     for row in rows:
+        ref = by_name.get((REFERENCE, row.get("pack", 1)))
         row["vs_resnet18"] = row["images_per_s"] / ref["images_per_s"] if ref else None
-        base = by_name.get(matching_resnet(row["model"]) or "")
+        base = by_name.get((matching_resnet(row["model"]) or "", row.get("pack", 1)))
         row["vs_resnet"] = row["images_per_s"] / base["images_per_s"] if base else None
         row["mem_vs_resnet"] = (row["peak_mem_gib"] / base["peak_mem_gib"]
                                 if base and row["peak_mem_gib"] and base["peak_mem_gib"]
@@ -380,7 +475,8 @@ HEAD = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms'
 
 
 def format_row(r: dict[str, Any]) -> str:
-    return (f"{r['model']:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
+    model = r["model"] + (f" x{r['pack']}" if r.get("pack", 1) > 1 else "")
+    return (f"{model:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
             f"{r['images_per_s']:>9.0f} {r['step_ms']:>8.2f} {_fmt(r['peak_mem_gib'], '8.2f'):>8} "
             f"{_fmt(r['model_tflops_per_s'], '8.1f'):>8} {_fmt(r['mfu'], '6.1%'):>6} "
             f"{_fmt(r.get('vs_resnet18'), '6.2f'):>6} {_fmt(r.get('vs_resnet'), '7.2f'):>7} "
@@ -395,6 +491,11 @@ def format_rows(rows: list[dict[str, Any]], head: bool = True) -> str:
         r = rows[0]
         slots = (f", {r['slots']} processes at once (rates and memory summed)"
                  if r["slots"] > 1 else "")
+        packs = [x for x in rows if x.get("pack", 1) > 1]
+        if packs:
+            slots += (f"; 'x{packs[0]['pack']}': that many runs stepping in one process "
+                      "(rates and memory summed), " + ", ".join(
+                          f"{x['model']} {x['vs_one_run']:.2f}x one run" for x in packs))
         lines.append(f"({r['device_name']}, {r['precision']}, batch {r['batch_size']}, "
                      f"{'tf32, ' if r.get('tf32') else ''}"
                      f"{'real' if r['real_data'] else 'synthetic'} {r['dataset']} data, "

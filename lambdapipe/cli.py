@@ -201,8 +201,12 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
 @data_dir_option
 @with_noise_options
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", default=None, metavar="0,1,2",
+              help="Train these seeds together in one process (instead of --seed); --out "
+                   "is then a template holding {seed}.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run directory (resumed if it holds an interrupted run of this config).")
+              help="Run directory (resumed if it holds an interrupted run of this config); "
+                   "{seed} in it is replaced by the seed.")
 @click.option("--recipe", default="sgdm", show_default=True,
               help="Named recipe (sgdm, adam-restarts, sgd-restarts, demo, ...).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -215,39 +219,69 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: only on a terminal).")
 @_user_errors
-def train(model: str, model_args: tuple[str, ...], dataset: str, data_dir: Path,
-          noise_rate: float, noise_kind: str, noise_seed: int, seed: int, out: Path,
-          recipe: str, overrides: tuple[str, ...], device: str, gpu_lock_dir: Path | None,
-          deterministic: bool, progress: bool | None) -> None:
+@click.pass_context
+def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: str,
+          data_dir: Path, noise_rate: float, noise_kind: str, noise_seed: int, seed: int,
+          seeds: str | None, out: Path, recipe: str, overrides: tuple[str, ...], device: str,
+          gpu_lock_dir: Path | None, deterministic: bool, progress: bool | None) -> None:
     """Train MODEL on DATASET (with label noise) and write a run directory to OUT.
 
     \b
     Example:
       lambdapipe train --model lr18_l3_lc --dataset cifar10 --noise 0.25 --seed 0 \\
           --out results/runs/cifar10/symmetric-0.25/lr18_l3_lc/0
+    The three seeds of a grid cell in one process (a GPU shared by their streams):
+      lambdapipe train --model resnet20x1 --dataset cifar10 --seeds 0,1,2 \\
+          --out 'results/runs/cifar10/clean/resnet20x1/{seed}'
     """
     from lambdapipe import data, gpu
     from lambdapipe import train as training
 
-    cfg = training.TrainConfig.build(
-        model=model, model_args=_parse_key_values(model_args, "--model-arg"),
-        dataset=dataset, data_dir=data_dir,
-        noise=data.noise_spec(noise_kind, noise_rate, noise_seed).tag, seed=seed,
-        out=out, recipe=recipe, overrides=_parse_key_values(overrides, "--set"),
-        deterministic=deterministic,
-    )
-    training.check_before_start(cfg)  # bad input fails here, before any GPU is claimed
+    seed_list = _seed_list(ctx, seed, seeds, out)
+    parsed_args = _parse_key_values(model_args, "--model-arg")
+    parsed_set = _parse_key_values(overrides, "--set")
+    noise = data.noise_spec(noise_kind, noise_rate, noise_seed).tag
+    cfgs = [training.TrainConfig.build(
+        model=model, model_args=parsed_args, dataset=dataset, data_dir=data_dir, noise=noise,
+        seed=s, out=Path(str(out).replace("{seed}", str(s))), recipe=recipe,
+        overrides=parsed_set, deterministic=deterministic,
+    ) for s in seed_list]
     if progress is None:
         progress = sys.stderr.isatty()
-    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
-        summary = training.run(cfg, device=dev, progress=progress)
+    if len(cfgs) == 1:
+        training.check_before_start(cfgs[0])  # bad input fails here, before any GPU is claimed
+        with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+            summaries = [training.run(cfgs[0], device=dev, progress=progress)]
+    else:
+        from lambdapipe import pack
 
-    def shown(key: str) -> str:  # None when a run diverged before its first evaluation
-        return "n/a" if summary[key] is None else f"{summary[key]:.4f}"
+        pack.check_packed(cfgs)  # every seed's checks, before any GPU is claimed
+        with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+            summaries = pack.run_packed(cfgs, device=dev, progress=progress)
 
-    at = f" at iteration {summary['diverged_at']}" if summary["status"] == "diverged" else ""
-    click.echo(f"{summary['status']}{at}: val_acc={shown('val_acc')} "
-               f"tst_acc={shown('tst_acc')} -> {out / 'summary.json'}")
+    for cfg, summary in zip(cfgs, summaries, strict=True):
+        def shown(key: str, summary=summary) -> str:  # None: diverged before any evaluation
+            return "n/a" if summary[key] is None else f"{summary[key]:.4f}"
+
+        at = f" at iteration {summary['diverged_at']}" if summary["status"] == "diverged" else ""
+        click.echo(f"{summary['status']}{at}: val_acc={shown('val_acc')} "
+                   f"tst_acc={shown('tst_acc')} -> {cfg.out / 'summary.json'}")
+
+
+def _seed_list(ctx: click.Context, seed: int, seeds: str | None, out: Path) -> list[int]:
+    """`--seed N` or `--seeds 0,1,2`; several seeds need an --out template with {seed}."""
+    if seeds is None:
+        return [seed]
+    if ctx.get_parameter_source("seed") is click.core.ParameterSource.COMMANDLINE:
+        raise UserError("--seed and --seeds exclude each other: give one")
+    seed_list = _int_list(seeds, "--seeds", minimum=0, example="0,1,2")
+    if len(set(seed_list)) < len(seed_list):
+        raise UserError(f"invalid --seeds {seeds!r}: a seed is repeated")
+    if len(seed_list) > 1 and "{seed}" not in str(out):
+        raise UserError(f"invalid --out {str(out)!r} for {len(seed_list)} seeds: expected a "
+                        "template holding {seed}, e.g. 'results/runs/cifar10/clean/resnet20x1/"
+                        "{seed}'")
+    return seed_list
 
 
 @main.command()
@@ -327,6 +361,10 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--slots", default="1", show_default=True,
               help="Runs sharing the GPU at once (as LAMBDAPIPE_GPU_SLOTS); with --config a "
                    "comma-separated list to compare, e.g. 1,2.")
+@click.option("--pack", type=int, default=1, show_default=True,
+              help="Also time this many runs stepping together in one process (as `train "
+                   "--seeds` does), beside one run; with --config, project the grid with each "
+                   "cell's seeds packed, up to this many to a process.")
 @click.option("--gpus", type=int, default=1, show_default=True,
               help="With --config: GPUs the grid is spread over.")
 @click.option("--dataset", default="cifar10", show_default=True,
@@ -351,7 +389,7 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
               help="Also write the figures as JSON.")
 @_user_errors
 def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str | None,
-          seeds: str | None, slots: str,
+          seeds: str | None, slots: str, pack: int,
           gpus: int, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
           precision: str, compile_: str, warmup: int, steps: int, model_args: tuple[str, ...],
           device: str, gpu_lock_dir: Path | None, out: Path | None) -> None:
@@ -363,11 +401,17 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     Examples:
       lambdapipe bench --models resnet18,lr18_l3_lc --batch-size 256 --precision bf16
       lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 --slots 1,2
+      lambdapipe bench --models resnet20x1 --pack 4 --compile reduce-overhead
     """
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu
 
     slot_counts = _int_list(slots, "--slots", minimum=1, example="1,2")
+    if pack < 1:
+        raise UserError(f"invalid --pack {pack!r}: expected an integer >= 1")
+    if pack > 1 and slot_counts != [1]:
+        raise UserError(f"--pack {pack} and --slots {slots} exclude each other: runs share "
+                        "the GPU either in one process (--pack) or in several (--slots)")
     compile_mode: bool | str = False if compile_ == "off" else compile_
     if configfiles:
         if model_names is not None or model_args:
@@ -376,7 +420,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
         # auto: each cell as its recipe says; off or a mode: every cell so
         _bench_config(configfiles, datasets, seeds, slot_counts, gpus,
                       None if compile_ == "auto" else compile_mode,
-                      data_dir, real_data, warmup, steps, device, gpu_lock_dir, out)
+                      data_dir, real_data, warmup, steps, device, gpu_lock_dir, out, pack)
         return
     if len(slot_counts) != 1:
         raise UserError(f"invalid --slots {slots!r}: one count without --config")
@@ -397,7 +441,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
         rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
                              batch_size=batch_size, precision=precision, compile=compile_mode,
                              warmup=warmup, steps=steps, model_args=parsed_args,
-                             device=dev, slots=slot_counts[0], on_row=on_row)
+                             device=dev, slots=slot_counts[0], pack=pack, on_row=on_row)
     if len(rows) > 1:  # ratios to rows measured later: the whole table once more
         click.echo(benchmark.format_rows(rows))
     else:
@@ -421,7 +465,7 @@ def _int_list(value: str, option: str, minimum: int, example: str) -> list[int]:
 def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: str | None,
                   slots: list[int], gpus: int, compile_mode: bool | str | None, data_dir: Path,
                   real_data: bool, warmup: int, steps: int, device: str,
-                  gpu_lock_dir: Path | None, out: Path | None) -> None:
+                  gpu_lock_dir: Path | None, out: Path | None, pack: int = 1) -> None:
     """`bench --config`: every argument checked before the GPU is claimed."""
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu, project
@@ -441,7 +485,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
         result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
                                  device=dev, warmup=warmup, steps=steps, data_dir=data_dir,
-                                 real_data=real_data, compile=compile_mode,
+                                 real_data=real_data, compile=compile_mode, pack=pack,
                                  progress=lambda m: click.echo(m, err=True))
     click.echo(project.format_projection(result))
     if out is not None:

@@ -341,6 +341,17 @@ def expand_runs(cfg: dict) -> list[Run]:
     return kept
 
 
+def pack_cells(runs: Iterable[Run]) -> list[tuple[str, list[Run]]]:
+    """The seeds of each grid cell, for `train: {pack: seeds}`: one (cell directory, runs by
+    seed) per (dataset, noise, model, recipe, variant), so that one job trains them together.
+    Runs of one directory with different settings (from two grids) are two cells."""
+    cells: dict[tuple, list[Run]] = {}
+    for run in runs:
+        cells.setdefault((run.dataset, run.noise, run.model_dir, run.settings()), []).append(run)
+    return [(f"{d}/{n}/{m}", sorted(rs, key=lambda r: r.seed))
+            for (d, n, m, _), rs in cells.items()]
+
+
 def run_args(run: Run) -> dict[str, str]:
     """CLI fragments for `lambdapipe train` (shell-quoted), for the Snakemake rule's params."""
     import shlex

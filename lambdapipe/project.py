@@ -23,10 +23,11 @@ import dataclasses
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from lambdapipe.bench import measure_slots, process_age_s
+from lambdapipe.bench import measure_packed, measure_slots, process_age_s
 from lambdapipe.config import Run, expand_runs
 from lambdapipe.data import dataset_info
 from lambdapipe.data.prepared import split_sizes
@@ -130,16 +131,45 @@ def run_seconds(cell: Cell, row: dict[str, Any], launch_s: float) -> dict[str, f
     return parts
 
 
+def packed_seconds(cell: Cell, one: dict[str, Any], packed: dict[str, Any], pack: int,
+                   launch_s: float) -> tuple[dict[str, float], float]:
+    """`train: {pack: seeds}`: the seeds of each (noise variant of a) cell run in processes of
+    up to `pack` runs, each run at the per-run rate measured with `pack` runs stepping
+    together (a smaller pack runs no slower); a lone run costs what `run_seconds` says.
+    Returns the parts of one full pack's process and the whole cell's seconds."""
+    one_run = run_seconds(cell, one, launch_s)
+    parts = {
+        "launch_s": launch_s + pack * packed["data_s"],
+        "startup_s": packed["startup_s"],
+        "train_s": 60 * cell.steps / packed["iter_per_min_per_run"],
+        "eval_s": pack * one_run["eval_s"],  # each run evaluates and checkpoints its own
+    }
+    parts["run_s"] = sum(parts.values())
+    per_run_fixed = packed["data_s"] + one_run["eval_s"]
+    total = 0.0
+    for n in Counter(run.noise for run in cell.runs).values():
+        for start in range(0, n, pack):
+            m = min(pack, n - start)
+            total += one_run["run_s"] if m == 1 else (
+                parts["run_s"] - (pack - m) * per_run_fixed)
+    return parts, total
+
+
 def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | None = None,
             slots: list[int] = (1,), gpus: int = 1, device: str = "cpu", warmup: int = 20,
             steps: int = 50, data_dir: Any = "data", real_data: bool = False,
-            compile: bool | str | None = None, progress: Any = None) -> dict[str, Any]:
+            compile: bool | str | None = None, progress: Any = None,
+            pack: int = 1) -> dict[str, Any]:
     """Measure every cell at every slot count and project the config's wall time;
-    `compile` (a mode) replaces every cell's recipe setting, to price a compiled grid."""
+    `compile` (a mode) replaces every cell's recipe setting, to price a compiled grid;
+    `pack` > 1 prices the grid with each cell's seeds packed into processes of that many
+    runs (`packed_seconds`), one process per GPU at a time."""
     if gpus < 1:
         raise UserError(f"invalid gpus {gpus!r}: expected an integer >= 1")
     if not slots or any(s < 1 for s in slots):
         raise UserError(f"invalid slots {list(slots)!r}: expected integers >= 1")
+    if pack < 1 or (pack > 1 and list(slots) != [1]):
+        raise UserError(f"invalid pack {pack!r}: expected an integer >= 1, with one slot")
     launch_s = process_age_s() or 0.0  # interpreter start and imports, as every run pays
     published_as = (cfg.get("report") or {}).get("published_as") or {}
     todo = cells(cfg, datasets, seeds)
@@ -157,18 +187,30 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
             published_total += pub * len(cell.runs)
         for s in slots:
             if progress:
-                progress(f"measuring {cell.dataset} {cell.label} with {s} slot(s)")
+                progress(f"measuring {cell.dataset} {cell.label} with "
+                         + (f"{pack} runs packed" if pack > 1 else f"{s} slot(s)"))
             base = {"dataset": cell.dataset, "model": cell.label,
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
                     "compile": cell.recipe.on(device).compile_mode or False,
                     "runs": len(cell.runs), "steps": cell.steps,
                     "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
+            kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,
+                      "image_size": cell.image_size, "data_dir": data_dir,
+                      "real_data": real_data, "warmup": warmup, "steps": steps,
+                      "eval_images": cell.val_size, "model_args": cell.model_args,
+                      "device": device}
+            if pack > 1:
+                one, row = measure_packed(pack, **kwargs)
+                parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
+                totals[s] += cell_s / gpus
+                rows.append({**base, "pack": pack, "iter_per_min": row["iter_per_min"],
+                             "iter_per_min_per_slot": row["iter_per_min_per_run"],
+                             "vs_one_run": row["vs_one_run"],
+                             "peak_mem_gib": row["peak_mem_gib"], **parts,
+                             "device_name": row["device_name"]})
+                continue
             try:
-                row = measure_slots(s, name=cell.model, recipe=cell.recipe,
-                                    dataset=cell.dataset, image_size=cell.image_size,
-                                    data_dir=data_dir, real_data=real_data, warmup=warmup,
-                                    steps=steps, eval_images=cell.val_size,
-                                    model_args=cell.model_args, device=device)
+                row = measure_slots(s, **kwargs)
             except (UserError, RuntimeError) as exc:  # e.g. two copies do not fit in memory
                 if s == 1:
                     raise
@@ -183,7 +225,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                          "peak_mem_gib": row["peak_mem_gib"], **parts,
                          "device_name": row["device_name"], "path": row.get("path")})
     best = min((s for s in totals if totals[s] is not None), key=totals.get)
-    return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals,
+    return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals, "pack": pack,
             "best_slots": best, "published_total_s": published_total or None,
             "published_missing_runs": published_missing, "runs": sum(len(c.runs) for c in todo)}
 
@@ -204,9 +246,10 @@ def format_projection(result: dict[str, Any]) -> str:
             lines.append(f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} "
                          f"{r['runs']:>4} {r['steps']:>7} {r['slots']:>5}  failed: {r['error']}")
             continue
+        at_once = f"x{r['pack']}" if r.get("pack", 1) > 1 else r["slots"]
         lines.append(
             f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} {r['runs']:>4} "
-            f"{r['steps']:>7} {r['slots']:>5} {r['iter_per_min']:>9.0f} "
+            f"{r['steps']:>7} {at_once:>5} {r['iter_per_min']:>9.0f} "
             f"{r['iter_per_min_per_slot']:>8.0f} {r['startup_s'] + r['launch_s']:>7.1f} "
             f"{_minutes(r['eval_s']):>8} {_minutes(r['run_s']):>8} "
             f"{_minutes(r['published_run_s']):>8}  {r.get('path') or '-'}")
@@ -216,14 +259,19 @@ def format_projection(result: dict[str, Any]) -> str:
         best = s == result["best_slots"] and len(result["total_s"]) > 1
         mark = "  <- fewest minutes" if best else ""
         shown = f"{_minutes(total)} min" if total is not None else "not possible (see above)"
+        at_once = (f"each cell's seeds packed {result['pack']} to a process"
+                   if result.get("pack", 1) > 1 else f"{s} run(s) per device at once")
         lines.append(f"projected wall time, {result['runs']} runs on {result['gpus']} x "
-                     f"{device}, {s} run(s) per device at once: {shown}{mark}")
+                     f"{device}, {at_once}: {shown}{mark}")
     pub = result["published_total_s"]
     if pub is not None:
         missing = result["published_missing_runs"]
         lines.append(f"published training time of the same runs: {_minutes(pub)} min "
                      "(training only; baselines: RTX 3090 iter/min)"
                      + (f", {missing} runs without a published time" if missing else ""))
+    if result.get("pack", 1) > 1:
+        lines.append(f"(x{result['pack']}: a process of {result['pack']} seeds; iter/min of "
+                     "them all, per run each's, run min the whole process)")
     lines.append("(lower bounds: perfect packing; launch = process start + data to device; "
                  "the final test pass is not counted)")
     return "\n".join(lines)

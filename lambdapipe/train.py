@@ -396,122 +396,185 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
 
 
 def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str, Any]:
-    from lambdapipe.models import count_params
+    run_ = Run(cfg, device, progress, callback)
+    run_.start()
+    while run_.advance():
+        pass
+    return run_.finish()
 
-    r, out = cfg.recipe.on(device), cfg.out
-    started = time.perf_counter()
-    train, val = _load_splits(cfg, verify=False)  # checksums verified by check_before_start
-    config = _run_config(cfg, train, device=device)
-    _print_recipe(r)
-    steps_per_epoch = len(train.labels) // r.batch_size
-    total = r.total_steps(steps_per_epoch)
-    eval_every = r.eval_interval(steps_per_epoch)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(config)
-    config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device)
-    model = model.to(device)
-    if r.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, r, device)
-    mean = torch.tensor(config["data"]["mean"], device=device)
-    std = torch.tensor(config["data"]["std"], device=device)
-    step_fn = TrainStep(model, optimizer, r, device, mean, std)
-    state = RunState()
+class Run:
+    """One run as an object, so that several can share a process (lambdapipe/pack.py).
 
-    last = out / "last.ckpt"
-    if last.exists():
-        ckpt = load_checkpoint(last, map_location=device)  # its config: check_before_start
-        load_weights(model, ckpt["model"], str(last))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step_fn.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], device)
-        state = RunState(**ckpt["state"])
-        # The checkpoint is the truth: a kill between its rename and metrics.csv's left the
-        # file one row short (or one ahead); rewrite it before anything else happens.
-        _write_metrics(out, state.rows)
-        _log(f"resuming {out} at iteration {state.iteration} of {total}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(out / "config.json", config)
-    session_start = time.perf_counter() - state.elapsed_s  # elapsed_s spans all sessions
+    `start()` builds the model, optimizer, step and device data and resumes from last.ckpt;
+    `advance()` is one training step plus, when due, the host sync, the evaluation, the
+    checkpoints and the metrics row; `finish()` scores best.ckpt on test and writes
+    summary.json. `_train` drives one to its end, so a run alone does what it always did;
+    `label` prefixes its log lines when several runs share one log.
+    """
 
-    train_data = DeviceImages(train.images, train.labels, train.clean_labels, device,
-                              pad=r.crop_padding)
-    val_data = DeviceImages(val.images, val.labels, val.clean_labels, device)
-    del train, val
-    test_data = None
-    if r.track_test_every_eval:  # reported only: best.ckpt is chosen on val below
-        from lambdapipe.data import load_split
+    def __init__(self, cfg: TrainConfig, device: str, progress: bool = False,
+                 callback: Callable[[dict[str, float]], None] | None = None,
+                 label: str = "", bar_position: int | None = None):
+        self.cfg, self.device, self.progress, self.callback = cfg, str(device), progress, callback
+        self.label, self.bar_position = label, bar_position
+        self.diverged_at: int | None = None
 
-        test = load_split(cfg.data_dir, cfg.dataset, "test")
-        test_data = DeviceImages(test.images, test.labels, test.clean_labels, device)
-        del test
+    def _log(self, msg: str) -> None:
+        _log(self.label + msg)
 
-    bar = _progress_bar(total, state.iteration, progress)
-    it, plan, plan_epoch_no, diverged_at = state.iteration, None, -1, None
-    window_start, window_it = time.perf_counter(), it
-    lr = r.lr_at(it, total, steps_per_epoch)
-    while it < total:
-        epoch, step = divmod(it, steps_per_epoch)
-        if epoch != plan_epoch_no:
-            plan = plan_epoch(len(train_data), cfg.seed, epoch, r.crop_padding, r.flip, device,
-                              resized_crop=r.resized_crop, size=train_data.size)
-            plan_epoch_no = epoch
-        x, y, y_clean = augmented_batch(train_data, plan, step, r.batch_size)
-        lr = r.lr_at(it, total, steps_per_epoch)
-        step_fn(x, y, y_clean, lr, it)
-        it += 1
-        evaluate_now = it % eval_every == 0 or it == total
+    def start(self) -> None:
+        cfg, device = self.cfg, self.device
+        r, out = cfg.recipe.on(device), cfg.out
+        self.r, self.out = r, out
+        self.started = time.perf_counter()
+        train, val = _load_splits(cfg, verify=False)  # checksums verified by check_before_start
+        config = _run_config(cfg, train, device=device)
+        self.config = config
+        _print_recipe(r)
+        self.steps_per_epoch = steps_per_epoch = len(train.labels) // r.batch_size
+        self.total = total = r.total_steps(steps_per_epoch)
+        self.eval_every = r.eval_interval(steps_per_epoch)
+
+        torch.manual_seed(cfg.seed)
+        model = build_model(config)
+        config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device)
+        model = model.to(device)
+        if r.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, r, device)
+        mean = torch.tensor(config["data"]["mean"], device=device)
+        std = torch.tensor(config["data"]["std"], device=device)
+        step_fn = TrainStep(model, optimizer, r, device, mean, std)
+        state = RunState()
+
+        last = out / "last.ckpt"
+        if last.exists():
+            ckpt = load_checkpoint(last, map_location=device)  # its config: check_before_start
+            load_weights(model, ckpt["model"], str(last))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            step_fn.scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"], device)
+            state = RunState(**ckpt["state"])
+            # The checkpoint is the truth: a kill between its rename and metrics.csv's left
+            # the file one row short (or one ahead); rewrite it before anything else happens.
+            _write_metrics(out, state.rows)
+            self._log(f"resuming {out} at iteration {state.iteration} of {total}")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(out / "config.json", config)
+        self.session_start = time.perf_counter() - state.elapsed_s  # spans all sessions
+        self.model, self.optimizer, self.step_fn, self.state = model, optimizer, step_fn, state
+        self.mean, self.std = mean, std
+
+        self.train_data = DeviceImages(train.images, train.labels, train.clean_labels, device,
+                                       pad=r.crop_padding)
+        self.val_data = DeviceImages(val.images, val.labels, val.clean_labels, device)
+        del train, val
+        self.test_data = None
+        if r.track_test_every_eval:  # reported only: best.ckpt is chosen on val below
+            from lambdapipe.data import load_split
+
+            test = load_split(cfg.data_dir, cfg.dataset, "test")
+            self.test_data = DeviceImages(test.images, test.labels, test.clean_labels, device)
+            del test
+
+        self.bar = _progress_bar(total, state.iteration, self.progress, self.bar_position,
+                                 self.label.strip() or None)
+        self.it, self.plan, self.plan_epoch_no = state.iteration, None, -1
+        self.window_start, self.window_it = time.perf_counter(), self.it
+        self.lr = r.lr_at(self.it, total, steps_per_epoch)
+
+    def advance(self) -> bool:
+        """One step; False once nothing is left to train (the end, or a divergence)."""
+        if self.it >= self.total or self.diverged_at is not None:
+            return False
+        r, it = self.r, self.it
+        epoch, step = divmod(it, self.steps_per_epoch)
+        if epoch != self.plan_epoch_no:
+            self.plan = plan_epoch(len(self.train_data), self.cfg.seed, epoch, r.crop_padding,
+                                   r.flip, self.device, resized_crop=r.resized_crop,
+                                   size=self.train_data.size)
+            self.plan_epoch_no = epoch
+        x, y, y_clean = augmented_batch(self.train_data, self.plan, step, r.batch_size)
+        self.lr = r.lr_at(it, self.total, self.steps_per_epoch)
+        self.step_fn(x, y, y_clean, self.lr, it)
+        self.it = it = it + 1
+        evaluate_now = it % self.eval_every == 0 or it == self.total
         if it % SYNC_EVERY and not evaluate_now:
-            continue
-        tally = step_fn.tally.tolist()  # the host sync point
-        bar.update(it - bar.n)
-        bar.set_postfix(loss=f"{tally[0] / max(tally[3], 1):.3f}",
-                        acc=f"{tally[1] / max(tally[3], 1):.3f}")
+            return True
+        tally = self.step_fn.tally.tolist()  # the host sync point
+        self.bar.update(it - self.bar.n)
+        self.bar.set_postfix(loss=f"{tally[0] / max(tally[3], 1):.3f}",
+                             acc=f"{tally[1] / max(tally[3], 1):.3f}")
         if tally[5] >= 0:
-            diverged_at = int(tally[5])
-            break
-        if not evaluate_now:
-            continue
-        train_seconds = time.perf_counter() - window_start
-        logits = predict(model, val_data.images, mean, std, r.precision, r.channels_last)
-        val_metrics = classification_metrics(logits, val_data.labels)
-        row = {"iteration": it, "epoch": round(it / steps_per_epoch, 4), "lr": lr,
+            self.diverged_at = int(tally[5])
+            return False
+        if evaluate_now:
+            self._evaluate(tally)
+        return it < self.total
+
+    def _evaluate(self, tally: list[float]) -> None:
+        """Val (and test when tracked) metrics, the checkpoints and the metrics row."""
+        r, it, lr, state, model, out = self.r, self.it, self.lr, self.state, self.model, self.out
+        mean, std = self.mean, self.std
+        train_seconds = time.perf_counter() - self.window_start
+        logits = predict(model, self.val_data.images, mean, std, r.precision, r.channels_last)
+        val_metrics = classification_metrics(logits, self.val_data.labels)
+        row = {"iteration": it, "epoch": round(it / self.steps_per_epoch, 4), "lr": lr,
                "train_loss": tally[0] / tally[3], "train_acc": tally[1] / tally[3],
                "train_clean_acc": tally[2] / tally[3], "val_loss": val_metrics["nll"],
                "val_acc": val_metrics["accuracy"],
-               "images_per_s": (it - window_it) * r.batch_size / max(train_seconds, 1e-9),
-               "elapsed_s": time.perf_counter() - session_start}
-        if test_data is not None:
-            logits = predict(model, test_data.images, mean, std, r.precision, r.channels_last)
-            row["tst_acc"] = classification_metrics(logits, test_data.labels)["accuracy"]
+               "images_per_s": (it - self.window_it) * r.batch_size / max(train_seconds, 1e-9),
+               "elapsed_s": time.perf_counter() - self.session_start}
+        if self.test_data is not None:
+            logits = predict(model, self.test_data.images, mean, std, r.precision,
+                             r.channels_last)
+            row["tst_acc"] = classification_metrics(logits, self.test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
         state.skipped_steps += int(tally[4])
-        step_fn.reset_tally()
-        paths = [last]
+        self.step_fn.reset_tally()
+        paths = [out / "last.ckpt"]
         if row["val_acc"] > state.best_val_acc:
             state.best_val_acc, state.best_iteration = row["val_acc"], it
             paths.insert(0, out / "best.ckpt")
-        save_checkpoint({"config": config, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(),
+        save_checkpoint({"config": self.config, "model": model.state_dict(),
+                         "optimizer": self.optimizer.state_dict(),
                          "scheduler": {"schedule": r.schedule, "step": it, "lr": lr},
-                         "scaler": step_fn.scaler.state_dict(), "rng": _rng_state(device),
+                         "scaler": self.step_fn.scaler.state_dict(),
+                         "rng": _rng_state(self.device),
                          "iteration": it, "state": state.to_dict()}, *paths)
         _write_metrics(out, state.rows)
-        if not progress:
-            _log(f"iter {it}/{total} epoch {row['epoch']:.2f} lr {lr:.3g} "
-                 f"train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
-                 f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
-                 f"{row['images_per_s']:.0f} img/s")
-        if callback is not None:
-            callback(row)
-        window_start, window_it = time.perf_counter(), it
-    bar.close()
-    if diverged_at is not None:
-        state.skipped_steps += int(step_fn.tally[4].item())
-        _log(f"diverged: non-finite loss at iteration {diverged_at}")
+        if not self.progress:
+            self._log(f"iter {it}/{self.total} epoch {row['epoch']:.2f} lr {lr:.3g} "
+                      f"train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
+                      f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
+                      f"{row['images_per_s']:.0f} img/s")
+        if self.callback is not None:
+            self.callback(row)
+        self.window_start, self.window_it = time.perf_counter(), it
+
+    def finish(self) -> dict[str, Any]:
+        """Test on best.ckpt and summary.json; then the device data is let go."""
+        self.bar.close()
+        if self.diverged_at is not None:
+            self.state.skipped_steps += int(self.step_fn.tally[4].item())
+            self._log(f"diverged: non-finite loss at iteration {self.diverged_at}")
+        summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.step_fn,
+                             self.state, self.it, self.diverged_at, self.session_start,
+                             self.started, self.config)
+        self.train_data = self.val_data = self.test_data = None
+        return summary
+
+
+def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch.nn.Module,
+               step_fn: TrainStep, state: RunState, it: int, diverged_at: int | None,
+               session_start: float, started: float,
+               config: dict[str, Any]) -> dict[str, Any]:
+    """summary.json, in one function so that a field added here (say, how `step_fn` ran)
+    reaches solo and packed runs alike."""
+    from lambdapipe.models import count_params
 
     test = _test_on_best(cfg, device)  # the only time the test split is read
     rows = state.rows
@@ -575,8 +638,9 @@ def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:
     return classification_metrics(logits, images.labels)
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
+def _progress_bar(total: int, initial: int, enabled: bool, position: int | None = None,
+                  desc: str | None = None):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, unit="it", leave=False)
+                dynamic_ncols=True, unit="it", leave=False, position=position, desc=desc)

@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu-bench.sh                 # all parts (never run on a GPU yet)
 #   bash scripts/gpu-bench.sh step slots      # some parts: step compile slots data
-#                                             #   cifar10 lambda imagenette
+#                                             #   cifar10 pack lambda imagenette
 #
 # Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
 # torch version, UTC date); OUT/index.md gathers them with the commands that made them.
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(step compile slots data cifar10 lambda imagenette)
+[ ${#parts[@]} -gt 0 ] || parts=(step compile slots data cifar10 pack lambda imagenette)
 device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
 if [ "$device" = cuda ]; then
     gpu=$(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
@@ -58,11 +58,16 @@ for part in "${parts[@]}"; do
                 --datasets cifar10 --seeds 0 --slots 1,2
             measure cifar10-baselines-graphs --config config/resnet_baselines.yaml \
                 --datasets cifar10 --seeds 0 --slots 1,2 --compile reduce-overhead ;;
+        pack)  # a cell's seeds in one process (`train --seeds`), compiled default path
+            measure pack4 --models resnet20x1,resnet18 --batch-size 256 --precision bf16 \
+                --pack 4 --compile reduce-overhead
+            measure cifar10-baselines-packed --config config/resnet_baselines.yaml \
+                --datasets cifar10 --pack 3 --compile reduce-overhead ;;
         lambda) measure lambda-cifar10 --config config/lambda_cifar10.yaml --seeds 0 ;;
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;
         *) echo "gpu-bench: unknown part '$part': expected step compile slots data" \
-                "cifar10 lambda imagenette" >&2; exit 2 ;;
+                "cifar10 pack lambda imagenette" >&2; exit 2 ;;
     esac
 done
 

@@ -34,7 +34,7 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-TRAINING = ("lambdapipe.train", "lambdapipe.evaluate", "lambdapipe.bench",
+TRAINING = ("lambdapipe.train", "lambdapipe.pack", "lambdapipe.evaluate", "lambdapipe.bench",
             "lambdapipe.project", "lambdapipe.explain", "lambdapipe.augment",
             "lambdapipe.recipes")
 RULES = {  # modules under the key may not import modules under any of the values

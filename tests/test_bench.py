@@ -88,12 +88,42 @@ def test_real_data_uses_the_prepared_split(tmp_path):
     (["--slots", "1,2"], "one count without --config"),
     (["--config", "config/demo.yaml"], "--config takes models and model args from the config"),
     (["--compile", "fast"], "'fast' is not one of 'auto', 'off', 'default'"),
+    (["--pack", "0"], "invalid --pack 0: expected an integer >= 1"),
+    (["--pack", "2", "--slots", "2"], "--pack 2 and --slots 2 exclude each other"),
 ])
 def test_bad_arguments_are_one_line(args, needle):
     result = CliRunner().invoke(main, ["bench", "--dataset", "digits", "--device", "cpu",
                                        "--models", "resnet20x1", *args])
     assert result.exit_code == 2
     assert needle in result.output.strip().splitlines()[-1]
+
+
+def test_pack_steps_runs_in_turn_in_one_process_beside_one_run(monkeypatch):
+    """`--pack 3`: the one-run row, then three runs (each its own TrainStep) stepping in
+    turn; the packed row's rates are their sum and `vs_one_run` the ratio to one run."""
+    calls = []
+    real_call = train.TrainStep.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append((id(self), args[-1]))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.TrainStep, "__call__", counting)
+    rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp32",
+                     warmup=1, steps=2, model_args=TINY, device="cpu", pack=3)
+    assert [i for _, i in calls] == [0, 1, 2] + [0] * 3 + [1] * 3 + [2] * 3
+    assert len({step for step, _ in calls[3:]}) == 3  # one TrainStep per packed run
+    one, packed = rows
+    assert (one["pack"], packed["pack"], one["vs_one_run"]) == (1, 3, 1.0)
+    assert packed["iter_per_min"] == pytest.approx(3 * packed["iter_per_min_per_run"])
+    assert packed["images_per_s"] == pytest.approx(packed["iter_per_min"] * 8 / 60)
+    assert packed["vs_one_run"] == pytest.approx(packed["iter_per_min"] / one["iter_per_min"])
+    assert packed["step_ms"] == pytest.approx(60_000 / packed["iter_per_min_per_run"])
+    assert not packed["diverged"] and packed["startup_s"] >= 0
+    table = bench.format_rows(rows).splitlines()
+    assert table[2].split()[0] == "resnet20x1" and table[3].startswith("resnet20x1 x3")
+    assert "'x3': that many runs stepping in one process" in table[-1]
+    assert f"resnet20x1 {packed['vs_one_run']:.2f}x one run" in table[-1]
 
 
 def test_slots_run_in_processes_at_once_and_sum():
@@ -136,13 +166,15 @@ if "--out" in args:
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}",
            "LAMBDAPIPE_BENCH_DEVICE": "cpu", "LAMBDAPIPE_BENCH_OUT": str(tmp_path / "out")}
     done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "step", "slots",
-                           "data", "cifar10"], env=env, capture_output=True, text=True,
-                          cwd=tmp_path)
+                           "data", "cifar10", "pack"], env=env, capture_output=True,
+                          text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     assert sorted(p.stem for p in out.glob("*.json")) == [
-        "cifar10-baselines", "cifar10-baselines-graphs", "data-real", "data-synthetic",
-        "slots2", "step"]
+        "cifar10-baselines", "cifar10-baselines-graphs", "cifar10-baselines-packed",
+        "data-real", "data-synthetic", "pack4", "slots2", "step"]
+    assert "--pack 3 --compile reduce-overhead" in (out / "cifar10-baselines-packed.cmd"
+                                                     ).read_text()
     index = (out / "index.md").read_text()
     assert "## cifar10-baselines" in index and "fake-gpu, torch 9.9, 2026-11-23" in index
     assert ("`lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 "

@@ -30,7 +30,8 @@ TIMING_COLUMNS = {"images_per_s", "elapsed_s"}
 
 # Test-only instrumentation, installed by `python -c` in front of the CLI (never in the
 # package): every os.fsync / os.replace is counted, optionally slowed, and the process
-# SIGKILLs itself at operation number KILL_AT_OP. atomic.py fsyncs the temp file, renames
+# SIGKILLs itself at operation number KILL_AT_OP; KILL_RENAME_LOG lists each rename's
+# operation number and final name. atomic.py fsyncs the temp file, renames
 # it, then fsyncs the directory, so an operation index lands before, between or after the
 # steps of each atomic write, including the three writes of save_checkpoint.
 HOOK = """
@@ -38,6 +39,7 @@ import atexit, os, signal, sys, time
 _n = [0]
 _at = int(os.environ.get("KILL_AT_OP", "0"))
 _delay = float(os.environ.get("KILL_WRITE_DELAY", "0"))
+_renames = os.environ.get("KILL_RENAME_LOG")
 def _wrap(real):
     def op(*args, **kwargs):
         _n[0] += 1
@@ -45,8 +47,12 @@ def _wrap(real):
             time.sleep(_delay)
         if _n[0] == _at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if _renames and real is _replace:
+            with open(_renames, "a") as fh:
+                fh.write(f"{_n[0]} {args[1]}\\n")
         return real(*args, **kwargs)
     return op
+_replace = os.replace
 os.fsync, os.replace = _wrap(os.fsync), _wrap(os.replace)
 if os.environ.get("KILL_COUNT_FILE"):
     atexit.register(lambda: open(os.environ["KILL_COUNT_FILE"], "w").write(str(_n[0])))
@@ -161,3 +167,90 @@ def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_pr
     for k, v in tally.items():
         record_property(k, v)
     assert tally["killed"] >= n_points // 2  # the op-points always kill
+
+
+# --------------------------------------------------------------------------- packed jobs
+SEEDS = (0, 1, 2)
+
+
+def packed_cmd(data_dir: Path, root: Path) -> list[str]:
+    """Three seeds in one `lambdapipe train --seeds` process, --out a template."""
+    return [*train_cmd(data_dir, root / "{seed}"), "--seeds", ",".join(map(str, SEEDS))]
+
+
+@pytest.fixture(scope="module")
+def packed_reference(reference):
+    root = reference[0]
+    out = root / "packed-reference"
+    renames = root / "packed-renames"
+    start = time.monotonic()
+    res = run(packed_cmd(root / "data", out), KILL_COUNT_FILE=str(root / "packed-ops"),
+              KILL_RENAME_LOG=str(renames))
+    seconds = time.monotonic() - start
+    assert res.returncode == 0, res.stderr[-3000:]
+    ops = int((root / "packed-ops").read_text())
+    # the operation right after seed 0's summary.json took its name: seed 0 finished,
+    # seeds 1 and 2 one step from their end
+    first_done = next(int(line.split()[0]) + 1 for line in renames.read_text().splitlines()
+                      if line.endswith(str(out / "0" / "summary.json")))
+    summaries = {s: json.loads((out / str(s) / "summary.json").read_text()) for s in SEEDS}
+    return summaries, {s: metrics(out / str(s)) for s in SEEDS}, ops, seconds, first_done
+
+
+def strip_timing(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in TIMING}
+
+
+@pytest.mark.killloop
+def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_reference,
+                                                          record_property):
+    root, solo_summary, solo_rows = reference[:3]
+    summaries, rows, ops, seconds, first_done = packed_reference
+    # Packing changes nothing: seed 0 of the pack is the run trained alone.
+    assert strip_timing(summaries[0]) == strip_timing(solo_summary) and rows[0] == solo_rows
+    n_points = max(2, int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "20")) // 5)
+    rng = random.Random(int(os.environ.get("LAMBDAPIPE_KILL_SEED", "0")) + 1)
+    points = [("op", first_done)] + [
+        ("op", rng.randint(1, ops)) if i % 2 else ("time", rng.uniform(0, seconds))
+        for i in range(1, n_points)]
+    tally = {"killed": 0, "seeds_finished_before_rerun": 0, "seeds_resumed": 0}
+    for i, (kind, at) in enumerate(points):
+        out = root / f"packed{i}"
+        cmd = packed_cmd(root / "data", out)
+        if kind == "op":
+            res = run(cmd, KILL_AT_OP=str(at))
+            killed = res.returncode == -signal.SIGKILL
+        else:
+            proc = subprocess.Popen(cmd, env=env(KILL_WRITE_DELAY="0.05"),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=at)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+            killed = proc.wait() == -signal.SIGKILL
+        tally["killed"] += killed
+        finished = {}
+        for seed in SEEDS:
+            present = assert_no_torn_file(out / str(seed))
+            path = out / str(seed) / "summary.json"
+            if "summary.json" in present:
+                finished[seed] = (path.stat().st_mtime_ns, path.read_bytes())
+            elif "last.ckpt" in present:
+                tally["seeds_resumed"] += 1
+        tally["seeds_finished_before_rerun"] += len(finished)
+        if i == 0:  # the deliberate point: seed 0 done, the others not
+            assert killed and set(finished) == {0}, (kind, at, sorted(finished))
+
+        again = run(cmd)
+        assert again.returncode == 0, f"{kind}={at}: {again.stderr[-3000:]}"
+        for seed in SEEDS:
+            path = out / str(seed) / "summary.json"
+            if seed in finished:  # never rewritten, never touched
+                assert (path.stat().st_mtime_ns, path.read_bytes()) == finished[seed]
+            assert strip_timing(json.loads(path.read_text())) == strip_timing(summaries[seed])
+            assert metrics(out / str(seed)) == rows[seed], (kind, at, seed)
+    tally["points"] = n_points
+    print(f"packed kill loop: {json.dumps(tally)} over {ops} file-system operations")
+    for k, v in tally.items():
+        record_property(f"packed_{k}", v)
+    assert tally["killed"] >= 1

@@ -171,3 +171,62 @@ def test_compile_prices_every_cell_compiled(monkeypatch):
     # 8 runs, each 48k steps at 6000/min (8 min) + 48 evaluations + start-up, one GPU, 1 slot
     each = result["launch_s"] + 1.0 + 30.0 + 480.0 + 48 * (0.5 + 0.1)
     assert result["total_s"][1] == pytest.approx(8 * each)
+
+
+def test_packed_seconds_price_each_cells_seeds_in_processes_of_pack_runs():
+    cell = project.cells(load_config(CONFIG / "resnet_baselines.yaml"), ["cifar10"])[0]
+    assert len(cell.runs) == 3 and cell.evaluations == 48
+    one = {"data_s": 2.0, "startup_s": 10.0, "iter_per_min_per_slot": 6000.0,
+           "eval_images_per_s": 50_000.0, "ckpt_s": 0.5}
+    packed = {"data_s": 2.0, "startup_s": 12.0, "iter_per_min_per_run": 4000.0}
+    lone = project.run_seconds(cell, one, launch_s=3.0)["run_s"]
+    eval_s = 48 * (0.1 + 0.5)
+    parts, total = project.packed_seconds(cell, one, packed, 3, launch_s=3.0)
+    # one process: one launch (+ each run's data), one start-up, 48k steps at the per-run
+    # rate of a pack of 3, and each run's own evaluations
+    assert parts == {"launch_s": 3.0 + 3 * 2.0, "startup_s": 12.0, "train_s": 720.0,
+                     "eval_s": 3 * eval_s, "run_s": pytest.approx(9.0 + 12 + 720 + 3 * eval_s)}
+    assert total == pytest.approx(parts["run_s"])
+    # packs of 2: a process of 2 seeds and a lone run
+    _, total2 = project.packed_seconds(cell, one, {**packed}, 2, launch_s=3.0)
+    assert total2 == pytest.approx(3.0 + 2 * 2.0 + 12 + 720 + 2 * eval_s + lone)
+
+
+def test_pack_projects_the_grid_with_each_cells_seeds_together(monkeypatch):
+    seen = []
+
+    def fake(pack, **kw):
+        seen.append((pack, kw["name"]))
+        one = {"data_s": 1.0, "startup_s": 30.0, "iter_per_min": 6000.0,
+               "iter_per_min_per_slot": 6000.0, "eval_images_per_s": 1e4, "ckpt_s": 0.1,
+               "peak_mem_gib": None, "device_name": "fake"}
+        return [one, {**one, "iter_per_min": 12_000.0, "iter_per_min_per_run": 4000.0,
+                      "vs_one_run": 2.0}]
+
+    monkeypatch.setattr(project, "measure_packed", fake)
+    cfg = load_config(CONFIG / "resnet_baselines.yaml")
+    result = project.project(cfg, datasets=["cifar10"], pack=3, gpus=2)
+    assert [p for p, _ in seen] == [3] * 8 and result["runs"] == 24
+    # per cell one process of 3 seeds: launch, 3 runs' data, start-up, 48k steps at 4000/min
+    # (12 min), 3 x 48 evaluations; 8 cells over 2 GPUs
+    process = result["launch_s"] + 3 * 1.0 + 30.0 + 720.0 + 3 * 48 * (0.5 + 0.1)
+    assert result["total_s"][1] == pytest.approx(8 * process / 2)
+    text = project.format_projection(result)
+    assert "24 runs on 2 x fake, each cell's seeds packed 3 to a process" in text
+    assert text.splitlines()[2].split()[5] == "x3"
+    with pytest.raises(UserError, match="invalid pack 2"):
+        project.project(cfg, datasets=["cifar10"], pack=2, slots=[1, 2])
+
+
+def test_cli_projects_a_packed_grid(tmp_path):
+    files = ["--config", str(CONFIG / "resnet_baselines.yaml"),
+             "--config", str(CONFIG / "ci" / "resnet_baselines.yaml")]
+    out = tmp_path / "packed.json"
+    result = CliRunner().invoke(main, ["bench", *files, "--pack", "2", "--warmup", "1",
+                                       "--steps", "2", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "each cell's seeds packed 2 to a process" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["pack"] == 2 and {r["pack"] for r in saved["rows"]} == {2}
+    # one seed per cell in the stand-in: each runs alone, at the one-run cost
+    assert all(r["vs_one_run"] > 0 and r["iter_per_min_per_slot"] > 0 for r in saved["rows"])

@@ -62,6 +62,74 @@ def test_dry_run_of_the_full_grid_has_one_job_per_run(tmp_path):
     assert counts["train"] == 255  # the reproduction grid as documented in the README
 
 
+def test_dry_run_with_packing_has_one_train_job_per_cell(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    res = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), "--config",
+                    "train={pack: seeds}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = expected_counts(cfg)
+    cells = {(ds, rate, m) for ds, d in cfg["datasets"].items() for g in d["grids"]
+             for n in g["noise"] for rate in n["rates"] for m in g["models"]}
+    expected["total"] += len(cells) - expected["train"]
+    expected["train"] = len(cells)
+    assert job_counts(res.stdout + res.stderr) == expected
+    assert expected["train"] == 85 and expected["evaluate"] == 255  # 3 seeds a cell
+
+
+def test_packed_jobs_follow_each_cells_seeds(tmp_path):
+    """A cell that lost a seed to `exclude` is its own kind of job; the commonest seed list
+    keeps the rule name `train` (what profiles set resources for)."""
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    cfg["train"] = {**cfg.get("train", {}), "pack": "seeds"}
+    cfg["exclude"] = [{"model": "resnet18", "noise": "clean", "seed": 1}]
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = snakemake("-n", "-p", "--configfile", str(path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    counts = job_counts(out)
+    assert (counts["train"], counts["train_seeds_0"], counts["evaluate"]) == (3, 1, 7)
+    assert ("--seeds 0,1 --out 'results/runs/digits/symmetric-0.25/resnet18/{seed}'"
+            in out)
+    assert "--seeds 0 --out 'results/runs/digits/clean/resnet18/{seed}'" in out
+    unpacked = snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), cwd=tmp_path)
+    assert job_counts(unpacked.stdout + unpacked.stderr)["train"] == 8
+
+    # A finished run joins no job (its summary.json is protected): its cell packs the rest.
+    done = tmp_path / "results/runs/digits/symmetric-0.25/lr18_l3_lc/1/summary.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    done.chmod(0o444)
+    again = snakemake("-n", "-p", "--configfile", str(path), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    counts = job_counts(out)
+    assert (counts["train"], counts["train_seeds_0"], counts["evaluate"]) == (2, 2, 7)
+    assert "--seeds 0 --out 'results/runs/digits/symmetric-0.25/lr18_l3_lc/{seed}'" in out
+
+
+def test_packed_job_trains_every_seed_of_its_cell(tmp_path):
+    """The packed rule for real on a tiny cell: one job, both seeds' run directories."""
+    cfg = {"train": {"device": "cpu", "threads": 1, "pack": "seeds"},
+           "datasets": {"digits": {"grids": [{
+               "models": ["resnet20x1"], "model_args": {"base_width": 4},
+               "noise": [{"kind": "symmetric", "rates": [0.0]}], "seeds": [0, 1],
+               "recipe": "demo", "set": {"iterations": 16, "eval_every": 8}}]}}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    targets = [f"results/runs/digits/clean/resnet20x1/{s}/summary.json" for s in (0, 1)]
+    res = snakemake("--cores", "1", *targets, "--configfile", str(path), cwd=tmp_path,
+                    env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert job_counts(res.stdout + res.stderr)["train"] == 1
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / targets[seed]).read_text())
+        assert summary["seed"] == seed and summary["status"] == "ok"
+        assert summary["iterations"] == 16
+    log = (tmp_path / "logs/train/digits/clean/resnet20x1/seeds-0-1.log").read_text()
+    assert "[seed 0] iter 16/16" in log and "[seed 1] iter 16/16" in log
+
+
 def test_lint_is_clean(tmp_path):
     res = snakemake("--lint", "--configfile", str(ROOT / "config" / "demo.yaml"), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:]

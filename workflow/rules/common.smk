@@ -2,9 +2,11 @@
 # input/params functions. Validation and the grid's expansion live in lambdapipe.config, so
 # `lambdapipe check-config` and this file can never disagree.
 
+import re
 import shlex
+from pathlib import Path
 
-from lambdapipe.config import expand_runs, prepare_args, published_as_args, run_args
+from lambdapipe.config import expand_runs, pack_cells, prepare_args, published_as_args, run_args
 from lambdapipe.data.registry import dataset_info
 from lambdapipe.noise import parse_noise_tag
 
@@ -16,6 +18,22 @@ for _run in sorted(RUNS.values(), key=lambda r: r.seed):
     EXPLAINED.setdefault((_run.dataset, _run.noise, _run.model), _run)
 EXPLAINED = sorted(r.path for r in EXPLAINED.values())
 ARCHIVES = {dataset_info(d).archive: d for d in DATASETS if dataset_info(d).archive}
+# train: {pack: seeds}: the unfinished seeds of a grid cell in one job. A rule's outputs
+# are fixed paths around its wildcards, so there is one packed rule per distinct seed list,
+# each matching only its cells; the commonest is named `train`, like the unpacked rule, so
+# profiles that set resources for `train` apply to it. A finished run (its protected
+# summary.json) joins no job: a seed added to a finished cell trains alone, and the job
+# never has a protected output to refuse.
+PACKED = config["train"]["pack"] == "seeds"
+PACKS = {}  # seed list -> {cell directory: its unfinished runs}
+if PACKED:
+    for _cell, _runs in pack_cells(RUNS.values()):
+        _todo = [r for r in _runs if not Path(f"results/runs/{r.path}/summary.json").exists()]
+        if _todo:
+            PACKS.setdefault(tuple(r.seed for r in _todo), {})[_cell] = _todo
+_commonest = sorted(PACKS, key=lambda seeds: (-len(PACKS[seeds]), -len(seeds), seeds))
+PACK_RULES = {seeds: "train" if i == 0 else "train_seeds_" + "_".join(map(str, seeds))
+              for i, seeds in enumerate(_commonest)}
 
 
 wildcard_constraints:
@@ -52,8 +70,41 @@ def train_option(key):
 
 
 def noise_options(wildcards):
-    spec = parse_noise_tag(wildcards.noise)
+    return noise_args(wildcards.noise)
+
+
+def noise_args(tag):
+    spec = parse_noise_tag(tag)
     return f"--noise {spec.rate:g} --noise-kind {spec.kind} --noise-seed {spec.seed}"
+
+
+def cell_pattern(seeds):
+    """wildcard constraint: exactly the cells packed with this seed list."""
+    return "|".join(re.escape(cell) for cell in PACKS[seeds])
+
+
+def pack_outputs(seeds):
+    return [protected(f"results/runs/{{cell}}/{seed}/summary.json") for seed in seeds]
+
+
+def pack_option(seeds, key):
+    """params function of a packed rule: an option of its cell's runs (they share them)."""
+
+    def option(wildcards):
+        run = PACKS[seeds][wildcards.cell][0]
+        return {**run_args(run), "dataset": run.dataset, "noise": noise_args(run.noise)}[key]
+
+    return option
+
+
+def pack_input(seeds, what):
+    def path(wildcards):
+        run = PACKS[seeds][wildcards.cell][0]
+        if what == "manifest":
+            return prepared(run.dataset)
+        return f"data/prepared/{run.dataset}/noise/{run.noise}.npy"
+
+    return path
 
 
 def archive_of(wildcards):
