@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Every GPU figure docs/performance.md owes, measured and written in one command:
 #
-#   bash scripts/gpu-bench.sh                 # all parts (never run on a GPU yet)
-#   bash scripts/gpu-bench.sh step slots      # some parts: step compile slots data
+#   bash scripts/gpu-bench.sh                 # all parts
+#   bash scripts/gpu-bench.sh default         # the default path, under 8 minutes (below)
+#   bash scripts/gpu-bench.sh step slots      # some parts: default step compile slots data
 #                                             #   cifar10 pack lambda imagenette
 #
 # Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
 # torch version, UTC date); OUT/index.md gathers them with the commands that made them.
 # OUT defaults to docs/bench/<gpu name>; set LAMBDAPIPE_BENCH_OUT to change it.
-# LAMBDAPIPE_BENCH_DEVICE (default cuda) exists for the script's own test on CPU.
+# LAMBDAPIPE_BENCH_DEVICE (default cuda) and LAMBDAPIPE_CMD (default `python -m lambdapipe`:
+# this checkout's package) exist for the script's own test on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(step compile slots data cifar10 pack lambda imagenette)
+[ ${#parts[@]} -gt 0 ] || parts=(default step compile slots data cifar10 pack lambda imagenette)
 device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
+lp=${LAMBDAPIPE_CMD:-python -m lambdapipe}
 if [ "$device" = cuda ]; then
     gpu=$(python -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
     if [ -z "$gpu" ]; then
@@ -32,11 +35,18 @@ measure() {  # measure PART ARGS...: one `lambdapipe bench` call, its table and 
     local part=$1; shift
     echo "lambdapipe bench $* --device $device --out $out/$part.json" > "$out/$part.cmd"
     echo "== $part: $(cat "$out/$part.cmd")" >&2
-    lambdapipe bench "$@" --device "$device" --out "$out/$part.json" | tee "$out/$part.txt"
+    # each row is printed (and saved) as it is measured: a time limit loses only the rest
+    PYTHONUNBUFFERED=1 $lp bench "$@" --device "$device" --out "$out/$part.json" \
+        | tee "$out/$part.txt"
 }
 
 for part in "${parts[@]}"; do
     case $part in
+        default)  # what training runs when nobody asks: compile auto (CUDA graphs),
+                  # channels_last, each lambda layer's impl measured; then the CIFAR-10 table
+            measure default --models "$models,lr34_l3_lc" --batch-size 256 --precision bf16
+            measure cifar10-default --config config/resnet_baselines.yaml --datasets cifar10 \
+                --seeds 0 ;;
         step) measure step --models "$models,resnet34,lr34_l3_lc,lr34_l3_rpe,lr34_l2_lc" \
                   --batch-size 256 \
                   --precision bf16 ;;
@@ -48,7 +58,7 @@ for part in "${parts[@]}"; do
         slots) measure slots2 --models resnet20x1,resnet18 --batch-size 256 \
                    --precision bf16 --slots 2 ;;
         data)  # the prepared-dataset path against synthetic tensors (digits: offline)
-            lambdapipe prepare --dataset digits > /dev/null
+            $lp prepare --dataset digits > /dev/null
             measure data-synthetic --models resnet18 --dataset digits --batch-size 256 \
                 --precision bf16 --steps 200
             measure data-real --models resnet18 --dataset digits --real-data \
@@ -66,8 +76,8 @@ for part in "${parts[@]}"; do
         lambda) measure lambda-cifar10 --config config/lambda_cifar10.yaml --seeds 0 ;;
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;
-        *) echo "gpu-bench: unknown part '$part': expected step compile slots data" \
-                "cifar10 pack lambda imagenette" >&2; exit 2 ;;
+        *) echo "gpu-bench: unknown part '$part': expected default step compile slots" \
+                "data cifar10 pack lambda imagenette" >&2; exit 2 ;;
     esac
 done
 

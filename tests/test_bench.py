@@ -163,16 +163,18 @@ if "--out" in args:
               open(out, "w"))
 """)
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}",
+    env = {**os.environ, "LAMBDAPIPE_CMD": str(fake),
            "LAMBDAPIPE_BENCH_DEVICE": "cpu", "LAMBDAPIPE_BENCH_OUT": str(tmp_path / "out")}
-    done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "step", "slots",
-                           "data", "cifar10", "pack"], env=env, capture_output=True,
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "default", "step",
+                           "slots", "data", "cifar10", "pack"], env=env, capture_output=True,
                           text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     assert sorted(p.stem for p in out.glob("*.json")) == [
         "cifar10-baselines", "cifar10-baselines-graphs", "cifar10-baselines-packed",
-        "data-real", "data-synthetic", "pack4", "slots2", "step"]
+        "cifar10-default", "data-real", "data-synthetic", "default", "pack4", "slots2", "step"]
+    assert ("--models resnet18,resnet20x1,lr18_l3_lc,lr18_l3_rpe,lr18_l2_lc,lr18_l2_rpe,"
+            "lr34_l3_lc --batch-size 256 --precision bf16") in (out / "default.cmd").read_text()
     assert "--pack 3 --compile reduce-overhead" in (out / "cifar10-baselines-packed.cmd"
                                                      ).read_text()
     index = (out / "index.md").read_text()
