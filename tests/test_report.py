@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -340,7 +341,7 @@ def test_acc_vs_params_x_ticks_readable_in_millions(tmp_path, params):
     assert len(labels) >= 2, labels
     assert all(text.endswith("M") for text, _ in labels), labels
     boxes = sorted((box for _, box in labels), key=lambda b: b.x0)
-    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), [t for t, _ in labels]
+    assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), [t for t, _ in labels]
 
 
 def test_saliency_and_position_figures_have_colour_bars_and_a_grid():

@@ -8,8 +8,8 @@ rule download:
     log:
         "logs/download/{archive}.log",
     conda:
-        "../../environment.yml"
+        "../envs/lambdapipe.yaml"
     retries: 2
     shell:
-        "lambdapipe download --dataset {params.dataset} --data-dir data {params.mirror}"
+        "{LAMBDAPIPE} download --dataset {params.dataset} --data-dir data {params.mirror}"
         " > {log} 2>&1"

@@ -4,8 +4,8 @@ rule train:
     declared outputs: Snakemake deletes a job's outputs before rerunning it, and the CLI
     resumes an interrupted run from the last.ckpt it finds in the run directory."""
     input:
-        manifest=prepared(),
-        labels="data/prepared/{dataset}/noise/{noise}.npy",
+        manifest=ancient(prepared()),
+        labels=ancient("data/prepared/{dataset}/noise/{noise}.npy"),
     output:
         summary=protected("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
     params:
@@ -19,15 +19,17 @@ rule train:
         deterministic="--deterministic" if config["train"]["deterministic"] else "",
     log:
         "logs/train/{dataset}/{noise}/{model}/{seed}.log",
+    benchmark:
+        "benchmarks/train/{dataset}/{noise}/{model}/{seed}.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/lambdapipe.yaml"
     threads: config["train"]["threads"]
     resources:
         gpu=gpu_tokens,
         mem_mb=config["train"]["mem_mb"],
         runtime=config["train"]["runtime"],
     shell:
-        "lambdapipe train --model {params.model} {params.model_args}"
+        "{LAMBDAPIPE} train --model {params.model} {params.model_args}"
         " --dataset {wildcards.dataset} --data-dir data {params.noise}"
         " --seed {wildcards.seed} --out {params.run_dir} --recipe {params.recipe}"
         " {params.overrides} --device {params.device} {params.deterministic} --no-progress"
