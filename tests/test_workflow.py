@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -147,3 +148,41 @@ def test_html_report(demo_run):
     assert res.returncode == 0, res.stderr[-3000:]
     html = out.read_text(errors="replace")
     assert "acc_vs_noise_digits.png" in html and "runs.csv" in html
+
+
+def test_rules_run_the_package_of_their_own_checkout(tmp_path):
+    """Two clones, one environment: the environment's lambdapipe (here: this checkout, first
+    on PYTHONPATH) is not the clone's, yet every rule of the clone's workflow runs the
+    clone's package - the code its Snakefile imported and DVC hashes."""
+    clone = tmp_path / "clone"
+    res = subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], capture_output=True,
+                         text=True)
+    if res.returncode:
+        pytest.skip(f"not a git checkout: {res.stderr.strip()}")
+    for path in ("workflow", "lambdapipe"):  # this checkout's, committed or not
+        shutil.rmtree(clone / path)
+        shutil.copytree(ROOT / path, clone / path,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    main = clone / "lambdapipe" / "__main__.py"
+    main.write_text("import os, pathlib\n"
+                    "pathlib.Path(os.environ['MARKER']).write_text(__file__)\n"
+                    + main.read_text())
+    marker = tmp_path / "marker"
+    env = {"PYTHONPATH": str(ROOT), "MARKER": str(marker)}
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile",
+           str(ROOT / "config" / "demo.yaml"), "--until", "prepare"]
+    res = subprocess.run(cmd, cwd=clone, env={**os.environ, **env}, text=True,
+                         capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert Path(marker.read_text()).resolve() == main.resolve()
+    assert (clone / "data" / "prepared" / "digits" / "manifest.json").is_file()
+    # Every rule's command is rendered the same way: the checkout first on the path.
+    dry = subprocess.run([*cmd[:3], "-n", "-p", "--forceall", "--configfile",
+                          str(ROOT / "config" / "demo.yaml")], cwd=clone,
+                         env={**os.environ, **env}, text=True, capture_output=True, timeout=300)
+    shell = [ln for ln in dry.stdout.splitlines() if ln.startswith("Shell command:")
+             and "lambdapipe" in ln]
+    counts = job_counts(dry.stdout)
+    assert len(shell) == counts["total"] - counts["all"] == 24
+    prefix = f'PYTHONPATH={clone.resolve()}"${{PYTHONPATH:+:$PYTHONPATH}}" '
+    assert all(f"{prefix}{sys.executable} -m lambdapipe " in ln for ln in shell), shell[:2]
