@@ -1,7 +1,8 @@
 """`lambdapipe <verb>`: the one face that wires data, models, training and reporting.
 
 Heavy modules (torch, pandas) are imported inside the commands so `--help` stays instant.
-Every `UserError` from the library becomes a one-line click usage error (exit 2).
+Every `UserError` from the library becomes a one-line click usage error (exit 2); a
+`TransferError` (a download the network or a server broke) one `Error:` line with exit 1.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from lambdapipe.atomic import WriteError
+        from lambdapipe.errors import TransferError
 
         try:
             return fn(*args, **kwargs)
+        except TransferError as exc:  # not the command line's fault: no "Usage:" block
+            raise click.ClickException(str(exc)) from None
         except UserError as exc:
             raise click.UsageError(str(exc)) from None
         except WriteError as exc:  # disk full, quota, read-only: the old artefact is intact
