@@ -123,7 +123,7 @@ def models(dataset: str, pattern: str) -> None:
       lambdapipe models --dataset cifar100 --pattern 'lr18*'
     """
     from lambdapipe.data import dataset_info
-    from lambdapipe.models import count_params, create_model, list_models
+    from lambdapipe.models import list_models, param_count
 
     info = dataset_info(dataset)
     names = list_models(pattern)
@@ -132,8 +132,7 @@ def models(dataset: str, pattern: str) -> None:
     click.echo(f"{'model':<28} {'params':>12} {'params (M)':>10}   "
                f"({dataset}: {info.num_classes} classes, {info.image_size} px)")
     for name in names:
-        n = count_params(create_model(name, num_classes=info.num_classes,
-                                      image_size=info.image_size))
+        n = param_count(name, num_classes=info.num_classes, image_size=info.image_size)
         click.echo(f"{name:<28} {n:>12,} {n / 1e6:>10.2f}")
 
 
