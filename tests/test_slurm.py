@@ -197,8 +197,9 @@ def _snakemake(workdir: Path, config: Path, env: dict, *extra: str,
 
 
 def _slurm_args(partition: str) -> list[str]:
-    # partition from the command line; --workflow-profile none drops profiles/default, whose
-    # gpu=1 token would let only one GPU job run at a time on the whole cluster.
+    # partition from the command line; --workflow-profile none drops
+    # workflow/profiles/default, whose gpu=1 token would let only one GPU job run at a time on
+    # the whole cluster.
     return ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", "none",
             "--default-resources", f"slurm_partition={partition}", "mem_mb=1000",
             "runtime=10", "--set-resources", "train:cpus_per_task=1",
