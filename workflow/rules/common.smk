@@ -2,7 +2,7 @@
 # input/params functions. Validation and the grid's expansion live in lambdapipe.config, so
 # `lambdapipe check-config` and this file can never disagree.
 #
-# Inputs produced by another rule are ancient(): a job reruns when its output is missing, when
+# Inputs that jobs upstream make are ancient(): a job reruns when its output is missing, when
 # a job upstream of it runs in the same invocation, or when its code, params or input set
 # changed (Snakemake's metadata) - never for timestamps alone, which a `dvc pull` or a copy
 # scrambles (a fresh clone must not retrain, re-evaluate or re-report what it pulled).
@@ -19,18 +19,21 @@ from lambdapipe.noise import parse_noise_tag
 
 
 
-def lambdapipe_command():
-    """The CLI as every rule calls it: this checkout's package first on the path (the one the
-    Snakefile imported), run by Snakemake's own interpreter, or by the rule's conda
-    environment's under --software-deployment-method conda (which installs the dependencies
-    only, not the package)."""
+def lambdapipe_function():
+    """`lambdapipe` in every shell command is this shell function, not the console script of
+    whichever checkout the environment installed: this checkout's package (the one the
+    Snakefile imported) first on the path, run by Snakemake's own interpreter, or under
+    --software-deployment-method conda by the job's env, which holds the dependencies only."""
     with_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
     python = "python" if with_conda else shlex.quote(sys.executable)
     path = shlex.quote(str(CHECKOUT))
-    return f'PYTHONPATH={path}"${{PYTHONPATH:+:$PYTHONPATH}}" {python} -m lambdapipe'
+    # Braces doubled twice: once for this f-string, once for Snakemake's formatting.
+    return (f'lambdapipe() {{{{ PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" '
+            f'{python} -m lambdapipe "$@"; }}}}; ')
 
 
-LAMBDAPIPE = lambdapipe_command()
+# A prefix, not a param: moving the checkout must not count as a changed parameter.
+shell.prefix("set -euo pipefail; " + lambdapipe_function())
 
 RUNS = {run.path: run for run in expand_runs(config)}
 DATASETS = sorted({run.dataset for run in RUNS.values()})

@@ -11,5 +11,5 @@ rule download:
         "../envs/lambdapipe.yaml"
     retries: 2
     shell:
-        "{LAMBDAPIPE} download --dataset {params.dataset} --data-dir data {params.mirror}"
+        "lambdapipe download --dataset {params.dataset} --data-dir data {params.mirror}"
         " > {log} 2>&1"

@@ -21,7 +21,7 @@ rule evaluate:
         mem_mb=eval_mem_mb,
         runtime=eval_runtime,
     shell:
-        "{LAMBDAPIPE} evaluate --ckpt {params.ckpt} --split test --data-dir data"
+        "lambdapipe evaluate --ckpt {params.ckpt} --split test --data-dir data"
         " --out {output} --device {params.device} > {log} 2>&1"
 
 
@@ -48,5 +48,5 @@ rule explain:
         mem_mb=eval_mem_mb,
         runtime=eval_runtime,
     shell:
-        "{LAMBDAPIPE} explain --ckpt {params.ckpt} --split test --images 8 --data-dir data"
+        "lambdapipe explain --ckpt {params.ckpt} --split test --images 8 --data-dir data"
         " --device {params.device} > {log} 2>&1"

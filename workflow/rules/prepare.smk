@@ -23,7 +23,7 @@ rule prepare:
     conda:
         "../envs/lambdapipe.yaml"
     shell:
-        "rm -rf data/prepared/{wildcards.dataset} && {LAMBDAPIPE} prepare"
+        "rm -rf data/prepared/{wildcards.dataset} && lambdapipe prepare"
         " --dataset {wildcards.dataset} --data-dir data {params.options} {params.mirror}"
         " > {log} 2>&1"
 
@@ -43,5 +43,5 @@ rule noise:
     conda:
         "../envs/lambdapipe.yaml"
     shell:
-        "{LAMBDAPIPE} prepare --dataset {wildcards.dataset} --data-dir data {params.options}"
+        "lambdapipe prepare --dataset {wildcards.dataset} --data-dir data {params.options}"
         " {params.noise} > {log} 2>&1"

@@ -30,4 +30,4 @@ rule report:
     conda:
         "../envs/report.yaml"
     shell:
-        "{LAMBDAPIPE} report --runs results/runs --out results {params.published_as} > {log} 2>&1"
+        "lambdapipe report --runs results/runs --out results {params.published_as} > {log} 2>&1"

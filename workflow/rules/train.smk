@@ -29,7 +29,7 @@ rule train:
         mem_mb=config["train"]["mem_mb"],
         runtime=config["train"]["runtime"],
     shell:
-        "{LAMBDAPIPE} train --model {params.model} {params.model_args}"
+        "lambdapipe train --model {params.model} {params.model_args}"
         " --dataset {wildcards.dataset} --data-dir data {params.noise}"
         " --seed {wildcards.seed} --out {params.run_dir} --recipe {params.recipe}"
         " {params.overrides} --device {params.device} {params.deterministic} --no-progress"
