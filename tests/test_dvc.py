@@ -35,7 +35,8 @@ def sh(*cmd, cwd, check=True):
 
 def digests(root: Path, sub: str) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / sub).rglob("*")) if p.is_file()}
+            for p in sorted((root / sub).rglob("*"))
+            if p.is_file() and p.name != ".snakemake_timestamp"}  # .dvcignore'd: not data
 
 
 def project_files() -> list[str]:
