@@ -214,9 +214,9 @@ def test_bad_lambda_hyperparameters(name, args, needle):
 
 @pytest.mark.parametrize(("name", "classes", "size", "args", "published", "decimals"),
                          PUBLISHED_COUNTS)
-def test_param_count_on_meta_gives_the_pinned_counts(name, classes, size, args, published,
+def test_param_count_without_init_gives_the_pinned_counts(name, classes, size, args, published,
                                                      decimals):
-    """`lambdapipe models` counts on the meta device (no memory, no initialisation)."""
+    """`lambdapipe models` counts uninitialised builds (no weight memory touched)."""
     from torch import nn
 
     from lambdapipe.models import param_count
@@ -227,7 +227,7 @@ def test_param_count_on_meta_gives_the_pinned_counts(name, classes, size, args, 
     assert (torch.Tensor.uniform_, nn.init.kaiming_normal_) == before  # initialisers back
 
 
-def test_param_count_on_meta_equals_a_built_model():
+def test_param_count_equals_a_built_model():
     from lambdapipe.models import param_count
 
     for name in ("resnet20x1", "lr18_l3_lc", "lambda_resnet18_u4_r7"):

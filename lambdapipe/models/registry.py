@@ -82,10 +82,14 @@ def count_params(model: nn.Module) -> int:
 
 
 def param_count(name: str, num_classes: int, image_size: int, **model_args) -> int:
-    """`count_params(create_model(...))` without allocating or initialising a weight: built
-    on the meta device, where a count costs no memory, with initialisers skipped (on meta
-    they run as slow Python decompositions and only fill values the count never reads)."""
-    with torch.device("meta"), _no_init():
+    """`count_params(create_model(...))` without initialising a weight, so without touching
+    its memory: initialisers are skipped and `torch.empty` pages are never written, so the
+    build costs neither time nor resident memory, whatever the model's size.
+
+    Not on the meta device: there a lambda layer's scalar division at construction runs as a
+    Python decomposition that imports torch._dynamo, slower and bigger than this build.
+    """
+    with _no_init():
         return count_params(create_model(name, num_classes, image_size, **model_args))
 
 
