@@ -121,6 +121,15 @@ def test_demo_end_to_end(demo_run):
     assert sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
     assert (work / "results" / "tables" / "runs.csv").is_file()
     assert json.loads((work / "results" / "metrics.json").read_text())
+    # dvc metrics' compact rows (one per model) and every run's DVCLive-format curves.
+    rows = sorted((work / "results" / "metrics" / "digits").glob("*.json"))
+    assert len(rows) == 2
+    assert all(set(json.loads(p.read_text())["tst_acc"]) == {"clean", "symmetric-0.25"}
+               for p in rows)
+    assert all((p.parent / "dvclive" / "metrics.json").is_file() for p in summaries)
+    # Snakemake benchmarks of every train, evaluate and explain job.
+    for rule, n in (("train", 8), ("evaluate", 8), ("explain", 4)):
+        assert len(list((work / "benchmarks" / rule).rglob("*.tsv"))) == n, rule
     again = snakemake("-n", *DEMO_ARGS, cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -148,6 +157,14 @@ def test_html_report(demo_run):
     assert res.returncode == 0, res.stderr[-3000:]
     html = out.read_text(errors="replace")
     assert "acc_vs_noise_digits.png" in html and "runs.csv" in html
+    # The workflow's description and a caption of its own for each kind of figure.
+    assert "LambdaNetworks (Bello, ICLR 2021)" in html
+    for caption in ("Memorisation of noisy labels on digits",
+                    "Test accuracy on digits against the share of corrupted",
+                    "FullGrad and Grad-CAM saliency maps on the first test images of digits",
+                    "The learned position embeddings of a lambda layer of one run on digits",
+                    "Training loss (on the noisy labels, solid)"):
+        assert caption in html, caption
 
 
 def test_rules_run_the_package_of_their_own_checkout(tmp_path):
