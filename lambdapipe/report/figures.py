@@ -375,7 +375,7 @@ def position_panels(position: np.ndarray, kind: str, title: str,
     # One row per u, or for u = 1 (the usual 16 x 1) a near-square grid: a strip of one row
     # is unreadably wide. One colour scale for all, symmetric around 0, so panels compare.
     n = k * u
-    ncols = k if u > 1 else min(n, max(4, math.ceil(math.sqrt(n * 1.5))))
+    ncols = k if u > 1 else min(n, max(4, math.ceil(math.sqrt(n))))
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(1.35 * ncols + 0.9, 1.35 * nrows + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
