@@ -18,7 +18,6 @@ from lambdapipe.data.registry import dataset_info
 from lambdapipe.noise import parse_noise_tag
 
 
-
 def lambdapipe_function():
     """`lambdapipe` in every shell command is this shell function, not the console script of
     whichever checkout the environment installed: this checkout's package (the one the
