@@ -1,7 +1,8 @@
 """`lambdapipe <verb>`: the one face that wires data, models, training and reporting.
 
 Heavy modules (torch, pandas) are imported inside the commands so `--help` stays instant.
-Every `UserError` from the library becomes a one-line click usage error (exit 2).
+Every `UserError` from the library becomes a one-line click usage error (exit 2); a
+`TransferError` (a download the network or a server broke) one `Error:` line with exit 1.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from lambdapipe.atomic import WriteError
+        from lambdapipe.errors import TransferError
 
         try:
             return fn(*args, **kwargs)
+        except TransferError as exc:  # not the command line's fault: no "Usage:" block
+            raise click.ClickException(str(exc)) from None
         except UserError as exc:
             raise click.UsageError(str(exc)) from None
         except WriteError as exc:  # disk full, quota, read-only: the old artefact is intact
@@ -119,7 +123,7 @@ def models(dataset: str, pattern: str) -> None:
       lambdapipe models --dataset cifar100 --pattern 'lr18*'
     """
     from lambdapipe.data import dataset_info
-    from lambdapipe.models import count_params, create_model, list_models
+    from lambdapipe.models import list_models, param_count
 
     info = dataset_info(dataset)
     names = list_models(pattern)
@@ -128,8 +132,7 @@ def models(dataset: str, pattern: str) -> None:
     click.echo(f"{'model':<28} {'params':>12} {'params (M)':>10}   "
                f"({dataset}: {info.num_classes} classes, {info.image_size} px)")
     for name in names:
-        n = count_params(create_model(name, num_classes=info.num_classes,
-                                      image_size=info.image_size))
+        n = param_count(name, num_classes=info.num_classes, image_size=info.image_size)
         click.echo(f"{name:<28} {n:>12,} {n / 1e6:>10.2f}")
 
 

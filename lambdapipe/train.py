@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lambdapipe import atomic
+from lambdapipe import atomic, live
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, normalize, plan_epoch
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import (
@@ -352,6 +352,7 @@ def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic.write_text(out / "metrics.csv", buf.getvalue())
+    live.write(out, rows)  # the same rows in DVCLive's format, for `dvc plots`
 
 
 def _iter_per_min(rows: list[dict[str, float]], batch_size: int) -> float | None:

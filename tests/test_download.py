@@ -304,3 +304,25 @@ def test_redirect_to_plain_http_is_refused(tmp_path, archive_server, monkeypatch
     archive_server.redirects["/ok.tar.gz"] = archive_server.url(path.name)
     final = data.download("cifar10", raw, url=archive_server.url("ok.tar.gz"), progress=False)
     assert final.read_bytes() == path.read_bytes()
+
+
+def test_cli_network_failure_is_one_error_line_exit_1(tmp_path):
+    """Not the command line's fault: no "Usage: ... Try --help" block, no exit 2."""
+    from click.testing import CliRunner
+
+    from lambdapipe.cli import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"
+    res = CliRunner().invoke(main, ["download", "--dataset", "cifar10", "--data-dir",
+                                    str(tmp_path), "--url", url])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot download cifar10"), lines
+    assert url in lines[0] and "Usage" not in res.output
+    # Bad input is still a usage error.
+    res = CliRunner().invoke(main, ["download", "--dataset", "cifar10", "--data-dir",
+                                    str(tmp_path), "--url", "ftp://x/y.tgz"])
+    assert res.exit_code == 2 and "Usage" in res.output

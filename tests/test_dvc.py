@@ -1,21 +1,25 @@
-"""DVC over the Snakemake targets, for real in a temp git repo: repro, no-op repro, a config
-change re-running only what depends on it, push to a local remote and pull into a clone."""
+"""DVC over the Snakemake targets, for real in a temp git repo made of this checkout's files:
+repro with the config as a DVC parameter (no `dvc init`: the project files are committed),
+no-op repro, a config change re-running only what depends on it, `dvc metrics show` and
+`dvc plots show`, push to a local remote and pull into a fresh clone, where Snakemake then
+has nothing to rerun."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["Snakefile", "workflow", "config", "profiles", "lambdapipe", "dvc.yaml", ".dvcignore",
-        "environment.yml",
-        ".gitignore", "pyproject.toml"]
+# The project as a clone has it (tests and docs aside): committed plus new, unignored files.
+SKIP = ("tests/", "docs/")
 
 pytestmark = pytest.mark.slow
 
@@ -31,48 +35,73 @@ def sh(*cmd, cwd, check=True):
 
 def digests(root: Path, sub: str) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / sub).rglob("*")) if p.is_file()}
+            for p in sorted((root / sub).rglob("*"))
+            if p.is_file() and p.name != ".snakemake_timestamp"}  # .dvcignore'd: not data
+
+
+def project_files() -> list[str]:
+    out = sh("git", "ls-files", "-co", "--exclude-standard", cwd=ROOT).stdout.splitlines()
+    return [f for f in out if not f.startswith(SKIP) and (ROOT / f).is_file()]
 
 
 def test_dvc_repro_push_pull(tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, repo / name)
-    # One small grid: 1 model, clean labels, 1 seed; few steps.
+    for name in project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
+    assert (repo / ".dvc" / "config").is_file()  # committed: no `dvc init` in a clone
+    # One small grid: 1 model, clean labels, 1 seed; few steps. Its own file, named by the
+    # `configfile` DVC parameter (what `dvc exp run -S configfile=...` sets).
     cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     grid = cfg["datasets"]["digits"]["grids"][0]
     grid.update(models=[grid["models"][0]], seeds=[0], set={"iterations": 60, "eval_every": 30})
     grid["noise"] = [{"kind": "symmetric", "rates": [0]}]
     cfg["train"]["device"] = "cpu"
-    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    small = repo / "config" / "small.yaml"
+    small.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (repo / "params.yaml").write_text("configfile: config/small.yaml\n")
     sh("git", "init", "-q", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
     remote = tmp_path / "remote"
     sh("dvc", "remote", "add", "-d", "local", str(remote), cwd=repo)
 
     sh("dvc", "repro", cwd=repo)
     first = digests(repo, "results/runs")
     assert any(k.endswith("summary.json") for k in first)
-    assert (repo / "results" / "metrics.json").is_file()
-    assert "metrics.json" in sh("dvc", "metrics", "show", cwd=repo).stdout
+    # Each run's DVCLive-format curves come along with it.
+    assert any(k.endswith("dvclive/plots/metrics/val/acc.tsv") for k in first)
 
     again = sh("dvc", "repro", cwd=repo).stdout
     assert again.count("didn't change, skipping") == 3, again
 
     # A new noise rate: data makes one variant, train only the new run, report redone.
     grid["noise"] = [{"kind": "symmetric", "rates": [0, 0.25]}]
-    (repo / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    small.write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = sh("dvc", "repro", cwd=repo).stdout
     second = digests(repo, "results/runs")
     assert {k: second[k] for k in first} == first  # the finished run is untouched
     new = {k for k in second if k not in first}
     assert any("symmetric-0.25" in k and k.endswith("summary.json") for k in new)
     assert "Running stage 'train'" in out and "Running stage 'report'" in out
+
+    # `dvc metrics show`: one compact row per dataset and model, a column per noise rate.
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    (workspace,) = metrics.values()
+    rows = workspace["data"]
+    model = grid["models"][0]
+    assert len(rows) == 1 and next(iter(rows)).startswith(f"results/metrics/digits/{model}")
+    row = next(iter(rows.values()))["data"]
+    assert set(row) == {"tst_acc", "runs", "diverged"} and row["runs"] == 2
+    assert set(row["tst_acc"]) == {"clean", "symmetric-0.25"}
+    # `dvc plots show`: curves per run from results/curves, the figures, and no error
+    # (Snakemake's .snakemake_timestamp in directory outputs is .dvcignore'd).
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    assert "results/curves/digits/val_acc.tsv" in plots["data"]
+    spec = json.dumps(plots["data"]["results/curves/digits/val_acc.tsv"])
+    assert f'"run": "symmetric-0.25/{model}/0"' in spec and f'"run": "clean/{model}/0"' in spec
+    assert any(k.startswith("results/figures/") for k in plots["data"])
+    shutil.rmtree(repo / "dvc_plots", ignore_errors=True)  # written by show without --json
+    assert "dvc_plots" in (repo / ".gitignore").read_text()
 
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-q", "-m", "results", cwd=repo)
@@ -82,5 +111,13 @@ def test_dvc_repro_push_pull(tmp_path):
     sh("dvc", "pull", cwd=clone)
     for sub in ("results/runs", "results/tables", "results/figures", "data/prepared"):
         assert digests(clone, sub) == digests(repo, sub), sub
-    assert "didn't change" in sh("dvc", "status", cwd=clone).stdout or \
-        "up to date" in sh("dvc", "status", cwd=clone).stdout
+    # After a pull nothing reruns, whatever order the files arrived in: timestamps are
+    # ignored (workflow/rules/common.smk), so no run, evaluation or report is rewritten.
+    dry = [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/small.yaml"]
+    for newer in (None, "data/prepared", "results/runs"):
+        if newer:
+            for path in (clone / newer).rglob("*"):
+                os.utime(path)
+        res = sh(*dry, cwd=clone)
+        assert "Nothing to be done" in res.stdout + res.stderr, (newer, res.stdout[-3000:])
+    assert "up to date" in sh("dvc", "status", cwd=clone).stdout

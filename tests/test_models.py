@@ -242,3 +242,26 @@ def test_bad_lambda_hyperparameters(name, args, needle):
     with pytest.raises(UserError) as err:
         create_model(name, num_classes=10, image_size=32, **args)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "classes", "size", "args", "published", "decimals"),
+                         PUBLISHED_COUNTS)
+def test_param_count_without_init_gives_the_pinned_counts(name, classes, size, args, published,
+                                                     decimals):
+    """`lambdapipe models` counts uninitialised builds (no weight memory touched)."""
+    from torch import nn
+
+    from lambdapipe.models import param_count
+
+    before = torch.Tensor.uniform_, nn.init.kaiming_normal_
+    n = param_count(name, num_classes=classes, image_size=size, **args)
+    assert millions(n, decimals) == published
+    assert (torch.Tensor.uniform_, nn.init.kaiming_normal_) == before  # initialisers back
+
+
+def test_param_count_equals_a_built_model():
+    from lambdapipe.models import param_count
+
+    for name in ("resnet20x1", "lr18_l3_lc", "lambda_resnet18_u4_r7"):
+        built = count_params(create_model(name, num_classes=10, image_size=32))
+        assert param_count(name, num_classes=10, image_size=32) == built, name

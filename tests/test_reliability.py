@@ -296,8 +296,8 @@ def grid_config(tmp_path: Path) -> Path:
 
 
 def snakemake_cmd(work: Path, configfile: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-            "--cores", "2", "--configfile", str(configfile), *extra]
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"),
+            "-d", str(work), "--cores", "2", "--configfile", str(configfile), *extra]
 
 
 def summaries(work: Path) -> dict[str, tuple[bytes, int, bool]]:

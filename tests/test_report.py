@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -367,3 +368,61 @@ def test_noise_tags():
     for bad in ("symmetric", "symmetric-1.5", "symmetric-x"):
         with pytest.raises(ValueError):
             parse_noise_tag(bad)
+
+
+def _x_tick_labels(fig, ax) -> list:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks = ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+    return [(t.label1.get_text(), t.label1.get_window_extent(renderer)) for t in ticks
+            if t.label1.get_visible() and t.label1.get_text()
+            and ax.get_xlim()[0] <= t.get_loc() <= ax.get_xlim()[1]]
+
+
+@pytest.mark.parametrize("params", [(272_474, 612_000), (272_474, 11_173_962),
+                                    (90_000, 110_000)], ids=["half-decade", "1.6-decades",
+                                                             "narrow"])
+def test_acc_vs_params_x_ticks_readable_in_millions(tmp_path, params):
+    """A log axis spanning under a decade has no major tick: minor ones carry 'M' labels,
+    never overlapping, at least two per panel whatever the span."""
+    import pandas as pd
+
+    from lambdapipe.report import figures, tables
+    from lambdapipe.report.load import collect_runs
+
+    for model, n in zip(("resnet20x1", "lr18_l3_lc"), params, strict=True):
+        for seed in (0, 1):
+            write_run(tmp_path, "digits", "clean", model, seed, params=n, tst_acc=0.9)
+    df = tables.runs_frame(collect_runs(tmp_path), None)
+    fig = figures.acc_vs_params("digits", df, figures.palette(list(df["series"])),
+                                pd.DataFrame())
+    labels = _x_tick_labels(fig, fig.axes[0])
+    assert len(labels) >= 2, labels
+    assert all(text.endswith("M") for text, _ in labels), labels
+    boxes = sorted((box for _, box in labels), key=lambda b: b.x0)
+    assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), [t for t, _ in labels]
+
+
+def test_saliency_and_position_figures_have_colour_bars_and_a_grid():
+    import numpy as np
+
+    from lambdapipe.report import figures
+
+    rng = np.random.default_rng(0)
+    arrays = {"indices": np.arange(3), "labels": np.arange(3), "predicted": np.arange(3),
+              "images": rng.integers(0, 255, (3, 16, 16, 3), dtype=np.uint8),
+              "fullgrad": rng.random((3, 16, 16)), "gradcam": rng.random((3, 16, 16))}
+    fig = figures.attention_grid([("a", arrays), ("b", arrays)], list("0123"), "t")
+    bars = [ax for ax in fig.axes if "saliency" in ax.get_ylabel()]
+    assert len(bars) == 1 and bars[0].get_ylim() == (0.0, 1.0)
+
+    position = rng.normal(size=(16, 1, 23, 23))
+    fig = figures.position_panels(position, "lc", "t", (8, 8))
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == "embedding value"]
+    assert len(bars) == 1
+    low, high = bars[0].get_ylim()
+    assert low == -high == -np.abs(position[:, :, 4:19, 4:19]).max()  # one symmetric scale
+    width, height = fig.get_size_inches()
+    assert width / height < 2  # a grid, not a 16-panel strip
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert len(panels) == 16

@@ -191,14 +191,15 @@ def _grid_config(path: Path) -> Path:
 
 def _snakemake(workdir: Path, config: Path, env: dict, *extra: str,
                timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+    cmd = ["snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir),
            "--configfile", str(config), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _slurm_args(partition: str) -> list[str]:
-    # partition from the command line; --workflow-profile none drops profiles/default, whose
-    # gpu=1 token would let only one GPU job run at a time on the whole cluster.
+    # partition from the command line; --workflow-profile none drops
+    # workflow/profiles/default, whose gpu=1 token would let only one GPU job run at a time on
+    # the whole cluster.
     return ["--profile", str(REPO / "profiles" / "slurm"), "--workflow-profile", "none",
             "--default-resources", f"slurm_partition={partition}", "mem_mb=1000",
             "runtime=10", "--set-resources", "train:cpus_per_task=1",
@@ -240,8 +241,8 @@ def grid(tmp_path_factory):
         env = dict(c.env, LAMBDAPIPE_FAKE_GPUS="2",
                    LAMBDAPIPE_GPU_LOG=str(base / "claims.jsonl"))
         work = base / "slurm"
-        cmd = ["snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work), "--configfile",
-               str(config), *_slurm_args(c.partition)]
+        cmd = ["snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(work),
+               "--configfile", str(config), *_slurm_args(c.partition)]
         t0 = time.monotonic()
         first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)

@@ -84,6 +84,9 @@ def test_demo_recipe_learns_digits_and_label_noise_hurts(data_dir, tmp_path, mon
     with open(out / "metrics.csv") as fh:
         assert next(csv.reader(fh)) == train.METRIC_COLUMNS
     assert [r["iteration"] for r in read_metrics(out)] == list(range(50, 401, 50))
+    # The same curve in DVCLive's format, for `dvc plots` (lambdapipe/live.py).
+    tsv = (out / "dvclive" / "plots" / "metrics" / "val" / "acc.tsv").read_text().split()
+    assert tsv[3::2] == [str(r["val_acc"]) for r in read_metrics(out)]
     saved = json.loads((out / "config.json").read_text())
     assert saved["recipe"]["name"] == "demo" and saved["model_args"] == TINY
     assert json.loads((out / "summary.json").read_text()) == clean

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
 
 
 def snakemake(*args, cwd: Path, env: dict | None = None, timeout: int = 900):
@@ -188,6 +189,15 @@ def test_demo_end_to_end(demo_run):
     assert sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
     assert (work / "results" / "tables" / "runs.csv").is_file()
     assert json.loads((work / "results" / "metrics.json").read_text())
+    # dvc metrics' compact rows (one per model) and every run's DVCLive-format curves.
+    rows = sorted((work / "results" / "metrics" / "digits").glob("*.json"))
+    assert len(rows) == 2
+    assert all(set(json.loads(p.read_text())["tst_acc"]) == {"clean", "symmetric-0.25"}
+               for p in rows)
+    assert all((p.parent / "dvclive" / "metrics.json").is_file() for p in summaries)
+    # Snakemake benchmarks of every train, evaluate and explain job.
+    for rule, n in (("train", 8), ("evaluate", 8), ("explain", 4)):
+        assert len(list((work / "benchmarks" / rule).rglob("*.tsv"))) == n, rule
     again = snakemake("-n", *DEMO_ARGS, cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -215,3 +225,49 @@ def test_html_report(demo_run):
     assert res.returncode == 0, res.stderr[-3000:]
     html = out.read_text(errors="replace")
     assert "acc_vs_noise_digits.png" in html and "runs.csv" in html
+    # The workflow's description and a caption of its own for each kind of figure.
+    assert "LambdaNetworks (Bello, ICLR 2021)" in html
+    for caption in ("Memorisation of noisy labels on digits",
+                    "Test accuracy on digits against the share of corrupted",
+                    "FullGrad and Grad-CAM saliency maps on the first test images of digits",
+                    "The learned position embeddings of a lambda layer of one run on digits",
+                    "Training loss (on the noisy labels, solid)"):
+        assert caption in html, caption
+
+
+def test_rules_run_the_package_of_their_own_checkout(tmp_path):
+    """Two clones, one environment: the environment's lambdapipe (here: this checkout, first
+    on PYTHONPATH) is not the clone's, yet every rule of the clone's workflow runs the
+    clone's package - the code its Snakefile imported and DVC hashes."""
+    clone = tmp_path / "clone"
+    res = subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], capture_output=True,
+                         text=True)
+    if res.returncode:
+        pytest.skip(f"not a git checkout: {res.stderr.strip()}")
+    for path in ("workflow", "lambdapipe"):  # this checkout's, committed or not
+        shutil.rmtree(clone / path)
+        shutil.copytree(ROOT / path, clone / path,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    main = clone / "lambdapipe" / "__main__.py"
+    main.write_text("import os, pathlib\n"
+                    "pathlib.Path(os.environ['MARKER']).write_text(__file__)\n"
+                    + main.read_text())
+    marker = tmp_path / "marker"
+    env = {"PYTHONPATH": str(ROOT), "MARKER": str(marker)}
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile",
+           str(ROOT / "config" / "demo.yaml"), "--until", "prepare"]
+    res = subprocess.run(cmd, cwd=clone, env={**os.environ, **env}, text=True,
+                         capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert Path(marker.read_text()).resolve() == main.resolve()
+    assert (clone / "data" / "prepared" / "digits" / "manifest.json").is_file()
+    # Every job's command calls `lambdapipe`, which the workflow's shell prefix defines as
+    # this checkout's package (the prepare job above ran through it).
+    dry = subprocess.run([*cmd[:3], "-n", "-p", "--forceall", "--configfile",
+                          str(ROOT / "config" / "demo.yaml")], cwd=clone,
+                         env={**os.environ, **env}, text=True, capture_output=True, timeout=300)
+    shell = [ln.removeprefix("Shell command: ") for ln in dry.stdout.splitlines()
+             if ln.startswith("Shell command: ") and ln != "Shell command: None"]
+    counts = job_counts(dry.stdout)
+    assert len(shell) == counts["total"] - counts["all"] == 24
+    assert all(re.match(r"(rm -rf \S+ && )?lambdapipe \w+ ", ln) for ln in shell), shell

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from lambdapipe.atomic import md5_file
 from lambdapipe.data.registry import DatasetInfo, dataset_info
-from lambdapipe.errors import UserError
+from lambdapipe.errors import TransferError, UserError
 
 MIRROR_ENV = "LAMBDAPIPE_MIRROR"
 CHUNK = 1 << 20
@@ -124,9 +124,10 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _offline_error(info: DatasetInfo, url: str, reason: object) -> UserError:
-    return UserError(f"cannot download {info.name} from {url} ({reason}): put {info.archive} "
-                     f"in a mirror directory (--mirror or ${MIRROR_ENV}) or in data/raw")
+def _offline_error(info: DatasetInfo, url: str, reason: object) -> TransferError:
+    return TransferError(f"cannot download {info.name} from {url} ({reason}): put "
+                         f"{info.archive} in a mirror directory (--mirror or ${MIRROR_ENV}) "
+                         "or in data/raw")
 
 
 def _open(info: DatasetInfo, url: str, offset: int):
@@ -159,8 +160,8 @@ def _fetch(info: DatasetInfo, url: str, final: Path, progress: bool) -> Path:
         got = md5_file(part)
         if got != info.md5:
             part.unlink()
-            raise UserError(f"download of {info.name} from {url} has md5 {got}, expected "
-                            f"{info.md5}: removed it (corrupt transfer or wrong file)")
+            raise TransferError(f"download of {info.name} from {url} has md5 {got}, expected "
+                                f"{info.md5}: removed it (corrupt transfer or wrong file)")
         os.replace(part, final)
     return final
 
@@ -171,8 +172,8 @@ def _stream(info: DatasetInfo, url: str, response, part: Path, offset: int,
         if offset and response.status == 206:
             start = _content_range_start(response.headers.get("Content-Range", ""))
             if start != offset:
-                raise UserError(f"server for {url} resumed at byte {start}, not {offset}: "
-                                f"remove {part} and retry")
+                raise TransferError(f"server for {url} resumed at byte {start}, not {offset}: "
+                                    f"remove {part} and retry")
             mode = "ab"
         else:  # 200: the server ignored the Range header, start over
             offset, mode = 0, "wb"
@@ -187,14 +188,14 @@ def _stream(info: DatasetInfo, url: str, response, part: Path, offset: int,
                     received += len(block)
                     bar.update(len(block))
         except (OSError, http.client.HTTPException) as exc:
-            raise UserError(f"download of {info.name} interrupted after {received} bytes "
-                            f"({exc.__class__.__name__}); run the command again to resume "
-                            f"from {part}") from None
+            raise TransferError(f"download of {info.name} interrupted after {received} bytes "
+                                f"({exc.__class__.__name__}); run the command again to resume "
+                                f"from {part}") from None
         finally:
             bar.close()
         if length is not None and received != total:
-            raise UserError(f"download of {info.name} interrupted after {received} of {total} "
-                            f"bytes; run the command again to resume from {part}")
+            raise TransferError(f"download of {info.name} interrupted after {received} of {total} "
+                                f"bytes; run the command again to resume from {part}")
 
 
 def _content_range_start(header: str) -> int:

@@ -13,8 +13,10 @@ from lambdapipe.models.registry import (
     create_model,
     list_models,
     model_hyperparameters,
+    param_count,
     register_model,
 )
 
 __all__ = ["LambdaLayer", "ModelError", "count_params", "create_model", "estimate_flops",
-           "estimate_macs", "list_models", "model_hyperparameters", "register_model"]
+           "estimate_macs", "list_models", "model_hyperparameters", "param_count",
+           "register_model"]

@@ -6,11 +6,14 @@ explicit so `create_model` can reject an unknown one before building anything.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
+import torch
 from torch import nn
 
 from lambdapipe.errors import UserError
@@ -76,3 +79,29 @@ def create_model(name: str, num_classes: int, image_size: int, **model_args) -> 
 def count_params(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def param_count(name: str, num_classes: int, image_size: int, **model_args) -> int:
+    """`count_params(create_model(...))` without initialising a weight, so without touching
+    its memory: initialisers are skipped and `torch.empty` pages are never written, so the
+    build costs neither time nor resident memory, whatever the model's size.
+
+    Not on the meta device: there a lambda layer's scalar division at construction runs as a
+    Python decomposition that imports torch._dynamo, slower and bigger than this build.
+    """
+    with _no_init():
+        return count_params(create_model(name, num_classes, image_size, **model_args))
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    with contextlib.ExitStack() as stack:
+        for fn in dir(nn.init):
+            if fn.endswith("_") and not fn.startswith("_"):
+                stack.enter_context(mock.patch.object(nn.init, fn, keep))
+        for method in ("normal_", "uniform_", "zero_", "fill_"):
+            stack.enter_context(mock.patch.object(torch.Tensor, method, keep))
+        yield

@@ -15,7 +15,10 @@ Writes under OUT:
   figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation,
                                         attention (runs' explain_test.npz side by side),
                                         position (a lambda layer's learned embeddings)
-  metrics.json                          per-run tst_acc, val_acc, tst_nll, status (dvc metrics)
+  metrics.json                          per-run tst_acc, val_acc, tst_nll, status
+  metrics/<dataset>/<model>.json        mean tst_acc per noise variant, runs, diverged: one
+                                        compact row per dataset and model (`dvc metrics show`)
+  curves/<dataset>/<metric>.tsv         run, step, value of every run (`dvc plots show/diff`)
   report.md                             every table, figure links and what was skipped
 """
 
@@ -75,6 +78,9 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     path = out / "metrics.json"
     write_json(path, tables.metrics_json(df))
     written.append(path)
+    written += _write_tree(out / "metrics", {name: _json_text(obj) for name, obj
+                                             in tables.model_metrics(df).items()})
+    written += _write_tree(out / "curves", tables.curves(collection, df))
 
     figure_links: list[str] = []
     for dataset in sorted(df["dataset"].unique()):
@@ -156,6 +162,26 @@ def _explained(sub, collection) -> list[tuple[str, dict]]:
         return []
     first = next(iter(found.values()))["indices"]
     return [(label, a) for label, a in found.items() if np.array_equal(a["indices"], first)]
+
+
+def _json_text(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def _write_tree(base: Path, files: dict[str, str]) -> list[Path]:
+    """Write `files` (relative path -> text) under `base` and remove the files an earlier
+    report left there that this one no longer writes (a dropped model's row)."""
+    written = []
+    for rel, text in files.items():
+        write_text(base / rel, text)
+        written.append(base / rel)
+    if base.is_dir():
+        for path in base.rglob("*"):
+            if path.is_file() and path.suffix in (".json", ".tsv") and path not in written:
+                path.unlink()
+    return written
 
 
 def _remove_stale(base: Path) -> None:

@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from lambdapipe.atomic import write_with
 from lambdapipe.report.load import Collection
@@ -63,12 +65,24 @@ def _empty(ax, text: str = "no runs") -> None:
     ax.set_xlabel("")
 
 
-def _plain_log_ticks(ax) -> None:
-    """Log axis labelled 0.3, 1, 2 rather than 3x10^-1."""
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(fmt)
-    ax.yaxis.set_minor_formatter(FuncFormatter(
-        lambda v, _: f"{v:g}" if _leading_digit(v) in (2, 3, 5) else ""))
+def _plain_log_ticks(ax, which: str = "y", unit: str = "") -> None:
+    """Log axis labelled 0.3, 1, 2 (plus `unit`) rather than 3x10^-1.
+
+    An axis spanning less than a decade may hold no major tick at all, so minor ticks carry
+    the labels, more of them the narrower the span, few enough never to overlap.
+    """
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}{unit}"))
+
+    def minor(v, _):
+        low, high = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+        span = math.log10(high / low) if low > 0 else math.inf
+        digits = (range(2, 10) if span < 0.35 else (2, 3, 4, 5, 7) if span < 0.8
+                  else (2, 3, 5) if span < 1.6 else (2, 5) if span < 3 else ())
+        return f"{v:g}{unit}" if _leading_digit(v) in digits else ""
+
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _leading_digit(v: float) -> int:
@@ -235,6 +249,9 @@ def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
                             (row.params_m, 100 * row.test_acc), xytext=(4, -3),
                             textcoords="offset points", fontsize=6, color="dimgrey")
         ax.set_xscale("log")
+        ax.margins(x=0.12)  # no mean on the frame's edge
+        _plain_log_ticks(ax, "x", unit="M")
+        ax.tick_params(axis="x", which="both", labelsize=8)
         ax.set_title(f"noise: {cond}", fontsize=10)
         ax.set_xlabel("parameters (millions, log scale)")
         ax.set_ylabel("test accuracy (%)")
@@ -331,6 +348,9 @@ def attention_grid(runs: list[tuple[str, dict]], classes: list[str], title: str)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="inferno"), ax=axes[:, 1:],
+                 shrink=min(1.0, 4 / n), aspect=30, pad=0.01,
+                 label="saliency (normalised to [0, 1] per map)")
     return fig
 
 
@@ -352,19 +372,29 @@ def position_panels(position: np.ndarray, kind: str, title: str,
             title = (f"{title} (centre {a}x{b} of {full[0]}x{full[1]}: the offsets a "
                      f"{feature_map[0]}x{feature_map[1]} map reaches)")
     k, u = position.shape[:2]
-    fig = Figure(figsize=(1.3 * k, 1.4 * u + 0.7), layout="constrained")
+    # One row per u, or for u = 1 (the usual 16 x 1) a near-square grid: a strip of one row
+    # is unreadably wide. One colour scale for all, symmetric around 0, so panels compare.
+    n = k * u
+    ncols = k if u > 1 else min(n, max(4, math.ceil(math.sqrt(n))))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(1.35 * ncols + 0.9, 1.35 * nrows + 0.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(u, k, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     what = "r x r lambda-convolution kernels" if kind == "lc" else "relative-position tables"
-    fig.suptitle(f"{title}: position embeddings ({what}), one per query-depth index k",
-                 fontsize=10)
-    for j in range(u):
-        for i in range(k):
-            ax = axes[j, i]
-            panel = position[i, j]
-            lim = float(np.abs(panel).max()) or 1.0
-            ax.imshow(panel, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"k={i}" + (f" u={j}" if u > 1 else ""), fontsize=7)
+    fig.suptitle(textwrap.fill(f"{title}: position embeddings ({what}), one per query-depth "
+                               "index k", 30 + 12 * ncols), fontsize=10)
+    finite = np.abs(position[np.isfinite(position)])
+    lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    norm = Normalize(-lim, lim)
+    for index, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if index >= n:
+            ax.set_axis_off()
+            continue
+        j, i = divmod(index, k)  # u-major, so each u's k panels read in order
+        ax.imshow(position[i, j], cmap="RdBu_r", norm=norm)
+        ax.set_title(f"k={i}" + (f" u={j}" if u > 1 else ""), fontsize=7)
+    fig.colorbar(ScalarMappable(norm, cmap="RdBu_r"), ax=axes, shrink=min(1.0, 3 / nrows),
+                 aspect=25, pad=0.02, label="embedding value")
     return fig

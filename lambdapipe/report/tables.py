@@ -189,6 +189,55 @@ def metrics_json(df: pd.DataFrame) -> dict:
     return out
 
 
+def model_metrics(df: pd.DataFrame) -> dict[str, dict]:
+    """`dvc metrics show`'s compact table: one row (file) per dataset and model, mean test
+    accuracy per noise variant as columns, plus how many runs finished and diverged.
+
+    Keyed by the file's path under metrics/, `<dataset>/<model label>.json`; a model trained
+    on one dataset with several recipes or precisions gets one row for each.
+    """
+    out: dict[str, dict] = {}
+    for (dataset, series), g in df.groupby(["dataset", "series"], sort=True):
+        ok = g[g["status"] == "ok"]
+        acc = {cond: _json_number(round(float(np.nanmean(v)), 4)) if np.isfinite(v).any()
+               else None
+               for cond, v in ((c, _values(ok[ok["condition"] == c], "tst_acc"))
+                               for c in _ordered_conditions(g))}
+        name = re.sub(r"[^A-Za-z0-9_.@=+-]+", "_", series).strip("_")
+        out[f"{dataset}/{name}.json"] = {"tst_acc": acc, "runs": int(len(ok)),
+                                         "diverged": int((g["status"] == "diverged").sum())}
+    return out
+
+
+CURVE_COLUMNS = ("train_loss", "val_loss", "train_acc", "val_acc")
+
+
+def curves(collection: Collection, df: pd.DataFrame) -> dict[str, str]:
+    """Every finished run's metrics.csv curves, one TSV per dataset and metric, long format
+    (run, step, value): `dvc plots show` draws one line per run (.dvc/plots/runs.json) and
+    `dvc plots diff` the same runs at two revisions. Keyed `<dataset>/<metric>.tsv`."""
+    by_id = {run.run_id: run for run in collection.runs}
+    out: dict[str, str] = {}
+    for dataset, g in df.groupby("dataset", sort=True):
+        for column in CURVE_COLUMNS:
+            lines = [f"run\tstep\t{column}"]
+            for run_id in sorted(g["run_id"]):
+                m = by_id[run_id].metrics
+                if m is None or column not in m.columns or "iteration" not in m.columns:
+                    continue
+                name = run_id.partition("/")[2]
+                lines += [f"{name}\t{int(step)}\t{float(v)!r}"
+                          for step, v in zip(m["iteration"], m[column], strict=True)
+                          if np.isfinite(step) and np.isfinite(v)]
+            if len(lines) > 1:
+                out[f"{dataset}/{column}.tsv"] = "\n".join(lines) + "\n"
+    return out
+
+
+def _ordered_conditions(g: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(g.sort_values("_cond_order")["condition"]))
+
+
 def _json_number(v) -> float | None:
     return float(v) if v is not None and np.isfinite(v) else None
 

@@ -1,14 +1,39 @@
 # The workflow's only Python: the run list from the config grid, wildcard constraints and
 # input/params functions. Validation and the grid's expansion live in lambdapipe.config, so
 # `lambdapipe check-config` and this file can never disagree.
+#
+# Inputs that jobs upstream make are ancient(): a job reruns when its output is missing, when
+# a job upstream of it runs in the same invocation, or when its code, params or input set
+# changed (Snakemake's metadata) - never for timestamps alone, which a `dvc pull` or a copy
+# scrambles (a fresh clone must not retrain, re-evaluate or re-report what it pulled).
 
 import re
 import shlex
+import sys
 from pathlib import Path
+
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from lambdapipe.config import expand_runs, pack_cells, prepare_args, published_as_args, run_args
 from lambdapipe.data.registry import dataset_info
 from lambdapipe.noise import parse_noise_tag
+
+
+def lambdapipe_function():
+    """`lambdapipe` in every shell command is this shell function, not the console script of
+    whichever checkout the environment installed: this checkout's package (the one the
+    Snakefile imported) first on the path, run by Snakemake's own interpreter, or under
+    --software-deployment-method conda by the job's env, which holds the dependencies only."""
+    with_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    python = "python" if with_conda else shlex.quote(sys.executable)
+    path = shlex.quote(str(CHECKOUT))
+    # Braces doubled twice: once for this f-string, once for Snakemake's formatting.
+    return (f'lambdapipe() {{{{ PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" '
+            f'{python} -m lambdapipe "$@"; }}}}; ')
+
+
+# A prefix, not a param: moving the checkout must not count as a changed parameter.
+shell.prefix("set -euo pipefail; " + lambdapipe_function())
 
 RUNS = {run.path: run for run in expand_runs(config)}
 DATASETS = sorted({run.dataset for run in RUNS.values()})
@@ -47,6 +72,18 @@ wildcard_constraints:
 def gpu_tokens(wildcards):
     """A GPU token per job, unless the config pins jobs to the CPU."""
     return 0 if config["train"]["device"] == "cpu" else 1
+
+
+def eval_mem_mb(wildcards):
+    """evaluate and explain load one split of the run's dataset and its model, less than
+    training holds: the training job's request is an upper bound the scheduler already grants."""
+    return config["train"]["mem_mb"]
+
+
+def eval_runtime(wildcards):
+    """One pass over a test split (explain: over a few images), minutes where training takes
+    hours: an hour at most, never more than the training job's own request."""
+    return min(60, config["train"]["runtime"])
 
 
 def all_targets():
@@ -108,8 +145,14 @@ def pack_input(seeds, what):
 
 
 def archive_of(wildcards):
+    """The archive, while the dataset is not prepared yet. DVC tracks data/prepared, not
+    data/raw: a clone that pulled prepared data has no archive and must not download it and
+    redo every run downstream. (A changed `prepare:` block still reruns prepare, which
+    fetches the archive itself.)"""
     archive = dataset_info(wildcards.dataset).archive
-    return [f"data/raw/{archive}"] if archive else []
+    if not archive or Path(prepared(wildcards.dataset)).exists():
+        return []
+    return [f"data/raw/{archive}"]
 
 
 def mirror_option(wildcards=None):

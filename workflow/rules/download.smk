@@ -8,7 +8,7 @@ rule download:
     log:
         "logs/download/{archive}.log",
     conda:
-        "../../environment.yml"
+        "../envs/lambdapipe.yaml"
     retries: 2
     shell:
         "lambdapipe download --dataset {params.dataset} --data-dir data {params.mirror}"

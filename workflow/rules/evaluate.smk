@@ -3,7 +3,7 @@ rule evaluate:
     A run that diverged before its first evaluation has no best.ckpt: the CLI writes
     eval_test.json saying so, so one diverged run does not stop the rest of the grid."""
     input:
-        summary="results/runs/{dataset}/{noise}/{model}/{seed}/summary.json",
+        summary=ancient("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
     output:
         "results/runs/{dataset}/{noise}/{model}/{seed}/eval_test.json",
     params:
@@ -11,11 +11,15 @@ rule evaluate:
         device=config["train"]["device"],
     log:
         "logs/evaluate/{dataset}/{noise}/{model}/{seed}.log",
+    benchmark:
+        "benchmarks/evaluate/{dataset}/{noise}/{model}/{seed}.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/lambdapipe.yaml"
     threads: 1
     resources:
         gpu=gpu_tokens,
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime,
     shell:
         "lambdapipe evaluate --ckpt {params.ckpt} --split test --data-dir data"
         " --out {output} --device {params.device} > {log} 2>&1"
@@ -26,7 +30,7 @@ rule explain:
     run of a dataset) and a lambda layer's position embeddings: the report's attention and
     position figures. One seed per model and noise variant."""
     input:
-        summary="results/runs/{dataset}/{noise}/{model}/{seed}/summary.json",
+        summary=ancient("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
     output:
         "results/runs/{dataset}/{noise}/{model}/{seed}/explain_test.json",
     params:
@@ -34,11 +38,15 @@ rule explain:
         device=config["train"]["device"],
     log:
         "logs/explain/{dataset}/{noise}/{model}/{seed}.log",
+    benchmark:
+        "benchmarks/explain/{dataset}/{noise}/{model}/{seed}.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/lambdapipe.yaml"
     threads: 1
     resources:
         gpu=gpu_tokens,
+        mem_mb=eval_mem_mb,
+        runtime=eval_runtime,
     shell:
         "lambdapipe explain --ckpt {params.ckpt} --split test --images 8 --data-dir data"
         " --device {params.device} > {log} 2>&1"

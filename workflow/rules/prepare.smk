@@ -21,7 +21,7 @@ rule prepare:
     log:
         "logs/prepare/{dataset}.log",
     conda:
-        "../../environment.yml"
+        "../envs/lambdapipe.yaml"
     shell:
         "rm -rf data/prepared/{wildcards.dataset} && lambdapipe prepare"
         " --dataset {wildcards.dataset} --data-dir data {params.options} {params.mirror}"
@@ -31,7 +31,7 @@ rule prepare:
 rule noise:
     """One noisy-label variant of the training labels (re-uses the prepared arrays)."""
     input:
-        prepared(),
+        ancient(prepared()),
     output:
         labels="data/prepared/{dataset}/noise/{noise}.npy",
         spec="data/prepared/{dataset}/noise/{noise}.json",
@@ -41,7 +41,7 @@ rule noise:
     log:
         "logs/noise/{dataset}/{noise}.log",
     conda:
-        "../../environment.yml"
+        "../envs/lambdapipe.yaml"
     shell:
         "lambdapipe prepare --dataset {wildcards.dataset} --data-dir data {params.options}"
         " {params.noise} > {log} 2>&1"

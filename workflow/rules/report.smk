@@ -1,9 +1,9 @@
 rule report:
     """Tables (ours beside the published values), figures and metrics of every finished run."""
     input:
-        summaries=[f"results/runs/{r.path}/summary.json" for r in RUNS.values()],
-        evaluations=[f"results/runs/{r.path}/eval_test.json" for r in RUNS.values()],
-        explained=[f"results/runs/{path}/explain_test.json" for path in EXPLAINED],
+        summaries=[ancient(f"results/runs/{r.path}/summary.json") for r in RUNS.values()],
+        evaluations=[ancient(f"results/runs/{r.path}/eval_test.json") for r in RUNS.values()],
+        explained=[ancient(f"results/runs/{path}/explain_test.json") for path in EXPLAINED],
     output:
         tables=report(
             directory("results/tables"),
@@ -18,6 +18,8 @@ rule report:
             category="Figures",
         ),
         metrics="results/metrics.json",
+        model_metrics=directory("results/metrics"),
+        curves=directory("results/curves"),
         summary=report(
             "results/report.md", caption="../report/summary.rst", category="Summary"
         ),
@@ -26,6 +28,6 @@ rule report:
     log:
         "logs/report.log",
     conda:
-        "../../environment.yml"
+        "../envs/report.yaml"
     shell:
         "lambdapipe report --runs results/runs --out results {params.published_as} > {log} 2>&1"

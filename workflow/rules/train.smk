@@ -6,8 +6,8 @@ if not PACKED:
         declared outputs: Snakemake deletes a job's outputs before rerunning it, and the CLI
         resumes an interrupted run from the last.ckpt it finds in the run directory."""
         input:
-            manifest=prepared(),
-            labels="data/prepared/{dataset}/noise/{noise}.npy",
+            manifest=ancient(prepared()),
+            labels=ancient("data/prepared/{dataset}/noise/{noise}.npy"),
         output:
             summary=protected("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
         params:
@@ -21,8 +21,10 @@ if not PACKED:
             deterministic="--deterministic" if config["train"]["deterministic"] else "",
         log:
             "logs/train/{dataset}/{noise}/{model}/{seed}.log",
+        benchmark:
+            "benchmarks/train/{dataset}/{noise}/{model}/{seed}.tsv"
         conda:
-            "../../environment.yml"
+            "../envs/lambdapipe.yaml"
         threads: config["train"]["threads"]
         resources:
             gpu=gpu_tokens,
@@ -46,8 +48,8 @@ else:
             name:
                 PACK_RULES[_seeds]
             input:
-                manifest=pack_input(_seeds, "manifest"),
-                labels=pack_input(_seeds, "labels"),
+                manifest=ancient(pack_input(_seeds, "manifest")),
+                labels=ancient(pack_input(_seeds, "labels")),
             output:
                 pack_outputs(_seeds),
             wildcard_constraints:
@@ -64,8 +66,10 @@ else:
                 deterministic="--deterministic" if config["train"]["deterministic"] else "",
             log:
                 f"logs/train/{{cell}}/seeds-{'-'.join(map(str, _seeds))}.log",
+            benchmark:
+                f"benchmarks/train/{{cell}}/seeds-{'-'.join(map(str, _seeds))}.tsv"
             conda:
-                "../../environment.yml"
+                "../envs/lambdapipe.yaml"
             threads: config["train"]["threads"]
             resources:
                 gpu=gpu_tokens,
