@@ -172,6 +172,9 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
                          **(model_args or {}))
     # the path training takes: lambda impls measured (or cached) as `train` chooses them
     runtime = runtime_settings(model, recipe, size, device)
+    if cuda:  # peak from here: CUDA graphs take their memory pool at capture, in the warm-up
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     model = model.to(device)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -196,7 +199,6 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
         barrier.wait()
     if cuda:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()

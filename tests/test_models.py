@@ -265,3 +265,50 @@ def test_param_count_equals_a_built_model():
     for name in ("resnet20x1", "lr18_l3_lc", "lambda_resnet18_u4_r7"):
         built = count_params(create_model(name, num_classes=10, image_size=32))
         assert param_count(name, num_classes=10, image_size=32) == built, name
+
+
+# --------------------------------------------------------------------------- eval-mode scale
+LAMBDA_RESNETS = [n for n in list_models() if n.startswith(("lambda_resnet", "lr"))]
+
+
+def eval_logits(model: torch.nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        out = model(x).float()
+    model.train()
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", LAMBDA_RESNETS)
+def test_eval_outputs_are_finite_at_init(name, precision):
+    """A lambda layer squares the scale of its input in eval mode (BN running statistics at
+    0 and 1): with every residual branch live, a bottleneck Lambda-ResNet overflowed here.
+    Zero-initialised branches (and one lambda layer in the study models) keep it finite."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, image_size=32, base_width=8)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(eval_logits(model, x, precision)).all()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["lambda_resnet18", "lambda_resnet18_u4_r7", "lr34_l3_rpe",
+                                  "lr34_l2_lc"])  # one per block kind, the CI stand-in's too
+def test_eval_outputs_stay_finite_while_training(name, precision):
+    """After 20 and 100 SGD steps, while BN's running statistics catch up with the weights."""
+    torch.manual_seed(0)
+    args = {"drop_rate": 0.0} if name.startswith("lambda_") else {}
+    model = create_model(name, num_classes=10, image_size=16, base_width=4, **args)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    g = torch.Generator().manual_seed(1)
+    probe = torch.randn(8, 3, 16, 16, generator=g)
+    for step in range(1, 101):
+        x, y = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in (20, 100):
+            assert torch.isfinite(eval_logits(model, probe, precision)).all(), step
