@@ -226,7 +226,7 @@ def train(model: str, model_args: tuple[str, ...], dataset: str, data_dir: Path,
       lambdapipe train --model lr18_l3_lc --dataset cifar10 --noise 0.25 --seed 0 \\
           --out results/runs/cifar10/symmetric-0.25/lr18_l3_lc/0
     """
-    from lambdapipe import data, gpu
+    from lambdapipe import data, gpu, runlock
     from lambdapipe import train as training
 
     cfg = training.TrainConfig.build(
@@ -236,10 +236,11 @@ def train(model: str, model_args: tuple[str, ...], dataset: str, data_dir: Path,
         out=out, recipe=recipe, overrides=_parse_key_values(overrides, "--set"),
         deterministic=deterministic,
     )
-    training.check_before_start(cfg)  # bad input fails here, before any GPU is claimed
+    training.check_before_start(cfg)  # bad input fails here, before anything is written
     if progress is None:
         progress = sys.stderr.isatty()
-    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+    # --out's owner before a GPU: a second command on the same --out refuses without one.
+    with runlock.own(out), gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
         summary = training.run(cfg, device=dev, progress=progress)
 
     def shown(key: str) -> str:  # None when a run diverged before its first evaluation
