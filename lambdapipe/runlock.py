@@ -56,6 +56,30 @@ def holder(out: Path) -> str:
         return "a process that has not written its name yet"
 
 
+def check_free(out: Path) -> None:
+    """Refuse now if another process owns `out`; writes nothing (a read-only probe), so it
+    may run among the input checks, before anything is created."""
+    path = lock_path(out)
+    if str(path.absolute()) in _held:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # no lock file: nobody owns it (own() reports what cannot be created)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise _busy(out) from None
+    finally:
+        os.close(fd)  # also drops the probe's lock
+
+
+def _busy(out: Path) -> RunDirBusy:
+    return RunDirBusy(f"--out {out} is in use by {holder(out)}: wait for it to finish, or "
+                      "choose another --out")
+
+
 def _cannot(out: Path, exc: OSError) -> UserError:
     return UserError(f"invalid --out {str(out)!r}: cannot create its lock file "
                      f"({exc.strerror or exc}); expected a writable directory")
@@ -110,8 +134,7 @@ def _acquire(out: Path, path: Path) -> int:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RunDirBusy(f"--out {out} is in use by {holder(out)}: wait for it to "
-                                 "finish, or choose another --out") from None
+                raise _busy(out) from None
             raise _cannot(out, exc) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino

@@ -118,6 +118,7 @@ def check_before_start(cfg: TrainConfig) -> None:
     its checksums, the noise variant, the model and its arguments (one CPU forward pass),
     the batch size against the split, and what `--out` already holds."""
     check_out_dir(cfg.out)
+    runlock.check_free(cfg.out)  # a run in progress, not an "interrupted run" below
     saved = _saved_config(cfg.out)
     if saved is not None:
         diffs = _differences(saved, cfg.identity())
