@@ -208,6 +208,8 @@ def _signals_raise():
         return
 
     def handler(signum, frame):
+        for sig in wanted:  # a second signal must not interrupt the cleanup of the first
+            signal.signal(sig, signal.SIG_IGN)
         raise Terminated(signum)
 
     wanted = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
