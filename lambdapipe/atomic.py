@@ -27,8 +27,11 @@ class WriteError(OSError):
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a read-only filesystem or a full disk: one line, as for the write itself
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         # mkstemp creates 0600; artefacts on shared storage need the user's usual umask.
         os.fchmod(fd, 0o666 & ~_umask())

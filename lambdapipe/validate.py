@@ -8,6 +8,7 @@ naming the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -99,7 +100,9 @@ def check_run_config(config: Any, where: str) -> dict[str, Any]:
     `where` names the file in the message."""
     from lambdapipe.data import dataset_info
     from lambdapipe.noise import parse_noise_tag
-    from lambdapipe.recipes import get_recipe
+    from lambdapipe.recipes import Recipe, get_recipe
+
+    RECIPE_FIELDS = [f.name for f in dataclasses.fields(Recipe)]  # noqa: N806
 
     if not isinstance(config, dict):
         raise UserError(f"invalid run config in {where}: expected a mapping, got "
@@ -119,6 +122,10 @@ def check_run_config(config: Any, where: str) -> dict[str, Any]:
         recipe = config["recipe"]
         if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str):
             raise bad_value("recipe", recipe, "a mapping of recipe fields with a name")
+        missing = sorted(set(RECIPE_FIELDS) - set(recipe))
+        if missing:  # train writes every field; evaluate reads them without defaults
+            raise bad_value("recipe", recipe["name"], "every recipe field (missing "
+                            + ", ".join(missing) + ")")
         get_recipe(recipe["name"], {k: v for k, v in recipe.items() if k != "name"})
         data = check_data_fields(config["data"], "config")
         check_model(config["model"], data["num_classes"], data["image_size"],

@@ -560,7 +560,8 @@ def test_bad_train_input_writes_nothing(data_dir, tmp_path):
         assert not (tmp_path / "nowhere").exists()
 
 
-def test_out_on_a_read_only_filesystem_is_one_line(data_dir, tmp_path):
+def test_out_on_a_read_only_filesystem_is_one_line(interrupted, data_dir, tmp_path):
+    """train refuses before it starts (exit 2); evaluate's --out fails at its write (exit 1)."""
     mnt = tmp_path / "ro"
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(
@@ -570,6 +571,10 @@ def test_out_on_a_read_only_filesystem_is_one_line(data_dir, tmp_path):
     try:
         line = one_line_error(cli(*train_args(data_dir, mnt / "run")))
         assert f"invalid --out '{mnt / 'run'}'" in line and "not writable" in line, line
+        line = one_line_error(cli("evaluate", "--ckpt", str(interrupted / "last.ckpt"),
+                                  "--data-dir", str(data_dir), "--device", "cpu", "--out",
+                                  str(mnt / "sub" / "eval.json")), code=1)
+        assert "cannot write" in line and "Read-only file system" in line, line
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 
