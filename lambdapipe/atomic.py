@@ -8,8 +8,10 @@ one, never a torn write (POSIX rename is atomic within one filesystem).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -25,8 +27,11 @@ class WriteError(OSError):
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a read-only filesystem or a full disk: one line, as for the write itself
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         # mkstemp creates 0600; artefacts on shared storage need the user's usual umask.
         os.fchmod(fd, 0o666 & ~_umask())
@@ -42,6 +47,60 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     _fsync_dir(path.parent)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(path: str | os.PathLike, needed: int | None, exc: OSError) -> WriteError:
+    """One line for a full disk (or quota, or file size limit): the directory and the bytes."""
+    directory = Path(path).parent
+    try:
+        st = os.statvfs(directory)
+        free = f", {st.f_bavail * st.f_frsize:,} bytes free"
+    except OSError:
+        free = ""
+    need = f": {Path(path).name} needs {needed:,} bytes{free}" if needed is not None else ""
+    return WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc} in "
+                                 f"{directory}{need}")
+
+
+def reserved_memmap(path: str | os.PathLike, dtype: Any, shape: tuple[int, ...]):
+    """`np.lib.format.open_memmap(path, "w+", dtype, shape)` with the file's blocks allocated
+    before it is mapped. A store into a mapped page the filesystem cannot back is SIGBUS
+    (exit 135, no message, no cleanup); posix_fallocate turns a full disk into ENOSPC here,
+    raised as one `WriteError` line naming the directory and the bytes needed."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(int(n) for n in shape)}
+    total = None
+    try:
+        with open(path, "wb") as fh:
+            try:  # the header open_memmap writes: version 1.0 unless the shape needs 2.0
+                np.lib.format.write_array_header_1_0(fh, header)
+            except ValueError:
+                np.lib.format.write_array_header_2_0(fh, header)
+            total = fh.tell() + dtype.itemsize * math.prod(header["shape"])
+            fh.flush()
+            try:
+                os.posix_fallocate(fh.fileno(), 0, total)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                _check_free(path, total - fh.tell())  # a filesystem without fallocate
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise no_space(path, total, exc) from None
+        raise
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _check_free(path: str | os.PathLike, needed: int) -> None:
+    st = os.statvfs(Path(path).parent)
+    if st.f_bavail * st.f_frsize < needed:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _umask() -> int:

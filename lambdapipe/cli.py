@@ -237,7 +237,7 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
       lambdapipe train --model resnet20x1 --dataset cifar10 --seeds 0,1,2 \\
           --out 'results/runs/cifar10/clean/resnet20x1/{seed}'
     """
-    from lambdapipe import data, gpu
+    from lambdapipe import data, gpu, runlock
     from lambdapipe import train as training
 
     seed_list = _seed_list(ctx, seed, seeds, out)
@@ -252,14 +252,15 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
     if progress is None:
         progress = sys.stderr.isatty()
     if len(cfgs) == 1:
-        training.check_before_start(cfgs[0])  # bad input fails here, before any GPU is claimed
-        with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+        training.check_before_start(cfgs[0])  # bad input fails here, before anything is written
+        # --out's owner before a GPU: a second command on the same --out refuses without one.
+        with runlock.own(cfgs[0].out), gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
             summaries = [training.run(cfgs[0], device=dev, progress=progress)]
     else:
         from lambdapipe import pack
 
         pack.check_packed(cfgs)  # every seed's checks, before any GPU is claimed
-        with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+        with pack.own_all(cfgs), gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
             summaries = pack.run_packed(cfgs, device=dev, progress=progress)
 
     for cfg, summary in zip(cfgs, summaries, strict=True):

@@ -126,7 +126,10 @@ def _read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}): "
+                        "expected a YAML file") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {str(path)!r} is not valid YAML: "
                         f"{str(exc).splitlines()[0]}") from None
@@ -168,6 +171,10 @@ def check_config(cfg: Any, schema_path: Path | None = None) -> dict:
     error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
     if error is not None:
         raise UserError(_describe(error))
+    if cfg.get("mirror") is not None:
+        from lambdapipe.validate import check_path_text
+
+        check_path_text(cfg["mirror"], "config mirror")
     cfg = apply_shrink(cfg)
     expand_runs(cfg)  # registry checks, conflicting duplicates, dead exclusions
     return cfg
@@ -282,6 +289,26 @@ def _check_rate(dataset: str, kind: str, rate: float, where: str) -> None:
                         "flip)")
 
 
+def _check_model_args(cfg: dict, at: str, dataset: str, model: str, args: dict) -> None:
+    """The checks `train` makes on a model and its args (the registry's, on the meta device,
+    at the dataset's classes and prepared image size), so check-config accepts nothing that
+    train would refuse."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.validate import check_model
+
+    info = dataset_info(dataset)
+    try:
+        size = info.check_image_size((cfg["datasets"][dataset].get("prepare") or {})
+                                     .get("image_size"))
+    except UserError as exc:
+        raise UserError(f"config datasets.{dataset}.prepare.image_size: {exc}") from None
+    try:
+        check_model(model, info.num_classes, size, args)
+    except UserError as exc:
+        raise UserError(f"config {at} for model {model} on {dataset} ({size} px): "
+                        f"{exc}") from None
+
+
 def _variants(grid: dict) -> list[tuple[str, dict]]:
     """(name, {set, model_args}) per variant; a grid without `variants` is one unnamed one."""
     return list((grid.get("variants") or {"": {}}).items())
@@ -291,9 +318,11 @@ def expand_runs(cfg: dict) -> list[Run]:
     """Every run of the grid, minus exclusions, each once (in config order)."""
     from lambdapipe.noise import noise_spec
     from lambdapipe.recipes import get_recipe
+    from lambdapipe.validate import check_seed
 
     runs: dict[str, Run] = {}
     model_where: dict[str, str] = {}
+    builds: dict[tuple, tuple[str, str, str, dict]] = {}  # model x args x dataset -> where
     for dataset, dcfg in cfg["datasets"].items():
         for g, grid in enumerate(dcfg["grids"]):
             where = f"datasets.{dataset}.grids[{g}]"
@@ -307,6 +336,15 @@ def expand_runs(cfg: dict) -> list[Run]:
                     raise UserError(f"config {at}: {exc}") from None
             for m, model in enumerate(grid["models"]):
                 model_where.setdefault(model, f"{where}.models[{m}]")
+                for name, extra in _variants(grid):
+                    args = {**(grid.get("model_args") or {}), **extra.get("model_args", {})}
+                    at = (f"{where}.variants.{name}.model_args" if extra.get("model_args")
+                          else f"{where}.model_args")
+                    builds.setdefault((dataset, model, json.dumps(args, sort_keys=True,
+                                                                  default=repr)),
+                                      (at, dataset, model, args))
+            for s, seed in enumerate(grid["seeds"]):
+                check_seed(seed, f"seed in config {where}.seeds[{s}]")
             for n, entry in enumerate(grid["noise"]):
                 for rate in entry["rates"]:
                     tag = noise_spec(entry["kind"], rate, entry.get("seed", 0)).tag
@@ -326,6 +364,8 @@ def expand_runs(cfg: dict) -> list[Run]:
                                 "different recipe, set or model_args: give it one setting")
                         runs.setdefault(run.path, run)
     _check_models(set(model_where), model_where)
+    for at, dataset, model, args in builds.values():
+        _check_model_args(cfg, at, dataset, model, args)
 
     kept = list(runs.values())
     for i, pattern in enumerate(cfg.get("exclude") or []):

@@ -55,8 +55,12 @@ def sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify the sha256 sidecar, then load with weights_only=True."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
+                    check: bool = True) -> dict[str, Any]:
+    """Verify the sha256 sidecar, load with weights_only=True, then (with `check`) validate
+    what it holds: a matching sidecar proves the file is intact, not that its contents are
+    sane, and a config asking for base_width 4096 would allocate ~70 GB when built.
+    `check=False` is for tests of the file format itself."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -78,7 +82,41 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                         f"{type(exc).__name__}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise UserError(f"{path} is not a lambdapipe checkpoint (no config/model entries)")
+    if check:
+        check_checkpoint(ckpt, path)
     return ckpt
+
+
+def check_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    """The embedded run config passes the validators `train` applies to its input, and the
+    model it names, built on the meta device (shapes only, no memory), has exactly the
+    parameter and buffer names and shapes of the state dict; only then is anything built
+    for real (`build_model`), at the size the file itself proves."""
+    from lambdapipe.validate import check_run_config
+
+    config = check_run_config(ckpt["config"], f"checkpoint {path}")
+    state = ckpt["model"]
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"checkpoint {path} does not fit its model: its weights are not a "
+                        "mapping of names to tensors")
+    data = config["data"]
+    from lambdapipe.validate import check_model
+
+    meta = check_model(config["model"], data["num_classes"], data["image_size"],
+                       config["model_args"])
+    wanted = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))
+    if missing or unexpected:
+        name, what = (missing[0], "missing") if missing else (unexpected[0], "unexpected")
+        raise UserError(f"checkpoint {path} does not fit its model {config['model']}: "
+                        f"{what} entry {name!r} ({len(missing)} missing, {len(unexpected)} "
+                        "unexpected)")
+    for key, shape in wanted.items():
+        if have[key] != shape:
+            raise UserError(f"checkpoint {path} does not fit its model {config['model']}: "
+                            f"{key} has shape {list(have[key])}, the model {list(shape)}")
 
 
 def build_model(config: dict[str, Any]) -> torch.nn.Module:

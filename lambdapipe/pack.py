@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lambdapipe import runlock
 from lambdapipe.errors import UserError
 from lambdapipe.train import Run, TrainConfig, _kernels, check_before_start
 
@@ -98,6 +99,16 @@ def check_packed(cfgs: Sequence[TrainConfig]) -> None:
         check_before_start(cfg)
 
 
+@contextlib.contextmanager
+def own_all(cfgs: Sequence[TrainConfig]) -> Iterator[None]:
+    """Every run directory of the pack owned by this process (runlock), or none: a second
+    command on any of them refuses in one line naming the holder."""
+    with contextlib.ExitStack() as stack:
+        for cfg in cfgs:
+            stack.enter_context(runlock.own(cfg.out))
+        yield
+
+
 def _label(cfg: TrainConfig, cfgs: Sequence[TrainConfig]) -> str:
     seeds = [c.seed for c in cfgs]
     return f"[seed {cfg.seed}] " if len(set(seeds)) == len(seeds) else f"[{cfg.out}] "
@@ -116,7 +127,8 @@ def run_packed(cfgs: Sequence[TrainConfig], device: str = "cpu", progress: bool 
     cuda = cuda_device(str(device))
     outside = _get_rng(cuda)  # before the checks: their model builds draw from it too
     try:
-        return _run_packed(cfgs, str(device), progress, callback, cuda)
+        with own_all(cfgs):  # re-entrant: the CLI took them already
+            return _run_packed(cfgs, str(device), progress, callback, cuda)
     finally:
         _set_rng(outside, cuda)
 

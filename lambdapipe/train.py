@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lambdapipe import atomic, live
+from lambdapipe import atomic, live, runlock
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, normalize, plan_epoch
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import (
@@ -45,6 +45,7 @@ from lambdapipe.evaluate import (
     save_checkpoint,
 )
 from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe, recipe_changes
+from lambdapipe.validate import check_out_dir, check_seed
 
 METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
                   "val_loss", "val_acc", "images_per_s", "elapsed_s"]
@@ -71,7 +72,7 @@ class TrainConfig:
               overrides: dict[str, Any] | None = None,
               deterministic: bool = False) -> TrainConfig:
         return cls(model=model, model_args=dict(model_args or {}), dataset=dataset,
-                   data_dir=Path(data_dir), noise=noise, seed=int(seed), out=Path(out),
+                   data_dir=Path(data_dir), noise=noise, seed=check_seed(seed), out=Path(out),
                    recipe=get_recipe(recipe, overrides), deterministic=deterministic)
 
     def identity(self) -> dict[str, Any]:
@@ -117,6 +118,8 @@ def check_before_start(cfg: TrainConfig) -> None:
     """Every check that can fail on the user's input, before a GPU is claimed: the data and
     its checksums, the noise variant, the model and its arguments (one CPU forward pass),
     the batch size against the split, and what `--out` already holds."""
+    check_out_dir(cfg.out)
+    runlock.check_free(cfg.out)  # a run in progress, not an "interrupted run" below
     saved = _saved_config(cfg.out)
     if saved is not None:
         diffs = _differences(saved, cfg.identity())
@@ -389,11 +392,12 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
     on disk (an exception from it interrupts the run exactly like a kill would).
     """
     summary_path = cfg.out / "summary.json"
-    check_before_start(cfg)  # also refuses an --out that holds a different config
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    with _kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
-        return _train(cfg, str(device), progress, callback)
+    with runlock.own(cfg.out):  # one owner per run directory (a refused run leaves nothing)
+        check_before_start(cfg)  # also refuses an --out that holds a different config
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        with _kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
+            return _train(cfg, str(device), progress, callback)
 
 
 def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """Bad configuration, generated: random mutations of config/demo.yaml through
-`lambdapipe check-config`, and random options of train / prepare / evaluate through the CLI.
-Every case either validates (exit 0) or fails with exit 1/2 and ONE error line naming the
-key or option - never a traceback. Example counts: LAMBDAPIPE_FUZZ_EXAMPLES (default 60)."""
+`lambdapipe check-config`, random options of train / prepare / evaluate through the CLI, and
+random mutations of the run config inside a checkpoint (with a valid sidecar) through
+`lambdapipe evaluate`. Every case either validates (exit 0) or fails with exit 1/2 and ONE
+error line naming the key or option - never a traceback, never a huge allocation. Example
+counts: LAMBDAPIPE_FUZZ_EXAMPLES (default 60)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -31,7 +34,9 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12),
     st.sampled_from(["", "-1", "0", "1e999", "nan", "none", "cuda:9", "../x", "resnet18",
-                     "demo", "fp8", "symmetric", "digits", "{a: 1}", "[1, 2]"]),
+                     "demo", "fp8", "symmetric", "digits", "{a: 1}", "[1, 2]",
+                     "1" * 23, "a\x00b"]),
+    st.sampled_from([-8, 4096, 10**9, 2**63, 2**64]),  # widths and seeds of issue 17
 )
 values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
@@ -211,3 +216,54 @@ def test_evaluate_options_validate_or_name_the_option(checkpoint, data_dir, tmp_
     record("evaluate", result.exit_code)
     assert_clean_outcome(result, ["--ckpt", "--split", "--device", split, device, "checkpoint",
                                   "cuda", "device"])
+
+
+# --------------------------------------------------------------------------- checkpoint contents
+@contextlib.contextmanager
+def memory_cap(headroom: int = 3 << 30):
+    """RLIMIT_AS at this process's size plus `headroom`: a model built at the size a mutated
+    config asks for fails here (and the test with it) instead of filling the machine."""
+    import resource
+
+    size = int(next(line.split()[1] for line in Path("/proc/self/status").read_text()
+                    .splitlines() if line.startswith("VmSize:"))) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size + headroom if hard == resource.RLIM_INFINITY else min(size + headroom, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_state(checkpoint):
+    from lambdapipe.evaluate import load_checkpoint
+
+    return load_checkpoint(checkpoint)
+
+
+@settings(FUZZ, max_examples=EXAMPLES)
+@given(data=st.data(), action=st.sampled_from(["replace", "delete", "add"]), value=values,
+       new_key=st.text(min_size=1, max_size=8))
+def test_checkpoint_contents_validate_or_name_the_key(checkpoint_state, data_dir,
+                                                      tmp_path_factory, data, action, value,
+                                                      new_key):
+    """A checkpoint that loads with weights_only and matches its sidecar, whose embedded run
+    config had one key replaced, deleted or added (model_args, data.mean, recipe.precision,
+    the whole config, ...): `evaluate` exits 0 or names the checkpoint in one line."""
+    from lambdapipe.evaluate import save_checkpoint
+
+    ckpt = copy.deepcopy(checkpoint_state)
+    path = data.draw(st.sampled_from([p for p, _ in paths(ckpt["config"])]), label="path")
+    ckpt["config"] = mutate(ckpt["config"], path, action, value, new_key)
+    where = tmp_path_factory.mktemp("hostile")
+    save_checkpoint(ckpt, where / "best.ckpt")
+    with memory_cap():
+        result = CliRunner().invoke(main, [
+            "evaluate", "--ckpt", str(where / "best.ckpt"), "--data-dir", str(data_dir),
+            "--device", "cpu", "--out", str(where / "eval.json")])
+    record("checkpoint", result.exit_code)
+    line = assert_clean_outcome(result, [str(where / "best.ckpt")])
+    if line is not None:
+        assert not (where / "eval.json").exists()

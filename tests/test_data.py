@@ -181,3 +181,25 @@ def test_concurrent_prepares_agree_and_are_deterministic(tmp_path):
     assert [p.name for p in (tmp_path / "shared/prepared").iterdir()] == ["digits"]
     noisy = data.load_split(tmp_path / "shared", "digits", "train", "symmetric-0.4-s2")
     assert np.sum(noisy.labels != noisy.clean_labels) == round(0.4 * len(noisy))
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4, 3), (7, 5, 5, 3), (3,)])
+def test_reserved_memmap_writes_what_open_memmap_writes(tmp_path, shape):
+    """Same header, same bytes as np.lib.format.open_memmap, so prepared arrays (and their
+    sha256 in the manifest) do not change; and the blocks are allocated, not a sparse file
+    that a store into a mapped page could fail to back (SIGBUS on a full disk)."""
+    from lambdapipe.atomic import reserved_memmap
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 255, size=shape, dtype=np.uint8)
+    ours = reserved_memmap(tmp_path / "ours.npy", np.uint8, shape)
+    theirs = np.lib.format.open_memmap(tmp_path / "theirs.npy", mode="w+", dtype=np.uint8,
+                                       shape=shape)
+    ours[...] = values
+    theirs[...] = values
+    ours.flush()
+    theirs.flush()
+    del ours, theirs
+    assert (tmp_path / "ours.npy").read_bytes() == (tmp_path / "theirs.npy").read_bytes()
+    st = (tmp_path / "ours.npy").stat()
+    assert st.st_blocks * 512 >= st.st_size

@@ -180,9 +180,9 @@ def test_checkpoint_survives_a_crash_between_any_two_writes(tmp_path, monkeypatc
         save_checkpoint(new, path)
     monkeypatch.undo()
 
-    loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path, check=False)  # the file format, not a run's contents
     # Steps: 1 widen sidecar, 2 rename checkpoint, 3 narrow sidecar.
     assert loaded["config"]["v"] == (1 if crash_at <= 2 else 2)
     path.write_bytes(path.read_bytes()[:-7] + b"garbage")
     with pytest.raises(UserError, match="corrupted checkpoint"):
-        load_checkpoint(path)
+        load_checkpoint(path, check=False)

@@ -7,6 +7,7 @@ arguments tests/test_config_fuzz.py; docs/reliability.md maps every guarantee to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -105,10 +106,10 @@ def test_first_checkpoint_is_never_without_its_digest(tmp_path, monkeypatch, cra
         save_checkpoint({"config": {}, "model": {"w": torch.ones(2)}}, path)
     monkeypatch.undo()
     if path.exists():  # renamed into place: its digest is already in the sidecar
-        assert load_checkpoint(path)["model"]["w"].tolist() == [1.0, 1.0]
+        assert load_checkpoint(path, check=False)["model"]["w"].tolist() == [1.0, 1.0]
     else:  # a sidecar without its file reads as "no checkpoint": training starts afresh
         with pytest.raises(UserError, match="does not exist"):
-            load_checkpoint(path)
+            load_checkpoint(path, check=False)
 
 
 # --------------------------------------------------------------------------- disk full
@@ -372,3 +373,333 @@ def test_interrupted_grid_reruns_only_missing_jobs_and_a_second_snakemake_is_ref
     assert set(status.values()) == {"ok"}
     tables = "\n".join(p.read_text() for p in (work / "results").rglob("*.md"))
     assert "diverged@" in tables
+
+
+# --------------------------------------------------------------------------- one owner
+# Test-only hook in front of the CLI: once `run()` holds --out (the lock is taken, nothing
+# else written), write HOLD_READY and wait for HOLD_GO before training, so a second command
+# meets a first one that is certainly mid-run, on any machine under any load.
+HOLD_RUNNER = """
+import os, sys, time
+from pathlib import Path
+from lambdapipe import train
+real = train._train
+def held(*args, **kwargs):
+    Path(os.environ["HOLD_READY"]).write_text(str(os.getpid()))
+    while not Path(os.environ["HOLD_GO"]).exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+train._train = held
+from lambdapipe.cli import main
+sys.exit(main(prog_name="lambdapipe"))
+"""
+
+
+def start_holder(data_dir: Path, out: Path, tmp_path: Path, *extra: str):
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOLD_READY": str(ready),
+           "HOLD_GO": str(go)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_RUNNER,
+                             *train_args(data_dir, out, *extra)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the first train never took --out: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    return proc, go
+
+
+@pytest.mark.parametrize("second_seed", ["0", "1"], ids=["same-config", "different-config"])
+def test_a_run_directory_has_one_owner(data_dir, tmp_path, second_seed):
+    """Two trainings on one --out: the second refuses in one line naming the first (pid and
+    command) and writes nothing; the first finishes alone. Same config or not."""
+    from lambdapipe import runlock
+
+    out = tmp_path / "run"
+    first, go = start_holder(data_dir, out, tmp_path, "--seed", "0")
+    try:
+        assert sorted(p.name for p in out.iterdir()) == [runlock.LOCK_NAME]
+        line = one_line_error(cli(*train_args(data_dir, out, "--seed", second_seed)))
+        assert f"--out {out} is in use by pid {first.pid} " in line, line
+        assert "train --model resnet20x1" in line and "--seed 0" in line, line
+        # Past the probe too (a second process that passed its checks at the same moment):
+        with pytest.raises(runlock.RunDirBusy, match=f"pid {first.pid}"), runlock.own(out):
+            pass
+        assert sorted(p.name for p in out.iterdir()) == [runlock.LOCK_NAME]
+    finally:
+        go.write_text("")
+        log, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, log[-3000:]
+    assert json.loads((out / "config.json").read_text())["seed"] == 0
+    summary = (out / "summary.json").read_bytes()
+    assert json.loads(summary)["seed"] == 0
+    assert not (out / runlock.LOCK_NAME).exists()  # released with the run
+    after = cli(*train_args(data_dir, out, "--seed", second_seed))
+    if second_seed == "0":  # now the finished run's summary, not a second training
+        assert after.exit_code == 0, after.output
+        assert (out / "summary.json").read_bytes() == summary
+    else:
+        assert "holds a finished run of a different config (seed: 0 -> 1)" in \
+            one_line_error(after)
+
+
+def test_a_sigkilled_owner_leaves_no_stale_lock(data_dir, tmp_path):
+    """The kernel drops a dead owner's flock: its lock file (still naming it) does not stop
+    the next command, which trains and then removes the file."""
+    from lambdapipe import runlock
+
+    out = tmp_path / "run"
+    first, _ = start_holder(data_dir, out, tmp_path, "--seed", "0")
+    first.kill()
+    first.communicate(timeout=60)
+    assert json.loads((out / runlock.LOCK_NAME).read_text())["pid"] == first.pid
+    result = cli(*train_args(data_dir, out, "--seed", "0"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["status"] == "ok"
+    assert not (out / runlock.LOCK_NAME).exists()
+
+
+# --------------------------------------------------------------------------- ckpt contents
+@contextlib.contextmanager
+def memory_cap(headroom: int = 3 << 30):
+    """RLIMIT_AS at this process's size plus `headroom` for the duration: an allocation the
+    size a hostile checkpoint asks for fails (a traceback the test sees) instead of filling
+    the machine. The soft limit goes back up afterwards (the hard one is untouched)."""
+    import resource
+
+    size = int(next(line.split()[1] for line in Path("/proc/self/status").read_text()
+                    .splitlines() if line.startswith("VmSize:"))) * 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size + headroom
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def hostile(case: str, ckpt: dict) -> dict:
+    """The checkpoints of issue 17: each loads with weights_only and has a matching sidecar."""
+    cfg = ckpt["config"]
+    if case == "base_width_4096":  # ~22 GB when built for real
+        cfg["model_args"]["base_width"] = 4096
+    elif case == "empty":
+        return {"config": {}, "model": {}}
+    elif case == "precision_evil":
+        cfg["recipe"]["precision"] = "evil"
+    elif case == "mean_text":
+        cfg["data"]["mean"] = "abc"
+    elif case == "std_zero":
+        cfg["data"]["std"] = [0.0, 1.0, 1.0]
+    elif case == "num_classes_1e9":
+        cfg["data"]["num_classes"] = 10**9
+    elif case == "config_list":
+        ckpt["config"] = [1, 2]
+    elif case == "weights_not_tensors":
+        ckpt["model"] = {"stem.0.weight": [1, 2]}
+    elif case == "extra_weight":
+        ckpt["model"]["huge"] = torch.zeros(3)
+    elif case == "seed_negative":
+        cfg["seed"] = -1
+    elif case == "model_args_base_width_-8":
+        cfg["model_args"]["base_width"] = -8
+    return ckpt
+
+
+HOSTILE = ["base_width_4096", "empty", "precision_evil", "mean_text", "std_zero",
+           "num_classes_1e9", "config_list", "weights_not_tensors", "extra_weight",
+           "seed_negative", "model_args_base_width_-8"]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_checkpoint_contents_are_one_line_by_every_route(interrupted, data_dir,
+                                                                 tmp_path, case):
+    """evaluate, explain and a resume each refuse in one line, allocate nothing large, and
+    write nothing."""
+    out = copy_run(interrupted, tmp_path / "run")
+    save_checkpoint(hostile(case, load_checkpoint(out / "last.ckpt")), out / "last.ckpt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with memory_cap():
+        lines = [
+            one_line_error(cli("evaluate", "--ckpt", str(out / "last.ckpt"), "--data-dir",
+                               str(data_dir), "--device", "cpu")),
+            one_line_error(cli("explain", "--ckpt", str(out / "last.ckpt"), "--data-dir",
+                               str(data_dir), "--device", "cpu")),
+            one_line_error(cli(*train_args(data_dir, out)))]
+    for line in lines:
+        assert "last.ckpt" in line, line
+        assert "invalid run config in checkpoint" in line or "does not fit its model" in line \
+            or "belongs to a different config" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# --------------------------------------------------------------------------- validation first
+def test_bad_train_input_writes_nothing(data_dir, tmp_path):
+    """Each is one line, and --out (and everything around it) is left as it was."""
+    cases = {
+        "seed -1": (["--seed", "-1"], "invalid seed -1"),
+        "23-digit seed": (["--seed", "1" * 23], "invalid seed 111"),
+        "dangling symlink": ([], "a symbolic link to"),
+        "a file": ([], "is a file"),  # click's own check
+    }
+    for name, (extra, needle) in cases.items():
+        out = tmp_path / name.replace(" ", "_")
+        if name == "dangling symlink":
+            out.symlink_to(tmp_path / "nowhere" / "x")
+        if name == "a file":
+            out.write_text("mine")
+        before = sorted(p.name for p in tmp_path.iterdir())
+        line = one_line_error(cli(*train_args(data_dir, out, *extra)))
+        assert needle in line, (name, line)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, name
+        assert not (tmp_path / "nowhere").exists()
+
+
+def test_out_on_a_read_only_filesystem_is_one_line(interrupted, data_dir, tmp_path):
+    """train refuses before it starts (exit 2); evaluate's --out fails at its write (exit 1)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)],
+            capture_output=True).returncode != 0:
+        pytest.skip("mount -t tmpfs is not permitted here")
+    try:
+        line = one_line_error(cli(*train_args(data_dir, mnt / "run")))
+        assert f"invalid --out '{mnt / 'run'}'" in line and "not writable" in line, line
+        line = one_line_error(cli("evaluate", "--ckpt", str(interrupted / "last.ckpt"),
+                                  "--data-dir", str(data_dir), "--device", "cpu", "--out",
+                                  str(mnt / "sub" / "eval.json")), code=1)
+        assert "cannot write" in line and "Read-only file system" in line, line
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("case", ["binary", "base_width_-8", "nul_in_mirror", "seed_2**63"])
+def test_check_config_refuses_what_train_would_refuse(tmp_path, case):
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    grid = cfg["datasets"]["digits"]["grids"][0]
+    needle = {"binary": "is not UTF-8 text", "base_width_-8": "invalid base_width -8",
+              "nul_in_mirror": "invalid config mirror", "seed_2**63": "invalid seed"}[case]
+    path = tmp_path / "config.yaml"
+    if case == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        if case == "base_width_-8":
+            grid["model_args"] = {"base_width": -8}
+        elif case == "nul_in_mirror":
+            cfg["mirror"] = "/shared/arch\x00ives"
+        else:
+            grid["seeds"] = [0, 2**63]
+        path.write_text(yaml.safe_dump(cfg))
+    line = one_line_error(cli("check-config", "--configfile", str(path)))
+    assert needle in line, line
+
+
+# --------------------------------------------------------------------------- prepare
+PREPARE_FSIZE_RUNNER = FSIZE_RUNNER
+
+
+@pytest.mark.parametrize("method", ["tmpfs", "rlimit_fsize"])
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, method):
+    """The arrays are memory-mapped: without the space reserved first, the store into a page
+    the disk cannot back was SIGBUS (exit 135, no message, the temporary directory left
+    filling the disk). Now: exit 1, one line naming the directory and the bytes needed."""
+    root = tmp_path / "small"
+    if method == "tmpfs":
+        if not (os.geteuid() == 0 and _try_tmpfs(root, 300 * 1024)):
+            pytest.skip("mount -t tmpfs is not permitted here")
+        cmd = [sys.executable, "-m", "lambdapipe.cli"]
+    else:  # digits' train_images.npy is ~1 MB
+        cmd = [sys.executable, "-c", PREPARE_FSIZE_RUNNER, str(300 * 1024)]
+    try:
+        res = subprocess.run([*cmd, "prepare", "--dataset", "digits", "--data-dir",
+                              str(root)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "cannot write" in last, last
+        assert ("No space left" if method == "tmpfs" else "File too large") in last, last
+        assert f"in {root / 'prepared'}" in last and "needs" in last and "bytes" in last, last
+        assert sorted(p.name for p in (root / "prepared").iterdir()) == []
+    finally:
+        if method == "tmpfs":
+            subprocess.run(["umount", str(root)], check=False)
+
+
+PREPARE_HOLD = """
+import os, sys, time
+from pathlib import Path
+from lambdapipe.data import prepared
+real = prepared._save
+def slow(path, *args, **kwargs):
+    real(path, *args, **kwargs)
+    Path(os.environ["HOLD_READY"]).write_text(str(path))
+    while True:
+        time.sleep(0.05)
+prepared._save = slow
+from lambdapipe.cli import main
+sys.exit(main(prog_name="lambdapipe"))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_prepare_removes_its_temporary_directory_on_sigterm_and_sigint(tmp_path, sig):
+    root, ready = tmp_path / "data", tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PREPARE_HOLD, "prepare", "--dataset", "digits", "--data-dir",
+         str(root)], env={**os.environ, "OMP_NUM_THREADS": "1", "HOLD_READY": str(ready)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    written = Path(ready.read_text())
+    assert written.parent.name.endswith(".tmp") and written.exists()
+    proc.send_signal(sig)
+    log, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:  # dies of the signal, as SLURM and shells expect
+        assert proc.returncode == -signal.SIGTERM, log[-2000:]
+    else:  # click's KeyboardInterrupt: "Aborted!", exit 1
+        assert proc.returncode == 1 and "Aborted!" in log, log[-2000:]
+    assert "Traceback" not in log
+    assert not written.parent.exists()
+    assert sorted(p.name for p in (root / "prepared").iterdir()) == []
+
+
+def test_prepare_removes_temporaries_whose_owner_is_gone(tmp_path):
+    """A SIGKILLed prepare cannot clean up; the next one removes its directory (owner pid
+    dead, this host) and leaves a live owner's, another host's and unknown names alone."""
+    import socket
+
+    from lambdapipe.data.prepared import _tmp_prefix
+
+    parent = tmp_path / "data" / "prepared"
+    parent.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    host = socket.gethostname()
+    try:
+        dirs = {
+            "dead": parent / f".digits.{dead.pid}@{host}.abc123.tmp",
+            "alive": parent / f".digits.{alive.pid}@{host}.abc123.tmp",
+            "other_host": parent / f".digits.{dead.pid}@elsewhere-{host}.abc123.tmp",
+            "unknown": parent / ".digits.q1w2e3r4.tmp",
+            "other_dataset": parent / f".cifar10.{dead.pid}@{host}.abc123.tmp",
+        }
+        for d in dirs.values():
+            d.mkdir()
+            (d / "train_images.npy").write_bytes(b"x" * 1000)
+        assert _tmp_prefix("digits") == f".digits.{os.getpid()}@{host}."
+        data.prepare("digits", tmp_path / "data", progress=False)
+        assert not dirs["dead"].exists()
+        assert all(d.exists() for k, d in dirs.items() if k != "dead")
+    finally:
+        alive.kill()
+        alive.wait()

@@ -233,6 +233,8 @@ def test_test_split_is_read_once_after_training_on_the_val_chosen_checkpoint(
     (["--model-arg", "depth=3"], "invalid model argument 'depth'"),
     (["--noise", "0.3"], "lambdapipe prepare --dataset digits --noise 0.3"),
     (["--dataset", "mnist"], "invalid dataset 'mnist'"),
+    (["--seed", "-1"], "invalid seed -1"),
+    (["--seed", "1" * 23], f"invalid seed {'1' * 23}: expected an integer in [0, "),
 ])
 def test_bad_input_fails_in_one_line_before_training(data_dir, tmp_path, extra, needle):
     out = tmp_path / "run"
@@ -240,7 +242,7 @@ def test_bad_input_fails_in_one_line_before_training(data_dir, tmp_path, extra, 
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
     assert needle in result.output and "Traceback" not in result.output
-    assert not (out / "config.json").exists()
+    assert not out.exists()  # nothing written, not even the run directory or its lock
 
 
 def test_finished_results_of_another_config_are_never_overwritten(data_dir, finished,

@@ -11,15 +11,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lambdapipe import __version__
-from lambdapipe.atomic import sha256_file, write_json, write_with
+from lambdapipe.atomic import (
+    NO_SPACE,
+    WriteError,
+    no_space,
+    reserved_memmap,
+    sha256_file,
+    write_json,
+    write_with,
+)
 from lambdapipe.data import sources
 from lambdapipe.data.download import ensure_archive
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
@@ -112,21 +124,112 @@ def prepare(dataset: str, data_dir: Path, *, mirror: Path | None = None,
     if info.url is not None:
         archive = ensure_archive(info, Path(data_dir) / "raw", mirror=mirror, url=url,
                                  progress=progress)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dataset}.", suffix=".tmp", dir=target.parent))
+    tmp = None
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the data from other users of a shared dir
-        _build(info, archive, tmp, params, val_request, progress)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "manifest.json").exists():
-                raise
-            # Another process finished the same dataset first: keep theirs if it agrees.
-            _check_existing(target, dataset, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(target.parent, dataset)
+        with _signals_raise():
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dataset), suffix=".tmp",
+                                            dir=target.parent))
+                # mkdtemp's 0700 would hide the data from other users of a shared dir
+                tmp.chmod(0o755)
+                _build(info, archive, tmp, params, val_request, progress)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    if not (target / "manifest.json").exists():
+                        raise
+                    # Another process finished the same dataset first: keep theirs if it
+                    # agrees.
+                    _check_existing(target, dataset, params)
+            finally:
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        if exc.errno in NO_SPACE and not isinstance(exc, WriteError):
+            raise no_space(exc.filename or tmp or target, None, exc) from None
+        raise
     return target
+
+
+# --------------------------------------------------------------------------- temporaries
+# `.<dataset>.<pid>@<host>.<random>.tmp`: the owner is in the name from the moment mkdtemp
+# creates it, so no later prepare can mistake a directory still being filled for a leftover.
+_TMP_RE = re.compile(r"^\.(?P<dataset>[^.]+)\.(?P<pid>\d+)@(?P<host>.+)\.[^.]+\.tmp$")
+
+
+def _tmp_prefix(dataset: str) -> str:
+    return f".{dataset}.{os.getpid()}@{socket.gethostname()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_orphans(parent: Path, dataset: str) -> list[Path]:
+    """Remove `parent/.<dataset>.*.tmp` directories whose owner (pid, this host) is gone: a
+    SIGKILLed or power-cut prepare leaves one behind, possibly filling the disk. A directory
+    of another host, or of a live process, is left alone; so is any name we did not make."""
+    removed = []
+    host = socket.gethostname()
+    for path in Path(parent).glob(f".{dataset}.*.tmp"):
+        m = _TMP_RE.match(path.name)
+        if (m is None or m["dataset"] != dataset or m["host"] != host
+                or int(m["pid"]) == os.getpid() or _alive(int(m["pid"]))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGINT while a prepare holds a temporary directory (which `finally`
+    removes, where the default SIGTERM action would kill the process on the spot)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"{signal.Signals(signum).name}: prepare interrupted")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM (SLURM preemption, `kill`) and SIGINT raise `Terminated` for the duration, so
+    the temporary directory is removed; the process then dies of the same signal, as its
+    parent expects. Handlers can only be set in the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in wanted:  # a second signal must not interrupt the cleanup of the first
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    wanted = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    previous = {sig: signal.getsignal(sig) for sig in wanted}
+    for sig, default in wanted.items():
+        if previous[sig] is default:  # leave an ignored (nohup) or custom handler alone
+            signal.signal(sig, handler)
+    try:
+        yield
+    except Terminated as exc:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if exc.signum == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        signal.signal(exc.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), exc.signum)
+        raise SystemExit(128 + exc.signum) from None  # not reached unless blocked
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _check_existing(target: Path, dataset: str, params: dict) -> None:
@@ -214,8 +317,7 @@ def _split_seed(dataset: str, split_seed: int) -> int:
 def _save(path: Path, source: np.ndarray, idx: np.ndarray | None, chunk: int = 4096) -> None:
     """np.save of `source[idx]` in chunks, so memory-mapped sources never load whole."""
     n = len(source) if idx is None else len(idx)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=source.dtype,
-                                    shape=(n, *source.shape[1:]))
+    out = reserved_memmap(path, source.dtype, (n, *source.shape[1:]))
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         out[start:stop] = source[start:stop] if idx is None else source[idx[start:stop]]

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from lambdapipe.atomic import reserved_memmap
 from lambdapipe.data.download import check_tar_member, check_zip_member
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, IMAGENETTE_WNIDS, DatasetInfo
 from lambdapipe.errors import UserError
@@ -182,8 +183,7 @@ def _fill(scratch: Path, name: str, keys: list[str], size: int, fetch: Callable[
           crop: bool, progress: bool, desc: str) -> np.ndarray:
     from tqdm import tqdm
 
-    out = np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint8,
-                                    shape=(len(keys), size, size, 3))
+    out = reserved_memmap(scratch / f"{name}.npy", np.uint8, (len(keys), size, size, 3))
     for i, key in enumerate(tqdm(keys, desc=desc, disable=not progress, leave=False)):
         out[i] = _decode(fetch(key), size, crop)
     out.flush()
@@ -284,9 +284,8 @@ def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, imag
         # fixed by sorted path, so the arrays do not depend on the archive's member order.
         arrays = {}
         for split, keys in split_keys.items():
-            arrays[split] = np.lib.format.open_memmap(
-                scratch / f"{split}.npy", mode="w+", dtype=np.uint8,
-                shape=(len(keys), image_size, image_size, 3))
+            arrays[split] = reserved_memmap(scratch / f"{split}.npy", np.uint8,
+                                            (len(keys), image_size, image_size, 3))
         slot = {name: (split, i) for split, keys in split_keys.items()
                 for i, name in enumerate(keys)}
         from tqdm import tqdm

@@ -9,6 +9,7 @@ from lambdapipe.models.flops import estimate_flops, estimate_macs
 from lambdapipe.models.lambda_layer import LambdaLayer
 from lambdapipe.models.registry import (
     ModelError,
+    check_model,
     count_params,
     create_model,
     list_models,
@@ -17,6 +18,7 @@ from lambdapipe.models.registry import (
     register_model,
 )
 
-__all__ = ["LambdaLayer", "ModelError", "count_params", "create_model", "estimate_flops",
-           "estimate_macs", "list_models", "model_hyperparameters", "param_count",
+__all__ = ["LambdaLayer", "ModelError", "check_model", "count_params", "create_model",
+           "estimate_flops", "estimate_macs", "list_models", "model_hyperparameters",
+           "param_count",
            "register_model"]

@@ -76,6 +76,28 @@ def create_model(name: str, num_classes: int, image_size: int, **model_args) -> 
     return fn(num_classes=num_classes, image_size=image_size, **model_args)
 
 
+def check_model(name: str, num_classes: int, image_size: int,
+                model_args: dict[str, object]) -> nn.Module:
+    """`name` built with these arguments on the meta device (shapes, no storage): every check
+    its factory makes, at no memory cost whatever the arguments ask for (a base_width of 4096
+    is 17 G parameters). Any failure is one ModelError line naming the model and its args."""
+    import torch
+
+    if not isinstance(model_args, dict) or not all(isinstance(k, str) for k in model_args):
+        raise ModelError(f"invalid model args {model_args!r} for {name}: expected a mapping "
+                         "of names to values")
+    try:
+        with torch.device("meta"):
+            return create_model(name, num_classes=num_classes, image_size=image_size,
+                                **model_args)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a factory raises on bad arguments
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot build model {name!r} with args {model_args}: "
+                         f"{msg}") from None
+
+
 def count_params(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
