@@ -242,8 +242,10 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
     recipe = config["recipe"]
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
-    logits = predict(model, images.images, mean, std, recipe["precision"],
-                     recipe["channels_last"])
+    # the layout the recipe runs on this device (Recipe.on: `auto` = on CUDA only; never on
+    # a CPU, where oneDNN's channels_last weight-gradient kernel is unsafe)
+    channels_last = torch.device(device).type == "cuda" and recipe["channels_last"] is not False
+    logits = predict(model, images.images, mean, std, recipe["precision"], channels_last)
     result = {"status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
               "model": config["model"], "dataset": config["dataset"], "split": split,
               "noise": noise, "classes": list(data.classes)}

@@ -144,6 +144,11 @@ class Recipe:
         return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * t_cur / t_i))
 
 
+# Fields added after run directories existed: a saved config may lack them, and
+# `field_default` then gives the behaviour from before they existed.
+ADDED_FIELDS = ("augment", "crop_scale", "crop_ratio", "tf32")
+
+
 def field_default(key: str) -> Any:
     """A field's value in a saved config written before the field existed: every field added
     since defaults to the behaviour from before it existed, so old runs stay resumable."""

@@ -100,7 +100,7 @@ def check_run_config(config: Any, where: str) -> dict[str, Any]:
     `where` names the file in the message."""
     from lambdapipe.data import dataset_info
     from lambdapipe.noise import parse_noise_tag
-    from lambdapipe.recipes import Recipe, get_recipe
+    from lambdapipe.recipes import ADDED_FIELDS, Recipe, get_recipe
 
     RECIPE_FIELDS = [f.name for f in dataclasses.fields(Recipe)]  # noqa: N806
 
@@ -122,8 +122,9 @@ def check_run_config(config: Any, where: str) -> dict[str, Any]:
         recipe = config["recipe"]
         if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str):
             raise bad_value("recipe", recipe, "a mapping of recipe fields with a name")
-        missing = sorted(set(RECIPE_FIELDS) - set(recipe))
+        missing = sorted(set(RECIPE_FIELDS) - set(recipe) - set(ADDED_FIELDS))
         if missing:  # train writes every field; evaluate reads them without defaults
+            # (a config older than ADDED_FIELDS lacks those: their defaults are its behaviour)
             raise bad_value("recipe", recipe["name"], "every recipe field (missing "
                             + ", ".join(missing) + ")")
         get_recipe(recipe["name"], {k: v for k, v in recipe.items() if k != "name"})
