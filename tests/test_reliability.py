@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,9 +89,7 @@ def interrupted(data_dir, tmp_path_factory) -> Path:
 
 
 def copy_run(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for p in src.iterdir():
-        (dst / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(src, dst)  # files and the dvclive/ curves
     return dst
 
 
@@ -523,7 +522,7 @@ def test_hostile_checkpoint_contents_are_one_line_by_every_route(interrupted, da
     write nothing."""
     out = copy_run(interrupted, tmp_path / "run")
     save_checkpoint(hostile(case, load_checkpoint(out / "last.ckpt")), out / "last.ckpt")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with memory_cap():
         lines = [
             one_line_error(cli("evaluate", "--ckpt", str(out / "last.ckpt"), "--data-dir",
@@ -535,7 +534,7 @@ def test_hostile_checkpoint_contents_are_one_line_by_every_route(interrupted, da
         assert "last.ckpt" in line, line
         assert "invalid run config in checkpoint" in line or "does not fit its model" in line \
             or "belongs to a different config" in line, line
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 # --------------------------------------------------------------------------- validation first
