@@ -247,12 +247,13 @@ def test_bad_input_fails_in_one_line_before_training(data_dir, tmp_path, extra, 
 
 def test_finished_results_of_another_config_are_never_overwritten(data_dir, finished,
                                                                   tmp_path):
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.iterdir()}
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.rglob("*") if p.is_file()}
     result = cli(*train_args(data_dir, finished, "--seed", "1", "--set", "iterations=30",
                              "--set", "eval_every=10"))
     assert result.exit_code == 2, result.output
     assert "holds a finished run of a different config (seed: 0 -> 1)" in result.output
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.iterdir()} == before
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.rglob("*")
+            if p.is_file()} == before
 
     # A checkpoint of another model in --out (no config.json beside it) is refused too.
     out = tmp_path / "other"
