@@ -74,8 +74,8 @@ def test_explain_writes_finite_maps_on_the_same_images_and_the_report_shows_them
     assert arrays["lr18_l3_lc"]["position"].shape == (16, 1, 23, 23)
     assert np.isfinite(arrays["lr18_l3_lc"]["position"]).all()
     assert metas["lr18_l3_lc"]["position"]["kind"] == "lc"
-    # Stage 3 of a 16 px input: the first lambda layer sees 8x8 (it strides by pooling after).
-    assert metas["lr18_l3_lc"]["position"]["feature_map"] == [8, 8]
+    # Stage 3 of a 16 px input: the one lambda layer, in the stage's last block, sees 4x4.
+    assert metas["lr18_l3_lc"]["position"]["feature_map"] == [4, 4]
     pos = root / "digits" / "clean" / "lr18_l3_lc" / "0" / "explain_test_position.png"
     assert pos.stat().st_size > 0
 
