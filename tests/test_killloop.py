@@ -124,6 +124,20 @@ def reference(tmp_path_factory):
     return root, summary, metrics(out), ops, seconds
 
 
+def kill_at(cmd: list[str], kind: str, at: float) -> bool:
+    """Run `cmd` and SIGKILL it at its `at`-th file-system operation ("op") or after `at`
+    seconds with slowed writes ("time"); True if the kill landed before it finished."""
+    if kind == "op":
+        return run(cmd, KILL_AT_OP=str(at)).returncode == -signal.SIGKILL
+    proc = subprocess.Popen(cmd, env=env(KILL_WRITE_DELAY="0.05"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=at)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+    return proc.wait() == -signal.SIGKILL
+
+
 @pytest.mark.killloop
 def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_property):
     root, summary, rows, ops, seconds = reference
@@ -138,17 +152,7 @@ def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_pr
     for i, (kind, at) in enumerate(points):
         out = root / f"point{i}"
         cmd = train_cmd(root / "data", out)
-        if kind == "op":
-            res = run(cmd, KILL_AT_OP=str(at))
-            killed = res.returncode == -signal.SIGKILL
-        else:
-            proc = subprocess.Popen(cmd, env=env(KILL_WRITE_DELAY="0.05"),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                proc.wait(timeout=at)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-            killed = proc.wait() == -signal.SIGKILL
+        killed = kill_at(cmd, kind, at)
         tally["killed" if killed else "finished_before_kill"] += 1
         present = assert_no_torn_file(out)
         if "last.ckpt" in present and "summary.json" not in present:
@@ -217,17 +221,7 @@ def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_ref
     for i, (kind, at) in enumerate(points):
         out = root / f"packed{i}"
         cmd = packed_cmd(root / "data", out)
-        if kind == "op":
-            res = run(cmd, KILL_AT_OP=str(at))
-            killed = res.returncode == -signal.SIGKILL
-        else:
-            proc = subprocess.Popen(cmd, env=env(KILL_WRITE_DELAY="0.05"),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                proc.wait(timeout=at)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-            killed = proc.wait() == -signal.SIGKILL
+        killed = kill_at(cmd, kind, at)
         tally["killed"] += killed
         finished = {}
         for seed in SEEDS:
