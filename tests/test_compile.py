@@ -156,6 +156,19 @@ def test_auto_takes_the_measured_fastest_and_caches_it(tmp_path):
     assert len(json.loads(cache.read_text())["entries"]) == 4
 
 
+def test_measuring_leaves_the_rng_streams_alone(tmp_path):
+    """A run's initialisation and dropout draw the same numbers whether its lambda layers
+    were measured now or read from the cache."""
+    model = tiny("lr18_l3_lc")
+    torch.manual_seed(0)
+    timer = StandInTimer({"conv": 1.0, "lambda": 2.0, "logit": 3.0})
+    choose_impls(model, 32, 8, "cpu", timer=timer)
+    assert timer.calls  # measured: the probe drew its random inputs
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
+
+
 def test_auto_measures_only_what_fits_the_memory_budget(tmp_path):
     model = tiny("lr18_l3_rpe")
     timer = StandInTimer({"conv": 3.0, "lambda": 1.0, "logit": 2.0})

@@ -181,8 +181,11 @@ def choose_impls(model: nn.Module, image_size: int, batch: int, device: str | to
         entry = fresh.get(key) or cached.get(key)
         how = "cached" if key in cached and key not in fresh else "measured"
         if entry is None or entry.get("impl") not in IMPLS:
-            entry = _measure(layer, channels, height, width, batch, device, precision_dtype,
-                             channels_last, timer, free_bytes)
+            # the probe draws random inputs: a run's RNG streams must not depend on whether
+            # its shapes were measured now or read from the cache
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                entry = _measure(layer, channels, height, width, batch, device,
+                                 precision_dtype, channels_last, timer, free_bytes)
             fresh[key] = entry
             how = "measured"
             if log is not None:
