@@ -239,13 +239,13 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
                         f"{split} in {data_dir} has {data.num_classes} classes at {h} px")
     images = DeviceImages(data.images, data.labels, data.clean_labels, device)
     model.to(device)
-    recipe = config["recipe"]
+    from lambdapipe.recipes import get_recipe
+
+    saved = config["recipe"]  # validated by load_checkpoint; run as it runs on this device
+    recipe = get_recipe(saved["name"], {k: v for k, v in saved.items() if k != "name"}).on(device)
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
-    # the layout the recipe runs on this device (Recipe.on: `auto` = on CUDA only; never on
-    # a CPU, where oneDNN's channels_last weight-gradient kernel is unsafe)
-    channels_last = torch.device(device).type == "cuda" and recipe["channels_last"] is not False
-    logits = predict(model, images.images, mean, std, recipe["precision"], channels_last)
+    logits = predict(model, images.images, mean, std, recipe.precision, recipe.channels_last)
     result = {"status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
               "model": config["model"], "dataset": config["dataset"], "split": split,
               "noise": noise, "classes": list(data.classes)}
