@@ -175,8 +175,9 @@ def resized_crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torc
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
               channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW -> float, standardised per channel with the training split's statistics."""
-    x = (x.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """uint8 (..., C, H, W) -> float, standardised per channel with the training split's
+    statistics (a fused pack's batches carry a leading run dimension)."""
+    x = (x.float().div_(255) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

@@ -326,14 +326,17 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
     return out
 
 
-def measure_packed(pack: int, **kwargs: Any) -> list[dict[str, Any]]:
+def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
     """`measure` for one run, then `pack` runs stepping in turn in this one process as
-    `lambdapipe train --seeds` steps a cell's seeds: each its own data on the device, model,
-    optimizer and `TrainStep`, and (`pack.Lane`) RNG state and, on CUDA, stream. Returns the
-    one-run row and, for `pack` > 1, the packed row: rates summed over the runs (aggregate
-    iter/min), `iter_per_min_per_run`, `vs_one_run` (aggregate / one run's), peak memory of
-    all runs; evaluation and checkpoint costs are the one run's (each run pays its own)."""
+    `lambdapipe train --seeds` steps a cell's seeds: each its own model, optimizer and
+    `TrainStep`, and (`pack.Lane`) RNG state and, on CUDA, stream; with `fuse`, as
+    `train --seeds --fuse` does, one network of the `pack` models (lambdapipe/fuse.py).
+    The dataset is on the device once, as a pack holds it. Returns the one-run row and, for
+    `pack` > 1, the packed row: rates summed over the runs (aggregate iter/min),
+    `iter_per_min_per_run`, `vs_one_run` (aggregate / one run's), peak memory of all runs;
+    evaluation and checkpoint costs are the one run's (each run pays its own)."""
     from lambdapipe.data import dataset_info
+    from lambdapipe.fuse import fused_step
     from lambdapipe.models import create_model
     from lambdapipe.pack import Lane, cuda_device
 
@@ -345,6 +348,7 @@ def measure_packed(pack: int, **kwargs: Any) -> list[dict[str, Any]]:
     if pack == 1:
         return [one]
     recipe = kwargs["recipe"].on(device)
+    fuse = fuse and recipe.precision != "fp16"  # train steps fp16 runs in turn (fuse.why_not)
     info = dataset_info(kwargs.get("dataset", "cifar10"))
     size = kwargs.get("image_size") or info.image_size
     warmup, steps = kwargs.get("warmup", 20), kwargs.get("steps", 50)
@@ -355,39 +359,47 @@ def measure_packed(pack: int, **kwargs: Any) -> list[dict[str, Any]]:
         torch.cuda.synchronize(cuda)
         torch.cuda.reset_peak_memory_stats(cuda)
     t_build = time.perf_counter()
+    data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
+    mean, std = (torch.tensor(v, device=device) for v in channel_stats(images))
     runs = []
     for seed in range(pack):
-        lane = Lane(cuda)
+        lane = Lane(cuda if not fuse else None)
         with lane.turn():
-            data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
-            mean, std = (torch.tensor(v, device=device) for v in channel_stats(images))
             torch.manual_seed(seed)
             model = create_model(kwargs["name"], num_classes=info.num_classes, image_size=size,
                                  **(kwargs.get("model_args") or {}))
-            runtime_settings(model, recipe, size, device)  # the impls `train` would run
+            runtime = runtime_settings(model, recipe, size, device)  # the impls train runs
             model = model.to(device)
             if recipe.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            step = TrainStep(model, make_optimizer(model, recipe, device), recipe, device,
-                             mean, std)
-        runs.append((lane, data, step, {}))
+            step = None if fuse else TrainStep(model, make_optimizer(model, recipe, device),
+                                               recipe, device, mean, std)
+        runs.append((lane, model, step, {}))
+    fused = fused_step([m for _, m, _, _ in runs], recipe, device, mean, std) if fuse else None
     steps_per_epoch = len(images) // recipe.batch_size
 
-    def round_(i: int) -> None:
-        """Step i of every run, each in its turn."""
+    def batch(seed: int, plans: dict, i: int):
         epoch, k = divmod(i, steps_per_epoch)
-        for seed, (lane, data, step, plans) in enumerate(runs):
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding, recipe.flip,
+                                      device, resized_crop=recipe.resized_crop, size=data.size)
+        return augmented_batch(data, plans[epoch], k, recipe.batch_size)
+
+    def round_(i: int) -> None:
+        """Step i of every run: each in its turn, or all as one network."""
+        if fused is not None:
+            parts = [batch(seed, plans, i) for seed, (_, _, _, plans) in enumerate(runs)]
+            fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
+            return
+        for seed, (lane, _, step, plans) in enumerate(runs):
             with lane.turn():
-                if epoch not in plans:
-                    plans.clear()
-                    plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding,
-                                              recipe.flip, device,
-                                              resized_crop=recipe.resized_crop, size=data.size)
-                x, y, y_clean = augmented_batch(data, plans[epoch], k, recipe.batch_size)
-                step(x, y, y_clean, recipe.lr, i)
+                step(*batch(seed, plans, i), recipe.lr, i)
+
+    steppers = [fused] if fused is not None else [step for _, _, step, _ in runs]
 
     def settle() -> None:
-        for _, _, step, _ in runs:
+        for step in steppers:
             step.tally.tolist()
         _sync(device)
 
@@ -411,9 +423,14 @@ def measure_packed(pack: int, **kwargs: Any) -> list[dict[str, Any]]:
            if one["model_tflops_per_s"] else None,
            "mfu": one["mfu"] * scale if one["mfu"] else None,
            "startup_s": max(warm_s - warmup * round_s, 0.0),
-           "vs_one_run": scale,
-           "diverged": any(step.tally[5].item() >= 0 for _, _, step, _ in runs)}
+           "vs_one_run": scale, "fused": fuse,
+           # fused, the stacked activations' layout is vmap's: no channels_last
+           "path": path_label(fused.path, {**runtime, "channels_last": False}) + ", fused"
+           if fused is not None else one["path"],
+           "diverged": any(bool((step.tally[..., 5] >= 0).any()) for step in steppers)}
     runs.clear()  # the models, optimizers and device data of the pack go
+    steppers.clear()
+    fused = data = None
     _release(device)
     return [one, row]
 
@@ -423,7 +440,7 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
         compile: bool | str = "auto", warmup: int = 20, steps: int = 50,
         model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
         eval_images: int = EVAL_IMAGES, recipe: str = "sgdm", pack: int = 1,
-        on_row: Any = None) -> list[dict[str, Any]]:
+        fuse: bool = False, on_row: Any = None) -> list[dict[str, Any]]:
     """One row per model: iter/min, images/s, step time, peak memory, FLOP/s, MFU, start-up,
     evaluation and checkpoint costs, and the throughput relative to ResNet-18 when it is
     among `names`; with `pack` > 1 two rows per model, one run and `pack` runs in one process
@@ -438,7 +455,7 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
     rows: list[dict[str, Any]] = []
     for name in names:
         new = ([measure_slots(slots, name=name, **kwargs)] if pack == 1
-               else measure_packed(pack, name=name, **kwargs))
+               else measure_packed(pack, fuse=fuse, name=name, **kwargs))
         rows.extend(new)
         _ratios(rows)
         for row in new if on_row is not None else []:
@@ -477,7 +494,8 @@ HEAD = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms'
 
 
 def format_row(r: dict[str, Any]) -> str:
-    model = r["model"] + (f" x{r['pack']}" if r.get("pack", 1) > 1 else "")
+    model = r["model"] + (f" x{r['pack']}" if r.get("pack", 1) > 1 else "") \
+        + (" fused" if r.get("fused") else "")
     return (f"{model:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
             f"{r['images_per_s']:>9.0f} {r['step_ms']:>8.2f} {_fmt(r['peak_mem_gib'], '8.2f'):>8} "
             f"{_fmt(r['model_tflops_per_s'], '8.1f'):>8} {_fmt(r['mfu'], '6.1%'):>6} "

@@ -221,19 +221,25 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
               help="Bit-reproducible kernels (slower); resume then equals an unbroken run.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: only on a terminal).")
+@click.option("--fuse/--no-fuse", default=False,
+              help="With --seeds: train the seeds as one network (their models stacked, one "
+                   "set of kernels; results within float tolerance of each seed alone, not "
+                   "bitwise). Default: they step in turn, each on its own CUDA stream.")
 @_user_errors
 @click.pass_context
 def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: str,
           data_dir: Path, noise_rate: float, noise_kind: str, noise_seed: int, seed: int,
           seeds: str | None, out: Path, recipe: str, overrides: tuple[str, ...], device: str,
-          gpu_lock_dir: Path | None, deterministic: bool, progress: bool | None) -> None:
+          gpu_lock_dir: Path | None, deterministic: bool, progress: bool | None,
+          fuse: bool) -> None:
     """Train MODEL on DATASET (with label noise) and write a run directory to OUT.
 
     \b
     Example:
       lambdapipe train --model lr18_l3_lc --dataset cifar10 --noise 0.25 --seed 0 \\
           --out results/runs/cifar10/symmetric-0.25/lr18_l3_lc/0
-    The three seeds of a grid cell in one process (a GPU shared by their streams):
+    The three seeds of a grid cell in one process (a GPU shared by their streams; with
+    --fuse as one network):
       lambdapipe train --model resnet20x1 --dataset cifar10 --seeds 0,1,2 \\
           --out 'results/runs/cifar10/clean/resnet20x1/{seed}'
     """
@@ -241,6 +247,9 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
     from lambdapipe import train as training
 
     seed_list = _seed_list(ctx, seed, seeds, out)
+    if fuse and len(seed_list) < 2:
+        raise UserError("--fuse trains several seeds as one network: give --seeds with two or "
+                        "more seeds, e.g. --seeds 0,1,2")
     parsed_args = _parse_key_values(model_args, "--model-arg")
     parsed_set = _parse_key_values(overrides, "--set")
     noise = data.noise_spec(noise_kind, noise_rate, noise_seed).tag
@@ -261,7 +270,7 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
 
         pack.check_packed(cfgs)  # every seed's checks, before any GPU is claimed
         with pack.own_all(cfgs), gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
-            summaries = pack.run_packed(cfgs, device=dev, progress=progress)
+            summaries = pack.run_packed(cfgs, device=dev, progress=progress, fuse=fuse)
 
     for cfg, summary in zip(cfgs, summaries, strict=True):
         def shown(key: str, summary=summary) -> str:  # None: diverged before any evaluation
@@ -369,6 +378,8 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
               help="Also time this many runs stepping together in one process (as `train "
                    "--seeds` does), beside one run; with --config, project the grid with each "
                    "cell's seeds packed, up to this many to a process.")
+@click.option("--fuse/--no-fuse", default=False,
+              help="With --pack: the packed runs as one network (`train --fuse`).")
 @click.option("--gpus", type=int, default=1, show_default=True,
               help="With --config: GPUs the grid is spread over.")
 @click.option("--dataset", default="cifar10", show_default=True,
@@ -393,7 +404,7 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
               help="Also write the figures as JSON.")
 @_user_errors
 def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str | None,
-          seeds: str | None, slots: str, pack: int,
+          seeds: str | None, slots: str, pack: int, fuse: bool,
           gpus: int, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
           precision: str, compile_: str, warmup: int, steps: int, model_args: tuple[str, ...],
           device: str, gpu_lock_dir: Path | None, out: Path | None) -> None:
@@ -406,6 +417,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
       lambdapipe bench --models resnet18,lr18_l3_lc --batch-size 256 --precision bf16
       lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 --slots 1,2
       lambdapipe bench --models resnet20x1 --pack 4 --compile reduce-overhead
+      lambdapipe bench --models resnet20x1 --pack 4 --fuse
     """
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu
@@ -416,6 +428,8 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     if pack > 1 and slot_counts != [1]:
         raise UserError(f"--pack {pack} and --slots {slots} exclude each other: runs share "
                         "the GPU either in one process (--pack) or in several (--slots)")
+    if fuse and pack < 2:
+        raise UserError("--fuse times packed runs as one network: give --pack 2 or more")
     compile_mode: bool | str = False if compile_ == "off" else compile_
     if configfiles:
         if model_names is not None or model_args:
@@ -424,7 +438,8 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
         # auto: each cell as its recipe says; off or a mode: every cell so
         _bench_config(configfiles, datasets, seeds, slot_counts, gpus,
                       None if compile_ == "auto" else compile_mode,
-                      data_dir, real_data, warmup, steps, device, gpu_lock_dir, out, pack)
+                      data_dir, real_data, warmup, steps, device, gpu_lock_dir, out, pack,
+                      fuse)
         return
     if len(slot_counts) != 1:
         raise UserError(f"invalid --slots {slots!r}: one count without --config")
@@ -445,7 +460,8 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
         rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
                              batch_size=batch_size, precision=precision, compile=compile_mode,
                              warmup=warmup, steps=steps, model_args=parsed_args,
-                             device=dev, slots=slot_counts[0], pack=pack, on_row=on_row)
+                             device=dev, slots=slot_counts[0], pack=pack, fuse=fuse,
+                             on_row=on_row)
     if len(rows) > 1:  # ratios to rows measured later: the whole table once more
         click.echo(benchmark.format_rows(rows))
     else:
@@ -469,7 +485,8 @@ def _int_list(value: str, option: str, minimum: int, example: str) -> list[int]:
 def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: str | None,
                   slots: list[int], gpus: int, compile_mode: bool | str | None, data_dir: Path,
                   real_data: bool, warmup: int, steps: int, device: str,
-                  gpu_lock_dir: Path | None, out: Path | None, pack: int = 1) -> None:
+                  gpu_lock_dir: Path | None, out: Path | None, pack: int = 1,
+                  fuse: bool = False) -> None:
     """`bench --config`: every argument checked before the GPU is claimed."""
     from lambdapipe import bench as benchmark
     from lambdapipe import gpu, project
@@ -490,6 +507,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
         result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
                                  device=dev, warmup=warmup, steps=steps, data_dir=data_dir,
                                  real_data=real_data, compile=compile_mode, pack=pack,
+                                 fuse=fuse,
                                  progress=lambda m: click.echo(m, err=True))
     click.echo(project.format_projection(result))
     if out is not None:

@@ -29,7 +29,7 @@ import torch
 
 from lambdapipe import runlock
 from lambdapipe.errors import UserError
-from lambdapipe.train import Run, TrainConfig, _kernels, check_before_start
+from lambdapipe.train import Run, TrainConfig, _kernels, _log, check_before_start
 
 
 def _get_torch_rng(cuda: torch.device | None) -> tuple:
@@ -116,24 +116,26 @@ def _label(cfg: TrainConfig, cfgs: Sequence[TrainConfig]) -> str:
 
 def run_packed(cfgs: Sequence[TrainConfig], device: str = "cpu", progress: bool = False,
                callback: Callable[[TrainConfig, dict[str, float]], None] | None = None,
-               ) -> list[dict[str, Any]]:
+               fuse: bool = False) -> list[dict[str, Any]]:
     """Train (or resume, or return the finished summary of) every run in `cfgs` together.
 
     Finished runs (summary.json present) are read, never touched; every other run resumes
     from its own last.ckpt. A run that diverges is finished (status `diverged`) at once while
-    the others go on. `callback(cfg, row)` follows each evaluation, as in `train.run`.
+    the others go on. `callback(cfg, row)` follows each evaluation, as in `train.run`. With
+    `fuse` the unfinished runs train as one network (lambdapipe/fuse.py) when they can, else
+    (one log line says why) in turn as without it.
     Returns the summaries in the order of `cfgs`; the process's RNG state is restored after.
     """
     cuda = cuda_device(str(device))
     outside = _get_rng(cuda)  # before the checks: their model builds draw from it too
     try:
         with own_all(cfgs):  # re-entrant: the CLI took them already
-            return _run_packed(cfgs, str(device), progress, callback, cuda)
+            return _run_packed(cfgs, str(device), progress, callback, cuda, fuse)
     finally:
         _set_rng(outside, cuda)
 
 
-def _run_packed(cfgs, device, progress, callback, cuda) -> list[dict[str, Any]]:
+def _run_packed(cfgs, device, progress, callback, cuda, fuse=False) -> list[dict[str, Any]]:
     check_packed(cfgs)
     summaries: list[dict[str, Any] | None] = [None] * len(cfgs)
     todo = []
@@ -143,15 +145,20 @@ def _run_packed(cfgs, device, progress, callback, cuda) -> list[dict[str, Any]]:
             summaries[i] = json.loads(path.read_text())
         else:
             todo.append(i)
+    if fuse and todo:
+        from lambdapipe import fuse as fusing
+
+        reason = fusing.why_not([cfgs[i] for i in todo])
+        if reason is None:
+            _run_fused(cfgs, todo, summaries, device, progress, callback, cuda)
+            return [s for s in summaries if s is not None]
+        _log(f"not fused ({reason}): the runs step in turn")
     runs: dict[int, tuple[Run, Lane]] = {}
+    device_data: dict = {}  # the cell's splits on the device once, for all its runs
     with _kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
         for pos, i in enumerate(todo):
-            def report(row, cfg=cfgs[i]):
-                if callback is not None:
-                    callback(cfg, row)
-
-            run = Run(cfgs[i], device, progress, report, label=_label(cfgs[i], cfgs),
-                      bar_position=pos)
+            run = Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
+                      label=_label(cfgs[i], cfgs), bar_position=pos, device_data=device_data)
             runs[i] = run, Lane(cuda)
             with runs[i][1].turn():
                 run.start()
@@ -169,3 +176,52 @@ def _run_packed(cfgs, device, progress, callback, cuda) -> list[dict[str, Any]]:
         if cuda is not None:
             torch.cuda.synchronize(cuda)
     return [s for s in summaries if s is not None]
+
+
+def _reporter(callback, cfg: TrainConfig) -> Callable[[dict[str, float]], None]:
+    def report(row: dict[str, float]) -> None:
+        if callback is not None:
+            callback(cfg, row)
+    return report
+
+
+def _run_fused(cfgs, todo, summaries, device, progress, callback, cuda) -> None:
+    """The unfinished runs as one network (lambdapipe/fuse.py), started in turn on the
+    process's RNG (each seeds its own model). A kill between the runs' checkpoints leaves
+    them at different iterations: the runs behind first catch up alone, then all go fused."""
+    from lambdapipe.fuse import train_fused
+
+    device_data: dict = {}
+    with _kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
+        runs = []
+        for pos, i in enumerate(todo):
+            runs.append(Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
+                            label=_label(cfgs[i], cfgs), bar_position=pos,
+                            device_data=device_data))
+            runs[-1].start()
+        target = max(run.it for run in runs)
+        for run in runs:
+            if run.it < target and not run.done():
+                run._log(f"catching up alone from iteration {run.it} to {target}, where the "
+                         "other runs of the pack resume")
+                while run.it < target and run.advance():
+                    pass
+        live = []
+        for k, run in enumerate(runs):
+            if run.done():  # finished before its summary was written, or diverged catching up
+                summaries[todo[k]] = run.finish()
+            else:
+                live.append(k)
+        if len(live) == 1:
+            run = runs[live[0]]
+            while run.advance():
+                pass
+            summaries[todo[live[0]]] = run.finish()
+        elif live:
+            def done(k: int, summary: dict[str, Any]) -> None:
+                summaries[todo[live[k]]] = summary
+
+            train_fused([runs[k] for k in live], done)
+        del runs
+        if cuda is not None:
+            torch.cuda.synchronize(cuda)

@@ -159,11 +159,12 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
             slots: list[int] = (1,), gpus: int = 1, device: str = "cpu", warmup: int = 20,
             steps: int = 50, data_dir: Any = "data", real_data: bool = False,
             compile: bool | str | None = None, progress: Any = None,
-            pack: int = 1) -> dict[str, Any]:
+            pack: int = 1, fuse: bool = False) -> dict[str, Any]:
     """Measure every cell at every slot count and project the config's wall time;
     `compile` (a mode) replaces every cell's recipe setting, to price a compiled grid;
     `pack` > 1 prices the grid with each cell's seeds packed into processes of that many
-    runs (`packed_seconds`), one process per GPU at a time."""
+    runs (`packed_seconds`), one process per GPU at a time; with `fuse` the runs of a
+    process train as one network where `train --fuse` would (`bench.measure_packed`)."""
     if gpus < 1:
         raise UserError(f"invalid gpus {gpus!r}: expected an integer >= 1")
     if not slots or any(s < 1 for s in slots):
@@ -200,14 +201,14 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                       "eval_images": cell.val_size, "model_args": cell.model_args,
                       "device": device}
             if pack > 1:
-                one, row = measure_packed(pack, **kwargs)
+                one, row = measure_packed(pack, fuse=fuse, **kwargs)
                 parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
                 totals[s] += cell_s / gpus
                 rows.append({**base, "pack": pack, "iter_per_min": row["iter_per_min"],
                              "iter_per_min_per_slot": row["iter_per_min_per_run"],
                              "vs_one_run": row["vs_one_run"],
                              "peak_mem_gib": row["peak_mem_gib"], **parts,
-                             "device_name": row["device_name"]})
+                             "device_name": row["device_name"], "path": row.get("path")})
                 continue
             try:
                 row = measure_slots(s, **kwargs)
@@ -226,6 +227,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                          "device_name": row["device_name"], "path": row.get("path")})
     best = min((s for s in totals if totals[s] is not None), key=totals.get)
     return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals, "pack": pack,
+            "fuse": fuse,
             "best_slots": best, "published_total_s": published_total or None,
             "published_missing_runs": published_missing, "runs": sum(len(c.runs) for c in todo)}
 
@@ -260,6 +262,7 @@ def format_projection(result: dict[str, Any]) -> str:
         mark = "  <- fewest minutes" if best else ""
         shown = f"{_minutes(total)} min" if total is not None else "not possible (see above)"
         at_once = (f"each cell's seeds packed {result['pack']} to a process"
+                   + (" (fused)" if result.get("fuse") else "")
                    if result.get("pack", 1) > 1 else f"{s} run(s) per device at once")
         lines.append(f"projected wall time, {result['runs']} runs on {result['gpus']} x "
                      f"{device}, {at_once}: {shown}{mark}")

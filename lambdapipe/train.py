@@ -191,7 +191,7 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------- the step
-def make_optimizer(model: torch.nn.Module, r: Recipe, device: str = "cpu",
+def make_optimizer(model: torch.nn.Module | list[torch.Tensor], r: Recipe, device: str = "cpu",
                    fused: bool | None = None) -> torch.optim.Optimizer:
     """The recipe's optimizer. On CUDA the fused kernels (one launch for all parameters
     instead of several per tensor: launch overhead is what bounds small models); they
@@ -206,7 +206,7 @@ def make_optimizer(model: torch.nn.Module, r: Recipe, device: str = "cpu",
         fused = torch.device(device).type == "cuda"
     if r.optimizer == "sgd" and r.precision == "fp16":
         fused = False
-    params = model.parameters()
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
     if r.optimizer == "sgd":
         return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
                                weight_decay=r.weight_decay, fused=fused or None)
@@ -412,18 +412,23 @@ class Run:
     """One run as an object, so that several can share a process (lambdapipe/pack.py).
 
     `start()` builds the model, optimizer, step and device data and resumes from last.ckpt;
-    `advance()` is one training step plus, when due, the host sync, the evaluation, the
-    checkpoints and the metrics row; `finish()` scores best.ckpt on test and writes
-    summary.json. `_train` drives one to its end, so a run alone does what it always did;
-    `label` prefixes its log lines when several runs share one log.
+    `advance()` is one training step (`next_batch`, the step, `after_step`) plus, when due,
+    the host sync, the evaluation, the checkpoints and the metrics row; `finish()` scores
+    best.ckpt on test and writes summary.json. `_train` drives one to its end, so a run alone
+    does what it always did; `label` prefixes its log lines when several runs share one log.
     """
 
     def __init__(self, cfg: TrainConfig, device: str, progress: bool = False,
                  callback: Callable[[dict[str, float]], None] | None = None,
-                 label: str = "", bar_position: int | None = None):
+                 label: str = "", bar_position: int | None = None,
+                 device_data: dict[tuple, DeviceImages] | None = None):
         self.cfg, self.device, self.progress, self.callback = cfg, str(device), progress, callback
         self.label, self.bar_position = label, bar_position
         self.diverged_at: int | None = None
+        # runs of one cell in one process hold its splits on the device once
+        self.device_data = {} if device_data is None else device_data
+        # called before each evaluation: a fused pack writes the run's weights into its model
+        self.before_evaluate: Callable[[], None] | None = None
 
     def _log(self, msg: str) -> None:
         _log(self.label + msg)
@@ -472,18 +477,21 @@ class Run:
         self.model, self.optimizer, self.step_fn, self.state = model, optimizer, step_fn, state
         self.mean, self.std = mean, std
 
-        self.train_data = DeviceImages(train.images, train.labels, train.clean_labels, device,
-                                       pad=r.crop_padding)
-        self.val_data = DeviceImages(val.images, val.labels, val.clean_labels, device)
+        def on_device(split: str, images, pad: int = 0) -> DeviceImages:
+            key = (str(cfg.data_dir), cfg.dataset, cfg.noise, split, pad)
+            if key not in self.device_data:
+                self.device_data[key] = DeviceImages(images.images, images.labels,
+                                                     images.clean_labels, device, pad=pad)
+            return self.device_data[key]
+
+        self.train_data = on_device("train", train, r.crop_padding)
+        self.val_data = on_device("val", val)
         del train, val
         self.test_data = None
         if r.track_test_every_eval:  # reported only: best.ckpt is chosen on val below
             from lambdapipe.data import load_split
 
-            test = load_split(cfg.data_dir, cfg.dataset, "test")
-            self.test_data = DeviceImages(test.images, test.labels, test.clean_labels, device)
-            del test
-
+            self.test_data = on_device("test", load_split(cfg.data_dir, cfg.dataset, "test"))
         self.bar = _progress_bar(total, state.iteration, self.progress, self.bar_position,
                                  self.label.strip() or None)
         self.it, self.plan, self.plan_epoch_no = state.iteration, None, -1
@@ -492,8 +500,18 @@ class Run:
 
     def advance(self) -> bool:
         """One step; False once nothing is left to train (the end, or a divergence)."""
-        if self.it >= self.total or self.diverged_at is not None:
+        if self.done():
             return False
+        x, y, y_clean = self.next_batch()
+        self.step_fn(x, y, y_clean, self.lr, self.it)
+        return self.after_step()
+
+    def done(self) -> bool:
+        return self.it >= self.total or self.diverged_at is not None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The augmented batch of the current step (and its learning rate in `self.lr`);
+        the step itself is the caller's (a `TrainStep`, or a fused pack's, lambdapipe/fuse.py)."""
         r, it = self.r, self.it
         epoch, step = divmod(it, self.steps_per_epoch)
         if epoch != self.plan_epoch_no:
@@ -501,10 +519,13 @@ class Run:
                                    r.flip, self.device, resized_crop=r.resized_crop,
                                    size=self.train_data.size)
             self.plan_epoch_no = epoch
-        x, y, y_clean = augmented_batch(self.train_data, self.plan, step, r.batch_size)
         self.lr = r.lr_at(it, self.total, self.steps_per_epoch)
-        self.step_fn(x, y, y_clean, self.lr, it)
-        self.it = it = it + 1
+        return augmented_batch(self.train_data, self.plan, step, r.batch_size)
+
+    def after_step(self) -> bool:
+        """Count the step taken; when due, the host sync, the divergence check and the
+        evaluation. False once nothing is left to train."""
+        self.it = it = self.it + 1
         evaluate_now = it % self.eval_every == 0 or it == self.total
         if it % SYNC_EVERY and not evaluate_now:
             return True
@@ -516,6 +537,8 @@ class Run:
             self.diverged_at = int(tally[5])
             return False
         if evaluate_now:
+            if self.before_evaluate is not None:
+                self.before_evaluate()
             self._evaluate(tally)
         return it < self.total
 

@@ -4,7 +4,7 @@
 #   bash scripts/gpu-bench.sh                 # all parts
 #   bash scripts/gpu-bench.sh default         # the default path, under 8 minutes (below)
 #   bash scripts/gpu-bench.sh step slots      # some parts: default step compile slots data
-#                                             #   cifar10 pack lambda imagenette
+#                                             #   cifar10 pack fused lambda imagenette
 #
 # Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
 # torch version, UTC date); OUT/index.md gathers them with the commands that made them.
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(default step compile slots data cifar10 pack lambda imagenette)
+[ ${#parts[@]} -gt 0 ] || parts=(default step compile slots data cifar10 pack fused lambda imagenette)
 device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
 lp=${LAMBDAPIPE_CMD:-python -m lambdapipe}
 if [ "$device" = cuda ]; then
@@ -73,11 +73,17 @@ for part in "${parts[@]}"; do
                 --pack 4 --compile reduce-overhead
             measure cifar10-baselines-packed --config config/resnet_baselines.yaml \
                 --datasets cifar10 --pack 3 --compile reduce-overhead ;;
+        fused)  # a cell's seeds as one network (`train --seeds --fuse`), default path;
+                # the CIFAR-10 table with 3 seeds a cell so (issue 15: under 30 min)
+            measure fused4 --models resnet20x1,resnet18,lr18_l3_lc --batch-size 256 \
+                --precision bf16 --pack 4 --fuse
+            measure cifar10-baselines-fused --config config/resnet_baselines.yaml \
+                --datasets cifar10 --pack 3 --fuse ;;
         lambda) measure lambda-cifar10 --config config/lambda_cifar10.yaml --seeds 0 ;;
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;
         *) echo "gpu-bench: unknown part '$part': expected default step compile slots" \
-                "data cifar10 pack lambda imagenette" >&2; exit 2 ;;
+                "data cifar10 pack fused lambda imagenette" >&2; exit 2 ;;
     esac
 done
 

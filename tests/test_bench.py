@@ -90,6 +90,7 @@ def test_real_data_uses_the_prepared_split(tmp_path):
     (["--compile", "fast"], "'fast' is not one of 'auto', 'off', 'default'"),
     (["--pack", "0"], "invalid --pack 0: expected an integer >= 1"),
     (["--pack", "2", "--slots", "2"], "--pack 2 and --slots 2 exclude each other"),
+    (["--fuse"], "--fuse times packed runs as one network: give --pack 2 or more"),
 ])
 def test_bad_arguments_are_one_line(args, needle):
     result = CliRunner().invoke(main, ["bench", "--dataset", "digits", "--device", "cpu",
@@ -124,6 +125,39 @@ def test_pack_steps_runs_in_turn_in_one_process_beside_one_run(monkeypatch):
     assert table[2].split()[0] == "resnet20x1" and table[3].startswith("resnet20x1 x3")
     assert "'x3': that many runs stepping in one process" in table[-1]
     assert f"resnet20x1 {packed['vs_one_run']:.2f}x one run" in table[-1]
+
+
+def test_fused_pack_times_one_step_for_all_runs(monkeypatch):
+    """`--pack 3 --fuse`: after the one-run row, one fused step a round for the three runs
+    (no TrainStep of their own), as `train --seeds --fuse` trains them."""
+    from lambdapipe import fuse
+
+    solo, fused = [], []
+    real_solo, real_fused = train.TrainStep.__call__, fuse.FusedStep._step
+
+    def counting_solo(self, *args, **kwargs):
+        if not isinstance(self, fuse.FusedStep):
+            solo.append(args[-1])
+        return real_solo(self, *args, **kwargs)
+
+    def counting_fused(self, x, y, y_clean, lr, step):
+        fused.append((tuple(x.shape[:2]), step))
+        return real_fused(self, x, y, y_clean, lr, step)
+
+    monkeypatch.setattr(train.TrainStep, "__call__", counting_solo)
+    monkeypatch.setattr(fuse.FusedStep, "_step", counting_fused)
+    rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp32",
+                     warmup=1, steps=2, model_args=TINY, device="cpu", pack=3, fuse=True)
+    assert solo == [0, 1, 2]  # the one-run row only
+    assert fused == [((3, 8), 0), ((3, 8), 1), ((3, 8), 2)]
+    one, packed = rows
+    assert packed["fused"] and packed["path"] == "eager, fused" and not packed["diverged"]
+    assert packed["iter_per_min"] == pytest.approx(3 * packed["iter_per_min_per_run"])
+    assert bench.format_rows(rows).splitlines()[3].startswith("resnet20x1 x3 fused")
+    # fp16 is not fused in training (fuse.why_not), so not in the bench either
+    half = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp16",
+                     warmup=1, steps=1, model_args=TINY, device="cpu", pack=2, fuse=True)
+    assert not half[1]["fused"]
 
 
 def test_slots_run_in_processes_at_once_and_sum():
@@ -166,17 +200,20 @@ if "--out" in args:
     env = {**os.environ, "LAMBDAPIPE_CMD": str(fake),
            "LAMBDAPIPE_BENCH_DEVICE": "cpu", "LAMBDAPIPE_BENCH_OUT": str(tmp_path / "out")}
     done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "default", "step",
-                           "slots", "data", "cifar10", "pack"], env=env, capture_output=True,
+                           "slots", "data", "cifar10", "pack", "fused"], env=env,
+                          capture_output=True,
                           text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     assert sorted(p.stem for p in out.glob("*.json")) == [
-        "cifar10-baselines", "cifar10-baselines-graphs", "cifar10-baselines-packed",
-        "cifar10-default", "data-real", "data-synthetic", "default", "pack4", "slots2", "step"]
+        "cifar10-baselines", "cifar10-baselines-fused", "cifar10-baselines-graphs",
+        "cifar10-baselines-packed", "cifar10-default", "data-real", "data-synthetic", "default",
+        "fused4", "pack4", "slots2", "step"]
     assert ("--models resnet18,resnet20x1,lr18_l3_lc,lr18_l3_rpe,lr18_l2_lc,lr18_l2_rpe,"
             "lr34_l3_lc --batch-size 256 --precision bf16") in (out / "default.cmd").read_text()
     assert "--pack 3 --compile reduce-overhead" in (out / "cifar10-baselines-packed.cmd"
                                                      ).read_text()
+    assert "--pack 3 --fuse" in (out / "cifar10-baselines-fused.cmd").read_text()
     index = (out / "index.md").read_text()
     assert "## cifar10-baselines" in index and "fake-gpu, torch 9.9, 2026-11-23" in index
     assert ("`lambdapipe bench --config config/resnet_baselines.yaml --datasets cifar10 "

@@ -195,8 +195,8 @@ def test_packed_seconds_price_each_cells_seeds_in_processes_of_pack_runs():
 def test_pack_projects_the_grid_with_each_cells_seeds_together(monkeypatch):
     seen = []
 
-    def fake(pack, **kw):
-        seen.append((pack, kw["name"]))
+    def fake(pack, fuse=False, **kw):
+        seen.append((pack, kw["name"], fuse))
         one = {"data_s": 1.0, "startup_s": 30.0, "iter_per_min": 6000.0,
                "iter_per_min_per_slot": 6000.0, "eval_images_per_s": 1e4, "ckpt_s": 0.1,
                "peak_mem_gib": None, "device_name": "fake"}
@@ -206,7 +206,7 @@ def test_pack_projects_the_grid_with_each_cells_seeds_together(monkeypatch):
     monkeypatch.setattr(project, "measure_packed", fake)
     cfg = load_config(CONFIG / "resnet_baselines.yaml")
     result = project.project(cfg, datasets=["cifar10"], pack=3, gpus=2)
-    assert [p for p, _ in seen] == [3] * 8 and result["runs"] == 24
+    assert [(p, f) for p, _, f in seen] == [(3, False)] * 8 and result["runs"] == 24
     # per cell one process of 3 seeds: launch, 3 runs' data, start-up, 48k steps at 4000/min
     # (12 min), 3 x 48 evaluations; 8 cells over 2 GPUs
     process = result["launch_s"] + 3 * 1.0 + 30.0 + 720.0 + 3 * 48 * (0.5 + 0.1)
@@ -216,6 +216,9 @@ def test_pack_projects_the_grid_with_each_cells_seeds_together(monkeypatch):
     assert text.splitlines()[2].split()[5] == "x3"
     with pytest.raises(UserError, match="invalid pack 2"):
         project.project(cfg, datasets=["cifar10"], pack=2, slots=[1, 2])
+    fused = project.project(cfg, datasets=["cifar10"], pack=3, fuse=True)  # as train --fuse
+    assert [f for _, _, f in seen[8:]] == [True] * 8
+    assert "each cell's seeds packed 3 to a process (fused)" in project.format_projection(fused)
 
 
 def test_cli_projects_a_packed_grid(tmp_path):

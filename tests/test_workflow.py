@@ -109,9 +109,10 @@ def test_packed_jobs_follow_each_cells_seeds(tmp_path):
     assert "--seeds 0 --out 'results/runs/digits/symmetric-0.25/lr18_l3_lc/{seed}'" in out
 
 
-def test_packed_job_trains_every_seed_of_its_cell(tmp_path):
+@pytest.mark.parametrize("pack", ["seeds", "fused"])
+def test_packed_job_trains_every_seed_of_its_cell(tmp_path, pack):
     """The packed rule for real on a tiny cell: one job, both seeds' run directories."""
-    cfg = {"train": {"device": "cpu", "threads": 1, "pack": "seeds"},
+    cfg = {"train": {"device": "cpu", "threads": 1, "pack": pack},
            "datasets": {"digits": {"grids": [{
                "models": ["resnet20x1"], "model_args": {"base_width": 4},
                "noise": [{"kind": "symmetric", "rates": [0.0]}], "seeds": [0, 1],
@@ -127,6 +128,7 @@ def test_packed_job_trains_every_seed_of_its_cell(tmp_path):
         summary = json.loads((tmp_path / targets[seed]).read_text())
         assert summary["seed"] == seed and summary["status"] == "ok"
         assert summary["iterations"] == 16
+        assert summary["compile"] == ("eager (fused x2)" if pack == "fused" else "eager")
     log = (tmp_path / "logs/train/digits/clean/resnet20x1/seeds-0-1.log").read_text()
     assert "[seed 0] iter 16/16" in log and "[seed 1] iter 16/16" in log
 

@@ -49,7 +49,7 @@ ARCHIVES = {dataset_info(d).archive: d for d in DATASETS if dataset_info(d).arch
 # profiles that set resources for `train` apply to it. A finished run (its protected
 # summary.json) joins no job: a seed added to a finished cell trains alone, and the job
 # never has a protected output to refuse.
-PACKED = config["train"]["pack"] == "seeds"
+PACKED = config["train"]["pack"] in ("seeds", "fused")
 PACKS = {}  # seed list -> {cell directory: its unfinished runs}
 if PACKED:
     for _cell, _runs in pack_cells(RUNS.values()):

@@ -43,8 +43,9 @@ else:
 
         rule:
             """The seeds of one grid cell trained together in one process and one job (config
-            `train: {pack: seeds}`); each seed's run directory is what a single run writes,
-            and a rerun resumes every unfinished seed from its last.ckpt."""
+            `train: {pack: seeds}`; `fused`: as one network); each seed's run directory is
+            what a single run writes, and a rerun resumes every unfinished seed from its
+            last.ckpt."""
             name:
                 PACK_RULES[_seeds]
             input:
@@ -64,6 +65,7 @@ else:
                 model_args=pack_option(_seeds, "model_args"),
                 device=config["train"]["device"],
                 deterministic="--deterministic" if config["train"]["deterministic"] else "",
+                fuse="--fuse" if config["train"]["pack"] == "fused" else "",
             log:
                 f"logs/train/{{cell}}/seeds-{'-'.join(map(str, _seeds))}.log",
             benchmark:
@@ -80,4 +82,4 @@ else:
                 " --dataset {params.dataset} --data-dir data {params.noise}"
                 " --seeds {params.seeds} --out 'results/runs/{wildcards.cell}/{{seed}}'"
                 " --recipe {params.recipe} {params.overrides} --device {params.device}"
-                " {params.deterministic} --no-progress > {log} 2>&1"
+                " {params.deterministic} {params.fuse} --no-progress > {log} 2>&1"

@@ -1,0 +1,236 @@
+"""The seeds of one grid cell as one network: K runs in one set of kernels.
+
+Packing by streams (pack.py) leaves a small model's step as hundreds of tiny kernels per run,
+run one after another: four resnet20x1 runs packed so reached 1.01x one run on an H200
+(docs/performance.md). Fused, the K models of a cell are stacked parameter by parameter
+(`torch.func.stack_module_state`) and run as one model under `torch.func.vmap`: a
+convolution over K stacked weights becomes one grouped convolution, a batch norm one batch
+norm over K x C channels, so each kernel does the work of K runs. This is PyTorch's own
+model-ensembling recipe, used for training: the stacked parameters are leaves, the K losses
+are summed (d sum / d loss_k = 1, so no run's gradient reaches another's slice) and one
+optimizer steps them all; SGD and Adam(W) are elementwise, so one optimizer over stacked
+tensors is K optimizers, and gradient clipping is done per run.
+
+Each run keeps its own `train.Run`: its data order and augmentation, metrics, checkpoints and
+run directory. Before each evaluation its slice of the stack is written into its own model,
+which evaluates and is saved exactly as a run trained alone, with its slice of the optimizer
+state in the solo format: a fused run's checkpoint resumes alone and the other way round.
+
+What differs from runs trained alone: results agree within float tolerance, not bitwise (a
+grouped convolution sums in its own order; tests/test_fuse.py), dropout draws come from one
+process-wide stream for the K runs, and the step runs without channels_last (vmap chooses
+the layout of the stacked activations). A run that diverges is finished at once; its slice
+rides along, unread, until the others finish. Runs that cannot be fused step in turn on
+their own streams instead (`why_not`); runs resumed at different iterations (a kill between
+their checkpoints) first bring the ones behind up to the others alone (pack.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from lambdapipe.augment import normalize
+from lambdapipe.evaluate import autocast
+from lambdapipe.recipes import Recipe
+from lambdapipe.train import Run, TrainConfig, TrainStep, make_optimizer
+
+
+def why_not(cfgs: Sequence[TrainConfig]) -> str | None:
+    """Why these runs cannot train as one network (None when they can)."""
+    if len(cfgs) < 2:
+        return "a single run"
+    first = {k: v for k, v in cfgs[0].identity().items() if k != "seed"}
+    for cfg in cfgs[1:]:
+        other = {k: v for k, v in cfg.identity().items() if k != "seed"}
+        if other != first:
+            return f"{cfg.out} is not of the same grid cell as {cfgs[0].out}"
+    if cfgs[0].recipe.precision == "fp16":
+        return "fp16 loss scaling: one scale for all runs would skip every run's step " \
+               "when one run overflows"
+    return None
+
+
+class FusedModel:
+    """K models of one architecture as one callable: (K, B, C, H, W) -> (K, B, classes)."""
+
+    def __init__(self, models: Sequence[torch.nn.Module]):
+        self.k = len(models)
+        self.params, self.buffers = stack_module_state(list(models))
+        # The architecture without storage: every tensor comes from the stacks above.
+        self.template = copy.deepcopy(models[0]).to("meta")
+        self.template.train()
+        self._forward = vmap(self._one, randomness="different")
+
+    def _one(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+             x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, (params, buffers), (x,))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(self.params, self.buffers, x)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    @torch.no_grad()
+    def write_into(self, k: int, model: torch.nn.Module) -> None:
+        """Run k's weights and buffers (BN statistics) into `model`, a run's own model."""
+        for name, t in model.named_parameters():
+            t.copy_(self.params[name][k])
+        for name, t in model.named_buffers():
+            t.copy_(self.buffers[name][k])
+
+
+def clip_per_run(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """`clip_grad_norm_` of each run's slice of the stacked gradients, as each run alone
+    would clip its own (same norm, same 1e-6, same clamp at 1)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1)  # (K, n)
+    coef = (max_norm / (norms.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+
+
+def stacked_optimizer_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The K runs' optimizer state dicts (solo format) as one for the stacked parameters."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for i, first in states[0]["state"].items():
+        merged[i] = {key: torch.stack([s["state"][i][key] for s in states])
+                     if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                     for key, v in first.items()}
+    return {"state": merged, "param_groups": copy.deepcopy(states[0]["param_groups"])}
+
+
+def run_optimizer_state(state: dict[str, Any], k: int, k_runs: int) -> dict[str, Any]:
+    """Run k's slice of the stacked optimizer's state dict, in the solo format."""
+    return {"state": {i: {key: v[k].clone()
+                          if isinstance(v, torch.Tensor) and v.dim() > 0
+                          and v.shape[0] == k_runs else v
+                          for key, v in entry.items()}
+                      for i, entry in state["state"].items()},
+            "param_groups": copy.deepcopy(state["param_groups"])}
+
+
+class FusedStep(TrainStep):
+    """`TrainStep` for K runs as one network: batches (K, B, ...), one loss per run, their
+    sum backward, clipping per run, one optimizer step. `tally` is (K, 6), row k run k's.
+    Compiles (and falls back to eager) like `TrainStep`."""
+
+    def __init__(self, fused: FusedModel, optimizer: torch.optim.Optimizer, r: Recipe,
+                 device: str, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__(fused, optimizer, r, device, mean, std)  # type: ignore[arg-type]
+        self.fused = fused
+        self.tally = torch.zeros(fused.k, 6, dtype=torch.float64, device=device)
+        self.tally[:, 5] = -1
+
+    def reset_tally(self) -> None:
+        self.tally[:, :5] = 0
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
+              step: int) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        k, b = y.shape
+        with autocast(self.device, self.r.precision):
+            logits = self.forward(normalize(x, self.mean, self.std))
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                     reduction="none",
+                                     label_smoothing=self.r.label_smoothing).view(k, b).mean(1)
+        losses.sum().backward()
+        if self.r.grad_clip is not None:
+            clip_per_run(self.fused.parameters(), self.r.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            pred = logits.argmax(dim=-1)
+            t = self.tally
+            t[:, 0] += losses.detach() * b
+            t[:, 1] += (pred == y).sum(dim=1)
+            t[:, 2] += (pred == y_clean).sum(dim=1)
+            t[:, 3] += b
+            t[:, 5] = torch.where((t[:, 5] < 0) & ~torch.isfinite(losses.detach()),
+                                  float(step + 1), t[:, 5])
+        return losses.detach()
+
+
+def fused_step(models: Sequence[torch.nn.Module], r: Recipe, device: str, mean: torch.Tensor,
+               std: torch.Tensor, states: Sequence[dict[str, Any]] | None = None) -> FusedStep:
+    """The fused step of `models` (each already on `device`, as its run built it), its
+    optimizer holding `states` (the runs' optimizer state dicts) when they have any."""
+    fused = FusedModel(models)
+    optimizer = make_optimizer(fused.parameters(), r, device)
+    if states and states[0]["state"]:
+        optimizer.load_state_dict(stacked_optimizer_state(states))
+    return FusedStep(fused, optimizer, r, device, mean, std)
+
+
+class _RunSlice:
+    """What a run's `Run` sees of the fused step: its tally row, the path, a scaler that
+    never scales (fp16 is not fused), and, as its optimizer, its slice of the state."""
+
+    def __init__(self, step: FusedStep, k: int):
+        self.step, self.k = step, k
+        self.scaler = torch.amp.GradScaler(enabled=False)
+
+    @property
+    def tally(self) -> torch.Tensor:
+        return self.step.tally[self.k]
+
+    @property
+    def path(self) -> str:
+        return f"{self.step.path} (fused x{self.step.fused.k})"
+
+    def reset_tally(self) -> None:
+        self.step.tally[self.k, :5] = 0
+
+    def state_dict(self) -> dict[str, Any]:  # the run's optimizer state, for its checkpoint
+        return run_optimizer_state(self.step.optimizer.state_dict(), self.k, self.step.fused.k)
+
+
+def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None]) -> None:
+    """Train started runs (`Run.start` done, all at one iteration) as one network until each
+    is finished; `on_finish(k, summary)` as run k ends."""
+    first = runs[0]
+    step = fused_step([run.model for run in runs], first.r, first.device, first.mean,
+                      first.std, [run.optimizer.state_dict() for run in runs])
+    for k, run in enumerate(runs):
+        view = _RunSlice(step, k)
+        run.step_fn = run.optimizer = view  # type: ignore[assignment]
+        run.before_evaluate = lambda k=k, run=run: step.fused.write_into(k, run.model)
+    active = list(range(len(runs)))
+    batches = [run.next_batch() for run in runs]
+    while active:
+        x, y, y_clean = (torch.stack(parts) for parts in zip(*batches, strict=True))
+        lead = runs[active[0]]
+        step(x, y, y_clean, lead.lr, lead.it)
+        for k in list(active):
+            if runs[k].after_step():
+                batches[k] = runs[k].next_batch()
+            else:  # finished, or diverged: its slice rides along on its last batch
+                with _rng_kept(first.device):  # testing best.ckpt builds a model: it draws
+                    on_finish(k, runs[k].finish())
+                active.remove(k)
+
+
+@contextlib.contextmanager
+def _rng_kept(device: str) -> Iterator[None]:
+    """The process's torch generators as they were: the other runs' dropout draws from them."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    state = torch.get_rng_state(), torch.cuda.get_rng_state(dev) if cuda else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        if cuda:
+            torch.cuda.set_rng_state(state[1], dev)
