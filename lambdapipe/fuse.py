@@ -176,8 +176,8 @@ class _RunSlice:
     """What a run's `Run` sees of the fused step: its tally row, the path, a scaler that
     never scales (fp16 is not fused), and, as its optimizer, its slice of the state."""
 
-    def __init__(self, step: FusedStep, k: int):
-        self.step, self.k = step, k
+    def __init__(self, step: FusedStep, k: int, pack_size: int):
+        self.step, self.k, self.pack_size = step, k, pack_size
         self.scaler = torch.amp.GradScaler(enabled=False)
 
     @property
@@ -186,7 +186,7 @@ class _RunSlice:
 
     @property
     def path(self) -> str:
-        return f"{self.step.path} (fused x{self.step.fused.k})"
+        return f"{self.step.path} (fused x{self.pack_size})"
 
     def reset_tally(self) -> None:
         self.step.tally[self.k, :5] = 0
@@ -195,14 +195,16 @@ class _RunSlice:
         return run_optimizer_state(self.step.optimizer.state_dict(), self.k, self.step.fused.k)
 
 
-def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None]) -> None:
+def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None],
+                pack_size: int | None = None) -> None:
     """Train started runs (`Run.start` done, all at one iteration) as one network until each
-    is finished; `on_finish(k, summary)` as run k ends."""
+    is finished; `on_finish(k, summary)` as run k ends. `pack_size` (default: the runs) is
+    the job's number of seeds, which summary.json's `compile` names (`... (fused x3)`)."""
     first = runs[0]
     step = fused_step([run.model for run in runs], first.r, first.device, first.mean,
                       first.std, [run.optimizer.state_dict() for run in runs])
     for k, run in enumerate(runs):
-        view = _RunSlice(step, k)
+        view = _RunSlice(step, k, pack_size or len(runs))
         run.step_fn = run.optimizer = view  # type: ignore[assignment]
         run.before_evaluate = lambda k=k, run=run: step.fused.write_into(k, run.model)
     active = list(range(len(runs)))

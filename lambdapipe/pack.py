@@ -148,7 +148,8 @@ def _run_packed(cfgs, device, progress, callback, cuda, fuse=False) -> list[dict
     if fuse and todo:
         from lambdapipe import fuse as fusing
 
-        reason = fusing.why_not([cfgs[i] for i in todo])
+        # one unfinished run left of a fused job finishes in the fused job's path too
+        reason = fusing.why_not([cfgs[i] for i in todo]) if len(todo) > 1 else None
         if reason is None:
             _run_fused(cfgs, todo, summaries, device, progress, callback, cuda)
             return [s for s in summaries if s is not None]
@@ -199,6 +200,8 @@ def _run_fused(cfgs, todo, summaries, device, progress, callback, cuda) -> None:
                             label=_label(cfgs[i], cfgs), bar_position=pos,
                             device_data=device_data))
             runs[-1].start()
+        for run in runs:  # what summary.json's `compile` says, if a run ends before fusing
+            run.step_fn.path = f"{run.step_fn.path} (fused x{len(cfgs)})"
         target = max(run.it for run in runs)
         for run in runs:
             if run.it < target and not run.done():
@@ -221,7 +224,7 @@ def _run_fused(cfgs, todo, summaries, device, progress, callback, cuda) -> None:
             def done(k: int, summary: dict[str, Any]) -> None:
                 summaries[todo[live[k]]] = summary
 
-            train_fused([runs[k] for k in live], done)
+            train_fused([runs[k] for k in live], done, pack_size=len(cfgs))
         del runs
         if cuda is not None:
             torch.cuda.synchronize(cuda)

@@ -248,3 +248,79 @@ def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_ref
     for k, v in tally.items():
         record_property(f"packed_{k}", v)
     assert tally["killed"] >= 1
+
+
+# --------------------------------------------------------------------------- fused packs
+@pytest.fixture(scope="module")
+def fused_reference(reference):
+    root = reference[0]
+    out = root / "fused-reference"
+    start = time.monotonic()
+    res = run([*packed_cmd(root / "data", out), "--fuse"],
+              KILL_COUNT_FILE=str(root / "fused-ops"))
+    seconds = time.monotonic() - start
+    assert res.returncode == 0, res.stderr[-3000:]
+    ops = int((root / "fused-ops").read_text())
+    summaries = {s: json.loads((out / str(s) / "summary.json").read_text()) for s in SEEDS}
+    assert all(s["compile"] == "eager (fused x3)" for s in summaries.values())
+    return summaries, {s: metrics(out / str(s)) for s in SEEDS}, ops, seconds
+
+
+@pytest.mark.killloop
+def test_sigkill_a_fused_job_then_rerun_finishes_every_seed(reference, fused_ref_points,
+                                                            record_property):
+    """A killed `train --seeds --fuse` job rerun: finished seeds untouched, every other seed
+    resumed to the end; bitwise equal to the unbroken job when the kill left the unfinished
+    seeds at one iteration (the runs behind otherwise catch up alone: float tolerance)."""
+    root = reference[0]
+    (summaries, rows, ops, seconds), points = fused_ref_points
+    tally = {"killed": 0, "bitwise": 0, "caught_up": 0}
+    for i, (kind, at) in enumerate(points):
+        out = root / f"fused{i}"
+        cmd = [*packed_cmd(root / "data", out), "--fuse"]
+        tally["killed"] += kill_at(cmd, kind, at)
+        finished, at_iteration = {}, set()
+        for seed in SEEDS:
+            present = assert_no_torn_file(out / str(seed))
+            path = out / str(seed) / "summary.json"
+            if "summary.json" in present:
+                finished[seed] = (path.stat().st_mtime_ns, path.read_bytes())
+            else:
+                at_iteration.add(int(rows_of(out / str(seed))[-1]["iteration"])
+                                 if "last.ckpt" in present else 0)
+        again = run(cmd)
+        assert again.returncode == 0, f"{kind}={at}: {again.stderr[-3000:]}"
+        same_start = len(at_iteration) <= 1
+        tally["bitwise" if same_start else "caught_up"] += 1
+        for seed in SEEDS:
+            path = out / str(seed) / "summary.json"
+            if seed in finished:
+                assert (path.stat().st_mtime_ns, path.read_bytes()) == finished[seed]
+            summary = json.loads(path.read_text())
+            assert summary["status"] == "ok" and summary["iterations"] == 12
+            got = metrics(out / str(seed))
+            assert [r["iteration"] for r in got] == ["3", "6", "9", "12"], (kind, at, seed)
+            if same_start:
+                assert strip_timing(summary) == strip_timing(summaries[seed]), (kind, at)
+                assert got == rows[seed], (kind, at, seed)
+    print(f"fused kill loop: {json.dumps(tally)} over {ops} file-system operations")
+    for k, v in tally.items():
+        record_property(f"fused_{k}", v)
+    assert tally["killed"] >= 1
+
+
+def rows_of(out: Path) -> list[dict[str, str]]:
+    """metrics.csv as the checkpoint left it (a kill may leave it one row short)."""
+    from lambdapipe.evaluate import load_checkpoint
+
+    return load_checkpoint(out / "last.ckpt")["state"]["rows"]
+
+
+@pytest.fixture(scope="module")
+def fused_ref_points(fused_reference):
+    summaries, rows, ops, seconds = fused_reference
+    n_points = max(2, int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "20")) // 5)
+    rng = random.Random(int(os.environ.get("LAMBDAPIPE_KILL_SEED", "0")) + 2)
+    points = [("op", rng.randint(1, ops)) if i % 2 == 0 else ("time", rng.uniform(0, seconds))
+              for i in range(n_points)]
+    return fused_reference, points
