@@ -134,7 +134,8 @@ def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
 
 def path_label(path: str, runtime: dict[str, Any]) -> str:
     """What a row ran: eager / compiled / graphs, channels_last, each lambda impl."""
-    kind = {"eager": "eager", "reduce-overhead": "graphs", "max-autotune": "graphs+autotune"}
+    kind = {"eager": "eager", "reduce-overhead": "graphs", "max-autotune": "graphs+autotune",
+            "step-graph": "step-graph"}
     label = kind.get(path, "compiled" if not path.startswith("eager") else "eager-fallback")
     if runtime.get("channels_last"):
         label += "/cl"

@@ -392,9 +392,10 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
               show_default=True)
 @click.option("--compile", "compile_", default="auto", show_default=True,
               type=click.Choice(["auto", "off", "default", "reduce-overhead", "max-autotune",
-                                 "max-autotune-no-cudagraphs"]),
+                                 "max-autotune-no-cudagraphs", "step-graph"]),
               help="torch.compile mode; auto is what training runs (CUDA graphs on a GPU, "
-                   "eager on a CPU); reduce-overhead: + CUDA graphs.")
+                   "eager on a CPU); reduce-overhead: + CUDA graphs; step-graph: the whole "
+                   "step as one CUDA graph.")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")

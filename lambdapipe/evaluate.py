@@ -145,10 +145,13 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
 
 # --------------------------------------------------------------------------- evaluation
-def autocast(device: str | torch.device, precision: str):
+def autocast(device: str | torch.device, precision: str, cache: bool = True):
+    """Mixed precision for `precision`; `cache=False` inside a captured CUDA graph, where
+    autocast's cache of cast weights must not outlive the capture."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[precision])
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[precision],
+                          cache_enabled=cache)
 
 
 @torch.no_grad()

@@ -122,11 +122,12 @@ def run_optimizer_state(state: dict[str, Any], k: int, k_runs: int) -> dict[str,
 class FusedStep(TrainStep):
     """`TrainStep` for K runs as one network: batches (K, B, ...), one loss per run, their
     sum backward, clipping per run, one optimizer step. `tally` is (K, 6), row k run k's.
-    Compiles (and falls back to eager) like `TrainStep`."""
+    Compiles, captures a step graph, and falls back to eager like `TrainStep`."""
 
     def __init__(self, fused: FusedModel, optimizer: torch.optim.Optimizer, r: Recipe,
-                 device: str, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__(fused, optimizer, r, device, mean, std)  # type: ignore[arg-type]
+                 device: str, mean: torch.Tensor, std: torch.Tensor, capture: Any = None):
+        super().__init__(fused, optimizer, r, device, mean, std,  # type: ignore[arg-type]
+                         capture=capture)
         self.fused = fused
         self.tally = torch.zeros(fused.k, 6, dtype=torch.float64, device=device)
         self.tally[:, 5] = -1
@@ -134,13 +135,10 @@ class FusedStep(TrainStep):
     def reset_tally(self) -> None:
         self.tally[:, :5] = 0
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
-              step: int) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+    def _body(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor,
+              iteration: float | torch.Tensor) -> torch.Tensor:
         k, b = y.shape
-        with autocast(self.device, self.r.precision):
+        with autocast(self.device, self.r.precision, cache=not self.step_graph):
             logits = self.forward(normalize(x, self.mean, self.std))
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                      reduction="none",
@@ -157,19 +155,20 @@ class FusedStep(TrainStep):
             t[:, 2] += (pred == y_clean).sum(dim=1)
             t[:, 3] += b
             t[:, 5] = torch.where((t[:, 5] < 0) & ~torch.isfinite(losses.detach()),
-                                  float(step + 1), t[:, 5])
+                                  iteration, t[:, 5])
         return losses.detach()
 
 
 def fused_step(models: Sequence[torch.nn.Module], r: Recipe, device: str, mean: torch.Tensor,
-               std: torch.Tensor, states: Sequence[dict[str, Any]] | None = None) -> FusedStep:
+               std: torch.Tensor, states: Sequence[dict[str, Any]] | None = None,
+               fused_kernels: bool | None = None, capture: Any = None) -> FusedStep:
     """The fused step of `models` (each already on `device`, as its run built it), its
     optimizer holding `states` (the runs' optimizer state dicts) when they have any."""
     fused = FusedModel(models)
-    optimizer = make_optimizer(fused.parameters(), r, device)
+    optimizer = make_optimizer(fused.parameters(), r, device, fused=fused_kernels)
     if states and states[0]["state"]:
         optimizer.load_state_dict(stacked_optimizer_state(states))
-    return FusedStep(fused, optimizer, r, device, mean, std)
+    return FusedStep(fused, optimizer, r, device, mean, std, capture=capture)
 
 
 class _RunSlice:

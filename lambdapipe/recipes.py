@@ -27,6 +27,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTS = ("crop", "random-resized-crop", "none")
 # torch.compile modes (`compile: true` is "default"); reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Ours: the model compiled (mode default) and the whole training step (forward, loss,
+# backward, clipping, optimizer, tallies) captured as one CUDA graph (train.TrainStep), so the
+# host issues one launch a step. CUDA only (off on a CPU); not with fp16, whose loss scaler
+# decides on the host whether a step is taken.
+STEP_GRAPH = "step-graph"
 # `compile: auto` (the default): CUDA graphs on a GPU, where they measured 3x eager for every
 # model (docs/performance.md); eager on a CPU, where compiling costs minutes and gains little.
 AUTO_COMPILE = {"cuda": "reduce-overhead"}
@@ -97,6 +102,8 @@ class Recipe:
         compile_ = self.compile
         if compile_ == "auto":
             compile_ = AUTO_COMPILE.get(kind, False)
+        if compile_ == STEP_GRAPH and not on_cuda:
+            compile_ = False
         return dataclasses.replace(
             self, compile=compile_, channels_last=on_cuda and self.channels_last is not False,
             tf32=on_cuda and self.tf32 and self.precision == "fp32")
@@ -197,12 +204,13 @@ def _coerce(key: str, value: Any) -> Any:
             return value
         raise bad_value(f"recipe field {key}", value, "true or false")
     if key == "compile":
-        if isinstance(value, bool) or value in COMPILE_MODES or value == "auto":
+        if isinstance(value, bool) or value in (*COMPILE_MODES, "auto", STEP_GRAPH):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise bad_value("recipe field compile", value,
-                        "auto, true, false or a torch.compile mode: " + ", ".join(COMPILE_MODES))
+                        f"auto, true, false, {STEP_GRAPH} or a torch.compile mode: "
+                        + ", ".join(COMPILE_MODES))
     if key == "channels_last":
         if isinstance(value, bool) or value == "auto":
             return value
@@ -265,6 +273,10 @@ def _validate(r: Recipe) -> None:
     need(0 < r.step_gamma <= 1, "step_gamma", r.step_gamma, "a number in (0, 1]")
     need(0 <= r.label_smoothing < 1, "label_smoothing", r.label_smoothing, "a number in [0, 1)")
     need(r.grad_clip is None or r.grad_clip > 0, "grad_clip", r.grad_clip, "none or > 0")
+    need(not (r.compile == STEP_GRAPH and r.precision == "fp16"), "compile", r.compile,
+         "auto or a torch.compile mode with precision fp16 (its loss scaler decides on the "
+         f"host whether to step, which one captured graph cannot): {STEP_GRAPH} needs bf16 "
+         "or fp32")
     need(r.augment in AUGMENTS, "augment", r.augment, AUGMENTS)
     need(r.crop_padding >= 0, "crop_padding", r.crop_padding, "an integer >= 0")
     need(r.crop_padding == 0 or r.augment == "crop", "crop_padding", r.crop_padding,

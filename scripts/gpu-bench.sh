@@ -4,7 +4,8 @@
 #   bash scripts/gpu-bench.sh                 # all parts
 #   bash scripts/gpu-bench.sh default         # the default path, under 8 minutes (below)
 #   bash scripts/gpu-bench.sh step slots      # some parts: default step compile slots data
-#                                             #   cifar10 pack fused lambda imagenette
+#                                             #   cifar10 pack fused step-graph lambda
+#                                             #   imagenette
 #
 # Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
 # torch version, UTC date); OUT/index.md gathers them with the commands that made them.
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(default step compile slots data cifar10 pack fused lambda imagenette)
+[ ${#parts[@]} -gt 0 ] || parts=(default step compile slots data cifar10 pack fused step-graph lambda imagenette)
 device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
 lp=${LAMBDAPIPE_CMD:-python -m lambdapipe}
 if [ "$device" = cuda ]; then
@@ -73,6 +74,14 @@ for part in "${parts[@]}"; do
                 --pack 4 --compile reduce-overhead
             measure cifar10-baselines-packed --config config/resnet_baselines.yaml \
                 --datasets cifar10 --pack 3 --compile reduce-overhead ;;
+        step-graph)  # the whole step as one CUDA graph (`compile: step-graph`), against
+                     # the default path's per-region graphs; alone, fused, the CIFAR-10 table
+            measure step-graph --models resnet20x1,resnet18,lr18_l3_lc,lr18_l2_lc \
+                --batch-size 256 --precision bf16 --compile step-graph
+            measure fused4-step-graph --models resnet20x1,resnet18 --batch-size 256 \
+                --precision bf16 --pack 4 --fuse --compile step-graph
+            measure cifar10-step-graph --config config/resnet_baselines.yaml \
+                --datasets cifar10 --seeds 0 --compile step-graph ;;
         fused)  # a cell's seeds as one network (`train --seeds --fuse`), default path;
                 # the CIFAR-10 table with 3 seeds a cell so (issue 15: under 30 min)
             measure fused4 --models resnet20x1,resnet18,lr18_l3_lc --batch-size 256 \
@@ -83,7 +92,7 @@ for part in "${parts[@]}"; do
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;
         *) echo "gpu-bench: unknown part '$part': expected default step compile slots" \
-                "data cifar10 pack fused lambda imagenette" >&2; exit 2 ;;
+                "data cifar10 pack fused step-graph lambda imagenette" >&2; exit 2 ;;
     esac
 done
 

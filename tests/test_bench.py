@@ -200,15 +200,17 @@ if "--out" in args:
     env = {**os.environ, "LAMBDAPIPE_CMD": str(fake),
            "LAMBDAPIPE_BENCH_DEVICE": "cpu", "LAMBDAPIPE_BENCH_OUT": str(tmp_path / "out")}
     done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "default", "step",
-                           "slots", "data", "cifar10", "pack", "fused"], env=env,
+                           "slots", "data", "cifar10", "pack", "fused", "step-graph"],
+                          env=env,
                           capture_output=True,
                           text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     assert sorted(p.stem for p in out.glob("*.json")) == [
         "cifar10-baselines", "cifar10-baselines-fused", "cifar10-baselines-graphs",
-        "cifar10-baselines-packed", "cifar10-default", "data-real", "data-synthetic", "default",
-        "fused4", "pack4", "slots2", "step"]
+        "cifar10-baselines-packed", "cifar10-default", "cifar10-step-graph", "data-real",
+        "data-synthetic", "default", "fused4", "fused4-step-graph", "pack4", "slots2", "step",
+        "step-graph"]
     assert ("--models resnet18,resnet20x1,lr18_l3_lc,lr18_l3_rpe,lr18_l2_lc,lr18_l2_rpe,"
             "lr34_l3_lc --batch-size 256 --precision bf16") in (out / "default.cmd").read_text()
     assert "--pack 3 --compile reduce-overhead" in (out / "cifar10-baselines-packed.cmd"
