@@ -9,8 +9,6 @@ against the fused step driven by hand) and against itself across kills."""
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import math
 import shutil
 from pathlib import Path
@@ -19,6 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from test_pack import (  # the same tiny runs (dropout included) and their readers
+    SEEDS,
+    TINY,
+    Interrupt,
+    config,
+    metrics_text,
+    summary,
+)
 
 from lambdapipe import data, fuse, train
 from lambdapipe.cli import main
@@ -28,12 +34,7 @@ from lambdapipe.pack import run_packed
 from lambdapipe.recipes import get_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
-SEEDS = (0, 1, 2)
-TIMING = {"elapsed_s", "images_per_s", "wall_time_s", "session_time_s", "iter_per_min"}
-
-
-class Interrupt(Exception):
-    pass
+rows = metrics_text
 
 
 def models(name: str, k: int = 3, **args) -> list[torch.nn.Module]:
@@ -143,8 +144,6 @@ def test_one_optimizer_over_stacked_tensors_is_each_runs_own(optimizer):
 
 
 # --------------------------------------------------------------------------- whole runs
-TINY = {"base_width": 4, "drop_rate": 0.3}
-SHORT = {"iterations": 24, "eval_every": 8, "batch_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -152,23 +151,6 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     data.prepare("digits", root, progress=False)
     return root
-
-
-def config(data_dir: Path, out: Path, seed: int, **overrides) -> train.TrainConfig:
-    return train.TrainConfig.build(model="resnet18", model_args=TINY, dataset="digits",
-                                   data_dir=data_dir, noise="clean", seed=seed, out=out,
-                                   recipe="demo", overrides={**SHORT, **overrides},
-                                   deterministic=True)
-
-
-def rows(out: Path) -> list[dict[str, str]]:
-    with open(out / "metrics.csv", newline="") as fh:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(fh)]
-
-
-def summary(out: Path) -> dict:
-    return {k: v for k, v in json.loads((out / "summary.json").read_text()).items()
-            if k not in TIMING}
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,8 @@ def test_overrides_are_typed_and_a_budget_unit_replaces_the_other():
     ("adam-restarts", {"nesterov": True}, "invalid nesterov True"),
     ("sgdm", {"warmup": 1.5}, "invalid warmup 1.5"),
     ("sgdm", {"compile": "fast"}, "invalid recipe field compile 'fast': expected auto, true, "
-                                  "false or a torch.compile mode: default, reduce-overhead"),
+                                  "false, step-graph or a torch.compile mode: default, "
+                                  "reduce-overhead"),
     ("sgdm", {"channels_last": "yes"}, "invalid recipe field channels_last 'yes': expected "
                                        "auto, true or false"),
     ("sgdm", {"tf32": "no"}, "invalid recipe field tf32 'no': expected true or false"),
