@@ -119,20 +119,31 @@ def check_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
                             f"{key} has shape {list(have[key])}, the model {list(shape)}")
 
 
-def build_model(config: dict[str, Any]) -> torch.nn.Module:
-    """The registered model a run config names, with the dataset's classes and image size."""
+def build_model(config: dict[str, Any], device: str | torch.device | None = None
+                ) -> torch.nn.Module:
+    """The registered model a run config names, with the dataset's classes and image size.
+
+    Given the `device` it will run on, a model trained on CUDA and run on CUDA again gets
+    each lambda layer's implementation as training timed it (config `runtime`); elsewhere
+    the layers keep their fixed rule, as training there would."""
     from lambdapipe.models import create_model
+    from lambdapipe.models.autotune import apply_impls
 
     data = config["data"]
     try:
-        return create_model(config["model"], num_classes=data["num_classes"],
-                            image_size=data["image_size"], **config.get("model_args", {}))
+        model = create_model(config["model"], num_classes=data["num_classes"],
+                             image_size=data["image_size"], **config.get("model_args", {}))
     except UserError:
         raise
     except (TypeError, ValueError, KeyError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot build model {config['model']!r} with args "
                         f"{config.get('model_args', {})}: {msg}") from None
+    trained_on = str(config.get("device", "")).split(":")[0]
+    if device is not None and torch.device(device).type == "cuda" == trained_on:
+        apply_impls(model, data["image_size"],
+                    (config.get("runtime") or {}).get("lambda_impls") or {})
+    return model
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -231,7 +242,7 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
         return result
     state = load_checkpoint(ckpt, map_location="cpu")
     config = state["config"]
-    model = build_model(config)
+    model = build_model(config, device)
     load_weights(model, state["model"], str(ckpt))
     noise = config["noise"] if split == "train" else "clean"
     data = load_split(Path(data_dir), config["dataset"], split, noise=noise)

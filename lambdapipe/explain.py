@@ -105,7 +105,7 @@ def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
     from lambdapipe.data import load_split
     from lambdapipe.evaluate import build_model, load_weights
 
-    model = build_model(config)
+    model = build_model(config, device)
     load_weights(model, state["model"], str(ckpt))
     stage, target = _target_layer(model, config["model"])
     data = load_split(Path(data_dir), config["dataset"], split)

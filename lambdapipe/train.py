@@ -744,7 +744,7 @@ def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:
         return None
     ckpt = load_checkpoint(best, map_location=device)
     config = ckpt["config"]
-    model = build_model(config).to(device)
+    model = build_model(config, device).to(device)
     load_weights(model, ckpt["model"], str(best))
     test = load_split(cfg.data_dir, cfg.dataset, "test")
     images = DeviceImages(test.images, test.labels, test.clean_labels, device)

@@ -15,6 +15,7 @@ from lambdapipe import data, train
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import (
+    build_model,
     classification_metrics,
     evaluate_checkpoint,
     format_result,
@@ -186,3 +187,29 @@ def test_checkpoint_survives_a_crash_between_any_two_writes(tmp_path, monkeypatc
     path.write_bytes(path.read_bytes()[:-7] + b"garbage")
     with pytest.raises(UserError, match="corrupted checkpoint"):
         load_checkpoint(path, check=False)
+
+
+def test_on_the_device_it_trained_on_a_model_runs_the_lambda_impls_training_timed():
+    """Evaluation (evaluate, explain, the final test pass) on CUDA of a run trained on CUDA
+    runs each lambda layer as training measured it fastest; on another kind of device, or
+    for an older checkpoint without the record, the fixed rule stands."""
+    from lambdapipe.models.autotune import lambda_layers
+
+    config = {"model": "lr18_l2_lc", "model_args": {"base_width": 4, "lambda_blocks": "all"},
+              "data": {"num_classes": 10, "image_size": 32}, "device": "cuda:0",
+              "runtime": {"lambda_impls": {"layer2.0.conv1.0": "logit",
+                                           "layer2.1.conv1": "lambda"}}}
+
+    def chosen(cfg, device):
+        model = build_model(cfg, device)
+        return {name: layer.tuned for name, layer in lambda_layers(model)}
+
+    on_cuda = chosen(config, "cuda")
+    assert on_cuda == {"layer2.0.conv1.0": (32, 32, "logit"), "layer2.1.conv1": (16, 16, "lambda")}
+    # the rule would pick the large-kernel conv order at 32x32 (issue 14's slow evaluation)
+    rule = build_model(config, "cpu")
+    assert dict(lambda_layers(rule))["layer2.0.conv1.0"].resolve_impl(32, 32) == "conv"
+    assert set(chosen(config, "cpu").values()) == {None}
+    assert set(chosen({**config, "device": "cpu"}, "cuda").values()) == {None}
+    assert set(chosen({k: v for k, v in config.items() if k != "runtime"}, "cuda").values()) \
+        == {None}

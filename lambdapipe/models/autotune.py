@@ -72,6 +72,18 @@ def map_sizes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int, in
     return sizes
 
 
+def apply_impls(model: nn.Module, image_size: int, impls: dict[str, str]) -> None:
+    """Run each 'auto' lambda layer with the implementation `impls` names for it: a run's
+    recorded choice (config.json's runtime.lambda_impls), so that evaluating a checkpoint on
+    the device it trained on runs what training measured fastest, not the MAC rule."""
+    sizes = map_sizes(model, image_size)
+    for name, layer in lambda_layers(model):
+        impl = impls.get(name)
+        if layer.impl == "auto" and impl in IMPLS:
+            _, height, width = sizes[name]
+            layer.tuned = (height, width, impl)
+
+
 def shape_key(layer: LambdaLayer, channels: int, height: int, width: int, batch: int,
               dtype: str, channels_last: bool) -> str:
     """Everything the speed of one layer's forward + backward depends on."""
