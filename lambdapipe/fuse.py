@@ -57,34 +57,49 @@ def why_not(cfgs: Sequence[TrainConfig]) -> str | None:
     return None
 
 
-class FusedModel:
-    """K models of one architecture as one callable: (K, B, C, H, W) -> (K, B, classes)."""
+class FusedModel(torch.nn.Module):
+    """K models of one architecture as one module: (K, B, C, H, W) -> (K, B, classes).
+
+    The stacks are this module's own parameters and buffers (in the models' order), so that
+    torch.compile's CUDA graphs treat them as static, as they treat a single model's, rather
+    than copying them in at every replay; `params` and `stats` name them as the models do."""
 
     def __init__(self, models: Sequence[torch.nn.Module]):
+        super().__init__()
         self.k = len(models)
-        self.params, self.buffers = stack_module_state(list(models))
-        # The architecture without storage: every tensor comes from the stacks above.
-        self.template = copy.deepcopy(models[0]).to("meta")
-        self.template.train()
-        self._forward = vmap(self._one, randomness="different")
+        params, buffers = stack_module_state(list(models))
+        self.param_names, self.buffer_names = list(params), list(buffers)
+        self.stacked = torch.nn.ParameterList(torch.nn.Parameter(t) for t in params.values())
+        for i, t in enumerate(buffers.values()):
+            self.register_buffer(f"stat{i}", t)
+        # The architecture without storage, every tensor taken from the stacks (kept out of
+        # the module's own tree: its meta tensors are no parameters of this module).
+        template = copy.deepcopy(models[0]).to("meta").train()
+        self.__dict__["template"] = template
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.param_names, self.stacked, strict=True))
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"stat{i}") for i, name in enumerate(self.buffer_names)}
 
     def _one(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
              x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (x,))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(self.params, self.buffers, x)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self.params.values())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vmap(self._one, randomness="different")(self.params, self.stats, x)
 
     @torch.no_grad()
     def write_into(self, k: int, model: torch.nn.Module) -> None:
         """Run k's weights and buffers (BN statistics) into `model`, a run's own model."""
+        params, stats = self.params, self.stats
         for name, t in model.named_parameters():
-            t.copy_(self.params[name][k])
+            t.copy_(params[name][k])
         for name, t in model.named_buffers():
-            t.copy_(self.buffers[name][k])
+            t.copy_(stats[name][k])
 
 
 def clip_per_run(params: Sequence[torch.Tensor], max_norm: float) -> None:
@@ -145,7 +160,7 @@ class FusedStep(TrainStep):
                                      label_smoothing=self.r.label_smoothing).view(k, b).mean(1)
         losses.sum().backward()
         if self.r.grad_clip is not None:
-            clip_per_run(self.fused.parameters(), self.r.grad_clip)
+            clip_per_run(list(self.fused.parameters()), self.r.grad_clip)
         self.optimizer.step()
         with torch.no_grad():
             pred = logits.argmax(dim=-1)
@@ -165,7 +180,7 @@ def fused_step(models: Sequence[torch.nn.Module], r: Recipe, device: str, mean: 
     """The fused step of `models` (each already on `device`, as its run built it), its
     optimizer holding `states` (the runs' optimizer state dicts) when they have any."""
     fused = FusedModel(models)
-    optimizer = make_optimizer(fused.parameters(), r, device, fused=fused_kernels)
+    optimizer = make_optimizer(list(fused.parameters()), r, device, fused=fused_kernels)
     if states and states[0]["state"]:
         optimizer.load_state_dict(stacked_optimizer_state(states))
     return FusedStep(fused, optimizer, r, device, mean, std, capture=capture)

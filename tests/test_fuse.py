@@ -71,7 +71,7 @@ def test_fused_forward_gradients_and_bn_statistics_equal_each_model_alone(name, 
             # lambda layers' softmax: 1e-8 relative; some BN gradients are 0 up to 1e-9
             assert torch.allclose(fused.params[n].grad[k], p.grad, rtol=1e-7, atol=1e-12), n
         for n, b in model.named_buffers():  # running statistics moved by this run's batch only
-            assert torch.allclose(fused.buffers[n][k].double(), b.double(), rtol=1e-9), n
+            assert torch.allclose(fused.stats[n][k].double(), b.double(), rtol=1e-9), n
 
 
 def test_a_fused_model_compiles_in_one_graph_and_keeps_its_values():
@@ -85,8 +85,8 @@ def test_a_fused_model_compiles_in_one_graph_and_keeps_its_values():
     torch._dynamo.reset()
     out = torch.compile(compiled, backend="aot_eager", fullgraph=True)(x)
     assert rel(out, eager(x)) < 1e-12
-    for n, b in eager.buffers.items():
-        assert torch.allclose(compiled.buffers[n].double(), b.double()), n
+    for n, b in eager.stats.items():
+        assert torch.allclose(compiled.stats[n].double(), b.double()), n
 
 
 def test_clipping_is_each_runs_own():
@@ -182,7 +182,7 @@ def test_a_fused_pack_is_the_fused_step_over_each_runs_own_batches(data_dir, fus
         ckpt = load_checkpoint(fused_ref / str(s) / "last.ckpt")
         assert ckpt["iteration"] == 24
         for name, t in ckpt["model"].items():
-            ref = step.fused.params.get(name, step.fused.buffers.get(name))
+            ref = step.fused.params.get(name, step.fused.stats.get(name))
             assert torch.equal(t, ref[k]), (s, name)
         mine = fuse.run_optimizer_state(step.optimizer.state_dict(), k, 3)
         assert ckpt["optimizer"]["param_groups"] == mine["param_groups"]
