@@ -38,6 +38,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from lambdapipe.augment import normalize
 from lambdapipe.evaluate import autocast
+from lambdapipe.pack import _get_torch_rng, _set_torch_rng, cuda_device
 from lambdapipe.recipes import Recipe
 from lambdapipe.train import Run, TrainConfig, TrainStep, make_optimizer
 
@@ -239,14 +240,9 @@ def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], 
 @contextlib.contextmanager
 def _rng_kept(device: str) -> Iterator[None]:
     """The process's torch generators as they were: the other runs' dropout draws from them."""
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    if cuda and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    state = torch.get_rng_state(), torch.cuda.get_rng_state(dev) if cuda else None
+    cuda = cuda_device(device)
+    state = _get_torch_rng(cuda)
     try:
         yield
     finally:
-        torch.set_rng_state(state[0])
-        if cuda:
-            torch.cuda.set_rng_state(state[1], dev)
+        _set_torch_rng(state, cuda)
