@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lambdapipe import atomic, live, runlock
+from lambdapipe import status as run_status
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, normalize, plan_epoch
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import (
@@ -730,9 +731,9 @@ def _status(diverged_at: int | None, rows: list[dict[str, float]],
     final evaluation (the last val pass, or test on best.ckpt) was not, so the run is no
     result (the report leaves it out of every mean and names it)."""
     if diverged_at is not None:
-        return "diverged"
+        return run_status.DIVERGED
     finals = ([rows[-1]["val_loss"]] if rows else []) + ([test["nll"]] if test else [])
-    return "ok" if all(math.isfinite(v) for v in finals) else "non-finite"
+    return run_status.OK if all(math.isfinite(v) for v in finals) else run_status.NON_FINITE
 
 
 def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:

@@ -58,6 +58,15 @@ def test_imports_flow_one_way(owner):
     assert not bad, "; ".join(bad)
 
 
+def test_shared_constants_are_leaves():
+    """lambdapipe.status is what training writes and the report reads: it may import nothing
+    of the package, or the report would reach training code through it."""
+    graph = _imports()
+    assert graph["lambdapipe.status"] == set()
+    assert "lambdapipe.status" in graph["lambdapipe.train"]
+    assert "lambdapipe.status" in graph["lambdapipe.report.load"]
+
+
 def test_only_the_cli_is_the_face():
     users = [mod for mod, deps in _imports().items() if "lambdapipe.cli" in deps]
     assert users == ["lambdapipe.__main__"]  # `python -m lambdapipe`, the CLI itself

@@ -171,8 +171,11 @@ def test_noise_table_and_diverged(report):
 def test_incomplete_listed_never_results(report):
     _, out, _ = report
     inc = md_rows(out / "tables" / "incomplete.md")
-    assert [r["run"] for r in inc] == ["cifar10/symmetric-0.25/resnet20x1/2"]
+    # The unfinished run first, then the finished run that is no result, named by status.
+    assert [r["run"] for r in inc] == ["cifar10/symmetric-0.25/resnet20x1/2",
+                                       "cifar10/symmetric-0.25/lr18_l3_lc/0"]
     assert inc[0]["status"] == "running/incomplete" and inc[0]["last iteration"] == "800"
+    assert inc[1]["status"] == "diverged@1200" and inc[1]["model"] == "lr18_l3_lc"
     run_ids = [r["run_id"] for r in csv_rows(out / "tables" / "runs.csv")]
     assert len(run_ids) == 12 and "cifar10/symmetric-0.25/resnet20x1/2" not in run_ids
     metrics = json.loads((out / "metrics.json").read_text())

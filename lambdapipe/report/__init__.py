@@ -10,7 +10,8 @@ Writes under OUT:
   tables/lambda_cifar10.{md,csv}        Lambda-ResNets beside the community CIFAR-10 table
   tables/imagenette_noisy.{md,csv}      the Imagenette noisy-label study beside its report
   tables/variants.{md,csv}              named variants (fp16, an lr sweep) side by side on val
-  tables/incomplete.{md,csv}            runs without summary.json (never results)
+  tables/incomplete.{md,csv}            runs that are no result: without summary.json, or
+                                        finished diverged / non-finite
   tables/runs.csv                       every finished run, every summary field
   figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation,
                                         attention (runs' explain_test.npz side by side),
@@ -31,6 +32,7 @@ from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DATASET
 from lambdapipe.report import figures, tables
 from lambdapipe.report.load import collect_runs, read_published
+from lambdapipe.status import STATUSES
 
 __all__ = ["Written", "build_report"]
 
@@ -125,8 +127,8 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
             figure_links.append(f"![{base.name}](figures/{paths[0].name})")
 
     page = ["# lambdapipe report", "",
-            f"{len(df)} finished runs, {len(collection.incomplete)} running/incomplete, "
-            f"from `{runs}`.", ""]
+            f"{len(df)} finished runs ({_status_counts(df)}), "
+            f"{len(collection.incomplete)} running/incomplete, from `{runs}`.", ""]
     page += [t.markdown() for t in all_tables]
     page += ["## Figures", "", *(f"{link}\n" for link in figure_links)]
     if written.notes:
@@ -135,6 +137,11 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     write_text(path, "\n".join(page).rstrip() + "\n")
     written.append(path)
     return written
+
+
+def _status_counts(df) -> str:
+    """`2 ok, 1 diverged, 0 non-finite`: every status a run can end in, named."""
+    return ", ".join(f"{int((df['status'] == s).sum())} {s}" for s in STATUSES)
 
 
 def _explained(sub, collection) -> list[tuple[str, dict]]:

@@ -25,6 +25,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from lambdapipe.atomic import write_with
 from lambdapipe.report.load import Collection
+from lambdapipe.status import DIVERGED, OK
 
 DPI = 150
 PANEL = (3.6, 2.8)  # inches per facet
@@ -124,7 +125,7 @@ def _conditions(df: pd.DataFrame) -> list[str]:
 
 
 def _mark_divergence(ax, runs: pd.DataFrame) -> None:
-    for at in runs.loc[runs["status"] == "diverged", "diverged_at"]:
+    for at in runs.loc[runs["status"] == DIVERGED, "diverged_at"]:
         if at is not None and np.isfinite(at):
             ax.axvline(at, color="firebrick", ls=":", lw=1.2)
 
@@ -176,7 +177,7 @@ def loss_curves(dataset: str, runs: pd.DataFrame, collection: Collection,
 
 def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | None:
     """Test accuracy against noise rate per model; every run a point, mean ± sd a line."""
-    ok = runs[(runs["status"] == "ok") & runs["tst_acc"].map(_finite)]
+    ok = runs[(runs["status"] == OK) & runs["tst_acc"].map(_finite)]
     # A model trained only on clean labels says nothing about noise: left out, not a stray dot.
     rates = runs.groupby("series")["noise_rate"].nunique()
     keep = rates[rates >= 2].index
@@ -205,7 +206,7 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
                          errorbar="sd", err_style="bars", marker="o", legend=False,
                          err_kws={"capsize": 2}, zorder=3 + k)
         # Diverged runs have no accuracy to plot; an x on the bottom edge keeps them in view.
-        div = runs[(runs["status"] == "diverged") & runs["noise_kind"].isin(["clean", kind])]
+        div = runs[(runs["status"] == DIVERGED) & runs["noise_kind"].isin(["clean", kind])]
         for row in div.itertuples():
             ax.plot(100 * row.noise_rate, 0.03, marker="x", ms=8, mew=2, ls="",
                     color=colours[row.series], transform=ax.get_xaxis_transform())
@@ -216,7 +217,7 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
         Line2D([], [], color="grey", marker="o", ls="", alpha=0.45, label="one run"),
         Line2D([], [], color="grey", marker="o", label="mean ± sd over runs"),
     ]
-    if (runs["status"] == "diverged").any():
+    if (runs["status"] == DIVERGED).any():
         handles.append(Line2D([], [], color="grey", marker="x", mew=2, ls="",
                               label="diverged run"))
     _legend(fig, handles)
@@ -226,7 +227,7 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
 def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
                   published: pd.DataFrame | None) -> Figure | None:
     """Test accuracy against parameter count (log x), per noise rate; published ResNets grey."""
-    ok = runs[(runs["status"] == "ok") & runs["tst_acc"].map(_finite)
+    ok = runs[(runs["status"] == OK) & runs["tst_acc"].map(_finite)
               & runs["params"].map(_finite)]
     conds = [c for c in _conditions(ok)
              if ok.loc[ok["condition"] == c, "params"].nunique() >= 2]

@@ -17,6 +17,7 @@ import pandas as pd
 
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DIR
+from lambdapipe.status import STATUSES
 
 PUBLISHED_FILES = {
     "resnet": ("published_resnet_baselines.csv",
@@ -42,7 +43,6 @@ NUMERIC_SUMMARY = (
     "train_clean_acc",
 )
 TEXT_SUMMARY = ("model", "dataset", "noise", "precision", "recipe")
-STATUSES = ("ok", "diverged")
 METRIC_COLUMNS = (
     "iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc", "val_loss",
     "val_acc", "images_per_s", "elapsed_s",

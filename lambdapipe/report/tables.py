@@ -1,8 +1,10 @@
 """Tables: ours as mean ± std over seeds, the published value beside ours where one exists.
 
-Means and stds are over the runs that finished with status `ok`; a diverged run never enters
-a mean: it is named in the status column, and a cell whose runs all diverged reads
-`diverged@<iteration>`. Standard deviations are sample stds (ddof=1); one run shows no ±.
+Means and stds are over the runs that finished with status `ok`; a run that ended in any other
+status (lambdapipe.status: diverged, non-finite) never enters a mean: it is named in the status
+column and in the table of runs that are no result, and a cell whose runs all failed reads
+`diverged@<iteration>` or `<n> non-finite`. Standard deviations are sample stds (ddof=1); one
+run shows no ±.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lambdapipe.reference import (
     depth_width,
 )
 from lambdapipe.report.load import SUMMARY_FIELDS, Collection
+from lambdapipe.status import DIVERGED, FAILED, OK
 
 MISSING = "—"
 STAND_IN_NOTE = (" {dataset} is a demo-size stand-in for {source}: rows are matched on the "
@@ -185,7 +188,7 @@ def metrics_json(df: pd.DataFrame) -> dict:
     for row in df.sort_values("run_id").itertuples():
         out[row.run_id] = {
             key: _json_number(getattr(row, key)) for key in ("tst_acc", "val_acc", "tst_nll")
-        } | {"diverged": int(row.status == "diverged"), "status": row.status}
+        } | {"diverged": int(row.status == DIVERGED), "status": row.status}
     return out
 
 
@@ -198,14 +201,13 @@ def model_metrics(df: pd.DataFrame) -> dict[str, dict]:
     """
     out: dict[str, dict] = {}
     for (dataset, series), g in df.groupby(["dataset", "series"], sort=True):
-        ok = g[g["status"] == "ok"]
+        ok = g[g["status"] == OK]
         acc = {cond: _json_number(round(float(np.nanmean(v)), 4)) if np.isfinite(v).any()
                else None
                for cond, v in ((c, _values(ok[ok["condition"] == c], "tst_acc"))
                                for c in _ordered_conditions(g))}
         name = re.sub(r"[^A-Za-z0-9_.@=+-]+", "_", series).strip("_")
-        out[f"{dataset}/{name}.json"] = {"tst_acc": acc, "runs": int(len(ok)),
-                                         "diverged": int((g["status"] == "diverged").sum())}
+        out[f"{dataset}/{name}.json"] = {"tst_acc": acc, **_counts(g, ok="runs")}
     return out
 
 
@@ -258,23 +260,22 @@ def stat(values: np.ndarray) -> tuple[float, float, int]:
     return float(values.mean()), float(values.std(ddof=1)) if n > 1 else math.nan, n
 
 
-def _diverged_cell(g: pd.DataFrame) -> str:
-    """The runs that are no result: diverged ones by iteration, non-finite ones counted."""
-    its = []
-    for v in g.loc[g["status"] == "diverged", "diverged_at"]:
-        its.append(str(int(v)) if v is not None and np.isfinite(v) else "?")
-    parts = [f"diverged@{it}" for it in its]
-    nonfinite = int((g["status"] == "non-finite").sum())
-    if nonfinite:
-        parts.append(f"{nonfinite} non-finite")
+def _failed_cell(g: pd.DataFrame) -> str:
+    """The runs that are no result: diverged ones by iteration, every other status counted."""
+    parts = [f"diverged@{int(v) if v is not None and np.isfinite(v) else '?'}"
+             for v in g.loc[g["status"] == DIVERGED, "diverged_at"]]
+    for status in FAILED:
+        n = int((g["status"] == status).sum())
+        if status != DIVERGED and n:
+            parts.append(f"{n} {status}")
     return ", ".join(parts)
 
 
 def metric_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str:
     """mean ± std over the group's ok runs; `(n=k)` when some of them lack the value."""
-    ok = g[g["status"] == "ok"]
+    ok = g[g["status"] == OK]
     if ok.empty:
-        return _diverged_cell(g)
+        return _failed_cell(g)
     mean, std, n = stat(_values(ok, col, scale))
     if n == 0:
         return MISSING
@@ -296,15 +297,15 @@ def fact_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str
 
 
 def status_cell(g: pd.DataFrame) -> str:
-    n_ok = int((g["status"] == "ok").sum())
-    diverged = _diverged_cell(g)
-    if not diverged:
-        return "ok"
-    return f"{n_ok} ok, {diverged}" if n_ok else diverged
+    n_ok = int((g["status"] == OK).sum())
+    failed = _failed_cell(g)
+    if not failed:
+        return OK
+    return f"{n_ok} ok, {failed}" if n_ok else failed
 
 
 def metric_csv(g: pd.DataFrame, col: str, name: str, scale: float = 1.0) -> dict:
-    mean, std, _ = stat(_values(g[g["status"] == "ok"], col, scale))
+    mean, std, _ = stat(_values(g[g["status"] == OK], col, scale))
     return {f"{name}_mean": mean, f"{name}_std": std}
 
 
@@ -333,9 +334,11 @@ def _sortable(v):
     return (1, 0) if v is None or (isinstance(v, float) and math.isnan(v)) else (0, v)
 
 
-def _counts(g: pd.DataFrame) -> dict:
-    return {"seeds": int((g["status"] == "ok").sum()),
-            "diverged": int((g["status"] == "diverged").sum())}
+def _counts(g: pd.DataFrame, ok: str = "seeds") -> dict:
+    """How many runs are results (`ok`), and how many ended in each failed status
+    (`diverged`, `non_finite`: a CSV column each, so none is silently dropped)."""
+    return {ok: int((g["status"] == OK).sum()),
+            **{s.replace("-", "_"): int((g["status"] == s).sum()) for s in FAILED}}
 
 
 # --------------------------------------------------------------------------- the tables
@@ -591,7 +594,8 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
 
 
 def incomplete_table(collection: Collection) -> Table:
-    """Runs without summary.json: listed so they are seen, never reported as results."""
+    """Runs that are no result, listed so they are seen: those without summary.json, and
+    finished ones whose status is not `ok` (each named by its status)."""
     md, rows = [], []
     for inc in sorted(collection.incomplete, key=lambda i: i.run_id):
         row = {"run": inc.run_id, "dataset": inc.dataset, "noise": inc.noise,
@@ -600,8 +604,27 @@ def incomplete_table(collection: Collection) -> Table:
                "status": "running/incomplete"}
         md.append(row)
         rows.append({**row, "last iteration": inc.last_iteration, "elapsed (s)": inc.elapsed_s})
-    return Table("incomplete", "Runs without summary.json (running/incomplete)", md, rows,
-                 ["Running, crashed or interrupted: none of these enter any table or figure."])
+    failed = [run for run in collection.runs if run.summary["status"] != OK]
+    for run in sorted(failed, key=lambda r: r.run_id):
+        s = run.summary
+        status = s["status"]
+        if status == DIVERGED:
+            status += f"@{_int_cell(s.get('diverged_at'))}"
+        last, elapsed = _number(s.get("iterations")), _number(s.get("wall_time_s"))
+        row = {"run": run.run_id, "dataset": s["dataset"], "noise": s["noise"],
+               "model": s["model"], "seed": str(s["seed"]), "last iteration": _int_cell(last),
+               "elapsed (s)": _int_cell(elapsed), "status": status}
+        md.append(row)
+        rows.append({**row, "last iteration": last, "elapsed (s)": elapsed})
+    return Table("incomplete", "Runs that are no result: running, incomplete or failed", md,
+                 rows, ["Running, crashed or interrupted (no summary.json), or finished with a "
+                        "status other than ok (diverged: the training loss went non-finite; "
+                        "non-finite: training was finite but the final evaluation was not): "
+                        "none of these enter any mean of a table."])
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def variants_table(df: pd.DataFrame) -> Table | None:
@@ -614,7 +637,7 @@ def variants_table(df: pd.DataFrame) -> Table | None:
         return None
     md, rows = [], []
     for (dataset, model, condition), g in _groups(sel, ["dataset", "model", "condition"]):
-        ok = g[g["status"] == "ok"]
+        ok = g[g["status"] == OK]
         means = ok.groupby("variant")["val_acc"].mean() if len(ok) else pd.Series(dtype=float)
         best = means.idxmax() if len(means) and means.notna().any() else None
         for variant, v in g.groupby("variant", sort=True):
