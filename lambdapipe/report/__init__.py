@@ -6,10 +6,16 @@ data code, so a report can be built anywhere the results were copied to.
 
 Writes under OUT:
   tables/baselines_<dataset>.{md,csv}   ours (mean ± std over seeds) beside published ResNets
+                                        (a published value only beside like runs:
+                                        reference.differences, one rule for every table)
   tables/noise_<dataset>.{md,csv}       model x noise rate
   tables/lambda_cifar10.{md,csv}        Lambda-ResNets beside the community CIFAR-10 table
   tables/imagenette_noisy.{md,csv}      the Imagenette noisy-label study beside its report
   tables/variants.{md,csv}              named variants (fp16, an lr sweep) side by side on val
+  tables/reproduced.{md,csv}            each published value beside like runs: our mean, 95 %
+                                        t interval over seeds, verdict (consistent/below/above)
+  tables/lambda_vs_resnet.{md,csv}      Lambda-ResNet minus ResNet, paired by seed and noise
+                                        draw, with its 95 % interval
   tables/incomplete.{md,csv}            runs that are no result: without summary.json, or
                                         finished diverged / non-finite
   tables/runs.csv                       every finished run, every summary field
@@ -30,7 +36,7 @@ from pathlib import Path
 from lambdapipe.atomic import write_json, write_text
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DATASET
-from lambdapipe.report import figures, tables
+from lambdapipe.report import compare, figures, published_tables, tables
 from lambdapipe.report.load import collect_runs, read_published
 from lambdapipe.status import STATUSES
 
@@ -60,14 +66,17 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     written = Written()
 
     all_tables: list[tables.Table] = []
+    cells: list[compare.PublishedCell] = []  # every published value beside like runs
     for dataset in sorted(df["dataset"].unique()):
         sub = df[df["dataset"] == dataset]
-        all_tables += [tables.baseline_table(dataset, sub, pub["resnet"]),
+        all_tables += [published_tables.baseline_table(dataset, sub, pub["resnet"], cells),
                        tables.noise_table(dataset, sub)]
-    for extra in (tables.lambda_table(df, pub["lambda"]),
-                  tables.imagenette_table(df, pub["imagenette"]), tables.variants_table(df)):
+    for extra in (published_tables.lambda_table(df, pub["lambda"], cells),
+                  published_tables.imagenette_table(df, pub["imagenette"], cells),
+                  compare.paired_table(df), tables.variants_table(df)):
         if extra is not None:
             all_tables.append(extra)
+    all_tables.insert(0, compare.verdict_table(cells))
     all_tables.append(tables.incomplete_table(collection))
     for table in all_tables:
         for suffix, text in ((".md", "# " + table.markdown()[3:]), (".csv", table.csv())):

@@ -20,30 +20,16 @@ import numpy as np
 import pandas as pd
 
 from lambdapipe.reference import (
-    PUBLISHED_DATASET,
-    PUBLISHED_IMAGE_SIZE,
-    PUBLISHED_PRECISION,
-    PUBLISHED_RECIPE,
-    arch_key,
+    DRAWN,
+    NOT_RECIPE,
     depth_width,
+    has_official_noise,
+    noise_source,
 )
 from lambdapipe.report.load import SUMMARY_FIELDS, Collection
 from lambdapipe.status import DIVERGED, FAILED, OK
 
 MISSING = "—"
-STAND_IN_NOTE = (" {dataset} is a demo-size stand-in for {source}: rows are matched on the "
-                 "model, precision and recipe, ignoring model args, image size, budget and "
-                 "batch size, so the published column is context, not a like-for-like "
-                 "comparison.")
-LAMBDA_TABLE_MODELS = re.compile(r"(?:lambda_)?resnet(?:18|50)(?:_u\d+_r\d+)?")
-# The paper's Lambda-ResNet defaults: query depth k=16, heads h=4, intra-depth u=1, scope r=23.
-LAMBDA_DEFAULTS = {"k": 16, "h": 4, "u": 1, "r": 23}
-# Recipe fields whose change (summary.json `recipe_changes`) leaves the experiment the named
-# recipe's: precision is a column of its own, the rest change speed or what is logged.
-NOT_RECIPE = frozenset({"description", "precision", "channels_last", "compile", "tf32",
-                        "track_test_every_eval"})
-# What a demo-size stand-in (config `shrink.set`) changes on purpose: budget and batch.
-SHRUNK = frozenset({"iterations", "epochs", "eval_every", "eval_every_epochs", "batch_size"})
 
 
 @dataclass
@@ -111,17 +97,22 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
                    if k not in NOT_RECIPE}
         name = run.summary.get("recipe")
         row.update(
-            recipe_name=name, recipe_changed=bool(changes),
-            recipe_changed_beyond_shrink=bool(set(changes) - SHRUNK),
+            recipe_name=name, recipe_changed_fields=",".join(sorted(changes)),
             # A changed recipe is another recipe: its own rows, never the published one's.
             recipe=f"{name} ({', '.join(f'{k}={_setting(v)}' for k, v in sorted(changes.items()))})"
             if changes and name else name,
         )
+        source = noise_source(dataset, run.noise.kind, run.noise.rate, run.noise.seed)
+        # A draw where the dataset ships official noisy labels at that rate is another noise
+        # source: its own rows, never pooled with (or shown as) the official column's.
+        drawn = source == DRAWN and has_official_noise(dataset, run.noise.kind, run.noise.rate)
         row.update(
             variant=variant, published_dataset=published_as.get(dataset, dataset),
             stand_in=dataset in published_as,
             run_id=run.run_id, noise_kind=run.noise.kind, noise_rate=run.noise.rate,
-            noise_seed=run.noise.seed, condition=run.noise.condition,
+            noise_seed=run.noise.seed, noise_condition=run.noise.condition,
+            noise_source=source,
+            condition=run.noise.condition + (" (drawn)" if drawn else ""),
             model_args=json.dumps(run.model_args, sort_keys=True) if run.model_args else "",
             model_label=run.summary["model"] + (f"@{variant}" if variant else "")
             + (f" ({args})" if args else ""),
@@ -154,25 +145,6 @@ def _setting(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def like_published(first: pd.Series, table: str, published_dataset: str | None = None) -> bool:
-    """Whether a group's runs were trained like the published table's rows: the source's
-    recipe unchanged, its precision and image size (reference.PUBLISHED_*). A stand-in
-    (a demo-size run of the grid) shrinks budget, batch, image size and widths on purpose:
-    it is compared on the rest of the recipe and the precision; its table says so."""
-    if first["recipe_name"] != PUBLISHED_RECIPE[table]:
-        return False
-    precision = PUBLISHED_PRECISION.get(table)
-    if precision is not None and first["precision"] != precision:
-        return False
-    if first["stand_in"]:
-        return not first["recipe_changed_beyond_shrink"]
-    size = PUBLISHED_IMAGE_SIZE.get(published_dataset or table)
-    if size is not None and not (pd.notna(first.get("image_size"))
-                                 and int(first["image_size"]) == size):
-        return False
-    return not first["recipe_changed"]
 
 
 def runs_table(df: pd.DataFrame) -> str:
@@ -342,79 +314,6 @@ def _counts(g: pd.DataFrame, ok: str = "seeds") -> dict:
 
 
 # --------------------------------------------------------------------------- the tables
-def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> Table:
-    """The published ResNet baseline format, ours beside the published row of the same
-    dataset, depth, width and precision (ResNets trained on clean labels, no model overrides)."""
-    stand_in = bool(df["stand_in"].any())
-    pub_ds = PUBLISHED_DATASET.get(df["published_dataset"].iloc[0] if len(df) else dataset)
-    md, rows = [], []
-    for (label, condition, precision, recipe), g in _groups(
-            df, ["model_label", "condition", "precision", "recipe"]):
-        first = g.iloc[0]
-        depth, width = first["depth"], first["width"]
-        pub = None
-        if (pub_ds and condition == "clean" and (stand_in or not first["model_args"])
-                and re.fullmatch(r"resnet\d+(x\d+)?", first["model"])
-                and like_published(first, "resnet", pub_ds)):
-            hit = published[(published["dataset"] == pub_ds) & (published["depth"] == depth)
-                            & (published["width"] == width)
-                            & (published["precision"] == precision)]
-            pub = hit.iloc[0] if len(hit) else None
-
-        def p(col, digits, pub=pub):
-            return pub_cell(pub[col] if pub is not None else None, digits)
-
-        md.append({
-            "model": label, "noise": condition,
-            "depth": _int_cell(depth), "width": _int_cell(width),
-            "params (M)": fact_cell(g, "params", 2, 1e-6), "published params (M)":
-                p("params_m", 2),
-            "seeds": str(_counts(g)["seeds"]),
-            "val/acc": metric_cell(g, "val_acc", 3), "published val/acc": p("val_acc", 3),
-            "tst/acc": metric_cell(g, "tst_acc", 3), "published tst/acc": p("test_acc", 3),
-            "tst/nll": metric_cell(g, "tst_nll", 3), "published tst/nll": p("test_nll", 3),
-            "iter/min": metric_cell(g, "iter_per_min", 0),
-            "published iter/min": p("iter_per_min", 0),
-            "training time (h)": metric_cell(g, "wall_time_s", 2, 1 / 3600),
-            "published training time (h)": p("training_time_h", 1),
-            "precision": precision, "recipe": recipe, "status": status_cell(g),
-        })
-        rows.append({
-            "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
-            "noise": condition, "depth": depth, "width": width, "precision": precision,
-            "recipe": recipe, **_counts(g),
-            **metric_csv(g, "params", "params_m", 1e-6),
-            "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
-            **_with_pub(g, pub, [("val_acc", "val_acc"), ("tst_acc", "test_acc"),
-                                 ("tst_nll", "test_nll"), ("iter_per_min", "iter_per_min")]),
-            **metric_csv(g, "wall_time_s", "training_time_h", 1 / 3600),
-            "training_time_h_published":
-                _pub_float(pub["training_time_h"]) if pub is not None else math.nan,
-            "status": status_cell(g),
-        })
-    published_note = (f"Published: {pub_ds} rows, beside ResNets on clean labels without "
-                      "model overrides of the same depth, width, precision and image size, "
-                      f"trained with recipe {PUBLISHED_RECIPE['resnet']} unchanged; other "
-                      "rows read '—'. Training time: ours is the run's wall-clock time "
-                      "(summary wall_time_s), the published one the tables' hours on one "
-                      "RTX 3090 (ResNet-18 only)." if pub_ds
-                      else f"No published baselines for {dataset}.")
-    if pub_ds and stand_in:
-        published_note += STAND_IN_NOTE.format(dataset=dataset, source=pub_ds)
-    notes = ["Mean ± sample std over seeds (ok runs only); accuracies are fractions. "
-             + published_note]
-    return Table(f"baselines_{dataset}", f"{dataset}: results against the published ResNet "
-                 "baselines", md, rows, notes)
-
-
-def _with_pub(g: pd.DataFrame, pub, pairs) -> dict:
-    out = {}
-    for ours, theirs in pairs:
-        out |= metric_csv(g, ours, ours)
-        out[f"{ours}_published"] = _pub_float(pub[theirs]) if pub is not None else math.nan
-    return out
-
-
 def _int_cell(v) -> str:
     return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v))
 
@@ -423,12 +322,15 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
     """Model x noise rate; noise draws (tag suffix -s<seed>) pool with the training seeds."""
     md, rows = [], []
     ordered = df.sort_values(["model_label", "_cond_order"])
-    for (label, condition, precision, recipe), g in ordered.groupby(
-            ["model_label", "condition", "precision", "recipe"], sort=False):
+    for (label, condition, _, precision, recipe), g in ordered.groupby(
+            ["model_label", "condition", "image_size", "precision", "recipe"], sort=False,
+            dropna=False):
         first = g.iloc[0]
         md.append({
-            "model": label, "noise": first["noise_kind"],
-            "rate": f"{first['noise_rate']:g}", "seeds": str(_counts(g)["seeds"]),
+            "model": label, "noise": first["noise_kind"]  # + " (drawn)", if so
+            + first["condition"][len(first["noise_condition"]):],
+            "rate": f"{first['noise_rate']:g}", "px": _int_cell(first["image_size"]),
+            "seeds": str(_counts(g)["seeds"]),
             "tst/acc": metric_cell(g, "tst_acc", 3),
             "train clean acc": metric_cell(g, "train_clean_acc", 3),
             "best train loss": metric_cell(g, "best_train_loss", 3),
@@ -439,7 +341,8 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
         rows.append({
             "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
             "noise": condition, "noise_kind": first["noise_kind"],
-            "noise_rate": first["noise_rate"], "precision": precision, "recipe": recipe,
+            "noise_rate": first["noise_rate"], "noise_source": first["noise_source"],
+            "image_size": first["image_size"], "precision": precision, "recipe": recipe,
             **_counts(g),
             **metric_csv(g, "tst_acc", "tst_acc"),
             **metric_csv(g, "train_clean_acc", "train_clean_acc"),
@@ -448,149 +351,11 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
             **metric_csv(g, "wall_time_s", "wall_time_s"),
             "status": status_cell(g),
         })
-    notes = ["Mean ± sample std over training seeds and noise draws (ok runs only); "
-             "train clean acc is training accuracy against the true labels."]
+    notes = ["Mean ± sample std over training seeds and noise draws (ok runs only; a draw "
+             "never pools with a dataset's official noisy-label column, which reads without "
+             "'(drawn)'); train clean acc is training accuracy against the true labels."]
     return Table(f"noise_{dataset}", f"{dataset}: test accuracy and losses against label noise",
                  md, rows, notes)
-
-
-def lambda_hyper(model: str, model_args: dict) -> dict[str, int | None]:
-    """k, h, u, r of a Lambda-ResNet name (`lambda_resnet18_u4_r7`), then its model args."""
-    if not model.startswith("lambda_"):
-        return dict.fromkeys(LAMBDA_DEFAULTS)
-    hyper = dict(LAMBDA_DEFAULTS)
-    m = re.search(r"_u(\d+)_r(\d+)$", model)
-    if m:
-        hyper["u"], hyper["r"] = int(m.group(1)), int(m.group(2))
-    for key in hyper:
-        if isinstance(model_args.get(key), int):
-            hyper[key] = model_args[key]
-    return hyper
-
-
-def lambda_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
-    """Our CIFAR-10 Lambda-ResNet-18/50 and ResNet-18/50 runs beside the community table."""
-    sel = df[(df["published_dataset"] == "cifar10") & (df["condition"] == "clean")
-             & df["model"].map(lambda m: bool(LAMBDA_TABLE_MODELS.fullmatch(m)))]
-    if sel.empty:
-        return None
-    md, rows = [], []
-    for (label, precision, recipe), g in _groups(sel, ["model_label", "precision", "recipe"]):
-        first = g.iloc[0]
-        args = json.loads(first["model_args"]) if first["model_args"] else {}
-        hyper = lambda_hyper(first["model"], args)
-        pub = None
-        if (first["stand_in"] or set(args) <= set(LAMBDA_DEFAULTS)) and like_published(
-                first, "lambda"):
-            if first["model"].startswith("lambda_"):
-                hit = published[(published["model"] == f"LambdaResNet{first['depth']}")
-                                & (published["k"] == hyper["k"]) & (published["h"] == hyper["h"])
-                                & (published["u"] == hyper["u"]) & (published["m"] == hyper["r"])]
-            else:
-                hit = published[published["model"] == f"ResNet{first['depth']} baseline"]
-            pub = hit.iloc[0] if len(hit) else None
-
-        def p(col, digits, pub=pub):
-            return pub_cell(pub[col] if pub is not None else None, digits)
-
-        md.append({
-            "model": label, **{k: _int_cell(v) for k, v in hyper.items()},
-            "params (M)": fact_cell(g, "params", 2, 1e-6),
-            "published params (M)": p("params_m", 1), "seeds": str(_counts(g)["seeds"]),
-            "tst/acc (%)": metric_cell(g, "tst_acc", 2, 100.0),
-            "best tst/acc seen (%)": metric_cell(g, "tst_acc_best_seen", 2, 100.0),
-            "published tst/acc (%)": p("test_acc_pct", 2),
-            "published epochs": p("epochs", 0),
-            "precision": precision, "recipe": recipe, "status": status_cell(g),
-        })
-        rows.append({
-            "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
-            **hyper, "precision": precision, "recipe": recipe, **_counts(g),
-            **metric_csv(g, "params", "params_m", 1e-6),
-            "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
-            **metric_csv(g, "tst_acc", "tst_acc_pct", 100.0),
-            **metric_csv(g, "tst_acc_best_seen", "tst_acc_best_seen_pct", 100.0),
-            "tst_acc_pct_published":
-                _pub_float(pub["test_acc_pct"]) if pub is not None else math.nan,
-            "status": status_cell(g),
-        })
-    notes = ["k = query depth, h = heads, u = intra-depth, r = scope (the community table's m). "
-             "Published: the LambdaNetworks community implementation's CIFAR-10 table, beside "
-             f"runs at 32 px in fp32 trained with recipe {PUBLISHED_RECIPE['lambda']} "
-             "unchanged (its ResNet baseline rows are kuangliu/pytorch-cifar's, quoted by "
-             "the source, whose recipe differs); '—' where it has no row or no accuracy, or "
-             "the run was trained otherwise. tst/acc is best.ckpt's (chosen on val); "
-             "'best tst/acc seen' is the source's way of reading: the highest test accuracy "
-             "of any evaluation during training (recipe flag track_test_every_eval), an "
-             "optimistic number shown only so the gap is visible."]
-    if sel["stand_in"].any():
-        notes[0] += STAND_IN_NOTE.format(dataset=", ".join(sorted(sel["dataset"].unique())),
-                                         source="cifar10")
-    return Table("lambda_cifar10", "cifar10: Lambda-ResNets against the community table",
-                 md, rows, notes)
-
-
-def imagenette_table(df: pd.DataFrame, published: pd.DataFrame) -> Table | None:
-    """The Imagenette noisy-label study: losses and time beside the published report."""
-    sel = df[df["published_dataset"].str.startswith("imagenette")]
-    if sel.empty:
-        return None
-    keys = published["architecture"].map(arch_key)
-    md, rows = [], []
-    for (dataset, label, condition, precision, recipe), g in _groups(
-            sel, ["dataset", "model_label", "condition", "precision", "recipe"]):
-        first = g.iloc[0]
-        pub = None
-        # The published study corrupts labels uniformly: clean and symmetric noise match.
-        if ((first["stand_in"] or not first["model_args"])
-                and first["noise_kind"] in ("clean", "symmetric")
-                and like_published(first, "imagenette")):
-            hit = published[(keys == first["model"]) & np.isclose(
-                pd.to_numeric(published["noise_pct"], errors="coerce"),
-                100 * first["noise_rate"])]
-            pub = hit.iloc[0] if len(hit) else None
-
-        def p(col, digits, pub=pub):
-            return pub_cell(pub[col] if pub is not None else None, digits)
-
-        md.append({
-            "dataset": dataset, "model": label, "noise": condition,
-            "seeds": str(_counts(g)["seeds"]),
-            "best train loss": metric_cell(g, "best_train_loss", 3),
-            "published best train loss": p("best_train_loss", 3),
-            "best val loss": metric_cell(g, "best_val_loss", 3),
-            "published best val loss": p("best_val_loss", 3),
-            "training time (s)": metric_cell(g, "wall_time_s", 0),
-            "published training time (s)": p("training_time_s", 0),
-            "tst/acc": metric_cell(g, "tst_acc", 3),
-            "train clean acc": metric_cell(g, "train_clean_acc", 3),
-            "precision": precision, "recipe": recipe, "status": status_cell(g),
-        })
-        rows.append({
-            "dataset": dataset, "model": first["model"], "model_args": first["model_args"],
-            "variant": first["variant"],
-            "noise": condition, "noise_kind": first["noise_kind"],
-            "noise_rate": first["noise_rate"], "precision": precision, "recipe": recipe,
-            **_counts(g),
-            **_with_pub(g, pub, [("best_train_loss", "best_train_loss"),
-                                 ("best_val_loss", "best_val_loss"),
-                                 ("wall_time_s", "training_time_s")]),
-            **metric_csv(g, "tst_acc", "tst_acc"),
-            **metric_csv(g, "train_clean_acc", "train_clean_acc"),
-            "status": status_cell(g),
-        })
-    notes = ["Published: the Imagenette noisy-label report (uniform noise; LR18_L3(lc) is our "
-             f"lr18_l3_lc), beside runs in fp32 trained with recipe "
-             f"{PUBLISHED_RECIPE['imagenette']} unchanged (the report states no image size). "
-             "Training time is wall-clock seconds, ours from summary wall_time_s, the "
-             "published converted from the report's h m s (P100 GPUs for the "
-             "Lambda-ResNets, the authors' own computers for the ResNets): it depends on "
-             "the hardware."]
-    if sel["stand_in"].any():
-        notes[0] += STAND_IN_NOTE.format(dataset=", ".join(sorted(sel["dataset"].unique())),
-                                         source="imagenette")
-    return Table("imagenette_noisy", "Imagenette: noisy-label study against the published "
-                 "report", md, rows, notes)
 
 
 def incomplete_table(collection: Collection) -> Table:
