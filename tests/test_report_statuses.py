@@ -4,6 +4,7 @@ shown, named, left out of every mean, never a reason to stop the report."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shlex
@@ -95,6 +96,10 @@ def check_report(out: Path) -> None:
     assert rows["resnet20x1 (base_width=4)"]["status"] == "1 ok, 1 non-finite"
     assert rows["resnet20x1 (base_width=4)"]["seeds"] == "1"
     assert rows["resnet20x1@hot (base_width=4)"]["status"].startswith("diverged@")
+    with (out / "tables" / "noise_digits.csv").open() as fh:
+        counts = {r["variant"]: (r["seeds"], r["diverged"], r["non_finite"])
+                  for r in csv.DictReader(fh)}
+    assert counts == {"": ("1", "0", "1"), "hot": ("0", "1", "0")}
     page = (out / "report.md").read_text()
     assert "3 finished runs (1 ok, 1 diverged, 1 non-finite)" in page
     metrics = json.loads((out / "metrics.json").read_text())

@@ -94,10 +94,11 @@ def interval_cell(values: np.ndarray, digits: int, signed: bool = False) -> str:
     mean, low, high = interval(values)
     if not math.isfinite(mean):
         return MISSING
-    sign = "+" if signed else ""
-    text = f"{mean:{sign}.{digits}f}"
-    return text if not math.isfinite(low) else f"{text} [{low:{sign}.{digits}f}, " \
-                                               f"{high:{sign}.{digits}f}]"
+    fmt = f"{'+' if signed else ''}.{digits}f"
+    text = format(mean, fmt)
+    if not math.isfinite(low):
+        return text
+    return f"{text} [{format(low, fmt)}, {format(high, fmt)}]"
 
 
 # --------------------------------------------------------------------------- verdicts
