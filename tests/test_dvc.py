@@ -90,8 +90,9 @@ def test_dvc_repro_push_pull(tmp_path):
     model = grid["models"][0]
     assert len(rows) == 1 and next(iter(rows)).startswith(f"results/metrics/digits/{model}")
     row = next(iter(rows.values()))["data"]
-    assert set(row) == {"tst_acc", "runs", "diverged", "non_finite"} and row["runs"] == 2
-    assert set(row["tst_acc"]) == {"clean", "symmetric-0.25"}
+    assert set(row) == {"test_acc_pct", "runs", "diverged", "non_finite"} and row["runs"] == 2
+    assert set(row["test_acc_pct"]) == {"clean", "symmetric-0.25"}
+    assert all(1 < v <= 100 for v in row["test_acc_pct"].values())  # percent, as the tables
     # `dvc plots show`: curves per run from results/curves, the figures, and no error
     # (Snakemake's .snakemake_timestamp in directory outputs is .dvcignore'd).
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo).stdout)

@@ -120,52 +120,67 @@ def test_baseline_table_means_stds_and_published(report):
     rows = csv_rows(out / "tables" / "baselines_cifar10.csv")
     r20 = pick(rows, model="resnet20x1", noise="clean")
     assert r20["seeds"] == "3" and r20["depth"] == "20" and r20["width"] == "1"
-    assert float(r20["tst_acc_mean"]) == pytest.approx(statistics.mean(R20_CLEAN_TST))
-    assert float(r20["tst_acc_std"]) == pytest.approx(statistics.stdev(R20_CLEAN_TST))
-    assert float(r20["tst_acc_published"]) == pytest.approx(0.924)  # CIFAR10_x32 20x1 fp32
+    # Accuracy in percent everywhere, the CSV column named so; the published fraction too.
+    assert float(r20["test_acc_pct_mean"]) == pytest.approx(100 * statistics.mean(R20_CLEAN_TST))
+    assert float(r20["test_acc_pct_std"]) == pytest.approx(100 * statistics.stdev(R20_CLEAN_TST))
+    assert float(r20["test_acc_pct_published"]) == pytest.approx(92.4)  # CIFAR10_x32 20x1 fp32
     assert float(r20["params_m_published"]) == pytest.approx(0.27)
 
     md = md_rows(out / "tables" / "baselines_cifar10.md")
     r20_md = pick(md, model="resnet20x1", noise="clean")
-    assert r20_md["tst/acc"] == "0.924 ± 0.003"
-    assert r20_md["published tst/acc"] == "0.924"
-    assert r20_md["tst/nll"] == "0.280 ± 0.010"
-    assert r20_md["published iter/min"] == "4545"
+    assert r20_md["test acc (%)"] == "92.40 ± 0.26"
+    assert r20_md["published test acc (%)"] == "92.40"
+    assert r20_md["test NLL"] == "0.280 ± 0.010"
     # Noisy runs and non-ResNets have no published row; bf16 has none either.
-    assert pick(md, model="resnet20x1", noise="symmetric-0.25")["published tst/acc"] == "—"
+    assert pick(md, model="resnet20x1", noise="symmetric-0.25")["published test acc (%)"] == "—"
     lr = pick(md, model="lr18_l3_lc", noise="clean")
-    assert lr["published tst/acc"] == "—" and lr["depth"] == "18"
-    assert lr["tst/acc"] == "0.945 ± 0.007" and lr["precision"] == "bf16"
+    assert lr["published test acc (%)"] == "—" and lr["depth"] == "18"
+    assert lr["test acc (%)"] == "94.50 ± 0.71" and lr["precision"] == "bf16"
     r18 = pick(md, model="resnet18", noise="clean", recipe="sgdm")
-    assert r18["iter/min"] == "—"  # missing optional key
-    assert r18["published tst/acc"] == "0.948" and r18["tst/acc"] == "0.950"
-    # Training time beside the tables' hours, both in hours: 2520 s = 0.70 h vs 0.6 h.
-    assert r18["training time (h)"] == "0.70" and r18["published training time (h)"] == "0.6"
-    assert pick(md, model="resnet20x1", noise="clean")["published training time (h)"] == "—"
-    r18_csv = pick(rows, model="resnet18", recipe="sgdm")
-    assert float(r18_csv["training_time_h_mean"]) == pytest.approx(0.7)
-    assert float(r18_csv["training_time_h_published"]) == pytest.approx(0.6)
+    assert r18["published test acc (%)"] == "94.80" and r18["test acc (%)"] == "95.00"
     # The same model under another recipe is not the baseline table's: no published value.
     other = pick(md, model="resnet18", noise="clean", recipe="sgd-restarts")
-    assert other["tst/acc"] == "0.940" and other["published tst/acc"] == "—"
+    assert other["test acc (%)"] == "94.00" and other["published test acc (%)"] == "—"
     assert other["published params (M)"] == "—"
+    # Rates and times measure the machine: the speed table, not the results.
+    assert not {"iter/min", "training time (h:mm:ss)"} & set(r20_md)
+
+
+def test_speed_table_apart_one_time_unit(report):
+    _, out, _ = report
+    md = md_rows(out / "tables" / "speed_cifar10.md")
+    assert pick(md, model="resnet20x1", noise="clean")["published iter/min"] == "4545"
+    r18 = pick(md, model="resnet18", noise="clean", recipe="sgdm")
+    assert r18["iter/min"] == "—"  # missing optional key
+    # Ours and the tables' hours in one form: 2520 s = 0:42:00 beside 0.6 h = 0:36:00.
+    assert r18["training time (h:mm:ss)"] == "0:42:00"
+    assert r18["published training time (h:mm:ss)"] == "0:36:00"
+    assert pick(md, model="resnet20x1", noise="clean")[
+        "published training time (h:mm:ss)"] == "—"
+    rows = csv_rows(out / "tables" / "speed_cifar10.csv")
+    r18_csv = pick(rows, model="resnet18", recipe="sgdm")
+    assert float(r18_csv["training_time_s_mean"]) == pytest.approx(2520)
+    assert float(r18_csv["training_time_s_published"]) == pytest.approx(2160)
+    # The results tables say where the times went; no table shows hours or seconds.
+    for table in (out / "tables").glob("*.md"):
+        assert "(h)" not in table.read_text() and "(s)" not in table.read_text(), table
 
 
 def test_noise_table_and_diverged(report):
     _, out, _ = report
     md = md_rows(out / "tables" / "noise_cifar10.md")
     noisy = pick(md, model="resnet20x1", noise="symmetric", rate="0.25")
-    assert noisy["tst/acc"] == "0.856 ± 0.008"
-    assert noisy["best train loss"] == "1.150 ± 0.071"
+    assert noisy["test acc (%)"] == "85.60 ± 0.85"
+    assert noisy["best train loss (CE on the training labels)"] == "1.150 ± 0.071"
     assert noisy["seeds"] == "2"  # the incomplete seed 2 is not a result
     div = pick(md, model="lr18_l3_lc", noise="symmetric", rate="0.25")
-    assert div["tst/acc"] == "diverged@1200"
-    assert div["best val loss"] == "diverged@1200"
+    assert div["test acc (%)"] == "diverged@1200"
+    assert div["best val loss (CE)"] == "diverged@1200"
     assert div["status"] == "diverged@1200"
     assert pick(md, model="lr18_l3_lc", noise="clean", rate="0")["status"] == "ok"
     rows = csv_rows(out / "tables" / "noise_cifar10.csv")
     d = pick(rows, model="lr18_l3_lc", noise="symmetric-0.25")
-    assert d["tst_acc_mean"] == "" and d["diverged"] == "1" and d["seeds"] == "0"
+    assert d["test_acc_pct_mean"] == "" and d["diverged"] == "1" and d["seeds"] == "0"
 
 
 def test_incomplete_listed_never_results(report):
@@ -180,9 +195,9 @@ def test_incomplete_listed_never_results(report):
     assert len(run_ids) == 12 and "cifar10/symmetric-0.25/resnet20x1/2" not in run_ids
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == set(run_ids)
-    assert metrics["cifar10/clean/resnet20x1/1"]["tst_acc"] == pytest.approx(0.925)
+    assert metrics["cifar10/clean/resnet20x1/1"]["test_acc_pct"] == 92.5  # percent, as tables
     assert metrics["cifar10/symmetric-0.25/lr18_l3_lc/0"]["status"] == "diverged"
-    assert metrics["cifar10/symmetric-0.25/lr18_l3_lc/0"]["tst_nll"] is None
+    assert metrics["cifar10/symmetric-0.25/lr18_l3_lc/0"]["test_nll"] is None
 
 
 def test_runs_csv_has_every_summary_field(report):
@@ -200,18 +215,21 @@ def test_lambda_and_imagenette_tables(report):
     lam = md_rows(out / "tables" / "lambda_cifar10.md")
     lr = pick(lam, model="lambda_resnet18_u4_r7")
     assert (lr["k"], lr["h"], lr["u"], lr["r"]) == ("16", "4", "4", "7")
-    assert lr["tst/acc (%)"] == "93.00" and lr["published tst/acc (%)"] == "93.20"
+    assert lr["test acc (%)"] == "93.00" and lr["published test acc (%)"] == "93.20"
     # kuangliu's ResNet-18 (93.02) used its own recipe: not beside our sgd-restarts run.
     r18 = pick(lam, model="resnet18", recipe="sgd-restarts")
-    assert r18["published tst/acc (%)"] == "—"
+    assert r18["published test acc (%)"] == "—"
     assert r18["unlike published"] == ("recipe sgd-restarts (published: kuangliu/pytorch-cifar's "
                                        "own)")
     # ResNet-18 under sgdm is in the table (ours), but not beside the community value.
-    assert pick(lam, model="resnet18", recipe="sgdm")["published tst/acc (%)"] == "—"
+    assert pick(lam, model="resnet18", recipe="sgdm")["published test acc (%)"] == "—"
     assert {r["model"] for r in lam} == {"lambda_resnet18_u4_r7", "resnet18"}
     img = pick(md_rows(out / "tables" / "imagenette_noisy.md"), model="lr18_l3_lc")
-    assert img["published best train loss"] == "1.904"  # LR18_L3(lc) at 25 %
-    assert img["best train loss"] == "1.800" and img["published training time (s)"] == "17792"
+    loss = "best train loss (CE on the training labels)"
+    assert img[f"published {loss}"] == "1.904"  # LR18_L3(lc) at 25 %
+    # 15000 s beside the report's 4 h 56 min 32 s, in one form.
+    assert img[loss] == "1.800" and img["training time (h:mm:ss)"] == "4:10:00"
+    assert img["published training time (h:mm:ss)"] == "4:56:32"
 
 
 # One run per case, each in its own runs tree; whether the published value stands beside it.
@@ -236,8 +254,12 @@ def test_a_published_value_stands_only_beside_like_runs(tmp_path, case):
     write_run(runs, "cifar10", "clean", "resnet20x1", 0, tst_acc=0.92, **change)
     build_report(runs, tmp_path / "out")
     row = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar10.md"), model="resnet20x1")
-    assert row["tst/acc"] == "0.920"
-    assert row["published tst/acc"] == ("0.924" if published else "—"), row
+    assert row["test acc (%)"] == "92.00"
+    # A column empty in every row is left out of the markdown (the CSV keeps it).
+    assert row.get("published test acc (%)", "—") == ("92.40" if published else "—"), row
+    csv_row = pick(csv_rows(tmp_path / "out" / "tables" / "baselines_cifar10.csv"),
+                   model="resnet20x1")
+    assert csv_row["test_acc_pct_published"] == ("92.4" if published else ""), csv_row
     if case == "a changed recipe field":
         assert row["recipe"] == "sgdm (lr=0.05)"
 
@@ -249,7 +271,8 @@ def test_imagenette_published_only_under_the_report_recipe(tmp_path, recipe, pub
               best_val_loss=2.4)
     build_report(runs, tmp_path / "out")
     row = pick(md_rows(tmp_path / "out" / "tables" / "imagenette_noisy.md"), model="lr18_l3_lc")
-    assert row["published best val loss"] == published and row["best val loss"] == "2.400"
+    assert row.get("published best val loss (CE)", "—") == published
+    assert row["best val loss (CE)"] == "2.400"
 
 
 def test_figures_written_readable_and_skips_noted(report):
@@ -342,11 +365,13 @@ def test_cli_report(tmp_path):
     assert f"wrote {tmp_path / 'out' / 'tables' / 'baselines_cifar100.md'}" in result.output
     assert "skipped figure acc_vs_noise_cifar100" in result.output
     row = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar100.md"), model="resnet20x1")
-    assert row["tst/acc"] == "0.665 ± 0.007" and row["published tst/acc"] == "0.662"
-    assert row["params (M)"] == "0.27" and row["seeds"] == "2"
+    assert row["test acc (%)"] == "66.50 ± 0.71" and row["published test acc (%)"] == "66.20"
+    # As many decimals as the table's smallest model needs, the same in every row.
+    assert row["params (M)"] == "0.272" and row["seeds"] == "2" and row["width"] == "1"
     narrow = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar100.md"),
                   model="resnet20x1 (base_width=4)")  # summary.json wins over config.json
-    assert narrow["published tst/acc"] == "—" and narrow["params (M)"] == "0.0175"
+    assert narrow["published test acc (%)"] == "—" and narrow["params (M)"] == "0.018"
+    assert narrow["width"] == "—"  # the name's x1 says nothing beside base_width=4
     empty = CliRunner().invoke(main, ["report", "--runs", str(tmp_path / "none"), "--out",
                                       str(tmp_path / "o2")])
     assert empty.exit_code == 2 and "does not exist" in empty.output

@@ -62,19 +62,19 @@ def test_one_unlike_field_keeps_the_published_value_away(unlike_report, field):
     """Each field alone is enough: its run is its own row, '—' and the field named."""
     rows = md_rows(unlike_report / "tables" / "imagenette_noisy.md")
     row = pick(rows, **{"unlike published": UNLIKE[field][1]})
-    assert row["published best val loss"] == "—" and row["seeds"] == "1"
-    assert row["best val loss"] == "2.400"
+    assert row["published best val loss (CE)"] == "—" and row["seeds"] == "1"
+    assert row["best val loss (CE)"] == "2.400"
 
 
 def test_like_runs_alone_stand_beside_the_published_value(unlike_report):
     rows = md_rows(unlike_report / "tables" / "imagenette_noisy.md")
     like = pick(rows, **{"unlike published": ""})
-    assert like["seeds"] == "2" and like["published best val loss"] == "2.363"
+    assert like["seeds"] == "2" and like["published best val loss (CE)"] == "2.363"
     assert len(rows) == 1 + len(UNLIKE)  # no unlike run pooled with the like ones
     drawn = pick(rows, noise="symmetric-0.25 (drawn)")
     assert drawn["seeds"] == "1"
     cells = [r for r in csv_rows(unlike_report / "tables" / "reproduced.csv")
-             if r["metric"] == "best val loss"]
+             if r["metric"] == "best val loss (CE)"]
     assert [(c["dataset"], c["runs"]) for c in cells] == [("imagenette", "2")]
 
 
@@ -145,7 +145,7 @@ def test_interval_is_the_student_t_one():
     assert verdict(np.array([0.5, 0.5]), 0.5) == "consistent"
 
 
-# (model, published tst/acc on CIFAR10_x32 fp32, our seeds' tst/acc, verdict)
+# (model, published test accuracy on CIFAR10_x32 fp32, our seeds' tst_acc, verdict)
 VERDICTS = [
     ("resnet20x1", 0.924, [0.90, 0.91, 0.92], "consistent"),  # 0.924 in [0.885, 0.935]
     ("resnet32x1", 0.931, [0.80, 0.81, 0.82], "below"),
@@ -165,21 +165,22 @@ def test_verdicts_on_runs_whose_answer_is_known(tmp_path):
     build_report(runs, tmp_path / "out")
     rows = csv_rows(tmp_path / "out" / "tables" / "reproduced.csv")
     for model, published, accs, word in VERDICTS:
-        row = pick(rows, model=model, metric="tst/acc")
+        # Ours and the published fraction both in percent, the unit the metric names.
+        row = pick(rows, model=model, metric="test acc (%)")
         assert row["verdict"] == word, row
-        assert float(row["published"]) == pytest.approx(published)
+        assert float(row["published"]) == pytest.approx(100 * published)
         assert int(row["runs"]) == len(accs)
-        assert float(row["mean"]) == pytest.approx(np.mean(accs))
+        assert float(row["mean"]) == pytest.approx(100 * np.mean(accs))
         if len(accs) > 1:
             half = T * np.std(accs, ddof=1) / math.sqrt(len(accs))
-            assert float(row["ci_low"]) == pytest.approx(np.mean(accs) - half)
-            assert float(row["ci_high"]) == pytest.approx(np.mean(accs) + half)
+            assert float(row["ci_low"]) == pytest.approx(100 * (np.mean(accs) - half))
+            assert float(row["ci_high"]) == pytest.approx(100 * (np.mean(accs) + half))
         else:
             assert row["ci_low"] == row["ci_high"] == ""
     md = pick(md_rows(tmp_path / "out" / "tables" / "reproduced.md"), model="resnet20x1",
-              metric="tst/acc")
-    assert md["ours: mean [95 % interval]"] == "0.910 [0.885, 0.935]"
-    assert md["verdict"] == "consistent" and md["published"] == "0.924"
+              metric="test acc (%)")
+    assert md["ours: mean [95 % interval]"] == "91.00 [88.52, 93.48]"
+    assert md["verdict"] == "consistent" and md["published"] == "92.40"
 
 
 # --------------------------------------------------------------------------- paired
@@ -205,13 +206,14 @@ def test_paired_difference_lambda_minus_resnet(tmp_path):
     row = pick(rows, noise="symmetric-0.25")
     half = T * 0.01 / math.sqrt(3)  # differences 0.02, 0.03, 0.04
     assert int(row["pairs"]) == 3 and row["partner"] == "resnet18"
-    assert float(row["diff_mean"]) == pytest.approx(0.03)
-    assert float(row["ci_low"]) == pytest.approx(0.03 - half)
-    assert float(row["ci_high"]) == pytest.approx(0.03 + half)
+    # Percentage points, the unit of every accuracy in the report.
+    assert float(row["test_acc_diff_pct_mean"]) == pytest.approx(3)
+    assert float(row["ci_low_pct"]) == pytest.approx(100 * (0.03 - half))
+    assert float(row["ci_high_pct"]) == pytest.approx(100 * (0.03 + half))
     assert row["reading"] == "Lambda-ResNet higher"
     drawn = pick(rows, noise="symmetric-0.25 (drawn)")
     assert drawn["pairs"] == "1" and drawn["reading"] == "too few pairs"
-    assert float(drawn["diff_mean"]) == pytest.approx(-0.1)
+    assert float(drawn["test_acc_diff_pct_mean"]) == pytest.approx(-10)
     md = pick(md_rows(tmp_path / "out" / "tables" / "lambda_vs_resnet.md"),
               noise="symmetric-0.25")
-    assert md["tst/acc difference [95 % interval]"] == "+0.030 [+0.005, +0.055]"
+    assert md["test acc difference (points) [95 % interval]"] == "+3.00 [+0.52, +5.48]"

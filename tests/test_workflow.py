@@ -194,7 +194,7 @@ def test_demo_end_to_end(demo_run):
     # dvc metrics' compact rows (one per model) and every run's DVCLive-format curves.
     rows = sorted((work / "results" / "metrics" / "digits").glob("*.json"))
     assert len(rows) == 2
-    assert all(set(json.loads(p.read_text())["tst_acc"]) == {"clean", "symmetric-0.25"}
+    assert all(set(json.loads(p.read_text())["test_acc_pct"]) == {"clean", "symmetric-0.25"}
                for p in rows)
     assert all((p.parent / "dvclive" / "metrics.json").is_file() for p in summaries)
     # Snakemake benchmarks of every train, evaluate and explain job.

@@ -1,5 +1,8 @@
 """`lambdapipe report`: tables and figures from finished run directories.
 
+Units, the same in every table and metric file: accuracies in percent (CSV columns and
+metric keys end in `_pct`), durations as h:mm:ss in markdown and seconds in CSV (`_s`).
+
 Reads only what runs wrote (summary.json, metrics.csv, config.json; the contract in
 docs/architecture.md) and the published reference CSVs; it imports no training, model or
 data code, so a report can be built anywhere the results were copied to.
@@ -9,6 +12,8 @@ Writes under OUT:
                                         (a published value only beside like runs:
                                         reference.differences, one rule for every table)
   tables/noise_<dataset>.{md,csv}       model x noise rate
+  tables/speed_<dataset>.{md,csv}       iteration rates and training times, apart from the
+                                        results (they measure the machine)
   tables/lambda_cifar10.{md,csv}        Lambda-ResNets beside the community CIFAR-10 table
   tables/imagenette_noisy.{md,csv}      the Imagenette noisy-label study beside its report
   tables/variants.{md,csv}              named variants (fp16, an lr sweep) side by side on val
@@ -22,8 +27,8 @@ Writes under OUT:
   figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation,
                                         attention (runs' explain_test.npz side by side),
                                         position (a lambda layer's learned embeddings)
-  metrics.json                          per-run tst_acc, val_acc, tst_nll, status
-  metrics/<dataset>/<model>.json        mean tst_acc per noise variant, runs, diverged: one
+  metrics.json                          per-run test_acc_pct, val_acc_pct, test_nll, status
+  metrics/<dataset>/<model>.json        mean test_acc_pct per noise variant, runs, diverged: one
                                         compact row per dataset and model (`dvc metrics show`)
   curves/<dataset>/<metric>.tsv         run, step, value of every run (`dvc plots show/diff`)
   report.md                             every table, figure links and what was skipped
@@ -70,7 +75,8 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     for dataset in sorted(df["dataset"].unique()):
         sub = df[df["dataset"] == dataset]
         all_tables += [published_tables.baseline_table(dataset, sub, pub["resnet"], cells),
-                       tables.noise_table(dataset, sub)]
+                       tables.noise_table(dataset, sub),
+                       published_tables.speed_table(dataset, sub, pub["resnet"])]
     for extra in (published_tables.lambda_table(df, pub["lambda"], cells),
                   published_tables.imagenette_table(df, pub["imagenette"], cells),
                   compare.paired_table(df), tables.variants_table(df)):

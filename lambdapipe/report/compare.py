@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from lambdapipe.reference import Setting, differences, model_identity
-from lambdapipe.report.tables import MISSING, Table, _groups, _values
+from lambdapipe.report.tables import MISSING, PCT, Table, _groups, _values
 from lambdapipe.status import OK
 
 CONFIDENCE = 0.95
@@ -113,20 +113,22 @@ class PublishedCell:
     metric: str
     digits: int
     published: float
-    values: np.ndarray  # the group's ok runs, finite, in the published unit
+    values: np.ndarray  # the group's ok runs, finite, in the unit `published` is in
 
 
 def published_cells(table: str, g: pd.DataFrame, pub: pd.Series | None,
-                    metrics: list[tuple[str, str, str, int, float]]) -> list[PublishedCell]:
-    """The cells of one group: (our column, published column, label, digits, scale) each,
-    where the published row has that value."""
+                    metrics: list[tuple[str, str, str, int, float, float]]
+                    ) -> list[PublishedCell]:
+    """The cells of one group: (our column, published column, label, digits, our scale,
+    published scale) each, where the published row has that value; both scaled to the
+    tables' unit (accuracies in percent)."""
     if pub is None:
         return []
     first = g.iloc[0]
     out = []
-    for ours, theirs, label, digits, scale in metrics:
+    for ours, theirs, label, digits, scale, pub_scale in metrics:
         try:
-            value = float(pub[theirs])
+            value = float(pub[theirs]) * pub_scale
         except (TypeError, ValueError):
             continue
         if math.isfinite(value):
@@ -204,21 +206,24 @@ def paired_table(df: pd.DataFrame) -> Table | None:
         partner_label = partner + label[len(model):]  # the same variant and model args
         md.append({"dataset": first["dataset"], "Lambda-ResNet": label, "ResNet": partner_label,
                    "noise": condition, "pairs": str(len(diffs)),
-                   "tst/acc difference [95 % interval]": interval_cell(diffs, 3, signed=True),
+                   "test acc difference (points) [95 % interval]":
+                       interval_cell(diffs * PCT, 2, signed=True),
                    "reading": word, "precision": first["precision"],
                    "recipe": first["recipe"]})
         rows.append({"dataset": first["dataset"], "model": model, "model_label": label,
                      "partner": partner, "noise": condition, "noise_rate": first["noise_rate"],
-                     "pairs": len(diffs), "diff_mean": mean, "ci_low": low, "ci_high": high,
+                     "pairs": len(diffs), "test_acc_diff_pct_mean": mean * PCT,
+                     "ci_low_pct": low * PCT, "ci_high_pct": high * PCT,
                      "reading": word, "precision": first["precision"],
                      "recipe": first["recipe"]})
     if not md:
         return None
     return Table("lambda_vs_resnet", "Lambda-ResNet minus ResNet, paired by seed and noise draw",
                  md, rows, [
-                     "Test accuracy of each Lambda-ResNet minus that of the ResNet of the same "
-                     "depth, trained alike (dataset, image size, model args, precision, "
-                     "recipe) with the same training seed on the same noisy labels (the same "
-                     "noise draw); mean over the pairs with a 95 % paired Student-t interval. "
+                     "Test accuracy (percentage points) of each Lambda-ResNet minus that of "
+                     "the ResNet of the same depth, trained alike (dataset, image size, "
+                     "model args, precision, recipe) with the same training seed on the same "
+                     "noisy labels (the same noise draw); mean over the pairs with a 95 % "
+                     "paired Student-t interval. "
                      "Lambda-ResNet / ResNet higher: the interval excludes 0; too few pairs: "
                      "under two."])

@@ -31,16 +31,27 @@ from lambdapipe.reference import (
 )
 from lambdapipe.report.compare import PublishedCell, match, published_cells, setting_of
 from lambdapipe.report.tables import (
+    BEST_TRAIN_LOSS,
+    BEST_VAL_LOSS,
+    PCT,
+    TEST_ACC,
+    TEST_NLL,
+    TIME,
+    TRAIN_CLEAN_ACC,
+    VAL_ACC,
     Table,
     _counts,
     _groups,
     _int_cell,
     _pub_float,
     fact_cell,
+    hms,
     metric_cell,
     metric_csv,
+    params_digits,
     pub_cell,
     status_cell,
+    time_cell,
 )
 
 STAND_IN_NOTE = (" {dataset} is a demo-size stand-in for {source}: rows are matched on the "
@@ -51,12 +62,14 @@ LAMBDA_TABLE_MODELS = re.compile(r"(?:lambda_)?resnet(?:18|50)(?:_u\d+_r\d+)?")
 # Every table groups on all fields of the like-for-like rule, so a group's runs share one
 # Setting: a published value beside a group stands beside each of its runs.
 SETTING_KEYS = ["dataset", "image_size", "model_label", "precision", "recipe", "condition"]
-BASELINE_VERDICTS = [("val_acc", "val_acc", "val/acc", 3, 1.0),
-                     ("tst_acc", "test_acc", "tst/acc", 3, 1.0),
-                     ("tst_nll", "test_nll", "tst/nll", 3, 1.0)]
-LAMBDA_VERDICTS = [("tst_acc", "test_acc_pct", "tst/acc (%)", 2, 100.0)]
-IMAGENETTE_VERDICTS = [("best_train_loss", "best_train_loss", "best train loss", 3, 1.0),
-                       ("best_val_loss", "best_val_loss", "best val loss", 3, 1.0)]
+# (our column, published column, label, digits, scale of ours, scale of the published value):
+# both scaled to the unit the tables show (accuracies in percent).
+BASELINE_VERDICTS = [("val_acc", "val_acc", VAL_ACC, 2, PCT, PCT),
+                     ("tst_acc", "test_acc", TEST_ACC, 2, PCT, PCT),
+                     ("tst_nll", "test_nll", TEST_NLL, 3, 1.0, 1.0)]
+LAMBDA_VERDICTS = [("tst_acc", "test_acc_pct", TEST_ACC, 2, PCT, 1.0)]
+IMAGENETTE_VERDICTS = [("best_train_loss", "best_train_loss", BEST_TRAIN_LOSS, 3, 1.0, 1.0),
+                       ("best_val_loss", "best_val_loss", BEST_VAL_LOSS, 3, 1.0, 1.0)]
 
 
 def _published(g: pd.DataFrame, candidates, table: str, metrics, cells: list[PublishedCell]):
@@ -88,6 +101,7 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
     source = df["published_dataset"].iloc[0] if len(df) else dataset
     pub_ds = PUBLISHED_DATASET.get(source)
     candidates = resnet_settings(published, source)
+    digits = params_digits(df["params"] * 1e-6)
     md, rows = [], []
     for _, g in _groups(df, SETTING_KEYS):
         first = g.iloc[0]
@@ -95,23 +109,21 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
                                            first["precision"], first["recipe"])
         pub, why = _published(g, candidates, f"baselines_{dataset}", BASELINE_VERDICTS, cells)
 
-        def p(col, digits, pub=pub):
-            return pub_cell(pub[col] if pub is not None else None, digits)
+        def p(col, digits, scale=1.0, pub=pub):
+            return pub_cell(pub[col] if pub is not None else None, digits, scale)
 
         md.append({
             "model": first["model_label"], "noise": first["condition"],
             "depth": _int_cell(depth), "width": _int_cell(width),
             "px": _int_cell(first["image_size"]),
-            "params (M)": fact_cell(g, "params", 2, 1e-6), "published params (M)":
+            "params (M)": fact_cell(g, "params", digits, 1e-6), "published params (M)":
                 p("params_m", 2),
             "seeds": str(_counts(g)["seeds"]),
-            "val/acc": metric_cell(g, "val_acc", 3), "published val/acc": p("val_acc", 3),
-            "tst/acc": metric_cell(g, "tst_acc", 3), "published tst/acc": p("test_acc", 3),
-            "tst/nll": metric_cell(g, "tst_nll", 3), "published tst/nll": p("test_nll", 3),
-            "iter/min": metric_cell(g, "iter_per_min", 0),
-            "published iter/min": p("iter_per_min", 0),
-            "training time (h)": metric_cell(g, "wall_time_s", 2, 1 / 3600),
-            "published training time (h)": p("training_time_h", 1),
+            VAL_ACC: metric_cell(g, "val_acc", 2, PCT), f"published {VAL_ACC}":
+                p("val_acc", 2, PCT),
+            TEST_ACC: metric_cell(g, "tst_acc", 2, PCT), f"published {TEST_ACC}":
+                p("test_acc", 2, PCT),
+            TEST_NLL: metric_cell(g, "tst_nll", 3), f"published {TEST_NLL}": p("test_nll", 3),
             "precision": precision, "recipe": recipe, "status": status_cell(g),
             "unlike published": why,
         })
@@ -122,33 +134,75 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
             "recipe": recipe, **_counts(g),
             **metric_csv(g, "params", "params_m", 1e-6),
             "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
-            **_with_pub(g, pub, [("val_acc", "val_acc"), ("tst_acc", "test_acc"),
-                                 ("tst_nll", "test_nll"), ("iter_per_min", "iter_per_min")]),
-            **metric_csv(g, "wall_time_s", "training_time_h", 1 / 3600),
-            "training_time_h_published":
-                _pub_float(pub["training_time_h"]) if pub is not None else math.nan,
+            **_with_pub(g, pub, [("val_acc", "val_acc", "val_acc_pct", PCT),
+                                 ("tst_acc", "test_acc", "test_acc_pct", PCT),
+                                 ("tst_nll", "test_nll", "test_nll", 1.0)]),
             "status": status_cell(g), "unlike_published": why,
         })
     published_note = (f"Published: {pub_ds} rows, beside ResNets trained alike: clean labels, "
                       "no model overrides, the same depth, width, precision and image size, "
                       f"recipe {PUBLISHED_RECIPE['resnet']} unchanged; other rows read '—' "
-                      "and 'unlike published' says what differs. Training time: ours is the "
-                      "run's wall-clock time (summary wall_time_s), the published one the "
-                      "tables' hours on one RTX 3090 (ResNet-18 only)." if pub_ds
+                      "and 'unlike published' says what differs. Training times and "
+                      f"iteration rates: speed_{dataset}." if pub_ds
                       else f"No published baselines for {dataset}.")
     if pub_ds and stand_in:
         published_note += STAND_IN_NOTE.format(dataset=dataset, source=pub_ds)
-    notes = ["Mean ± sample std over seeds (ok runs only); accuracies are fractions. "
+    notes = ["Mean ± sample std over seeds (ok runs only); accuracies in percent. "
              + published_note]
     return Table(f"baselines_{dataset}", f"{dataset}: results against the published ResNet "
                  "baselines", md, rows, notes)
 
 
+def speed_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame) -> Table:
+    """Iteration rates and training times apart from the results: they measure the machine
+    (a shared CPU for a demo) as much as the model, and read beside the published hardware's
+    only where the baseline table puts a published row beside the runs."""
+    source = df["published_dataset"].iloc[0] if len(df) else dataset
+    candidates = resnet_settings(published, source)
+    md, rows = [], []
+    for _, g in _groups(df, SETTING_KEYS):
+        first = g.iloc[0]
+        pub, why = match(setting_of(first), candidates, bool(first["stand_in"]))
+        compiled = g["compile"].dropna().unique() if "compile" in g else []
+        md.append({
+            "model": first["model_label"], "noise": first["condition"],
+            "px": _int_cell(first["image_size"]), "precision": first["precision"],
+            "compile": ", ".join(map(str, compiled)), "seeds": str(_counts(g)["seeds"]),
+            "iter/min": metric_cell(g, "iter_per_min", 0),
+            "published iter/min": pub_cell(pub["iter_per_min"] if pub is not None else None, 0),
+            TIME: time_cell(g), f"published {TIME}": pub_cell(
+                pub["training_time_h"] if pub is not None else None, 0, 3600.0, hms),
+            "recipe": first["recipe"], "status": status_cell(g),
+            "unlike published": "; ".join(why),
+        })
+        rows.append({
+            "model": first["model"], "model_args": first["model_args"],
+            "variant": first["variant"], "noise": first["condition"],
+            "image_size": first["image_size"], "precision": first["precision"],
+            "compile": ", ".join(map(str, compiled)), "recipe": first["recipe"], **_counts(g),
+            **_with_pub(g, pub, [("iter_per_min", "iter_per_min", "iter_per_min", 1.0)]),
+            **metric_csv(g, "wall_time_s", "training_time_s"),
+            "training_time_s_published": _pub_float(pub["training_time_h"]) * 3600.0
+            if pub is not None else math.nan,
+            "status": status_cell(g), "unlike_published": "; ".join(why),
+        })
+    note = ("Mean ± sample std over seeds (ok runs only). Measured where each run trained "
+            "(for a demo: a shared CPU, so rates vary with the load); training time is the "
+            "run's wall-clock time (summary wall_time_s), iter/min the training loop's rate. "
+            "Published: the baseline tables' rates and hours on one RTX 3090 (training time "
+            "for ResNet-18 only), beside runs trained alike.")
+    return Table(f"speed_{dataset}", f"{dataset}: training speed (machine-dependent)", md,
+                 rows, [note])
+
+
 def _with_pub(g: pd.DataFrame, pub, pairs) -> dict:
+    """CSV columns `<name>_mean`, `_std`, `_published` of (ours, theirs, name, scale) each;
+    the published value is scaled as ours (a fraction in the source, percent here)."""
     out = {}
-    for ours, theirs in pairs:
-        out |= metric_csv(g, ours, ours)
-        out[f"{ours}_published"] = _pub_float(pub[theirs]) if pub is not None else math.nan
+    for ours, theirs, name, scale in pairs:
+        out |= metric_csv(g, ours, name, scale)
+        out[f"{name}_published"] = (_pub_float(pub[theirs]) * scale if pub is not None
+                                    else math.nan)
     return out
 
 
@@ -183,6 +237,7 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
     if sel.empty:
         return None
     candidates = lambda_settings(published)
+    digits = params_digits(sel["params"] * 1e-6)
     md, rows = [], []
     for _, g in _groups(sel, SETTING_KEYS):
         first = g.iloc[0]
@@ -193,17 +248,17 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
                  "r": args.get("r")}
         pub, why = _published(g, candidates, "lambda_cifar10", LAMBDA_VERDICTS, cells)
 
-        def p(col, digits, pub=pub):
-            return pub_cell(pub[col] if pub is not None else None, digits)
+        def p(col, digits, fmt=None, pub=pub):
+            return pub_cell(pub[col] if pub is not None else None, digits, fmt=fmt)
 
         md.append({
             "model": first["model_label"], **{k: _int_cell(v) for k, v in hyper.items()},
             "px": _int_cell(first["image_size"]),
-            "params (M)": fact_cell(g, "params", 2, 1e-6),
+            "params (M)": fact_cell(g, "params", digits, 1e-6),
             "published params (M)": p("params_m", 1), "seeds": str(_counts(g)["seeds"]),
-            "tst/acc (%)": metric_cell(g, "tst_acc", 2, 100.0),
-            "best tst/acc seen (%)": metric_cell(g, "tst_acc_best_seen", 2, 100.0),
-            "published tst/acc (%)": p("test_acc_pct", 2),
+            TEST_ACC: metric_cell(g, "tst_acc", 2, PCT),
+            "best test acc seen (%)": metric_cell(g, "tst_acc_best_seen", 2, PCT),
+            f"published {TEST_ACC}": p("test_acc_pct", 2),
             "published epochs": p("epochs", 0),
             "precision": precision, "recipe": recipe, "status": status_cell(g),
             "unlike published": why,
@@ -214,9 +269,9 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
             "recipe": recipe, **_counts(g),
             **metric_csv(g, "params", "params_m", 1e-6),
             "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
-            **metric_csv(g, "tst_acc", "tst_acc_pct", 100.0),
-            **metric_csv(g, "tst_acc_best_seen", "tst_acc_best_seen_pct", 100.0),
-            "tst_acc_pct_published":
+            **metric_csv(g, "tst_acc", "test_acc_pct", PCT),
+            **metric_csv(g, "tst_acc_best_seen", "test_acc_best_seen_pct", PCT),
+            "test_acc_pct_published":
                 _pub_float(pub["test_acc_pct"]) if pub is not None else math.nan,
             "status": status_cell(g), "unlike_published": why,
         })
@@ -227,10 +282,10 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
              "source and trained with that repository's own recipe, of which we have no copy: "
              "no run of ours stands beside them. '—' where the source has no row or no "
              "accuracy, or the run was trained otherwise ('unlike published' says how). "
-             "tst/acc is best.ckpt's (chosen on val); 'best tst/acc seen' is the source's way "
+             "test acc is best.ckpt's (chosen on val); 'best test acc seen' is the source's way "
              "of reading: the highest test accuracy of any evaluation during training (recipe "
              "flag track_test_every_eval), an optimistic number shown only so the gap is "
-             "visible; the verdict reads tst/acc."]
+             "visible; the verdict reads test acc."]
     if sel["stand_in"].any():
         notes[0] += STAND_IN_NOTE.format(dataset=", ".join(sorted(sel["dataset"].unique())),
                                          source="cifar10")
@@ -269,20 +324,20 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame,
         precision, recipe, condition = first["precision"], first["recipe"], first["condition"]
         pub, why = _published(g, candidates, "imagenette_noisy", IMAGENETTE_VERDICTS, cells)
 
-        def p(col, digits, pub=pub):
-            return pub_cell(pub[col] if pub is not None else None, digits)
+        def p(col, digits, fmt=None, pub=pub):
+            return pub_cell(pub[col] if pub is not None else None, digits, fmt=fmt)
 
         md.append({
             "dataset": first["dataset"], "model": first["model_label"], "noise": condition,
             "px": _int_cell(first["image_size"]), "seeds": str(_counts(g)["seeds"]),
-            "best train loss": metric_cell(g, "best_train_loss", 3),
-            "published best train loss": p("best_train_loss", 3),
-            "best val loss": metric_cell(g, "best_val_loss", 3),
-            "published best val loss": p("best_val_loss", 3),
-            "training time (s)": metric_cell(g, "wall_time_s", 0),
-            "published training time (s)": p("training_time_s", 0),
-            "tst/acc": metric_cell(g, "tst_acc", 3),
-            "train clean acc": metric_cell(g, "train_clean_acc", 3),
+            BEST_TRAIN_LOSS: metric_cell(g, "best_train_loss", 3),
+            f"published {BEST_TRAIN_LOSS}": p("best_train_loss", 3),
+            BEST_VAL_LOSS: metric_cell(g, "best_val_loss", 3),
+            f"published {BEST_VAL_LOSS}": p("best_val_loss", 3),
+            TIME: time_cell(g),
+            f"published {TIME}": p("training_time_s", 0, fmt=hms),
+            TEST_ACC: metric_cell(g, "tst_acc", 2, PCT),
+            TRAIN_CLEAN_ACC: metric_cell(g, "train_clean_acc", 2, PCT),
             "precision": precision, "recipe": recipe, "status": status_cell(g),
             "unlike published": why,
         })
@@ -293,11 +348,11 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame,
             "noise_rate": first["noise_rate"], "noise_source": first["noise_source"],
             "image_size": first["image_size"], "precision": precision, "recipe": recipe,
             **_counts(g),
-            **_with_pub(g, pub, [("best_train_loss", "best_train_loss"),
-                                 ("best_val_loss", "best_val_loss"),
-                                 ("wall_time_s", "training_time_s")]),
-            **metric_csv(g, "tst_acc", "tst_acc"),
-            **metric_csv(g, "train_clean_acc", "train_clean_acc"),
+            **_with_pub(g, pub, [("best_train_loss", "best_train_loss", "best_train_loss", 1.0),
+                                 ("best_val_loss", "best_val_loss", "best_val_loss", 1.0),
+                                 ("wall_time_s", "training_time_s", "training_time_s", 1.0)]),
+            **metric_csv(g, "tst_acc", "test_acc_pct", PCT),
+            **metric_csv(g, "train_clean_acc", "train_clean_acc_pct", PCT),
             "status": status_cell(g), "unlike_published": why,
         })
     notes = ["Published: the Imagenette noisy-label report (uniform noise from the dataset's "
@@ -305,10 +360,10 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame,
              f"runs on imagenette in fp32 trained with recipe {PUBLISHED_RECIPE['imagenette']} "
              f"unchanged at {PUBLISHED_IMAGE_SIZE['imagenette']} px (the report states no "
              "image size: ours), with the official CSV labels (noise seed 0; a noise draw of "
-             "another seed reads '(drawn)' and is not like them). Training time is wall-clock "
-             "seconds, ours from summary wall_time_s, the published converted from the "
-             "report's h m s (P100 GPUs for the Lambda-ResNets, the authors' own computers for "
-             "the ResNets): it depends on the hardware."]
+             "another seed reads '(drawn)' and is not like them). Losses: the lowest "
+             "cross-entropy of any evaluation. Training time is wall-clock, ours from summary "
+             "wall_time_s, the published the report's (P100 GPUs for the Lambda-ResNets, the "
+             "authors' own computers for the ResNets): it depends on the hardware."]
     if sel["stand_in"].any():
         notes[0] += STAND_IN_NOTE.format(dataset=", ".join(sorted(sel["dataset"].unique())),
                                          source="imagenette")

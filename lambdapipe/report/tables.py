@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,13 @@ from lambdapipe.report.load import SUMMARY_FIELDS, Collection
 from lambdapipe.status import DIVERGED, FAILED, OK
 
 MISSING = "—"
+PCT = 100.0  # accuracies show and are stored in percent, as the sources print them
+TIME = "training time (h:mm:ss)"
+# Plain names of the summary's fields, the same in every table (summary.json keeps its own).
+TEST_ACC, VAL_ACC, TEST_NLL = "test acc (%)", "val acc (%)", "test NLL"
+TRAIN_CLEAN_ACC = "train acc on true labels (%)"
+BEST_TRAIN_LOSS = "best train loss (CE on the training labels)"
+BEST_VAL_LOSS = "best val loss (CE)"
 
 
 @dataclass
@@ -43,14 +51,16 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
+        """The table as markdown, without the columns empty in every row shown (a column of
+        '—' says nothing a reader needs at a glance; the CSV keeps every column)."""
         lines = [f"## {self.title}", ""]
         if self.md_rows:
-            header = list(self.md_rows[0])
-            lines.append("| " + " | ".join(header) + " |")
-            lines.append("|" + "|".join(" --- " for _ in header) + "|")
-            for row in self.md_rows:
-                lines.append("| " + " | ".join(str(row[h]).replace("|", "\\|")
-                                                for h in header) + " |")
+            frame = pd.DataFrame(self.md_rows).astype(str)
+            frame = frame.loc[:, ~frame.isin(["", MISSING]).all()]
+            # disable_numparse: the cells are already formatted ("0.70", "0:42:00"); tabulate
+            # would otherwise reparse and reformat them as numbers.
+            lines.append(frame.map(lambda v: v.replace("|", "\\|"))
+                         .to_markdown(index=False, disable_numparse=True))
         else:
             lines.append("(none)")
         lines += [""] + [f"{note}  " for note in self.notes]
@@ -116,7 +126,9 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
             model_args=json.dumps(run.model_args, sort_keys=True) if run.model_args else "",
             model_label=run.summary["model"] + (f"@{variant}" if variant else "")
             + (f" ({args})" if args else ""),
-            depth=depth, width=width,
+            # The name's width multiplier (resnet20x2 -> 2) says nothing once the model args
+            # set a width themselves (base_width=8): no "width 1" beside it.
+            depth=depth, width=None if any("width" in k for k in run.model_args) else width,
         )
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -155,18 +167,20 @@ def runs_table(df: pd.DataFrame) -> str:
 
 
 def metrics_json(df: pd.DataFrame) -> dict:
-    """Flat per-run summary for `dvc metrics show`."""
+    """Flat per-run summary for `dvc metrics show`: accuracies in percent, as every table."""
     out = {}
     for row in df.sort_values("run_id").itertuples():
         out[row.run_id] = {
-            key: _json_number(getattr(row, key)) for key in ("tst_acc", "val_acc", "tst_nll")
+            name: _scaled(getattr(row, key), scale)
+            for key, name, scale in (("tst_acc", "test_acc_pct", PCT),
+                                     ("val_acc", "val_acc_pct", PCT), ("tst_nll", "test_nll", 1))
         } | {"diverged": int(row.status == DIVERGED), "status": row.status}
     return out
 
 
 def model_metrics(df: pd.DataFrame) -> dict[str, dict]:
     """`dvc metrics show`'s compact table: one row (file) per dataset and model, mean test
-    accuracy per noise variant as columns, plus how many runs finished and diverged.
+    accuracy in percent per noise variant as columns, plus how many runs finished and diverged.
 
     Keyed by the file's path under metrics/, `<dataset>/<model label>.json`; a model trained
     on one dataset with several recipes or precisions gets one row for each.
@@ -174,12 +188,12 @@ def model_metrics(df: pd.DataFrame) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for (dataset, series), g in df.groupby(["dataset", "series"], sort=True):
         ok = g[g["status"] == OK]
-        acc = {cond: _json_number(round(float(np.nanmean(v)), 4)) if np.isfinite(v).any()
+        acc = {cond: _json_number(round(float(np.nanmean(v)), 2)) if np.isfinite(v).any()
                else None
-               for cond, v in ((c, _values(ok[ok["condition"] == c], "tst_acc"))
+               for cond, v in ((c, _values(ok[ok["condition"] == c], "tst_acc", PCT))
                                for c in _ordered_conditions(g))}
         name = re.sub(r"[^A-Za-z0-9_.@=+-]+", "_", series).strip("_")
-        out[f"{dataset}/{name}.json"] = {"tst_acc": acc, **_counts(g, ok="runs")}
+        out[f"{dataset}/{name}.json"] = {"test_acc_pct": acc, **_counts(g, ok="runs")}
     return out
 
 
@@ -210,6 +224,12 @@ def curves(collection: Collection, df: pd.DataFrame) -> dict[str, str]:
 
 def _ordered_conditions(g: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(g.sort_values("_cond_order")["condition"]))
+
+
+def _scaled(v, scale: float) -> float | None:
+    """A summary number in the metrics' unit, rounded off float noise (0.925 -> 92.5)."""
+    v = _json_number(v)
+    return None if v is None else round(v * scale, 6)
 
 
 def _json_number(v) -> float | None:
@@ -243,7 +263,8 @@ def _failed_cell(g: pd.DataFrame) -> str:
     return ", ".join(parts)
 
 
-def metric_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str:
+def metric_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0,
+                fmt: Callable[[float], str] | None = None) -> str:
     """mean ± std over the group's ok runs; `(n=k)` when some of them lack the value."""
     ok = g[g["status"] == OK]
     if ok.empty:
@@ -251,8 +272,34 @@ def metric_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> s
     mean, std, n = stat(_values(ok, col, scale))
     if n == 0:
         return MISSING
-    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+    fmt = fmt or (lambda v: f"{v:.{digits}f}")
+    text = fmt(mean) + (f" ± {fmt(std)}" if n > 1 else "")
     return text + (f" (n={n})" if n < len(ok) else "")
+
+
+def hms(seconds: float) -> str:
+    """h:mm:ss, one readable form for every duration (a run of seconds or of days)."""
+    if not math.isfinite(seconds):
+        return MISSING
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}"
+
+
+def time_cell(g: pd.DataFrame, col: str = "wall_time_s") -> str:
+    """Mean ± std of a duration in seconds, as h:mm:ss."""
+    return metric_cell(g, col, 0, fmt=hms)
+
+
+def params_digits(values) -> int:
+    """Decimals of a parameter count in millions: two, or as many more (up to six, the unit)
+    as it takes to tell every distinct count of one table apart (0.1765 beside 0.1781)."""
+    v = np.unique(np.asarray([x for x in values if x is not None and math.isfinite(x)],
+                             dtype=float))
+    for digits in range(2, 7):
+        if len({f"{x:.{digits}f}" for x in v}) == len(v) and all(
+                x == 0 or abs(x) >= 10 ** (1 - digits) for x in v):
+            return digits
+    return 6
 
 
 def fact_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str:
@@ -262,8 +309,7 @@ def fact_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str
     if len(v) == 0:
         return MISSING
     if np.allclose(v, v[0]):
-        # Tiny test-width models would all read 0.00 M at the published precision.
-        return f"{v[0]:.{digits}f}" if abs(v[0]) >= 10 ** (1 - digits) else f"{v[0]:.3g}"
+        return f"{v[0]:.{digits}f}"
     mean, std, _ = stat(v)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -281,12 +327,16 @@ def metric_csv(g: pd.DataFrame, col: str, name: str, scale: float = 1.0) -> dict
     return {f"{name}_mean": mean, f"{name}_std": std}
 
 
-def pub_cell(value, digits: int) -> str:
+def pub_cell(value, digits: int, scale: float = 1.0,
+             fmt: Callable[[float], str] | None = None) -> str:
+    """A published value in the tables' unit (`scale`: a fraction to percent)."""
     try:
-        value = float(value)
+        value = float(value) * scale
     except (TypeError, ValueError):
         return MISSING
-    return MISSING if not math.isfinite(value) else f"{value:.{digits}f}"
+    if not math.isfinite(value):
+        return MISSING
+    return fmt(value) if fmt else f"{value:.{digits}f}"
 
 
 def _pub_float(value) -> float:
@@ -331,11 +381,10 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
             + first["condition"][len(first["noise_condition"]):],
             "rate": f"{first['noise_rate']:g}", "px": _int_cell(first["image_size"]),
             "seeds": str(_counts(g)["seeds"]),
-            "tst/acc": metric_cell(g, "tst_acc", 3),
-            "train clean acc": metric_cell(g, "train_clean_acc", 3),
-            "best train loss": metric_cell(g, "best_train_loss", 3),
-            "best val loss": metric_cell(g, "best_val_loss", 3),
-            "training time (s)": metric_cell(g, "wall_time_s", 0),
+            TEST_ACC: metric_cell(g, "tst_acc", 2, PCT),
+            TRAIN_CLEAN_ACC: metric_cell(g, "train_clean_acc", 2, PCT),
+            BEST_TRAIN_LOSS: metric_cell(g, "best_train_loss", 3),
+            BEST_VAL_LOSS: metric_cell(g, "best_val_loss", 3),
             "precision": precision, "recipe": recipe, "status": status_cell(g),
         })
         rows.append({
@@ -344,16 +393,18 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
             "noise_rate": first["noise_rate"], "noise_source": first["noise_source"],
             "image_size": first["image_size"], "precision": precision, "recipe": recipe,
             **_counts(g),
-            **metric_csv(g, "tst_acc", "tst_acc"),
-            **metric_csv(g, "train_clean_acc", "train_clean_acc"),
+            **metric_csv(g, "tst_acc", "test_acc_pct", PCT),
+            **metric_csv(g, "train_clean_acc", "train_clean_acc_pct", PCT),
             **metric_csv(g, "best_train_loss", "best_train_loss"),
             **metric_csv(g, "best_val_loss", "best_val_loss"),
-            **metric_csv(g, "wall_time_s", "wall_time_s"),
             "status": status_cell(g),
         })
     notes = ["Mean ± sample std over training seeds and noise draws (ok runs only; a draw "
              "never pools with a dataset's official noisy-label column, which reads without "
-             "'(drawn)'); train clean acc is training accuracy against the true labels."]
+             "'(drawn)'); train acc on true labels: training accuracy against the clean labels "
+             "(the last evaluation); the losses are the lowest cross-entropy of any evaluation, "
+             "on the training labels (noisy where the run is) and on val. Training times and "
+             "iteration rates: the speed table."]
     return Table(f"noise_{dataset}", f"{dataset}: test accuracy and losses against label noise",
                  md, rows, notes)
 
@@ -365,10 +416,10 @@ def incomplete_table(collection: Collection) -> Table:
     for inc in sorted(collection.incomplete, key=lambda i: i.run_id):
         row = {"run": inc.run_id, "dataset": inc.dataset, "noise": inc.noise,
                "model": inc.model, "seed": inc.seed, "last iteration": _int_cell(
-                   inc.last_iteration), "elapsed (s)": _int_cell(inc.elapsed_s),
+                   inc.last_iteration), "elapsed (h:mm:ss)": _hms_or_missing(inc.elapsed_s),
                "status": "running/incomplete"}
         md.append(row)
-        rows.append({**row, "last iteration": inc.last_iteration, "elapsed (s)": inc.elapsed_s})
+        rows.append(_incomplete_csv(row, inc.last_iteration, inc.elapsed_s))
     failed = [run for run in collection.runs if run.summary["status"] != OK]
     for run in sorted(failed, key=lambda r: r.run_id):
         s = run.summary
@@ -378,14 +429,24 @@ def incomplete_table(collection: Collection) -> Table:
         last, elapsed = _number(s.get("iterations")), _number(s.get("wall_time_s"))
         row = {"run": run.run_id, "dataset": s["dataset"], "noise": s["noise"],
                "model": s["model"], "seed": str(s["seed"]), "last iteration": _int_cell(last),
-               "elapsed (s)": _int_cell(elapsed), "status": status}
+               "elapsed (h:mm:ss)": _hms_or_missing(elapsed), "status": status}
         md.append(row)
-        rows.append({**row, "last iteration": last, "elapsed (s)": elapsed})
+        rows.append(_incomplete_csv(row, last, elapsed))
     return Table("incomplete", "Runs that are no result: running, incomplete or failed", md,
                  rows, ["Running, crashed or interrupted (no summary.json), or finished with a "
                         "status other than ok (diverged: the training loss went non-finite; "
                         "non-finite: training was finite but the final evaluation was not): "
                         "none of these enter any mean of a table."])
+
+
+def _hms_or_missing(seconds) -> str:
+    return MISSING if seconds is None or not math.isfinite(seconds) else hms(seconds)
+
+
+def _incomplete_csv(row: dict, last, elapsed) -> dict:
+    """The CSV row: plain numbers, the duration in seconds (named so)."""
+    out = {k: v for k, v in row.items() if k not in ("last iteration", "elapsed (h:mm:ss)")}
+    return out | {"last_iteration": last, "elapsed_s": elapsed}
 
 
 def _number(value) -> float | None:
@@ -408,12 +469,13 @@ def variants_table(df: pd.DataFrame) -> Table | None:
         for variant, v in g.groupby("variant", sort=True):
             md.append({"dataset": dataset, "model": model, "noise": condition,
                        "variant": variant, "seeds": str(_counts(v)["seeds"]),
-                       "val/acc": metric_cell(v, "val_acc", 3),
-                       "best val loss": metric_cell(v, "best_val_loss", 3),
+                       VAL_ACC: metric_cell(v, "val_acc", 2, PCT),
+                       BEST_VAL_LOSS: metric_cell(v, "best_val_loss", 3),
                        "best on val": "yes" if variant == best else "",
                        "status": status_cell(v)})
             rows.append({"dataset": dataset, "model": model, "noise": condition,
-                         "variant": variant, **_counts(v), **metric_csv(v, "val_acc", "val_acc"),
+                         "variant": variant, **_counts(v),
+                         **metric_csv(v, "val_acc", "val_acc_pct", PCT),
                          "best_on_val": variant == best, "status": status_cell(v)})
     return Table("variants", "Variants (e.g. a learning-rate sweep) chosen on val", md, rows,
                  ["Mean ± sample std over seeds (ok runs only). 'best on val' marks the "
