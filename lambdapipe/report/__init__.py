@@ -76,7 +76,7 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
         sub = df[df["dataset"] == dataset]
         all_tables += [published_tables.baseline_table(dataset, sub, pub["resnet"], cells),
                        tables.noise_table(dataset, sub),
-                       published_tables.speed_table(dataset, sub, pub["resnet"])]
+                       published_tables.speed_table(dataset, sub, pub)]
     for extra in (published_tables.lambda_table(df, pub["lambda"], cells),
                   published_tables.imagenette_table(df, pub["imagenette"], cells),
                   compare.paired_table(df), tables.variants_table(df)):
