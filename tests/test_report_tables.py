@@ -74,6 +74,11 @@ def test_demo_size_models_and_units_in_the_report(tmp_path):
     per_model = json.loads((out / "metrics" / "digits" / "resnet18_base_width=8.json")
                            .read_text())
     assert per_model["test_acc_pct"] == {"clean": 90.5}
+    for path in (out / "tables").glob("*.md"):  # no table shows a column of nothing
+        if "(none)" in path.read_text():
+            continue
+        rows = md_rows(path)
+        assert all(any(r[c] not in ("—", "") for r in rows) for c in rows[0]), path
     page = (out / "report.md").read_text()
     assert "tst/" not in page and "val/" not in page and "fraction" not in page
     assert "## digits: training speed" in page

@@ -58,7 +58,8 @@ class Table:
             frame = pd.DataFrame(self.md_rows).astype(str)
             frame = frame.loc[:, ~frame.isin(["", MISSING]).all()]
             # disable_numparse: the cells are already formatted ("0.70", "0:42:00"); tabulate
-            # would otherwise reparse and reformat them as numbers.
+            # would otherwise reparse and reformat them as numbers. It does not escape a '|'
+            # inside a cell (a recipe's list setting), so that is done here.
             lines.append(frame.map(lambda v: v.replace("|", "\\|"))
                          .to_markdown(index=False, disable_numparse=True))
         else:
