@@ -214,3 +214,46 @@ def test_check_config_names_prepared_data_the_config_did_not_ask_for(tmp_path):
     assert (f"{manifest.parent} was prepared with {{'image_size': 16, 'split_seed': 1, "
             "'val_count': 144}, the config asks for {'image_size': 16, 'split_seed': 0, "
             f"'val_count': 144}}: delete {manifest.parent}") in res.output
+
+
+def _finished(d: Path, settings: dict, commit: str, fingerprint: str | None = None) -> Path:
+    _config_json(d, settings, commit)
+    if fingerprint is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["identity"]["fingerprint"] = fingerprint
+        (d / "config.json").write_text(json.dumps(cfg))
+    (d / "summary.json").write_text(json.dumps({
+        "model": settings["model"], "dataset": "digits", "noise": "clean",
+        "seed": int(d.name), "status": "ok", "val_acc": 0.9, "tst_acc": 0.9,
+        "model_args": settings["model_args"], "recipe": "demo"}))
+    return d / "summary.json"
+
+
+def test_report_names_runs_not_of_the_config_and_of_other_code(tmp_path):
+    """The workflow hands `report` the config's summaries: every other run directory is
+    named, so is a run whose config.json records other settings than its directory names,
+    and so are the code versions, in the CLI's output and in report.md."""
+    runs = tmp_path / "runs"
+    new = {"model": "resnet18", "model_args": {"base_width": 4}, "recipe": {}, "data": None}
+    old = {**new, "model_args": {"base_width": 8}}
+    cell = f"digits/clean/{provenance.model_dir('resnet18', '', new)}"
+    current = [_finished(runs / cell / "0", new, "a" * 40),
+               _finished(runs / cell / "1", new, "b" * 40, fingerprint="0badf00d")]
+    stale = runs / "digits/clean" / provenance.model_dir("resnet18", "", old) / "0"
+    _finished(stale, old, "a" * 40)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out", str(out),
+                                    *map(str, current)])
+    assert res.exit_code == 0, res.output
+    rel = stale.relative_to(runs).as_posix()
+    checks = [f"{rel}: not a run of the config (its settings changed, or it left the grid)",
+              f"{cell}/1: config.json records settings 0badf00d but its directory names "
+              f"{provenance.fingerprint(new)}",
+              "runs of 2 code versions: aaaaaaaaaaaa (2 runs), bbbbbbbbbbbb (1 runs)"]
+    for line in checks:
+        assert line in res.output.splitlines(), res.output
+    page = (out / "report.md").read_text()
+    assert "## Runs to check" in page and all(f"- {line}" in page for line in checks)
+    # By hand, without the config's list: only what the run directories themselves say.
+    res = CliRunner().invoke(main, ["report", "--runs", str(runs), "--out", str(out)])
+    assert res.exit_code == 0 and checks[0] not in res.output and checks[1] in res.output
