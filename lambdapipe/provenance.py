@@ -108,15 +108,16 @@ def code_version(root: Path = PACKAGE_ROOT) -> dict[str, Any]:
 def record(model: str, model_args: dict[str, Any], recipe: dict[str, Any], data_dir: Path,
            dataset: str) -> dict[str, Any]:
     """config.json's provenance keys: `identity` (settings, with those of the prepared data
-    the run reads, and their fingerprint), `code`, `gpu` (the claim this process holds, None
-    outside one)."""
+    the run reads, and their fingerprint), `code`, `gpu` (the GPU claim this process holds;
+    None on a CPU)."""
     from lambdapipe import gpu
 
     manifest = _read(Path(data_dir) / "prepared" / dataset / "manifest.json") or {}
     settings = run_settings(model, model_args, recipe, manifest.get("params"))
     claim = gpu.current()
     return {"identity": {"fingerprint": fingerprint(settings), "settings": settings},
-            "code": code_version(), "gpu": claim.record() if claim is not None else None}
+            "code": code_version(),
+            "gpu": claim.record() if claim is not None and claim.index is not None else None}
 
 
 def _read(path: Path) -> dict | None:
