@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lambdapipe import atomic, live, provenance, runlock
+from lambdapipe import atomic, live, runlock
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, normalize, plan_epoch
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import (
@@ -529,8 +529,9 @@ class Run:
         self.started = time.perf_counter()
         train, val = _load_splits(cfg, verify=False)  # checksums verified by check_before_start
         config = _run_config(cfg, train, device=device)
-        config.update(provenance.record(cfg.model, cfg.model_args, cfg.recipe.to_dict(),
-                                        cfg.data_dir, cfg.dataset))
+        from lambdapipe.provenance import record  # identity, code and GPU: config.json
+        config.update(record(cfg.model, cfg.model_args, cfg.recipe.to_dict(), cfg.data_dir,
+                             cfg.dataset))
         self.config = config
         _print_recipe(r)
         self.steps_per_epoch = steps_per_epoch = len(train.labels) // r.batch_size

@@ -30,7 +30,7 @@ from pathlib import Path
 from lambdapipe.atomic import write_json, write_text
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DATASET
-from lambdapipe.report import figures, identity, tables
+from lambdapipe.report import figures, tables
 from lambdapipe.report.load import collect_runs, read_published
 
 __all__ = ["Written", "build_report"]
@@ -61,8 +61,6 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     df = tables.runs_frame(collection, published_as)
     colours = figures.palette(list(df["series"]))
     written = Written()
-    written.checks = identity.audit(runs, [r.path for r in collection.runs]
-                                    + [r.path for r in collection.incomplete], current)
 
     all_tables: list[tables.Table] = []
     for dataset in sorted(df["dataset"].unique()):
@@ -131,6 +129,10 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
             written += paths
             figure_links.append(f"![{base.name}](figures/{paths[0].name})")
 
+    from lambdapipe.report.identity import audit
+
+    written.checks = audit(runs, [r.path for r in collection.runs]
+                           + [r.path for r in collection.incomplete], current)
     page = ["# lambdapipe report", "",
             f"{len(df)} finished runs, {len(collection.incomplete)} running/incomplete, "
             f"from `{runs}`.", ""]
