@@ -527,13 +527,18 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
 @click.option("--published-as", "published_as", multiple=True, metavar="STANDIN=SOURCE",
               help="Read a stand-in dataset's runs against SOURCE's published rows, e.g. "
                    "digits=cifar10 (repeatable; the workflow passes config report.published_as).")
+@click.argument("current", nargs=-1, type=click.Path(path_type=Path))
 @_user_errors
-def report(runs: Path, out: Path, published: Path | None, published_as: tuple[str, ...]) -> None:
+def report(runs: Path, out: Path, published: Path | None, published_as: tuple[str, ...],
+           current: tuple[Path, ...]) -> None:
     """Tables (ours beside the published values) and figures from finished run directories.
 
     \b
     Example:
       lambdapipe report --runs results/runs --out results
+
+    CURRENT (optional): the summary.json files of the runs a config asks for (the workflow
+    passes them); every other run directory under RUNS is named as not the config's.
     """
     from lambdapipe.report import build_report
 
@@ -544,10 +549,11 @@ def report(runs: Path, out: Path, published: Path | None, published_as: tuple[st
             raise UserError(f"invalid --published-as {item!r}: expected STANDIN=SOURCE, "
                             "e.g. digits=cifar10")
         pairs[standin] = source
-    written = build_report(runs, out, published=published, published_as=pairs)
+    ids = {Path(os.path.relpath(p.parent, runs)).as_posix() for p in current} or None
+    written = build_report(runs, out, published=published, published_as=pairs, current=ids)
     for path in written:
         click.echo(f"wrote {path}")
-    for note in written.notes:
+    for note in [*written.notes, *written.checks]:
         click.echo(note)
 
 
@@ -556,9 +562,14 @@ def report(runs: Path, out: Path, published: Path | None, published_as: tuple[st
 @click.option("--configfile", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("config/config.yaml"), show_default=True,
               help="Workflow config to validate (the same check the Snakefile runs).")
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results/runs"), show_default=True,
+              help="Run directories to hold against the config (skipped if absent).")
+@data_dir_option
 @_user_errors
-def check_config(configfile: Path) -> None:
-    """Validate a workflow config and count its runs, before Snakemake builds the DAG.
+def check_config(configfile: Path, runs: Path, data_dir: Path) -> None:
+    """Validate a workflow config and count its runs, before Snakemake builds the DAG; name
+    every run directory under RUNS whose config.json disagrees with the config.
 
     \b
     Example:
@@ -566,12 +577,16 @@ def check_config(configfile: Path) -> None:
     """
     from collections import Counter
 
-    from lambdapipe.config import expand_runs, load_config
+    from lambdapipe.config import expand_runs, load_config, stale_prepared
+    from lambdapipe.provenance import audit
 
-    runs = expand_runs(load_config(configfile))
-    for dataset, n in Counter(r.dataset for r in runs).items():
+    cfg = load_config(configfile)
+    grid = expand_runs(cfg)
+    for dataset, n in Counter(r.dataset for r in grid).items():
         click.echo(f"{dataset}: {n} runs")
-    click.echo(f"{configfile}: ok, {len(runs)} runs")
+    click.echo(f"{configfile}: ok, {len(grid)} runs")
+    for line in [*stale_prepared(cfg, data_dir), *audit(grid, runs)]:
+        click.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 from collections.abc import Iterable
@@ -39,18 +40,60 @@ class Run:
     model_args: tuple[tuple[str, Any], ...] = ()
     grid: str = ""
     variant: str = ""  # a grid's named setting (fp16, lr0.001): its own run directory
+    data: tuple[tuple[str, Any], ...] = ()  # the prepared data's params (data_settings)
 
     @property
     def path(self) -> str:
+        """The run's identity (docs/architecture.md): where its results live."""
         return f"{self.dataset}/{self.noise}/{self.model_dir}/{self.seed}"
 
     @property
+    def key(self) -> str:
+        """The run as the config names it (no fingerprint): one setting per key."""
+        name = f"{self.model}@{self.variant}" if self.variant else self.model
+        return f"{self.dataset}/{self.noise}/{name}/{self.seed}"
+
+    @property
     def model_dir(self) -> str:
-        """`resnet18`, or `resnet18@fp16` for a variant: one directory holds one setting."""
-        return f"{self.model}@{self.variant}" if self.variant else self.model
+        """`resnet18-3f9a2c1e`, `resnet18@fp16-0b7d44e2` for a variant: the fingerprint of
+        the run's settings (lambdapipe/provenance.py), so one directory holds one setting."""
+        from lambdapipe.provenance import model_dir
+
+        return model_dir(self.model, self.variant, self.run_settings)
+
+    @functools.cached_property
+    def run_settings(self) -> dict:
+        """What `lambdapipe train` will record as this run's settings (config.json
+        `identity.settings`): the values as the CLI receives them from `run_args`."""
+        from lambdapipe.provenance import run_settings
+
+        args = {k: _as_received(v) for k, v in self.model_args}
+        return run_settings(self.model, args, _resolved_recipe(self.recipe, self.overrides),
+                            dict(self.data) or None)
 
     def settings(self) -> tuple:
         return (self.recipe, self.overrides, self.model_args)
+
+
+def _arg_text(value: Any) -> str:
+    """A config value as text on the `train` command line (`--set k=TEXT`)."""
+    text = "none" if value is None else (
+        json.dumps(value) if isinstance(value, list | dict | bool) else str(value))
+    return text.lower() if isinstance(value, bool) else text
+
+
+def _as_received(frozen: str) -> Any:
+    """A frozen config value as `lambdapipe train` parses its text (YAML rules, cli.py)."""
+    text = _arg_text(json.loads(frozen))
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved_recipe(name: str, overrides: tuple[tuple[str, str], ...]) -> dict:
+    """The recipe `train` resolves from `--recipe name --set ...` (a grid's runs share one)."""
+    from lambdapipe.recipes import get_recipe
+
+    return get_recipe(name, {k: _as_received(v) for k, v in overrides}).to_dict()
 
 
 def _path(parts: Iterable[Any]) -> str:
@@ -249,6 +292,37 @@ def _matches_any(cfg: dict, pattern: dict) -> bool:
     return any(all(getattr(r, k) == v for k, v in pattern.items()) for r in expand_runs(probe))
 
 
+def data_settings(cfg: dict, dataset: str) -> dict[str, int]:
+    """The `params` that `lambdapipe prepare` will record in the dataset's manifest.json for
+    its `prepare:` block (image size, split seed, val count): part of every run's identity."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.data.prepared import split_sizes
+
+    info = dataset_info(dataset)
+    opts = cfg["datasets"][dataset].get("prepare") or {}
+    return {"image_size": info.check_image_size(opts.get("image_size")),
+            "split_seed": int(opts.get("split_seed", 0)),
+            "val_count": split_sizes(info, None, opts.get("val_size"))[1]}
+
+
+def stale_prepared(cfg: dict, data_dir: Path) -> list[str]:
+    """One line per dataset whose prepared data (manifest.json `params`) is not what the
+    config asks for. Snakemake would not prepare it again in a clone without its metadata,
+    and runs would train on data other than their identity says."""
+    lines = []
+    for dataset in cfg["datasets"]:
+        manifest = Path(data_dir) / "prepared" / dataset / "manifest.json"
+        try:
+            params = json.loads(manifest.read_text()).get("params")
+        except (OSError, ValueError, AttributeError):
+            continue  # not prepared yet (or unreadable: prepare's own check says so)
+        wanted = data_settings(cfg, dataset)
+        if params != wanted:
+            lines.append(f"{manifest.parent} was prepared with {params}, the config asks for "
+                         f"{wanted}: delete {manifest.parent} to prepare it again")
+    return lines
+
+
 def noise_variants(cfg: dict, dataset: str) -> dict[str, dict[str, Any]]:
     """{tag: {kind, rate, seed}} of every noise variant a dataset's grids name."""
     from lambdapipe.noise import noise_spec
@@ -322,6 +396,7 @@ def expand_runs(cfg: dict) -> list[Run]:
 
     runs: dict[str, Run] = {}
     model_where: dict[str, str] = {}
+    data: dict[str, tuple] = {}
     builds: dict[tuple, tuple[str, str, str, dict]] = {}  # model x args x dataset -> where
     for dataset, dcfg in cfg["datasets"].items():
         for g, grid in enumerate(dcfg["grids"]):
@@ -345,6 +420,11 @@ def expand_runs(cfg: dict) -> list[Run]:
                                       (at, dataset, model, args))
             for s, seed in enumerate(grid["seeds"]):
                 check_seed(seed, f"seed in config {where}.seeds[{s}]")
+            if dataset not in data:
+                try:
+                    data[dataset] = tuple(sorted(data_settings(cfg, dataset).items()))
+                except UserError as exc:
+                    raise UserError(f"config datasets.{dataset}.prepare: {exc}") from None
             for n, entry in enumerate(grid["noise"]):
                 for rate in entry["rates"]:
                     tag = noise_spec(entry["kind"], rate, entry.get("seed", 0)).tag
@@ -356,13 +436,13 @@ def expand_runs(cfg: dict) -> list[Run]:
                                            **extra.get("set", {})}),
                                   _frozen({**(grid.get("model_args") or {}),
                                            **extra.get("model_args", {})}),
-                                  label, variant)
-                        old = runs.get(run.path)
+                                  label, variant, data[dataset])
+                        old = runs.get(run.key)
                         if old is not None and old.settings() != run.settings():
                             raise UserError(
-                                f"run {run.path} is in grids {old.grid!r} and {label!r} with "
+                                f"run {run.key} is in grids {old.grid!r} and {label!r} with "
                                 "different recipe, set or model_args: give it one setting")
-                        runs.setdefault(run.path, run)
+                        runs.setdefault(run.key, run)
     _check_models(set(model_where), model_where)
     for at, dataset, model, args in builds.values():
         _check_model_args(cfg, at, dataset, model, args)
@@ -397,15 +477,8 @@ def run_args(run: Run) -> dict[str, str]:
     import shlex
 
     def kv(pairs: tuple[tuple[str, Any], ...], flag: str) -> str:
-        parts = []
-        for key, raw in pairs:
-            value = json.loads(raw)
-            text = "none" if value is None else (
-                json.dumps(value) if isinstance(value, list | dict | bool) else str(value))
-            if isinstance(value, bool):
-                text = text.lower()
-            parts.append(f"{flag} {shlex.quote(f'{key}={text}')}")
-        return " ".join(parts)
+        return " ".join(f"{flag} {shlex.quote(f'{key}={_arg_text(json.loads(raw))}')}"
+                        for key, raw in pairs)
 
     return {"model": run.model, "recipe": run.recipe, "set": kv(run.overrides, "--set"),
             "model_args": kv(run.model_args, "--model-arg")}

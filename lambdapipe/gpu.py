@@ -10,6 +10,13 @@ The lock directory must be on a filesystem local to the machine (the default, a 
 directory under the system temp dir, is): flock over NFS is not reliable across hosts, and
 jobs on different hosts do not compete for the same GPUs anyway.
 
+A job sees only the GPU it claimed: `claim()` sets CUDA_VISIBLE_DEVICES to that one device
+before torch initialises CUDA and hands out `cuda:0`, so every CUDA object made on the
+"current device" (a graph's capture stream, CUDA-event timers, new streams) lands on the
+claimed GPU and no context is ever opened on another one - as SLURM does for a whole job.
+A CUDA_VISIBLE_DEVICES already set (by SLURM or by hand) is indexed into, never replaced by
+host numbering: `cuda:N` means the N-th device the job was given.
+
 Under SLURM the scheduler has already given the job its GPUs (CUDA_VISIBLE_DEVICES), so
 `auto` uses the first visible device and takes no lock.
 
@@ -53,6 +60,14 @@ class Claim:
     index: int | None = None  # GPU index in lock-file numbering (physical where known)
     slot: int | None = None
     lock_path: Path | None = None
+    visible: str | None = None  # CUDA_VISIBLE_DEVICES while held: the one claimed device
+    parent_visible: str | None = None  # ... and what the process was given before
+
+    def record(self) -> dict:
+        """What config.json keeps of the claim: the physical GPU and how it was made visible."""
+        return {"device": self.device, "physical_index": self.index, "slot": self.slot,
+                "cuda_visible_devices": self.visible,
+                "parent_cuda_visible_devices": self.parent_visible}
 
 
 _current: Claim | None = None
@@ -84,20 +99,70 @@ def _env_int(name: str, minimum: int) -> int | None:
 
 
 def _cuda_count() -> int:
+    """Devices visible now, counted without initialising CUDA where torch can (NVML): a
+    `torch.cuda.is_available()` here would run cuInit and freeze CUDA_VISIBLE_DEVICES before
+    the claim narrows it."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count()
+
+
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
+
+
+def _parent_visible() -> str | None:
+    """CUDA_VISIBLE_DEVICES as this process was given it (a claim held in this process has
+    narrowed os.environ; a nested claim still indexes the original list)."""
+    return _current.parent_visible if _current is not None else os.environ.get(
+        "CUDA_VISIBLE_DEVICES")
+
+
+def _visible_entry(visible_index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry that shows exactly the `visible_index`-th device the
+    process was given (an index, a UUID or a MIG id, as the parent wrote it)."""
+    visible = _parent_visible()
+    if visible is not None and visible.strip():
+        parts = [p.strip() for p in visible.split(",") if p.strip()]
+        if visible_index < len(parts):
+            return parts[visible_index]
+    return str(visible_index)
 
 
 def _physical_index(visible_index: int) -> int:
     """Map a torch index to the host's numbering, so jobs with different
     CUDA_VISIBLE_DEVICES still agree on which lock file means which card."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        parts = [p.strip() for p in visible.split(",") if p.strip()]
-        if visible_index < len(parts) and parts[visible_index].isdigit():
-            return int(parts[visible_index])
-    return visible_index
+    entry = _visible_entry(visible_index)
+    return int(entry) if entry.isdigit() else visible_index
+
+
+@contextlib.contextmanager
+def _only(claim: Claim, fake: bool) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES narrowed to the claimed device while the claim is held (restored
+    after), checked to take effect. In a process that already initialised CUDA (a notebook,
+    an in-process test) the variable can no longer act: the claim's `visible` is None and
+    the device is made current instead, which is what objects made on "the current device"
+    follow."""
+    if claim.visible is None:
+        import torch
+
+        torch.cuda.set_device(claim.device)
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = claim.visible
+    try:
+        if not fake and _cuda_count() != 1:
+            raise RuntimeError(f"CUDA_VISIBLE_DEVICES={claim.visible} did not take effect "
+                               "(CUDA initialised without NVML?): refusing to run on a GPU "
+                               "this job did not claim")
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def _try_lock(path: Path) -> int | None:
@@ -175,14 +240,21 @@ def claim(device: str = "auto", lock_dir: Path | None = None, slots: int | None 
     if wanted is not None and int(wanted) >= count:
         raise bad_value("device", device, f"cuda:0 .. cuda:{count - 1}")
 
-    def torch_device(i: int) -> str:
-        return "cpu" if fake is not None else f"cuda:{i}"
+    parent = _parent_visible()
 
-    in_slurm = bool(os.environ.get("SLURM_JOB_ID")) and bool(
-        os.environ.get("CUDA_VISIBLE_DEVICES", "").strip())
+    def held(i: int, **lock) -> Claim:
+        """The claim of the process's i-th visible device: `cuda:0` of a CUDA_VISIBLE_DEVICES
+        narrowed to it (`cpu` for fake devices, whose narrowing is real all the same)."""
+        if fake is None and _cuda_initialised():  # too late to narrow: see _only
+            return Claim(f"cuda:{i}", index=_physical_index(i), parent_visible=parent, **lock)
+        return Claim("cpu" if fake is not None else "cuda:0", index=_physical_index(i),
+                     visible=_visible_entry(i), parent_visible=parent, **lock)
+
+    in_slurm = bool(os.environ.get("SLURM_JOB_ID")) and bool((parent or "").strip())
     if in_slurm:
         i = int(wanted) if wanted is not None else 0
-        with _hold(Claim(torch_device(i), index=_physical_index(i)), None) as dev:
+        c = held(i)
+        with _hold(c, None) as dev, _only(c, fake is not None):
             yield dev
         return
 
@@ -202,8 +274,9 @@ def claim(device: str = "auto", lock_dir: Path | None = None, slots: int | None 
             path = lock_dir / f"gpu{phys}.slot{j}.lock"
             fd = _try_lock(path)
             if fd is not None:
-                with _hold(Claim(torch_device(i), index=phys, slot=j, lock_path=path),
-                           fd) as dev:
+                c = held(i, slot=j, lock_path=path)
+                # _hold first: it releases the lock if narrowing the devices fails
+                with _hold(c, fd) as dev, _only(c, fake is not None):
                     yield dev
                 return
         if deadline is not None and time.monotonic() >= deadline:

@@ -530,6 +530,9 @@ class Run:
         self.started = time.perf_counter()
         train, val = _load_splits(cfg, verify=False)  # checksums verified by check_before_start
         config = _run_config(cfg, train, device=device)
+        from lambdapipe.provenance import record  # identity, code and GPU: config.json
+        config.update(record(cfg.model, cfg.model_args, cfg.recipe.to_dict(), cfg.data_dir,
+                             cfg.dataset))
         self.config = config
         _print_recipe(r)
         self.steps_per_epoch = steps_per_epoch = len(train.labels) // r.batch_size

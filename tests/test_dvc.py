@@ -72,6 +72,14 @@ def test_dvc_repro_push_pull(tmp_path):
 
     again = sh("dvc", "repro", cwd=repo).stdout
     assert again.count("didn't change, skipping") == 3, again
+    # Package code is not a train dep: a change retrains nothing, so the stage must not run
+    # and dvc.lock must not call the results current for code they were not computed with.
+    lock = (repo / "dvc.lock").read_text()
+    with open(repo / "lambdapipe" / "train.py", "a") as f:
+        f.write("\n# an edit\n")
+    code = sh("dvc", "repro", cwd=repo).stdout
+    assert "Stage 'train' didn't change, skipping" in code, code
+    assert (repo / "dvc.lock").read_text() == lock
 
     # A new noise rate: data makes one variant, train only the new run, report redone.
     grid["noise"] = [{"kind": "symmetric", "rates": [0, 0.25]}]
@@ -99,10 +107,23 @@ def test_dvc_repro_push_pull(tmp_path):
     assert not plots.get("errors"), plots.get("errors")
     assert "results/curves/digits/val_acc.tsv" in plots["data"]
     spec = json.dumps(plots["data"]["results/curves/digits/val_acc.tsv"])
-    assert f'"run": "symmetric-0.25/{model}/0"' in spec and f'"run": "clean/{model}/0"' in spec
+    from lambdapipe.config import check_config, expand_runs
+
+    model_dir = expand_runs(check_config(cfg))[0].model_dir  # <model>-<fingerprint>
+    assert f'"run": "symmetric-0.25/{model_dir}/0"' in spec
+    assert f'"run": "clean/{model_dir}/0"' in spec
     assert any(k.startswith("results/figures/") for k in plots["data"])
     shutil.rmtree(repo / "dvc_plots", ignore_errors=True)  # written by show without --json
     assert "dvc_plots" in (repo / ".gitignore").read_text()
+
+    # A model argument changed: a new run directory for each run, trained; the old untouched.
+    grid["model_args"] = {"base_width": 4}
+    small.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = sh("dvc", "repro", cwd=repo).stdout
+    third = digests(repo, "results/runs")
+    assert {k: third[k] for k in second} == second
+    assert len([k for k in third if k.endswith("summary.json")]) == 4
+    assert "Running stage 'train'" in out
 
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-q", "-m", "results", cwd=repo)

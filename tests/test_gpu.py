@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -164,3 +165,150 @@ def test_bad_slots_env_is_a_user_error(fake_env, monkeypatch):
     monkeypatch.setenv(gpu.SLOTS_ENV, "zero")
     with pytest.raises(UserError, match=gpu.SLOTS_ENV), gpu.claim():
         pass
+
+
+# A job as the workflow starts one: a process that claims, then works (and may start
+# processes of its own). It reports what it could reach.
+JOB = """
+import json, os, subprocess, sys
+from pathlib import Path
+import torch
+from lambdapipe import gpu
+before = torch.cuda.is_initialized()
+with gpu.claim(sys.argv[2], lock_dir=Path(sys.argv[1]), timeout_s=5) as dev:
+    child = subprocess.run([sys.executable, "-c",
+                            "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    print(json.dumps({"device": dev, "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                      "child_visible": child, "initialised_before_claim": before,
+                      "initialised_in_claim": torch.cuda.is_initialized(),
+                      "claim": gpu.current().record()}))
+print(json.dumps({"visible_after": os.environ.get("CUDA_VISIBLE_DEVICES")}))
+"""
+
+
+def _job(locks, device: str, env: dict) -> tuple[dict, dict]:
+    res = subprocess.run([sys.executable, "-c", JOB, str(locks), device], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    held, after = (json.loads(line) for line in res.stdout.splitlines()[-2:])
+    return held, after
+
+
+def test_a_claim_of_gpu_2_of_4_reaches_only_that_gpu(tmp_path, fake_env):
+    """Two jobs hold GPUs 0 and 1; the third gets GPU 2 and sees only it, before CUDA starts,
+    and so do the processes it starts; the variable is the process's again afterwards."""
+    env, _ = fake_env
+    locks = tmp_path / "locks"
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(locks), "60"], env=env(4),
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert sorted(h.stdout.readline().split()[2] for h in holders) == ["0", "1"]
+        held, after = _job(locks, "auto", env(4))
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+    assert held["visible"] == held["child_visible"] == "2"
+    assert held["initialised_before_claim"] is False and held["initialised_in_claim"] is False
+    assert held["claim"] == {"device": "cpu", "physical_index": 2, "slot": 0,  # fake: cpu
+                             "cuda_visible_devices": "2", "parent_cuda_visible_devices": None}
+    assert after == {"visible_after": None}
+
+
+def test_a_given_cuda_visible_devices_is_indexed_into(tmp_path, fake_env):
+    """Devices 4-7 given by hand: cuda:2 is the job's third device, physical GPU 6 (and its
+    lock file gpu6), shown to the job alone."""
+    env, _ = fake_env
+    locks = tmp_path / "locks"
+    held, after = _job(locks, "cuda:2", env(4, CUDA_VISIBLE_DEVICES="4,5,6,7"))
+    assert held["visible"] == held["child_visible"] == "6"
+    assert held["claim"]["physical_index"] == 6
+    assert held["claim"]["parent_cuda_visible_devices"] == "4,5,6,7"
+    assert (locks / "gpu6.slot0.lock").is_file()
+    assert after == {"visible_after": "4,5,6,7"}
+
+
+def test_under_slurm_the_job_sees_the_device_it_asked_for(tmp_path, fake_env):
+    env, _ = fake_env
+    held, _ = _job(tmp_path / "locks", "cuda:1",
+                   env(2, CUDA_VISIBLE_DEVICES="GPU-aaaa,GPU-bbbb", SLURM_JOB_ID="7"))
+    assert held["visible"] == held["child_visible"] == "GPU-bbbb"  # UUIDs pass through
+    assert held["claim"]["physical_index"] == 1 and held["claim"]["slot"] is None
+    assert not (tmp_path / "locks").exists()
+
+
+def test_a_narrowing_that_does_not_take_effect_is_refused(tmp_path, fake_env, monkeypatch):
+    """Real devices whose count does not drop to one under the mask (CUDA started without
+    NVML): the job must not run, and its lock is free again."""
+    env, _ = fake_env
+    monkeypatch.delenv(gpu.FAKE_ENV, raising=False)
+    monkeypatch.setattr(gpu, "_cuda_count", lambda: 4)
+    locks = tmp_path / "locks"
+    with pytest.raises(RuntimeError, match="did not take effect"), gpu.claim(
+            "cuda:2", lock_dir=locks):
+        pass
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    with gpu.claim("cpu"):  # nothing held, nothing narrowed
+        assert gpu.current().visible is None
+
+
+def test_after_cuda_started_the_claimed_device_is_made_current(tmp_path, fake_env,
+                                                              monkeypatch):
+    """In a process where CUDA already runs the mask cannot act: the claim hands out cuda:N
+    and makes it the current device, so streams, events and graphs follow it."""
+    import torch
+
+    env, _ = fake_env
+    monkeypatch.delenv(gpu.FAKE_ENV, raising=False)
+    monkeypatch.setattr(gpu, "_cuda_count", lambda: 4)
+    monkeypatch.setattr(gpu, "_cuda_initialised", lambda: True)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    with gpu.claim("cuda:2", lock_dir=tmp_path / "locks") as dev:
+        assert dev == "cuda:2" and current == ["cuda:2"]
+        assert gpu.current().visible is None and gpu.current().index == 2
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+CUDA_JOB = """
+import json, sys
+from pathlib import Path
+import torch
+from lambdapipe import gpu
+with gpu.claim("auto", lock_dir=Path(sys.argv[1])) as dev:
+    x = torch.ones(1, device=dev)
+    s = torch.cuda.Stream()
+    print(json.dumps({"device": dev, "count": torch.cuda.device_count(),
+                      "uuid": str(torch.cuda.get_device_properties(0).uuid),
+                      "stream_device": s.device.index, "tensor_device": x.device.index,
+                      "index": gpu.current().index}))
+"""
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_claimed_job_sees_only_its_own_device(tmp_path, monkeypatch):
+    """The claim path on real CUDA: with GPU 0's lock taken, the job gets the next GPU (GPU 0
+    on a one-GPU machine, whose lock is then left free), sees one device, and its
+    new streams are on it: the physical device of the claim, by UUID."""
+    import torch
+
+    for name in ("SLURM_JOB_ID", "CUDA_VISIBLE_DEVICES", gpu.FAKE_ENV, gpu.SLOTS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    n = torch.cuda.device_count()
+    with open(locks / "gpu0.slot0.lock", "w") as held:  # as a job on GPU 0 holds it
+        if n > 1:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        res = subprocess.run([sys.executable, "-c", CUDA_JOB, str(locks)],
+                             capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    job = json.loads(res.stdout.splitlines()[-1])
+    assert job["device"] == "cuda:0" and job["count"] == 1
+    assert job["stream_device"] == job["tensor_device"] == 0
+    assert job["index"] == (1 if n > 1 else 0)
+    physical = subprocess.run([sys.executable, "-c", "import sys, torch; print(torch.cuda."
+                               f"get_device_properties({job['index']}).uuid)"],
+                              capture_output=True, text=True, timeout=300, check=True)
+    assert physical.stdout.strip() == job["uuid"]

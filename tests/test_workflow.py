@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
 
 
+def model_dirs(cfg: dict) -> dict[tuple[str, str], str]:
+    """(noise, model) -> the run's model directory (`<model>-<fingerprint>`), as the config
+    names it (lambdapipe.config)."""
+    from lambdapipe.config import check_config, expand_runs
+
+    return {(r.noise, r.model): r.model_dir for r in expand_runs(check_config(cfg))}
+
+
 def snakemake(*args, cwd: Path, env: dict | None = None, timeout: int = 900):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(cwd), *args]
     return subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, text=True,
@@ -90,14 +98,17 @@ def test_packed_jobs_follow_each_cells_seeds(tmp_path):
     out = res.stdout + res.stderr
     counts = job_counts(out)
     assert (counts["train"], counts["train_seeds_0"], counts["evaluate"]) == (3, 1, 7)
-    assert ("--seeds 0,1 --out 'results/runs/digits/symmetric-0.25/resnet18/{seed}'"
-            in out)
-    assert "--seeds 0 --out 'results/runs/digits/clean/resnet18/{seed}'" in out
+    dirs = model_dirs(cfg)
+    assert (f"--seeds 0,1 --out 'results/runs/digits/symmetric-0.25/"
+            f"{dirs['symmetric-0.25', 'resnet18']}/{{seed}}'" in out)
+    assert f"--seeds 0 --out 'results/runs/digits/clean/{dirs['clean', 'resnet18']}/{{seed}}'" \
+        in out
     unpacked = snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), cwd=tmp_path)
     assert job_counts(unpacked.stdout + unpacked.stderr)["train"] == 8
 
     # A finished run joins no job (its summary.json is protected): its cell packs the rest.
-    done = tmp_path / "results/runs/digits/symmetric-0.25/lr18_l3_lc/1/summary.json"
+    lam = dirs["symmetric-0.25", "lr18_l3_lc"]
+    done = tmp_path / f"results/runs/digits/symmetric-0.25/{lam}/1/summary.json"
     done.parent.mkdir(parents=True)
     done.write_text("{}")
     done.chmod(0o444)
@@ -106,7 +117,7 @@ def test_packed_jobs_follow_each_cells_seeds(tmp_path):
     out = again.stdout + again.stderr
     counts = job_counts(out)
     assert (counts["train"], counts["train_seeds_0"], counts["evaluate"]) == (2, 2, 7)
-    assert "--seeds 0 --out 'results/runs/digits/symmetric-0.25/lr18_l3_lc/{seed}'" in out
+    assert f"--seeds 0 --out 'results/runs/digits/symmetric-0.25/{lam}/{{seed}}'" in out
 
 
 @pytest.mark.parametrize("pack", ["seeds", "fused"])
@@ -119,7 +130,9 @@ def test_packed_job_trains_every_seed_of_its_cell(tmp_path, pack):
                "recipe": "demo", "set": {"iterations": 16, "eval_every": 8}}]}}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    targets = [f"results/runs/digits/clean/resnet20x1/{s}/summary.json" for s in (0, 1)]
+    model = model_dirs(cfg)["clean", "resnet20x1"]
+    assert model.startswith("resnet20x1-")
+    targets = [f"results/runs/digits/clean/{model}/{s}/summary.json" for s in (0, 1)]
     res = snakemake("--cores", "1", *targets, "--configfile", str(path), cwd=tmp_path,
                     env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -129,7 +142,7 @@ def test_packed_job_trains_every_seed_of_its_cell(tmp_path, pack):
         assert summary["seed"] == seed and summary["status"] == "ok"
         assert summary["iterations"] == 16
         assert summary["compile"] == ("eager (fused x2)" if pack == "fused" else "eager")
-    log = (tmp_path / "logs/train/digits/clean/resnet20x1/seeds-0-1.log").read_text()
+    log = (tmp_path / f"logs/train/digits/clean/{model}/seeds-0-1.log").read_text()
     assert "[seed 0] iter 16/16" in log and "[seed 1] iter 16/16" in log
 
 
@@ -273,3 +286,52 @@ def test_rules_run_the_package_of_their_own_checkout(tmp_path):
     counts = job_counts(dry.stdout)
     assert len(shell) == counts["total"] - counts["all"] == 24
     assert all(re.match(r"(rm -rf \S+ && )?lambdapipe \w+ ", ln) for ln in shell), shell
+
+
+def test_a_changed_setting_retrains_exactly_its_runs_in_a_clone_without_metadata(tmp_path):
+    """The issue's measurement, as a clone after `dvc pull` has it (results, no
+    .snakemake/metadata): base_width 8 -> 4 plans the 8 retrainings, a change to one model's
+    args only its 4, an unchanged config none; prepared data of other parameters stops the
+    workflow before any job."""
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    res = snakemake("--cores", "1", "--until", "noise", "--configfile",
+                    str(ROOT / "config" / "demo.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from lambdapipe.config import check_config, expand_runs
+
+    for run in expand_runs(check_config(demo)):  # finished runs, as a pull brings them
+        d = tmp_path / "results" / "runs" / run.path
+        d.mkdir(parents=True)
+        for name in ("summary.json", "eval_test.json", "explain_test.json"):
+            (d / name).write_text("{}")
+        (d / "summary.json").chmod(0o444)
+    shutil.rmtree(tmp_path / ".snakemake")
+
+    def planned(cfg: dict) -> dict[str, int]:
+        path = tmp_path / "changed.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        res = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = res.stdout + res.stderr
+        return job_counts(out) if "Job stats:" in out else {}
+
+    assert "train" not in planned(demo)
+    changed = yaml.safe_load(yaml.safe_dump(demo))
+    changed["datasets"]["digits"]["grids"][0]["model_args"] = {"base_width": 4}
+    assert planned(changed)["train"] == 8
+    one = yaml.safe_load(yaml.safe_dump(demo))
+    grid = one["datasets"]["digits"]["grids"][0]
+    one["datasets"]["digits"]["grids"] = [
+        {**grid, "models": ["resnet18"]},
+        {**grid, "name": "lambda", "models": ["lr18_l3_lc"], "model_args": {"base_width": 4}}]
+    assert planned(one)["train"] == 4
+
+    resplit = yaml.safe_load(yaml.safe_dump(demo))
+    resplit["datasets"]["digits"]["prepare"] = {"split_seed": 1}
+    path = tmp_path / "resplit.yaml"
+    path.write_text(yaml.safe_dump(resplit))
+    res = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    assert res.returncode != 0
+    assert "data/prepared/digits was prepared with {'image_size': 16, 'split_seed': 0, " \
+        "'val_count': 144}, the config asks for {'image_size': 16, 'split_seed': 1, " \
+        "'val_count': 144}: delete data/prepared/digits" in res.stdout + res.stderr

@@ -31,7 +31,8 @@ Writes under OUT:
   metrics/<dataset>/<model>.json        mean test_acc_pct per noise variant, runs, diverged: one
                                         compact row per dataset and model (`dvc metrics show`)
   curves/<dataset>/<metric>.tsv         run, step, value of every run (`dvc plots show/diff`)
-  report.md                             every table, figure links and what was skipped
+  report.md                             every table, figure links, what was skipped and
+                                        which runs to check (report/identity.py)
 """
 
 from __future__ import annotations
@@ -49,19 +50,23 @@ __all__ = ["Written", "build_report"]
 
 
 class Written(list):
-    """The written paths (a list of Path), with `notes`: what was skipped and why."""
+    """The written paths (a list of Path), with `notes`: what was skipped and why, and
+    `checks`: runs whose provenance to check (report/identity.py)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.notes: list[str] = []
+        self.checks: list[str] = []
 
 
 def build_report(runs: Path, out: Path, published: Path | None = None,
-                 published_as: dict[str, str] | None = None) -> Written:
+                 published_as: dict[str, str] | None = None,
+                 current: set[str] | None = None) -> Written:
     """Build every table and figure under `out` from the finished runs under `runs`.
 
     `published_as` ({stand-in dataset: source dataset}) reads demo-size runs against the
-    source's published rows (config `report.published_as`, set by `shrink`).
+    source's published rows (config `report.published_as`, set by `shrink`). `current`:
+    the run ids the config asks for (the workflow's), so that the others are named.
     """
     runs, out = Path(runs), Path(out)
     pub = read_published(published)
@@ -141,13 +146,19 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
             written += paths
             figure_links.append(f"![{base.name}](figures/{paths[0].name})")
 
+    from lambdapipe.report.identity import audit
+
+    written.checks = audit(runs, [r.path for r in collection.runs]
+                           + [r.path for r in collection.incomplete], current)
     page = ["# lambdapipe report", "",
             f"{len(df)} finished runs ({_status_counts(df)}), "
             f"{len(collection.incomplete)} running/incomplete, from `{runs}`.", ""]
     page += [t.markdown() for t in all_tables]
     page += ["## Figures", "", *(f"{link}\n" for link in figure_links)]
     if written.notes:
-        page += ["## Skipped", "", *(f"- {n}" for n in written.notes)]
+        page += ["## Skipped", "", *(f"- {n}" for n in written.notes), ""]
+    if written.checks:
+        page += ["## Runs to check", "", *(f"- {c}" for c in written.checks)]
     path = out / "report.md"
     write_text(path, "\n".join(page).rstrip() + "\n")
     written.append(path)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from lambdapipe.provenance import split_model_dir
 from lambdapipe.reference import (
     DRAWN,
     NOT_RECIPE,
@@ -101,7 +102,7 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
                     for k, v in run.summary.items() if k not in row})
         depth, width = depth_width(run.summary["model"])
         args = ", ".join(f"{k}={run.model_args[k]}" for k in sorted(run.model_args))
-        variant = run.path.parent.name.partition("@")[2]
+        variant = split_model_dir(run.path.parent.name)[1]  # <model>@<variant>-<fingerprint>
         dataset = run.summary["dataset"]
         changes = run.summary.get("recipe_changes")
         changes = {k: v for k, v in (changes if isinstance(changes, dict) else {}).items()

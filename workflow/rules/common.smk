@@ -6,6 +6,12 @@
 # a job upstream of it runs in the same invocation, or when its code, params or input set
 # changed (Snakemake's metadata) - never for timestamps alone, which a `dvc pull` or a copy
 # scrambles (a fresh clone must not retrain, re-evaluate or re-report what it pulled).
+#
+# A run's directory is its identity: `<model>-<fingerprint>` names every setting that changes
+# its result (model args, the resolved recipe; lambdapipe/provenance.py). A changed setting is
+# a new, missing directory, trained in any clone - Snakemake's metadata, which a clone that
+# pulled its results lacks, is never what decides a retraining - and an unchanged config
+# names the same directories, so nothing reruns.
 
 import re
 import shlex
@@ -14,7 +20,14 @@ from pathlib import Path
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-from lambdapipe.config import expand_runs, pack_cells, prepare_args, published_as_args, run_args
+from lambdapipe.config import (
+    expand_runs,
+    pack_cells,
+    prepare_args,
+    published_as_args,
+    run_args,
+    stale_prepared,
+)
 from lambdapipe.data.registry import dataset_info
 from lambdapipe.noise import parse_noise_tag
 
@@ -36,6 +49,10 @@ def lambdapipe_function():
 shell.prefix("set -euo pipefail; " + lambdapipe_function())
 
 RUNS = {run.path: run for run in expand_runs(config)}
+# The prepared data is part of every run's identity, but Snakemake re-prepares a dataset whose
+# `prepare:` block changed only where it has its metadata: stop before runs train on other data.
+for _stale in stale_prepared(config, "data"):
+    raise WorkflowError(_stale)
 DATASETS = sorted({run.dataset for run in RUNS.values()})
 # The run of each (dataset, noise, model) with the lowest seed gets `lambdapipe explain`.
 EXPLAINED = {}
@@ -64,7 +81,8 @@ PACK_RULES = {seeds: "train" if i == 0 else "train_seeds_" + "_".join(map(str, s
 wildcard_constraints:
     dataset="|".join(DATASETS),
     noise=r"clean|[a-z]+-[0-9.e+-]+(-s[0-9]+)?",
-    model=r"[A-Za-z0-9_.]+(@[A-Za-z0-9.-]+)?",
+    # <model>[@<variant>]-<fingerprint of the run's settings> (lambdapipe/provenance.py)
+    model=r"[A-Za-z0-9_.]+(@[A-Za-z0-9.-]+)?-[0-9a-f]{8}",
     seed=r"[0-9]+",
     archive="|".join(ARCHIVES) or "(?!)",
 

@@ -30,4 +30,6 @@ rule report:
     conda:
         "../envs/report.yaml"
     shell:
-        "lambdapipe report --runs results/runs --out results {params.published_as} > {log} 2>&1"
+        # The config's runs by their summaries: report names every other run directory.
+        "lambdapipe report --runs results/runs --out results {params.published_as}"
+        " {input.summaries} > {log} 2>&1"
