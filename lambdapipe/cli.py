@@ -450,11 +450,12 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16",
               show_default=True)
 @click.option("--compile", "compile_", default="auto", show_default=True,
-              type=click.Choice(["auto", "off", "default", "reduce-overhead", "max-autotune",
-                                 "max-autotune-no-cudagraphs", "step-graph"]),
-              help="torch.compile mode; auto is what training runs (CUDA graphs on a GPU, "
-                   "eager on a CPU); reduce-overhead: + CUDA graphs; step-graph: the whole "
-                   "step as one CUDA graph.")
+              type=click.Choice(["auto", "false", "true", "default", "reduce-overhead",
+                                 "max-autotune", "max-autotune-no-cudagraphs", "step-graph"]),
+              help="The recipe field's values (`--set compile=...`): auto is what training "
+                   "runs (CUDA graphs on a GPU, eager on a CPU); false: eager; true: "
+                   "torch.compile's default mode; reduce-overhead: + CUDA graphs; "
+                   "step-graph: the whole step as one CUDA graph.")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
@@ -490,7 +491,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
                         "the GPU either in one process (--pack) or in several (--slots)")
     if fuse and pack < 2:
         raise UserError("--fuse times packed runs as one network: give --pack 2 or more")
-    compile_mode: bool | str = False if compile_ == "off" else compile_
+    compile_mode: bool | str = {"false": False, "true": "default"}.get(compile_, compile_)
     if configfiles:
         if model_names is not None or model_args:
             raise UserError("--config takes models and model args from the config: drop "

@@ -273,3 +273,37 @@ def test_rules_run_the_package_of_their_own_checkout(tmp_path):
     counts = job_counts(dry.stdout)
     assert len(shell) == counts["total"] - counts["all"] == 24
     assert all(re.match(r"(rm -rf \S+ && )?lambdapipe \w+ ", ln) for ln in shell), shell
+
+
+def test_the_workflow_as_a_module_from_outside_the_checkout(tmp_path):
+    """`module lambdapipe: snakefile: <clone>/workflow/Snakefile` + `use rule * from
+    lambdapipe` in a directory of the user's own: the clone's package is imported and run
+    (not the environment's), the results land in the user's directory."""
+    clone = tmp_path / "clone"
+    for path in ("workflow", "lambdapipe", "config"):
+        shutil.copytree(ROOT / path, clone / path, ignore=shutil.ignore_patterns("__pycache__"))
+    main = clone / "lambdapipe" / "__main__.py"
+    main.write_text("import os, pathlib\n"
+                    "pathlib.Path(os.environ['MARKER']).write_text(__file__)\n"
+                    + main.read_text())
+    user = tmp_path / "user"
+    (user / "config").mkdir(parents=True)
+    shutil.copy(ROOT / "config" / "demo.yaml", user / "config" / "config.yaml")
+    (user / "Snakefile").write_text(
+        'configfile: "config/config.yaml"\n\n\n'
+        f'module lambdapipe:\n    snakefile:\n        "{clone}/workflow/Snakefile"\n'
+        "    config:\n        config\n\n\nuse rule * from lambdapipe\n")
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MARKER": str(marker)}
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "1"]
+    dry = subprocess.run([*cmd, "-n"], cwd=user, env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert job_counts(dry.stdout) == expected_counts(
+        yaml.safe_load((ROOT / "config" / "demo.yaml").read_text()))
+    res = subprocess.run([*cmd, "--until", "prepare"], cwd=user, env=env, text=True,
+                         capture_output=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert Path(marker.read_text()).resolve() == main.resolve()
+    assert (user / "data" / "prepared" / "digits" / "manifest.json").is_file()
+    assert not (clone / "data").exists()
