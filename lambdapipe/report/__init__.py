@@ -110,8 +110,9 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
         lam = [(label, arrays) for label, arrays in explained if "position" in arrays]
         built["position"] = (
             figures.position_panels(lam[0][1]["position"], lam[0][1]["meta"]["position"]["kind"],
-                                    f"{dataset}: {lam[0][0]}",
-                                    lam[0][1]["meta"]["position"].get("feature_map"))
+                                    f"{dataset}: {lam[0][0]}, seed {lam[0][1]['seed']}",
+                                    lam[0][1]["meta"]["position"].get("feature_map"),
+                                    lam[0][1]["meta"]["position"].get("layer"))
             if lam else None,
             "no explained run with a lambda layer")
         for kind, (fig, why) in built.items():
@@ -148,7 +149,7 @@ def _explained(sub, collection) -> list[tuple[str, dict]]:
     found: dict[str, dict] = {}
     for row in sub.sort_values(["model_label", "condition", "seed"]).itertuples():
         path = paths[row.run_id] / "explain_test.npz"
-        label = row.model_label + ("" if row.condition == "clean" else f" {row.condition}")
+        label = f"{row.model_label}, noise: {row.condition}"  # clean columns say so too
         if label in found or not path.is_file():
             continue
         try:
@@ -157,6 +158,7 @@ def _explained(sub, collection) -> list[tuple[str, dict]]:
         except (OSError, ValueError) as exc:
             raise UserError(f"malformed {path}: {exc}") from None
         arrays["meta"] = read_json_object(path.with_suffix(".json"))
+        arrays["seed"] = row.seed
         found[label] = arrays
     if not found:
         return []
