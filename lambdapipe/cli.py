@@ -581,7 +581,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
               default=Path("results/runs"), show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True,
-              help="Writes OUT/tables/*.{md,csv} and OUT/figures/*.{png,svg}.")
+              help="Writes OUT/tables/*.{md,csv}, OUT/figures/*.png, OUT/figures-svg/*.svg.")
 @click.option("--published", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of published reference CSVs (default: the shipped copies).")
 @click.option("--published-as", "published_as", multiple=True, metavar="STANDIN=SOURCE",

@@ -84,8 +84,8 @@ def test_explain_writes_finite_maps_on_the_same_images_and_the_report_shows_them
     out = root.parent / "report"
     written = build_report(root, out)
     names = {p.name for p in written}
-    assert {"attention_digits.png", "attention_digits.svg", "position_digits.png"} <= names
-    svg = (out / "figures" / "attention_digits.svg").read_text()
+    assert {"attention_digits.png", "position_digits.png"} <= names
+    svg = (out / "figures-svg" / "attention_digits.svg").read_text()
     assert "resnet20x1" in svg and "lr18_l3_lc" in svg
 
 

@@ -248,8 +248,8 @@ def test_imagenette_published_only_under_the_report_recipe(tmp_path, recipe, pub
 def test_figures_written_readable_and_skips_noted(report):
     _, out, written = report
     for kind in ("loss", "acc_vs_noise", "acc_vs_params", "memorisation"):
-        for fmt in ("png", "svg"):
-            path = out / "figures" / f"{kind}_cifar10.{fmt}"
+        for sub, fmt in (("figures", "png"), ("figures-svg", "svg")):
+            path = out / sub / f"{kind}_cifar10.{fmt}"
             assert path in written and path.stat().st_size > 15_000, path
     with Image.open(out / "figures" / "acc_vs_noise_cifar10.png") as im:
         width, height = im.size
@@ -274,7 +274,7 @@ def test_report_imports_no_training_code(report, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Same runs, same bytes: DVC sees no change when nothing changed.
     _, out, _ = report
-    for rel in ("metrics.json", "tables/noise_cifar10.md", "figures/loss_cifar10.svg",
+    for rel in ("metrics.json", "tables/noise_cifar10.md", "figures-svg/loss_cifar10.svg",
                 "figures/acc_vs_noise_cifar10.png"):
         assert (tmp_path / rel).read_bytes() == (out / rel).read_bytes(), rel
 

@@ -12,13 +12,14 @@ Writes under OUT:
   tables/variants.{md,csv}              named variants (fp16, an lr sweep) side by side on val
   tables/incomplete.{md,csv}            runs without summary.json (never results)
   tables/runs.csv                       every finished run, every summary field
-  figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation,
+  figures/<kind>_<dataset>.png          loss, acc_vs_noise, acc_vs_params, memorisation,
                                         attention (runs' explain_test.npz side by side),
                                         position (a lambda layer's learned embeddings)
+  figures-svg/<kind>_<dataset>.svg      the same figures as SVG
   metrics.json                          per-run tst_acc, val_acc, tst_nll, status
   metrics/<dataset>/<model>.json        mean tst_acc per noise variant, runs, diverged: one
                                         compact row per dataset and model (`dvc metrics show`)
-  curves/<dataset>/<metric>.tsv         run, step, value of every run (`dvc plots show/diff`)
+  curves/<metric>/<dataset>.tsv         run, step, value of every run (`dvc plots show/diff`)
   report.md                             every table, figure links and what was skipped
 """
 
@@ -32,7 +33,9 @@ from lambdapipe.reference import PUBLISHED_DATASET
 from lambdapipe.report import figures, tables
 from lambdapipe.report.load import collect_runs, read_published
 
-__all__ = ["Written", "build_report"]
+__all__ = ["VECTOR_DIR", "Written", "build_report"]
+
+VECTOR_DIR = "figures-svg"  # under OUT, beside figures/ (PNG): each figure once in dvc plots
 
 
 class Written(list):
@@ -119,9 +122,9 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
             base = out / "figures" / f"{kind}_{dataset}"
             if fig is None:
                 written.notes.append(f"skipped figure {base.name}: {why}")
-                _remove_stale(base)
+                _remove_stale(base, out / VECTOR_DIR)
                 continue
-            paths = figures.save(fig, base)
+            paths = figures.save(fig, base, out / VECTOR_DIR)
             written += paths
             figure_links.append(f"![{base.name}](figures/{paths[0].name})")
 
@@ -186,7 +189,8 @@ def _write_tree(base: Path, files: dict[str, str]) -> list[Path]:
     return written
 
 
-def _remove_stale(base: Path) -> None:
+def _remove_stale(base: Path, vector_dir: Path) -> None:
     """A figure skipped now must not survive from an earlier report and be read as current."""
-    for fmt in figures.FORMATS:
-        (base.parent / f"{base.name}.{fmt}").unlink(missing_ok=True)
+    for directory in (base.parent, vector_dir):
+        for fmt in figures.FORMATS:
+            (directory / f"{base.name}.{fmt}").unlink(missing_ok=True)

@@ -109,11 +109,14 @@ def _series_handles(colours: dict[str, tuple], names) -> list:
     return [Line2D([], [], color=colours[n], lw=2.5, label=n) for n in sorted(set(names))]
 
 
-def save(fig: Figure, base: Path) -> list[Path]:
+def save(fig: Figure, base: Path, vector_dir: Path | None = None) -> list[Path]:
+    """base.png and base.svg; the SVG in `vector_dir` if given (the report keeps its vector
+    copies apart, so `dvc plots show` of the figures directory shows each figure once)."""
     written = []
     with matplotlib.rc_context(RC):
         for fmt in FORMATS:
-            path = base.parent / f"{base.name}.{fmt}"
+            where = vector_dir if fmt == "svg" and vector_dir is not None else base.parent
+            path = where / f"{base.name}.{fmt}"
             write_with(path, lambda fh, fmt=fmt: fig.savefig(
                 fh, format=fmt, dpi=DPI, bbox_inches="tight", metadata=METADATA[fmt]))
             written.append(path)
