@@ -98,3 +98,14 @@ def test_snakefile_min_version_is_pyprojects_snakemake_floor():
     (req,) = [Requirement(r) for r in project["optional-dependencies"]["pipeline"]
               if Requirement(r).name == "snakemake"]
     assert str(req.specifier) == f">={floor}"
+
+
+def test_docs_name_no_absolute_path_of_a_machine():
+    """Paths in the docs are relative to the repository (`../shared/...`), or placeholders
+    a reader replaces (/path/to, /shared/...); never a path of the machine they were
+    written on."""
+    machine = re.compile(r"(?<![\w.~/])/(?:work|home|root|Users|tmp|scratch|mnt)/[\w.-]+")
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                 *sorted((ROOT / "config").glob("*.md"))]:
+        hits = machine.findall(path.read_text())
+        assert not hits, (path.name, hits)
