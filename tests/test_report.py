@@ -333,6 +333,8 @@ def test_cli_report(tmp_path):
                                        str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert f"wrote {tmp_path / 'out' / 'tables' / 'baselines_cifar100.md'}" in result.output
+    # A finished run read by the report is write-protected again (as after a `dvc pull`).
+    assert not (d / "summary.json").stat().st_mode & 0o222
     assert "skipped figure acc_vs_noise_cifar100" in result.output
     row = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar100.md"), model="resnet20x1")
     assert row["tst/acc"] == "0.665 ± 0.007" and row["published tst/acc"] == "0.662"
