@@ -157,3 +157,13 @@ def test_dvc_repro_push_pull(tmp_path):
         res = sh(*dry, cwd=clone)
         assert "Nothing to be done" in res.stdout + res.stderr, (newer, res.stdout[-3000:])
     assert "up to date" in sh("dvc", "status", cwd=clone).stdout
+    # Snakemake's provenance (.snakemake/metadata) does not travel with DVC: one --touch
+    # records it for the pulled files (README), and the "missing provenance" note is gone.
+    assert "missing provenance" in res.stdout + res.stderr
+    sh(sys.executable, "-m", "snakemake", "--touch", "--forceall", "--cores", "1",
+       "--configfile", "config/small.yaml", cwd=clone)
+    res = sh(*dry, cwd=clone)
+    assert "Nothing to be done" in res.stdout + res.stderr
+    assert "provenance" not in res.stdout + res.stderr, res.stdout[-3000:]
+    assert "up to date" in sh("dvc", "status", cwd=clone).stdout
+    assert digests(clone, "results/runs") == digests(repo, "results/runs")
