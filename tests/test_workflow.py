@@ -140,6 +140,18 @@ def test_lint_is_clean(tmp_path):
     assert "Congratulations" in res.stdout + res.stderr
 
 
+def test_workflow_is_snakefmt_formatted():
+    """`make lint` runs `snakefmt --check workflow` (pyproject's [tool.snakefmt]); so does
+    this, so a rule edited by hand fails here before it fails CI."""
+    pytest.importorskip("snakefmt")
+    res = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "workflow"], cwd=ROOT,
+                         text=True, capture_output=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    makefile = (ROOT / "Makefile").read_text()
+    lint = makefile.split("\nlint:", 1)[1]
+    assert "-m snakefmt --check workflow" in lint and "--lint" in lint and "ruff check" in lint
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda g: g["models"].append("resnet19"), "invalid model 'resnet19'"),
     (lambda g: g["noise"][0]["rates"].append(1.5), "rates[2] 1.5: expected a number >= 0"),
