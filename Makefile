@@ -24,3 +24,4 @@ test: setup
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m snakemake --lint --configfile config/demo.yaml
+	$(PYTHON) -m snakefmt --check workflow

@@ -149,17 +149,25 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def md5_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as fh:  # the archives' published checksums, not a security use
+        return hashlib.file_digest(fh, "md5").hexdigest()
+
+
+def keep_read_only(path: str | os.PathLike) -> None:
+    """Take the write bits off `path` again, as Snakemake's protected() left them: a `dvc
+    pull` or a copy checks finished runs out writable, and a finished run's summary.json
+    must not be easy to overwrite. Only ever removes bits; a symlink (DVC's symlink cache
+    type) is left alone, its target is DVC's cache, read-only already."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return
+    mode = path.stat().st_mode
+    if mode & 0o222:
+        with contextlib.suppress(OSError):  # not ours to change: reading it still works
+            path.chmod(mode & ~0o222)

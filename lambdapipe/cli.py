@@ -1,14 +1,17 @@
 """`lambdapipe <verb>`: the one face that wires data, models, training and reporting.
 
 Heavy modules (torch, pandas) are imported inside the commands so `--help` stays instant.
-Every `UserError` from the library becomes a one-line click usage error (exit 2); a
-`TransferError` (a download the network or a server broke) one `Error:` line with exit 1.
+Exit codes as click uses them: 2 with the usage line for bad command-line input (click's own
+checks, or a library `UserError`); 1 with one `Error:` line and no usage block for anything
+else that fails (a `StateError`: corrupt checkpoint, dataset not prepared, run directory
+busy, network down; a failed write).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,17 +24,17 @@ MIRROR_ENV = "LAMBDAPIPE_MIRROR"
 
 
 def _user_errors(fn):
-    """Turn library `UserError`s into click usage errors (one line, exit code 2), and a
-    failed artefact write (disk full) into one line with exit code 1."""
+    """Bad input (`UserError`) becomes a click usage error (exit 2); a `StateError` or a
+    failed artefact write (disk full) one `Error:` line with exit 1 and no usage block."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from lambdapipe.atomic import WriteError
-        from lambdapipe.errors import TransferError
+        from lambdapipe.errors import StateError
 
         try:
             return fn(*args, **kwargs)
-        except TransferError as exc:  # not the command line's fault: no "Usage:" block
+        except StateError as exc:  # not the command line's fault: no "Usage:" block
             raise click.ClickException(str(exc)) from None
         except UserError as exc:
             raise click.UsageError(str(exc)) from None
@@ -39,6 +42,62 @@ def _user_errors(fn):
             raise click.ClickException(str(exc)) from None
 
     return wrapper
+
+
+class _RegistryChoice(click.Choice):
+    """A `click.Choice` over a registry's names, read when a value or `--help` needs them,
+    not when the CLI is imported: the dataset registry imports numpy, and `lambdapipe
+    --help` stays instant. (click copies `choices` into a tuple in its constructor.)"""
+
+    def __init__(self, names, case_sensitive: bool = True) -> None:
+        self._names = names
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # read each time: tests register datasets
+        return tuple(self._names())
+
+
+def _dataset_names() -> list[str]:
+    from lambdapipe.data.registry import DATASETS
+
+    return sorted(DATASETS)
+
+
+def _recipe_names() -> list[str]:
+    from lambdapipe.recipes import list_recipes
+
+    return list_recipes()
+
+
+# The kinds of lambdapipe.noise.KINDS (tests/test_cli.py keeps them equal): spelt out here
+# because importing lambdapipe.noise imports numpy.
+NOISE_KINDS = ("symmetric", "pairflip")
+
+
+class _DeviceChoice(click.Choice):
+    """auto, cpu, cuda or cuda:N: a Choice so `--help` and shell completion list them, with
+    cuda:N for any N (lambdapipe.gpu checks N against the devices there are)."""
+
+    def __init__(self) -> None:
+        super().__init__(["auto", "cpu", "cuda", "cuda:N"])
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and re.fullmatch(r"cuda:\d+", value.strip()):
+            return value.strip()
+        return super().convert(value, param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(c) for c in ("auto", "cpu", "cuda", "cuda:0")
+                if c.startswith(incomplete)]
+
+
+def device_option(help: str = "auto (a free GPU if any, else CPU), cpu, cuda (a free GPU, "
+                              "an error without one), cuda:N."):
+    return click.option("--device", type=_DeviceChoice(), default="auto", show_default=True,
+                        help=help)
 
 
 def _parse_key_values(values: tuple[str, ...], what: str) -> dict[str, object]:
@@ -61,8 +120,9 @@ def _parse_key_values(values: tuple[str, ...], what: str) -> dict[str, object]:
 
 
 # Options spelled the same on every verb.
+DATASET_CHOICE = _RegistryChoice(_dataset_names)
 dataset_option = click.option(
-    "--dataset", required=True, help="Dataset name (see `lambdapipe prepare --help`)."
+    "--dataset", type=DATASET_CHOICE, required=True, help="Dataset name."
 )
 gpu_lock_dir_option = click.option(
     "--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -84,8 +144,8 @@ mirror_option = click.option(
 noise_options = [
     click.option("--noise", "noise_rate", type=float, default=0.0, show_default=True,
                  help="Fraction of training labels to corrupt, in [0, 1)."),
-    click.option("--noise-kind", default="symmetric", show_default=True,
-                 help="symmetric or pairflip."),
+    click.option("--noise-kind", type=click.Choice(NOISE_KINDS), default="symmetric",
+                 show_default=True, help="How labels are corrupted."),
     click.option("--noise-seed", type=int, default=0, show_default=True,
                  help="Seed of the noise draw (independent of the training seed)."),
 ]
@@ -111,7 +171,7 @@ def main() -> None:
 
 # --------------------------------------------------------------------------- models
 @main.command()
-@click.option("--dataset", default="cifar10", show_default=True,
+@click.option("--dataset", type=DATASET_CHOICE, default="cifar10", show_default=True,
               help="Dataset whose classes and image size the counts are for.")
 @click.option("--pattern", default="*", show_default=True, help="Glob on model names.")
 @_user_errors
@@ -210,12 +270,11 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (resumed if it holds an interrupted run of this config); "
                    "{seed} in it is replaced by the seed.")
-@click.option("--recipe", default="sgdm", show_default=True,
-              help="Named recipe (sgdm, adam-restarts, sgd-restarts, demo, ...).")
+@click.option("--recipe", type=_RegistryChoice(_recipe_names), default="sgdm",
+              show_default=True, help="Named recipe (lambdapipe/recipes.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. lr=0.05 iterations=2000 precision=bf16.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (a free GPU if any, else CPU), cpu, cuda, cuda:N.")
+@device_option()
 @gpu_lock_dir_option
 @click.option("--deterministic/--no-deterministic", default=False,
               help="Bit-reproducible kernels (slower); resume then equals an unbroken run.")
@@ -305,7 +364,7 @@ def _seed_list(ctx: click.Context, seed: int, seeds: str | None, out: Path) -> l
 @data_dir_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: eval_<split>.json beside the checkpoint).")
-@click.option("--device", default="auto", show_default=True)
+@device_option()
 @gpu_lock_dir_option
 @_user_errors
 def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: str,
@@ -336,7 +395,7 @@ def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: s
 @data_dir_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory to write into (default: beside the checkpoint).")
-@click.option("--device", default="auto", show_default=True)
+@device_option()
 @gpu_lock_dir_option
 @_user_errors
 def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | None,
@@ -382,7 +441,7 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
               help="With --pack: the packed runs as one network (`train --fuse`).")
 @click.option("--gpus", type=int, default=1, show_default=True,
               help="With --config: GPUs the grid is spread over.")
-@click.option("--dataset", default="cifar10", show_default=True,
+@click.option("--dataset", type=DATASET_CHOICE, default="cifar10", show_default=True,
               help="Sets classes and image size; synthetic data unless --real-data.")
 @data_dir_option
 @click.option("--real-data/--synthetic", default=False,
@@ -391,15 +450,16 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16",
               show_default=True)
 @click.option("--compile", "compile_", default="auto", show_default=True,
-              type=click.Choice(["auto", "off", "default", "reduce-overhead", "max-autotune",
-                                 "max-autotune-no-cudagraphs", "step-graph"]),
-              help="torch.compile mode; auto is what training runs (CUDA graphs on a GPU, "
-                   "eager on a CPU); reduce-overhead: + CUDA graphs; step-graph: the whole "
-                   "step as one CUDA graph.")
+              type=click.Choice(["auto", "false", "true", "default", "reduce-overhead",
+                                 "max-autotune", "max-autotune-no-cudagraphs", "step-graph"]),
+              help="The recipe field's values (`--set compile=...`): auto is what training "
+                   "runs (CUDA graphs on a GPU, eager on a CPU); false: eager; true: "
+                   "torch.compile's default mode; reduce-overhead: + CUDA graphs; "
+                   "step-graph: the whole step as one CUDA graph.")
 @click.option("--warmup", type=int, default=20, show_default=True)
 @click.option("--steps", type=int, default=50, show_default=True)
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE")
-@click.option("--device", default="auto", show_default=True)
+@device_option()
 @gpu_lock_dir_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON.")
@@ -431,7 +491,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
                         "the GPU either in one process (--pack) or in several (--slots)")
     if fuse and pack < 2:
         raise UserError("--fuse times packed runs as one network: give --pack 2 or more")
-    compile_mode: bool | str = False if compile_ == "off" else compile_
+    compile_mode: bool | str = {"false": False, "true": "default"}.get(compile_, compile_)
     if configfiles:
         if model_names is not None or model_args:
             raise UserError("--config takes models and model args from the config: drop "
@@ -521,7 +581,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
               default=Path("results/runs"), show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True,
-              help="Writes OUT/tables/*.{md,csv} and OUT/figures/*.{png,svg}.")
+              help="Writes OUT/tables/*.{md,csv}, OUT/figures/*.png, OUT/figures-svg/*.svg.")
 @click.option("--published", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory of published reference CSVs (default: the shipped copies).")
 @click.option("--published-as", "published_as", multiple=True, metavar="STANDIN=SOURCE",

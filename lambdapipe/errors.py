@@ -1,8 +1,10 @@
 """User-facing errors: one line that names the bad value and what is allowed.
 
-Library code raises `UserError`; the CLI turns it into a click usage error (exit 2) so
-nobody sees a traceback for a mistake in their input. `TransferError`, a failure of the world
-rather than of the input (network down, a server's bad bytes), is one line with exit 1.
+Library code raises `UserError` for a bad value given as input; the CLI turns it into a
+click usage error (exit 2, with the usage line) so nobody sees a traceback for a mistake in
+their input. `StateError` is a failure of what the input names rather than of the input
+(a corrupt checkpoint, a dataset not prepared, a run directory another process owns, a
+network down): one `Error:` line, exit 1, no usage block, as click does for runtime errors.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ class UserError(ValueError):
     """Bad input from the user (a name, a value, a file); the message is one line."""
 
 
-class TransferError(UserError):
-    """A download failed through no fault of the command line (network, server): the CLI
-    prints one `Error:` line and exits 1, not a usage error. A UserError still, so callers
-    that stop on bad input stop on it too."""
+class StateError(UserError):
+    """The command line was fine but what it names is not usable (corrupt, missing, busy):
+    the CLI prints one `Error:` line and exits 1, not a usage error. A UserError still, so
+    callers that stop on bad input stop on it too."""
+
+
+class TransferError(StateError):
+    """A download failed through no fault of the command line (network, server)."""
 
 
 def bad_value(what: str, value: object, allowed: str | Iterable[object]) -> UserError:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from lambdapipe import atomic
 from lambdapipe.augment import normalize
-from lambdapipe.errors import UserError
+from lambdapipe.errors import StateError, UserError
 
 ECE_BINS = 15
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,21 +69,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
     except OSError:
         accepted = []
     if not accepted:
-        raise UserError(f"corrupted checkpoint {path}: its sidecar {sidecar(path).name} "
+        raise StateError(f"corrupted checkpoint {path}: its sidecar {sidecar(path).name} "
                         "is missing or empty")
     actual = atomic.sha256_file(path)
     if actual not in accepted:
-        raise UserError(f"corrupted checkpoint {path}: sha256 {actual[:12]}... does not match "
+        raise StateError(f"corrupted checkpoint {path}: sha256 {actual[:12]}... does not match "
                         f"{sidecar(path).name} ({accepted[0][:12]}...)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not ours"
-        raise UserError(f"{path} is not loadable with torch.load(weights_only=True): "
+        raise StateError(f"{path} is not loadable with torch.load(weights_only=True): "
                         f"{type(exc).__name__}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{path} is not a lambdapipe checkpoint (no config/model entries)")
+        raise StateError(f"{path} is not a lambdapipe checkpoint (no config/model entries)")
     if check:
-        check_checkpoint(ckpt, path)
+        try:
+            check_checkpoint(ckpt, path)
+        except UserError as exc:  # the file, not the command line, is at fault: exit 1
+            raise StateError(str(exc)) from None
     return ckpt
 
 

@@ -165,7 +165,8 @@ def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
                             "are probably non-finite (a diverged run)")
     classes = list(data.classes)
     meta = {"checkpoint": str(ckpt), "model": config["model"],
-            "model_args": config.get("model_args") or {}, "dataset": config["dataset"],
+            "model_args": config.get("model_args") or {}, "seed": config.get("seed"),
+            "dataset": config["dataset"],
             "split": split, "classes": classes, "indices": index.tolist(),
             "labels": [classes[i] for i in arrays["labels"]],
             "predicted": [classes[i] for i in predicted],
@@ -190,7 +191,8 @@ def _figures(base: Path, arrays: dict[str, np.ndarray], meta: dict) -> list[Path
         f"{meta['model']} on {meta['dataset']} {meta['split']}"), base)
     if "position" in arrays:
         fig = figures.position_panels(arrays["position"], meta["position"]["kind"],
-                                      f"{meta['model']}: {meta['position']['layer']}",
-                                      meta["position"]["feature_map"])
+                                      f"{meta['model']}, seed {meta['seed']}",
+                                      meta["position"]["feature_map"],
+                                      meta["position"]["layer"])
         written += figures.save(fig, base.parent / f"{base.name}_position")
     return written

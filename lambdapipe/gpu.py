@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lambdapipe.errors import UserError, bad_value
+from lambdapipe.errors import StateError, bad_value
 
 LOCK_DIR_ENV = "LAMBDAPIPE_GPU_LOCK_DIR"
 SLOTS_ENV = "LAMBDAPIPE_GPU_SLOTS"
@@ -128,6 +128,29 @@ def _visible_entry(visible_index: int) -> str:
         if visible_index < len(parts):
             return parts[visible_index]
     return str(visible_index)
+
+
+def _gpu_given() -> str | None:
+    """Why this job should have a GPU, or None: a scheduler named its devices
+    (CUDA_VISIBLE_DEVICES, as SLURM sets it) or the machine's NVIDIA driver lists a GPU. With
+    `auto` and a CPU build of torch (a conda env solved on a GPU-less login node) the job
+    would otherwise train on the CPU without a word."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "NoDevFiles") and not visible.startswith("-"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return f"the NVIDIA driver lists {len(list(gpus.iterdir()))} GPU(s)"
+    return None
+
+
+def _no_cuda_reason() -> str:
+    import torch
+
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"torch {torch.__version__} is a CPU build: install a CUDA build "
+                "(workflow/envs/lambdapipe.yaml asks for one)")
+    return f"CUDA is not available to torch {torch.__version__} (driver, or no device)"
 
 
 def _physical_index(visible_index: int) -> int:
@@ -231,9 +254,12 @@ def claim(device: str = "auto", lock_dir: Path | None = None, slots: int | None 
     fake = _env_int(FAKE_ENV, 0)
     count = fake if fake is not None else _cuda_count()
     if count == 0:
-        if kind == "cuda":
-            raise UserError(f"device {device!r} requested but CUDA is not available: "
-                            "use --device auto or cpu")
+        given = _gpu_given()
+        if kind == "cuda" or given:  # never train on the CPU when a GPU was asked for
+            asked = f"device {device!r} requested" + (f" in a job given a GPU ({given})"
+                                                      if kind == "auto" else "")
+            raise StateError(f"{asked} but {_no_cuda_reason()}: use --device cpu to train "
+                             "on the CPU")
         with _hold(Claim("cpu"), None) as dev:
             yield dev
         return

@@ -31,14 +31,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lambdapipe.errors import UserError
+from lambdapipe.errors import StateError, UserError
 
 LOCK_NAME = ".lambdapipe.lock"
 
 _held: dict[str, int] = {}  # lock path -> depth, so the CLI and run() may both hold it
 
 
-class RunDirBusy(UserError):
+class RunDirBusy(StateError):
     """Another live process owns the run directory."""
 
 

@@ -45,3 +45,23 @@ def test_checksums(tmp_path):
     f.write_bytes(b"abc")
     assert atomic.sha256_file(f).startswith("ba7816bf")
     assert atomic.md5_file(f) == "900150983cd24fb0d6963f7d28e17f72"
+
+
+def test_keep_read_only_takes_write_bits_off_files_only(tmp_path):
+    """A pulled summary.json (checked out 0644) is protected again; a symlink (DVC's cache)
+    and its target are left alone; bits are only ever removed."""
+    import stat
+
+    f = tmp_path / "summary.json"
+    f.write_text("{}")
+    f.chmod(0o664)
+    atomic.keep_read_only(f)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o444
+    target = tmp_path / "cache"
+    target.write_text("{}")
+    target.chmod(0o644)
+    link = tmp_path / "linked.json"
+    link.symlink_to(target)
+    atomic.keep_read_only(link)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    atomic.keep_read_only(tmp_path / "missing.json")  # nothing to do, no error

@@ -87,7 +87,7 @@ def test_real_data_uses_the_prepared_split(tmp_path):
     (["--slots", "two"], "invalid --slots 'two': expected integers >= 1"),
     (["--slots", "1,2"], "one count without --config"),
     (["--config", "config/demo.yaml"], "--config takes models and model args from the config"),
-    (["--compile", "fast"], "'fast' is not one of 'auto', 'off', 'default'"),
+    (["--compile", "fast"], "'fast' is not one of 'auto', 'false', 'true'"),
     (["--pack", "0"], "invalid --pack 0: expected an integer >= 1"),
     (["--pack", "2", "--slots", "2"], "--pack 2 and --slots 2 exclude each other"),
     (["--fuse"], "--fuse times packed runs as one network: give --pack 2 or more"),

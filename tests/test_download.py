@@ -322,6 +322,7 @@ def test_cli_network_failure_is_one_error_line_exit_1(tmp_path):
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: cannot download cifar10"), lines
     assert url in lines[0] and "Usage" not in res.output
+    assert lines[0].endswith(f"or in {tmp_path / 'raw'}")  # this --data-dir's, not data/raw
     # Bad input is still a usage error.
     res = CliRunner().invoke(main, ["download", "--dataset", "cifar10", "--data-dir",
                                     str(tmp_path), "--url", "ftp://x/y.tgz"])

@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # The project as a clone has it (tests and docs aside): committed plus new, unignored files.
 SKIP = ("tests/", "docs/")
 
-pytestmark = pytest.mark.slow
 
 
 def sh(*cmd, cwd, check=True):
@@ -44,6 +43,42 @@ def project_files() -> list[str]:
     return [f for f in out if not f.startswith(SKIP) and (ROOT / f).is_file()]
 
 
+def test_plots_titled_one_format_each_and_offline(tmp_path):
+    """`dvc plots show` with the project's dvc.yaml and .dvc/ on hand-written report files:
+    a curve plot has a title and axis labels (not its file path), each figure appears once
+    (PNG; the SVG copies live elsewhere), and the HTML page loads nothing from the network."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    shutil.copy2(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy2(ROOT / ".dvcignore", repo / ".dvcignore")
+    (repo / "params.yaml").write_text("configfile: config/demo.yaml\n")
+    sh("git", "init", "-q", cwd=repo)
+    results = repo / "results"
+    for metric in ("train_loss", "val_loss", "train_acc", "val_acc"):
+        (results / "curves" / metric).mkdir(parents=True)
+        (results / "curves" / metric / "digits.tsv").write_text(
+            f"run\tstep\t{metric}\ndigits/clean/resnet18/0\t10\t0.5\n"
+            "digits/clean/resnet18/0\t20\t0.6\n")
+    for sub, suffix in (("figures", "png"), ("figures-svg", "svg")):
+        (results / sub).mkdir()
+        (results / sub / f"loss_digits.{suffix}").write_bytes(
+            (ROOT / "docs" / "demo_acc_vs_noise.png").read_bytes() if suffix == "png"
+            else b'<svg xmlns="http://www.w3.org/2000/svg"/>')
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    assert [k for k in plots["data"] if k.startswith("results/figures")] == [
+        "results/figures/loss_digits.png"]
+    spec = plots["data"]["results/curves/val_acc/digits.tsv"][0]["content"]
+    assert spec["title"] == "Validation accuracy, one line per run"
+    assert spec["encoding"]["x"]["title"] == "iteration (optimizer steps)"
+    assert spec["encoding"]["y"]["title"] == "accuracy (fraction)"
+    sh("dvc", "plots", "show", "-o", "page", cwd=repo)
+    html = (repo / "page" / "index.html").read_text()
+    assert "vegaEmbed" in html and "function" in html  # the libraries, inlined
+    assert "<script src=" not in html and "cdn.jsdelivr" not in html
+
+
+@pytest.mark.slow
 def test_dvc_repro_push_pull(tmp_path):
     repo = tmp_path / "repo"
     for name in project_files():
@@ -105,13 +140,13 @@ def test_dvc_repro_push_pull(tmp_path):
     # (Snakemake's .snakemake_timestamp in directory outputs is .dvcignore'd).
     plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo).stdout)
     assert not plots.get("errors"), plots.get("errors")
-    assert "results/curves/digits/val_acc.tsv" in plots["data"]
-    spec = json.dumps(plots["data"]["results/curves/digits/val_acc.tsv"])
+    assert "results/curves/val_acc/digits.tsv" in plots["data"]
+    spec = json.dumps(plots["data"]["results/curves/val_acc/digits.tsv"])
     from lambdapipe.config import check_config, expand_runs
 
     model_dir = expand_runs(check_config(cfg))[0].model_dir  # <model>-<fingerprint>
-    assert f'"run": "symmetric-0.25/{model_dir}/0"' in spec
-    assert f'"run": "clean/{model_dir}/0"' in spec
+    assert f'"run": "digits/symmetric-0.25/{model_dir}/0"' in spec
+    assert f'"run": "digits/clean/{model_dir}/0"' in spec
     assert any(k.startswith("results/figures/") for k in plots["data"])
     shutil.rmtree(repo / "dvc_plots", ignore_errors=True)  # written by show without --json
     assert "dvc_plots" in (repo / ".gitignore").read_text()
@@ -143,3 +178,13 @@ def test_dvc_repro_push_pull(tmp_path):
         res = sh(*dry, cwd=clone)
         assert "Nothing to be done" in res.stdout + res.stderr, (newer, res.stdout[-3000:])
     assert "up to date" in sh("dvc", "status", cwd=clone).stdout
+    # Snakemake's provenance (.snakemake/metadata) does not travel with DVC: one --touch
+    # records it for the pulled files (README), and the "missing provenance" note is gone.
+    assert "missing provenance" in res.stdout + res.stderr
+    sh(sys.executable, "-m", "snakemake", "--touch", "--forceall", "--cores", "1",
+       "--configfile", "config/small.yaml", cwd=clone)
+    res = sh(*dry, cwd=clone)
+    assert "Nothing to be done" in res.stdout + res.stderr
+    assert "provenance" not in res.stdout + res.stderr, res.stdout[-3000:]
+    assert "up to date" in sh("dvc", "status", cwd=clone).stdout
+    assert digests(clone, "results/runs") == digests(repo, "results/runs")

@@ -14,7 +14,7 @@ from collections import defaultdict
 import pytest
 
 from lambdapipe import gpu
-from lambdapipe.errors import UserError
+from lambdapipe.errors import StateError, UserError
 
 HOLDER = """
 import sys, time
@@ -149,6 +149,34 @@ def test_cpu_and_no_cuda(tmp_path, fake_env):
         assert dev == "cpu"
     with pytest.raises(UserError, match="CUDA is not available"), gpu.claim("cuda"):
         pass
+
+
+def test_a_gpu_asked_for_but_cpu_torch_refuses_in_one_line(tmp_path, fake_env, monkeypatch):
+    """A conda env solved on a GPU-less node holds CPU torch: `cuda`, or `auto` in a job
+    that was given a GPU, must stop rather than train on the CPU without a word."""
+    import torch
+
+    env, _ = fake_env
+    env(0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(gpu, "_gpu_given", lambda: None)
+    with gpu.claim("auto", lock_dir=tmp_path / "l") as dev:  # no GPU anywhere: the CPU
+        assert dev == "cpu"
+    with pytest.raises(StateError, match=r"device 'cuda' requested but torch .* is a CPU "
+                                         r"build: install a CUDA build"), gpu.claim("cuda"):
+        pass
+    monkeypatch.undo()
+    env(0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(StateError, match=r"device 'auto' requested in a job given a GPU "
+                                         r"\(CUDA_VISIBLE_DEVICES=3\) but torch .* is a CPU "
+                                         r"build.*use --device cpu"), gpu.claim("auto"):
+        pass
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a job given none
+    assert gpu._gpu_given() is None or "NVIDIA driver" in gpu._gpu_given()
 
 
 @pytest.mark.parametrize("bad", ["gpu", "cuda:x", "cpu:1", "cuda:7"])

@@ -228,6 +228,23 @@ def test_flops_match_the_cost_reference():
         assert macs / base == pytest.approx({"2": 0.962, "3": 0.939}[name[6]], abs=0.001)
 
 
+@pytest.mark.parametrize(("name", "impl"), [
+    ("resnet18", None), ("resnet20x1", None), ("lr18_l3_lc", "logit"), ("lr18_l2_lc", "logit"),
+    ("lr18_l2_rpe", "lambda"), ("lr18_l2_rpe", "logit"), ("lr18_l3_rpe", "lambda")])
+def test_mac_counts_equal_torch_flop_counter(name, impl):
+    """Our hooks count MACs by hand (Conv2d, Linear, LambdaLayer.macs for the contraction it
+    runs) because bench needs them per layer kind; torch.utils.flop_counter counts every
+    matmul and convolution the forward really dispatched, so the two must agree exactly:
+    a lambda layer's formula that drifted from its code would show here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kwargs = {} if impl is None else {"impl": impl, "lambda_blocks": "all"}
+    model = create_model(name, num_classes=10, image_size=32, **kwargs).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32))
+    assert counter.get_total_flops() == 2 * estimate_macs(model, 32)
+
+
 @pytest.mark.parametrize(("name", "args", "needle"), [
     ("lr18_l3_lc", {"k": 0}, "query depth k 0"),
     ("lr18_l3_lc", {"heads": 3}, "heads 3"),

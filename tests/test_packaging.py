@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,34 +43,47 @@ def test_makefile_torch_pin_is_within_pyproject_range():
 
 
 CONDA_NAMES = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+CONDA_PIN = re.compile(r"^([\w.-]+)==([\w.]+)(?:=(\S+))?$")  # name==version[=build]
 
 
-def _env_requirements(path: Path) -> dict[str, str]:
-    """{pip name: specifier} of a conda env file, conda and pip entries alike."""
+def _env_pins(path: Path) -> dict[str, tuple[str, str | None]]:
+    """{pip name: (version, build)} of a conda env file, conda and pip entries alike; every
+    entry but `pip` itself an exact pin."""
     deps = yaml.safe_load(path.read_text())["dependencies"]
     entries = [d for d in deps if isinstance(d, str)]
     entries += [p for d in deps if isinstance(d, dict) for p in d.get("pip", [])]
     out = {}
     for entry in entries:
-        if entry in ("pip",) or entry.startswith("-"):
+        if entry == "pip":
             continue
-        req = Requirement(entry)
-        out[CONDA_NAMES.get(req.name, req.name)] = str(req.specifier)
+        match = CONDA_PIN.match(entry)
+        assert match, f"{path.name}: {entry!r} is not an exact pin (name==version)"
+        name, version, build = match.groups()
+        out[CONDA_NAMES.get(name, name)] = (version, build)
     return out
 
 
-def test_rule_environments_match_pyproject_and_install_no_package():
-    """workflow/envs: what `--software-deployment-method conda` builds per rule. Ranges as in
-    pyproject; no `-e .` (rules run the checkout's package from PYTHONPATH); the training
-    env carries every runtime dependency, the report's no torch."""
+def test_rule_environments_are_pinned_within_pyproject_and_install_no_package():
+    """workflow/envs: what `--software-deployment-method conda` builds per rule. Exact pins
+    (a solve on another day gives the same software) inside pyproject's ranges, torch as
+    the Makefile pins it and as a CUDA build; no `-e .` (rules run the checkout's package
+    from PYTHONPATH); the training env carries every runtime dependency, the report's the
+    same pins and no torch."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    runtime = {Requirement(r).name: str(Requirement(r).specifier)
-               for r in project["dependencies"]}
-    runtime["python"] = project["requires-python"]
-    envs = {p.stem: _env_requirements(p) for p in (ROOT / "workflow" / "envs").glob("*.yaml")}
+    runtime = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
+    envs = {p.stem: _env_pins(p) for p in (ROOT / "workflow" / "envs").glob("*.yaml")}
     assert set(envs) == {"lambdapipe", "report"}
-    assert envs["lambdapipe"] == runtime
-    assert envs["report"].items() <= runtime.items() and "torch" not in envs["report"]
+    assert set(envs["lambdapipe"]) == {*runtime, "python"}
+    for name, (version, _) in envs["lambdapipe"].items():
+        if name == "python":
+            assert Version(version) in SpecifierSet(project["requires-python"])
+        else:
+            assert Version(version) in runtime[name], (name, version, runtime[name])
+    assert envs["report"].items() <= envs["lambdapipe"].items()
+    assert "torch" not in envs["report"]
+    make = dict(re.findall(r"(torch|torchvision)==([\d.]+)", (ROOT / "Makefile").read_text()))
+    assert {k: envs["lambdapipe"][k][0] for k in make} == make
+    assert envs["lambdapipe"]["torch"][1] == "cuda*"
     for path in (ROOT / "workflow" / "envs").glob("*.yaml"):
         assert "-e ." not in path.read_text().replace("# ", "")
     rules = "".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
@@ -84,3 +98,14 @@ def test_snakefile_min_version_is_pyprojects_snakemake_floor():
     (req,) = [Requirement(r) for r in project["optional-dependencies"]["pipeline"]
               if Requirement(r).name == "snakemake"]
     assert str(req.specifier) == f">={floor}"
+
+
+def test_docs_name_no_absolute_path_of_a_machine():
+    """Paths in the docs are relative to the repository (`../shared/...`), or placeholders
+    a reader replaces (/path/to, /shared/...); never a path of the machine they were
+    written on."""
+    machine = re.compile(r"(?<![\w.~/])/(?:work|home|root|Users|tmp|scratch|mnt)/[\w.-]+")
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                 *sorted((ROOT / "config").glob("*.md"))]:
+        hits = machine.findall(path.read_text())
+        assert not hits, (path.name, hits)

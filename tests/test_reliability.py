@@ -177,11 +177,11 @@ def test_damaged_checkpoint_is_reported_on_resume_and_on_evaluate(
         raw[len(raw) // 2] ^= 0x10
         raw = bytes(raw)
     (out / "last.ckpt").write_bytes(raw)
-    line = one_line_error(cli(*train_args(data_dir, out)))
+    line = one_line_error(cli(*train_args(data_dir, out)), code=1)
     assert "corrupted checkpoint" in line and "last.ckpt" in line
     assert not (out / "summary.json").exists()
     line = one_line_error(cli("evaluate", "--ckpt", str(out / "last.ckpt"), "--data-dir",
-                              str(data_dir), "--device", "cpu"))
+                              str(data_dir), "--device", "cpu"), code=1)
     assert "corrupted checkpoint" in line
     assert not (out / "eval_test.json").exists()
 
@@ -193,7 +193,7 @@ def test_corrupted_prepared_array_stops_training_before_it_starts(tmp_path):
     arr[5, 3, 3, 1] ^= 0x01  # one bit of one pixel
     np.save(target / "train_images.npy", arr)
     out = tmp_path / "run"
-    line = one_line_error(cli(*train_args(root, out)))
+    line = one_line_error(cli(*train_args(root, out)), code=1)
     assert "corrupted prepared array" in line and "train_images.npy" in line
     assert not out.exists()
 
@@ -226,10 +226,10 @@ def test_checkpoint_that_runs_code_is_refused(interrupted, data_dir, tmp_path):
         (out / "last.ckpt").write_bytes(evil)
         sidecar(out / "last.ckpt").write_text(
             f"{hashlib.sha256(evil).hexdigest()}  last.ckpt\n")
-        line = one_line_error(cli(*train_args(data_dir, out)))  # ... but not here
+        line = one_line_error(cli(*train_args(data_dir, out)), code=1)  # ... but not here
         assert "not loadable with torch.load(weights_only=True)" in line
         line = one_line_error(cli("evaluate", "--ckpt", str(out / "last.ckpt"),
-                                  "--data-dir", str(data_dir), "--device", "cpu"))
+                                  "--data-dir", str(data_dir), "--device", "cpu"), code=1)
         assert "weights_only" in line
         assert not marker.exists()
 
@@ -425,7 +425,7 @@ def test_a_run_directory_has_one_owner(data_dir, tmp_path, second_seed):
     first, go = start_holder(data_dir, out, tmp_path, "--seed", "0")
     try:
         assert sorted(p.name for p in out.iterdir()) == [runlock.LOCK_NAME]
-        line = one_line_error(cli(*train_args(data_dir, out, "--seed", second_seed)))
+        line = one_line_error(cli(*train_args(data_dir, out, "--seed", second_seed)), code=1)
         assert f"--out {out} is in use by pid {first.pid} " in line, line
         assert "train --model resnet20x1" in line and "--seed 0" in line, line
         # Past the probe too (a second process that passed its checks at the same moment):
@@ -522,18 +522,18 @@ HOSTILE = ["base_width_4096", "empty", "precision_evil", "mean_text", "std_zero"
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_checkpoint_contents_are_one_line_by_every_route(interrupted, data_dir,
                                                                  tmp_path, case):
-    """evaluate, explain and a resume each refuse in one line, allocate nothing large, and
-    write nothing."""
+    """evaluate, explain and a resume each refuse in one line (exit 1: the file is at fault,
+    not the command line), allocate nothing large, and write nothing."""
     out = copy_run(interrupted, tmp_path / "run")
     save_checkpoint(hostile(case, load_checkpoint(out / "last.ckpt")), out / "last.ckpt")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with memory_cap():
         lines = [
             one_line_error(cli("evaluate", "--ckpt", str(out / "last.ckpt"), "--data-dir",
-                               str(data_dir), "--device", "cpu")),
+                               str(data_dir), "--device", "cpu"), code=1),
             one_line_error(cli("explain", "--ckpt", str(out / "last.ckpt"), "--data-dir",
-                               str(data_dir), "--device", "cpu")),
-            one_line_error(cli(*train_args(data_dir, out)))]
+                               str(data_dir), "--device", "cpu"), code=1),
+            one_line_error(cli(*train_args(data_dir, out)), code=1)]
     for line in lines:
         assert "last.ckpt" in line, line
         assert "invalid run config in checkpoint" in line or "does not fit its model" in line \

@@ -282,8 +282,8 @@ def test_imagenette_published_only_under_the_report_recipe(tmp_path, recipe, pub
 def test_figures_written_readable_and_skips_noted(report):
     _, out, written = report
     for kind in ("loss", "acc_vs_noise", "acc_vs_params", "memorisation"):
-        for fmt in ("png", "svg"):
-            path = out / "figures" / f"{kind}_cifar10.{fmt}"
+        for sub, fmt in (("figures", "png"), ("figures-svg", "svg")):
+            path = out / sub / f"{kind}_cifar10.{fmt}"
             assert path in written and path.stat().st_size > 15_000, path
     with Image.open(out / "figures" / "acc_vs_noise_cifar10.png") as im:
         width, height = im.size
@@ -308,7 +308,7 @@ def test_report_imports_no_training_code(report, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # Same runs, same bytes: DVC sees no change when nothing changed.
     _, out, _ = report
-    for rel in ("metrics.json", "tables/noise_cifar10.md", "figures/loss_cifar10.svg",
+    for rel in ("metrics.json", "tables/noise_cifar10.md", "figures-svg/loss_cifar10.svg",
                 "figures/acc_vs_noise_cifar10.png"):
         assert (tmp_path / rel).read_bytes() == (out / rel).read_bytes(), rel
 
@@ -367,6 +367,8 @@ def test_cli_report(tmp_path):
                                        str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert f"wrote {tmp_path / 'out' / 'tables' / 'baselines_cifar100.md'}" in result.output
+    # A finished run read by the report is write-protected again (as after a `dvc pull`).
+    assert not (d / "summary.json").stat().st_mode & 0o222
     assert "skipped figure acc_vs_noise_cifar100" in result.output
     row = pick(md_rows(tmp_path / "out" / "tables" / "baselines_cifar100.md"), model="resnet20x1")
     assert row["test acc (%)"] == "66.50 ± 0.71" and row["published test acc (%)"] == "66.20"
@@ -419,8 +421,10 @@ def _x_tick_labels(fig, ax) -> list:
                                     (90_000, 110_000)], ids=["half-decade", "1.6-decades",
                                                              "narrow"])
 def test_acc_vs_params_x_ticks_readable_in_millions(tmp_path, params):
-    """A log axis spanning under a decade has no major tick: minor ones carry 'M' labels,
-    never overlapping, at least two per panel whatever the span."""
+    """Plain numbers under an axis labelled in millions (no 'M' on each tick), never
+    overlapping, at least two per panel whatever the span; a log scale only where the sizes
+    differ by a factor of 3 or more (a log axis spanning under a decade has no major tick:
+    minor ones then carry the labels)."""
     import pandas as pd
 
     from lambdapipe.report import figures, tables
@@ -432,9 +436,14 @@ def test_acc_vs_params_x_ticks_readable_in_millions(tmp_path, params):
     df = tables.runs_frame(collect_runs(tmp_path), None)
     fig = figures.acc_vs_params("digits", df, figures.palette(list(df["series"])),
                                 pd.DataFrame())
-    labels = _x_tick_labels(fig, fig.axes[0])
+    ax = fig.axes[0]
+    labels = _x_tick_labels(fig, ax)
     assert len(labels) >= 2, labels
-    assert all(text.endswith("M") for text, _ in labels), labels
+    assert all(float(text.replace("\N{MINUS SIGN}", "-")) > 0 for text, _ in labels), labels
+    wide = max(params) / min(params) >= 3
+    assert ax.get_xscale() == ("log" if wide else "linear")
+    assert ax.get_xlabel() == ("parameters (millions, log scale)" if wide
+                               else "parameters (millions)")
     boxes = sorted((box for _, box in labels), key=lambda b: b.x0)
     assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), [t for t, _ in labels]
 
@@ -462,3 +471,59 @@ def test_saliency_and_position_figures_have_colour_bars_and_a_grid():
     assert width / height < 2  # a grid, not a 16-panel strip
     panels = [ax for ax in fig.axes if ax.get_images()]
     assert len(panels) == 16
+
+
+def test_figures_say_what_they_show(tmp_path):
+    """acc_vs_noise ticks only at the rates trained (dodged points are no rate of their own)
+    with runs drawn large enough to see; the loss key has no "diverged at" when nothing
+    diverged and no colour key repeating the row titles; the position figure names its run,
+    seed and layer in two title lines and labels its offset axes; every attention column
+    header names its noise, clean included."""
+    import numpy as np
+
+    from lambdapipe.report import figures, tables
+    from lambdapipe.report.load import collect_runs
+
+    for noise in ("clean", "symmetric-0.25"):
+        for model in ("resnet20x1", "lr18_l3_lc"):
+            for seed in (0, 1):
+                write_run(tmp_path, "digits", noise, model, seed, tst_acc=0.9 - seed / 100)
+    collection = collect_runs(tmp_path)
+    df = tables.runs_frame(collection, None)
+    colours = figures.palette(list(df["series"]))
+
+    fig = figures.acc_vs_noise("digits", df, colours)
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [0.0, 25.0]
+    low, high = ax.get_xlim()
+    assert low < 0 and high > 25
+    dots = [c for c in ax.collections if len(c.get_offsets()) == 4]  # a model's 4 runs
+    assert len(dots) == 2
+    assert all(c.get_sizes()[0] >= 25 and c.get_alpha() >= 0.7 for c in dots)
+    x = np.concatenate([c.get_offsets()[:, 0] for c in dots])
+    assert (np.minimum(abs(x), abs(x - 25)) < 0.3 * 25 / 2).all()  # in a band at its rate
+
+    fig = figures.loss_curves("digits", df, collection, colours)
+    key = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert key == ["train loss (noisy labels)", "validation loss"]
+
+    rng = np.random.default_rng(0)
+    fig = figures.position_panels(rng.normal(size=(16, 1, 23, 23)), "lc",
+                                  "digits: lr18_l3_lc, noise: clean, seed 0", (4, 4),
+                                  "layer3.0.conv2")
+    title = fig.get_suptitle().splitlines()
+    assert len(title) == 2 and "seed 0" in title[0] and "layer3.0.conv2" in title[0]
+    assert "centre 7x7 of 23x23" in title[1]
+    assert "column offset" in fig.get_supxlabel() and "row offset" in fig.get_supylabel()
+    panel = next(ax for ax in fig.axes if ax.get_images())
+    assert list(panel.get_xticks()) == [-3, 0, 3]
+
+    arrays = {"indices": np.arange(2), "labels": np.arange(2), "predicted": np.arange(2),
+              "images": rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8),
+              "fullgrad": rng.random((2, 16, 16)), "gradcam": rng.random((2, 16, 16))}
+    fig = figures.attention_grid([("resnet20x1, noise: clean", arrays),
+                                  ("resnet20x1, noise: symmetric-0.25", arrays)], list("01"),
+                                 "t")
+    heads = [ax.title for ax in fig.axes[1:5]]
+    assert ["noise: clean" in h.get_text() for h in heads] == [True, True, False, False]
+    assert all(h.get_fontsize() >= 10 for h in heads)

@@ -224,15 +224,14 @@ def test_test_split_is_read_once_after_training_on_the_val_chosen_checkpoint(
 
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(("extra", "needle"), [
-    (["--recipe", "nope"], "invalid recipe 'nope'"),
+    (["--recipe", "nope"], "'nope' is not one of 'adam-restarts'"),
     (["--set", "optimizer=lamb"], "invalid optimizer 'lamb'"),
     (["--set", "batch_size=0"], "invalid batch_size 0"),
     (["--set", "batch_size=100000"], "expected at most the 1294 training images of digits"),
     (["--set", "colour=red"], "invalid recipe field 'colour'"),
     (["--model", "resnet21"], "unknown model 'resnet21'"),
     (["--model-arg", "depth=3"], "invalid model argument 'depth'"),
-    (["--noise", "0.3"], "lambdapipe prepare --dataset digits --noise 0.3"),
-    (["--dataset", "mnist"], "invalid dataset 'mnist'"),
+    (["--dataset", "mnist"], "'mnist' is not one of 'cifar10'"),
     (["--seed", "-1"], "invalid seed -1"),
     (["--seed", "1" * 23], f"invalid seed {'1' * 23}: expected an integer in [0, "),
 ])
@@ -243,6 +242,16 @@ def test_bad_input_fails_in_one_line_before_training(data_dir, tmp_path, extra, 
     assert result.output.strip().splitlines()[-1].startswith("Error: ")
     assert needle in result.output and "Traceback" not in result.output
     assert not out.exists()  # nothing written, not even the run directory or its lock
+
+
+def test_a_noise_variant_not_prepared_fails_in_one_line_without_usage(data_dir, tmp_path):
+    """Well-formed input naming data that is not there: exit 1, no usage block."""
+    out = tmp_path / "run"
+    result = cli(*train_args(data_dir, out), "--noise", "0.3")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: ") and "Usage" not in result.output
+    assert "lambdapipe prepare --dataset digits --noise 0.3" in result.output
+    assert not out.exists()
 
 
 def test_finished_results_of_another_config_are_never_overwritten(data_dir, finished,

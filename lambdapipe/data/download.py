@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from lambdapipe.atomic import md5_file
 from lambdapipe.data.registry import DatasetInfo, dataset_info
-from lambdapipe.errors import TransferError, UserError
+from lambdapipe.errors import StateError, TransferError, UserError
 
 MIRROR_ENV = "LAMBDAPIPE_MIRROR"
 CHUNK = 1 << 20
@@ -100,7 +100,7 @@ def _is_loopback(host: str) -> bool:
 def _check_md5(info: DatasetInfo, path: Path, where: str) -> None:
     got = md5_file(path)
     if got != info.md5:
-        raise UserError(f"{where}{path} has md5 {got}, expected {info.md5} for {info.name}: "
+        raise StateError(f"{where}{path} has md5 {got}, expected {info.md5} for {info.name}: "
                         "remove it (corrupt or not the official archive)")
 
 
@@ -124,13 +124,14 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _offline_error(info: DatasetInfo, url: str, reason: object) -> TransferError:
+def _offline_error(info: DatasetInfo, url: str, reason: object, final: Path) -> TransferError:
+    # final.parent: the raw directory of this --data-dir, not the default data/raw
     return TransferError(f"cannot download {info.name} from {url} ({reason}): put "
                          f"{info.archive} in a mirror directory (--mirror or ${MIRROR_ENV}) "
-                         "or in data/raw")
+                         f"or in {final.parent}")
 
 
-def _open(info: DatasetInfo, url: str, offset: int):
+def _open(info: DatasetInfo, url: str, offset: int, final: Path):
     request = urllib.request.Request(url, headers={"User-Agent": "lambdapipe"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
@@ -139,15 +140,15 @@ def _open(info: DatasetInfo, url: str, offset: int):
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # the .part already holds every byte
             return None
-        raise _offline_error(info, url, f"HTTP {exc.code}") from None
+        raise _offline_error(info, url, f"HTTP {exc.code}", final) from None
     except (urllib.error.URLError, OSError) as exc:
-        raise _offline_error(info, url, getattr(exc, "reason", exc)) from None
+        raise _offline_error(info, url, getattr(exc, "reason", exc), final) from None
 
 
 def _fetch(info: DatasetInfo, url: str, final: Path, progress: bool) -> Path:
     part = final.with_name(final.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
-    response = _open(info, url, offset)  # fails before anything is created when offline
+    response = _open(info, url, offset, final)  # fails before anything is created when offline
     final.parent.mkdir(parents=True, exist_ok=True)
     with _locked(final.with_name(f".{final.name}.lock")):
         if final.exists():  # another process finished it while we waited

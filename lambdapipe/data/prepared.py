@@ -35,7 +35,7 @@ from lambdapipe.atomic import (
 from lambdapipe.data import sources
 from lambdapipe.data.download import ensure_archive
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
-from lambdapipe.errors import UserError, bad_value
+from lambdapipe.errors import StateError, UserError, bad_value
 from lambdapipe.noise import (
     CLEAN,
     NoiseSpec,
@@ -339,10 +339,10 @@ def _sha256_cached(path: Path) -> str:
 
 def _verify_file(path: Path, expected: str) -> None:
     if not path.exists():
-        raise UserError(f"missing prepared array {path}: remove {path.parent} and run "
+        raise StateError(f"missing prepared array {path}: remove {path.parent} and run "
                         "`lambdapipe prepare` again")
     if _sha256_cached(path) != expected:
-        raise UserError(f"corrupted prepared array {path} (sha256 differs from the manifest): "
+        raise StateError(f"corrupted prepared array {path} (sha256 differs from the manifest): "
                         f"remove {path.parent} and run `lambdapipe prepare` again")
 
 
@@ -356,7 +356,7 @@ def load_manifest(data_dir: Path, dataset: str) -> dict:
     dataset_info(dataset)
     path = prepared_dir(data_dir, dataset) / "manifest.json"
     if not path.exists():
-        raise UserError(f"dataset {dataset!r} is not prepared in {Path(data_dir)}: run "
+        raise StateError(f"dataset {dataset!r} is not prepared in {Path(data_dir)}: run "
                         f"`lambdapipe prepare --dataset {dataset} --data-dir {data_dir}`")
     return json.loads(path.read_text())
 
@@ -449,7 +449,7 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
     if split == "train" and not spec.is_clean:
         npy, meta = _variant_paths(root, spec)
         if not (npy.exists() and meta.exists()):
-            raise UserError(
+            raise StateError(
                 f"noise variant {spec.tag!r} of {dataset} is not prepared: run `lambdapipe "
                 f"prepare --dataset {dataset} --noise {spec.rate:g} --noise-kind {spec.kind}"
                 + (f" --noise-seed {spec.seed}`" if spec.seed else "`"))

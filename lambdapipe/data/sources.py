@@ -21,7 +21,7 @@ import numpy as np
 from lambdapipe.atomic import reserved_memmap
 from lambdapipe.data.download import check_tar_member, check_zip_member
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, IMAGENETTE_WNIDS, DatasetInfo
-from lambdapipe.errors import UserError
+from lambdapipe.errors import StateError, UserError
 
 DIGITS_TEST_FRACTION = 0.2
 
@@ -49,7 +49,7 @@ def read(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int
             KeyError, ValueError) as exc:
         if isinstance(exc, UserError):
             raise
-        raise UserError(f"cannot read {info.name} archive {archive}: {exc.__class__.__name__}: "
+        raise StateError(f"cannot read {info.name} archive {archive}: {exc.__class__.__name__}: "
                         f"{exc} (remove it to download again)") from None
     if archive is not None:
         official.source = {"url": info.url, "archive": info.archive, "md5": info.md5,

@@ -24,13 +24,14 @@ Writes under OUT:
   tables/incomplete.{md,csv}            runs that are no result: without summary.json, or
                                         finished diverged / non-finite
   tables/runs.csv                       every finished run, every summary field
-  figures/<kind>_<dataset>.{png,svg}    loss, acc_vs_noise, acc_vs_params, memorisation,
+  figures/<kind>_<dataset>.png          loss, acc_vs_noise, acc_vs_params, memorisation,
                                         attention (runs' explain_test.npz side by side),
                                         position (a lambda layer's learned embeddings)
+  figures-svg/<kind>_<dataset>.svg      the same figures as SVG
   metrics.json                          per-run test_acc_pct, val_acc_pct, test_nll, status
   metrics/<dataset>/<model>.json        mean test_acc_pct per noise variant, runs, diverged: one
                                         compact row per dataset and model (`dvc metrics show`)
-  curves/<dataset>/<metric>.tsv         run, step, value of every run (`dvc plots show/diff`)
+  curves/<metric>/<dataset>.tsv         run, step, value of every run (`dvc plots show/diff`)
   report.md                             every table, figure links, what was skipped and
                                         which runs to check (report/identity.py)
 """
@@ -46,7 +47,9 @@ from lambdapipe.report import compare, figures, published_tables, tables
 from lambdapipe.report.load import collect_runs, read_published
 from lambdapipe.status import STATUSES
 
-__all__ = ["Written", "build_report"]
+__all__ = ["VECTOR_DIR", "Written", "build_report"]
+
+VECTOR_DIR = "figures-svg"  # under OUT, beside figures/ (PNG): each figure once in dvc plots
 
 
 class Written(list):
@@ -132,17 +135,18 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
         lam = [(label, arrays) for label, arrays in explained if "position" in arrays]
         built["position"] = (
             figures.position_panels(lam[0][1]["position"], lam[0][1]["meta"]["position"]["kind"],
-                                    f"{dataset}: {lam[0][0]}",
-                                    lam[0][1]["meta"]["position"].get("feature_map"))
+                                    f"{dataset}: {lam[0][0]}, seed {lam[0][1]['seed']}",
+                                    lam[0][1]["meta"]["position"].get("feature_map"),
+                                    lam[0][1]["meta"]["position"].get("layer"))
             if lam else None,
             "no explained run with a lambda layer")
         for kind, (fig, why) in built.items():
             base = out / "figures" / f"{kind}_{dataset}"
             if fig is None:
                 written.notes.append(f"skipped figure {base.name}: {why}")
-                _remove_stale(base)
+                _remove_stale(base, out / VECTOR_DIR)
                 continue
-            paths = figures.save(fig, base)
+            paths = figures.save(fig, base, out / VECTOR_DIR)
             written += paths
             figure_links.append(f"![{base.name}](figures/{paths[0].name})")
 
@@ -181,7 +185,7 @@ def _explained(sub, collection) -> list[tuple[str, dict]]:
     found: dict[str, dict] = {}
     for row in sub.sort_values(["model_label", "condition", "seed"]).itertuples():
         path = paths[row.run_id] / "explain_test.npz"
-        label = row.model_label + ("" if row.condition == "clean" else f" {row.condition}")
+        label = f"{row.model_label}, noise: {row.condition}"  # clean columns say so too
         if label in found or not path.is_file():
             continue
         try:
@@ -190,6 +194,7 @@ def _explained(sub, collection) -> list[tuple[str, dict]]:
         except (OSError, ValueError) as exc:
             raise UserError(f"malformed {path}: {exc}") from None
         arrays["meta"] = read_json_object(path.with_suffix(".json"))
+        arrays["seed"] = row.seed
         found[label] = arrays
     if not found:
         return []
@@ -217,7 +222,8 @@ def _write_tree(base: Path, files: dict[str, str]) -> list[Path]:
     return written
 
 
-def _remove_stale(base: Path) -> None:
+def _remove_stale(base: Path, vector_dir: Path) -> None:
     """A figure skipped now must not survive from an earlier report and be read as current."""
-    for fmt in figures.FORMATS:
-        (base.parent / f"{base.name}.{fmt}").unlink(missing_ok=True)
+    for directory in (base.parent, vector_dir):
+        for fmt in figures.FORMATS:
+            (directory / f"{base.name}.{fmt}").unlink(missing_ok=True)

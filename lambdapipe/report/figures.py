@@ -21,7 +21,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from lambdapipe.atomic import write_with
 from lambdapipe.report.load import Collection
@@ -43,19 +43,35 @@ def palette(series: list[str]) -> dict[str, tuple]:
 
 
 def _figure(nrows: int, ncols: int, title: str, sharey: str | bool = False):
-    # A lone panel gets room enough for its legend-free axes to read as a plot, not a strip.
-    width, height = (6.5, 4.2) if nrows * ncols == 1 else PANEL
+    # A lone panel gets room enough for its legend-free axes to read as a plot, not a strip;
+    # a lone column room enough for the title, which would otherwise overhang to the left.
+    width, height = (6.5, 4.2) if nrows * ncols == 1 else (5.0, PANEL[1]) if ncols == 1 \
+        else PANEL
     fig = Figure(figsize=(width * ncols, height * nrows + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
-    fig.suptitle(title, fontsize=12, fontweight="bold")
+    fig.suptitle(_fit_title(title, width * ncols), fontsize=12, fontweight="bold")
     return fig, axes
+
+
+def _fit_title(title: str, width_in: float) -> str:
+    """Break a title wider than its figure (12 pt bold: about 8.5 characters an inch), at
+    its parenthesis if it has one: an overhanging title is centred on the figure, not on the
+    panels, and leaves an empty margin beside them."""
+    chars = int(8.5 * width_in)
+    if len(title) <= chars:
+        return title
+    head, sep, tail = title.partition(" (")
+    if sep and len(head) <= chars:
+        return f"{head}\n({tail}"
+    return textwrap.fill(title, chars)
 
 
 def _legend(fig: Figure, handles: list) -> None:
     # Anchored just right of the figure; bbox_inches="tight" on save takes it in, and the
     # layout engine leaves it alone, so it never overlaps a panel or the title.
-    top = 1 - 0.55 / fig.get_figheight()  # just below the title, however tall the figure
+    lines = fig.get_suptitle().count("\n") + 1  # just below the title, however tall either
+    top = 1 - (0.55 + 0.22 * (lines - 1)) / fig.get_figheight()
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, top), frameon=False,
                fontsize=9)
 
@@ -94,11 +110,14 @@ def _series_handles(colours: dict[str, tuple], names) -> list:
     return [Line2D([], [], color=colours[n], lw=2.5, label=n) for n in sorted(set(names))]
 
 
-def save(fig: Figure, base: Path) -> list[Path]:
+def save(fig: Figure, base: Path, vector_dir: Path | None = None) -> list[Path]:
+    """base.png and base.svg; the SVG in `vector_dir` if given (the report keeps its vector
+    copies apart, so `dvc plots show` of the figures directory shows each figure once)."""
     written = []
     with matplotlib.rc_context(RC):
         for fmt in FORMATS:
-            path = base.parent / f"{base.name}.{fmt}"
+            where = vector_dir if fmt == "svg" and vector_dir is not None else base.parent
+            path = where / f"{base.name}.{fmt}"
             write_with(path, lambda fh, fmt=fmt: fig.savefig(
                 fh, format=fmt, dpi=DPI, bbox_inches="tight", metadata=METADATA[fmt]))
             written.append(path)
@@ -166,11 +185,11 @@ def loss_curves(dataset: str, runs: pd.DataFrame, collection: Collection,
             ax.set_ylabel("cross-entropy loss (nats, log)" if j == 0 else "")
             if sub.empty:
                 _empty(ax)
-    handles = _series_handles(colours, series) + [
-        Line2D([], [], color="black", ls="-", label="train loss (noisy labels)"),
-        Line2D([], [], color="black", ls="--", label="validation loss"),
-        Line2D([], [], color="firebrick", ls=":", label="diverged at"),
-    ]
+    # The row titles name the models: the key says only what the line styles mean.
+    handles = [Line2D([], [], color="black", ls="-", label="train loss (noisy labels)"),
+               Line2D([], [], color="black", ls="--", label="validation loss")]
+    if (runs["status"] == "diverged").any():
+        handles.append(Line2D([], [], color="firebrick", ls=":", label="diverged at"))
     _legend(fig, handles)
     return fig
 
@@ -192,16 +211,17 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
         sub = ok[ok["noise_kind"].isin(["clean", kind])].copy()
         sub["rate_pct"] = 100 * sub["noise_rate"].astype(float)
         sub["acc_pct"] = 100 * sub["tst_acc"].astype(float)
-        step = np.diff(np.unique(sub["rate_pct"])).min(initial=10.0)
+        rates = np.unique(sub["rate_pct"])
+        step = np.diff(rates).min(initial=10.0)
+        band = 0.3 * step  # each rate's models share a band this wide, centred on the rate
         names = sorted(set(sub["series"]))
         for k, (name, g) in enumerate(sub.groupby("series")):
-            # Dodge the models apart within 40 % of the narrowest rate gap so their error
-            # bars stay distinguishable; the points jitter inside each model's slot.
-            x = g["rate_pct"] + (names.index(name) - (len(names) - 1) / 2) * 0.4 * step / len(
-                names)
-            jitter = rng.uniform(-0.15, 0.15, len(g)) * 0.4 * step / len(names)
-            ax.scatter(x + jitter, g["acc_pct"], s=12, alpha=0.4, color=colours[name],
-                       edgecolor="none")
+            # Dodged within the band so error bars stay apart; runs jitter in their slot.
+            slot = band / len(names)
+            x = g["rate_pct"] + (names.index(name) - (len(names) - 1) / 2) * slot
+            jitter = rng.uniform(-0.2, 0.2, len(g)) * slot
+            ax.scatter(x + jitter, g["acc_pct"], s=30, alpha=0.8, color=colours[name],
+                       edgecolor="white", linewidth=0.6, zorder=10 + k)
             sns.lineplot(g.assign(x=x), x="x", y="acc_pct", ax=ax, color=colours[name],
                          errorbar="sd", err_style="bars", marker="o", legend=False,
                          err_kws={"capsize": 2}, zorder=3 + k)
@@ -210,11 +230,15 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
         for row in div.itertuples():
             ax.plot(100 * row.noise_rate, 0.03, marker="x", ms=8, mew=2, ls="",
                     color=colours[row.series], transform=ax.get_xaxis_transform())
+        # Ticks only at the rates trained: the dodge is not a rate of its own.
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.set_xlim(rates.min() - 0.6 * step, rates.max() + 0.6 * step)
         ax.set_title(f"{kind} noise", fontsize=10)
         ax.set_xlabel("corrupted training labels (%)")
         ax.set_ylabel("test accuracy (%)")
     handles = _series_handles(colours, runs["series"]) + [
-        Line2D([], [], color="grey", marker="o", ls="", alpha=0.45, label="one run"),
+        Line2D([], [], color="grey", marker="o", ls="", alpha=0.8, markeredgecolor="white",
+               label="one run"),
         Line2D([], [], color="grey", marker="o", label="mean ± sd over runs"),
     ]
     if (runs["status"] == DIVERGED).any():
@@ -249,12 +273,19 @@ def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
                 ax.annotate(f"R{row.depth}x{row.width} {row.precision}",
                             (row.params_m, 100 * row.test_acc), xytext=(4, -3),
                             textcoords="offset points", fontsize=6, color="dimgrey")
-        ax.set_xscale("log")
         ax.margins(x=0.12)  # no mean on the frame's edge
-        _plain_log_ticks(ax, "x", unit="M")
+        low, high = ax.dataLim.x0, ax.dataLim.x1
+        if low > 0 and high / low >= 3:  # a log scale only where sizes differ by factors
+            ax.set_xscale("log")
+            _plain_log_ticks(ax, "x")
+            scale = "millions, log scale"
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+            scale = "millions"
         ax.tick_params(axis="x", which="both", labelsize=8)
         ax.set_title(f"noise: {cond}", fontsize=10)
-        ax.set_xlabel("parameters (millions, log scale)")
+        ax.set_xlabel(f"parameters ({scale})")
         ax.set_ylabel("test accuracy (%)")
     handles = _series_handles(colours, ok["series"]) + [
         Line2D([], [], color="grey", marker="o", ls="", label="ours: mean ± sd over seeds")]
@@ -300,7 +331,7 @@ def memorisation(dataset: str, runs: pd.DataFrame, collection: Collection,
             ax.set_ylabel("training accuracy (%)" if j == 0 else "")
             if sub.empty:
                 _empty(ax)
-    handles = _series_handles(colours, series) + [
+    handles = [  # the row titles name the models
         Line2D([], [], color="black", ls="-", label="against noisy labels (trained on)"),
         Line2D([], [], color="black", ls="--", label="against true labels"),
         Line2D([], [], color="dimgrey", ls=":", label="share of labels that are true"),
@@ -327,15 +358,15 @@ def attention_grid(runs: list[tuple[str, dict]], classes: list[str], title: str)
     first = runs[0][1]
     n = len(first["indices"])
     ncols = 1 + 2 * len(runs)
-    fig = Figure(figsize=(1.9 * ncols, 1.9 * n + 0.6), layout="constrained")
+    fig = Figure(figsize=(2.2 * ncols, 2.2 * n + 1.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(n, ncols, squeeze=False)
-    fig.suptitle(title, fontsize=11, fontweight="bold")
+    fig.suptitle(title, fontsize=14, fontweight="bold")
     for i in range(n):
         ax = axes[i, 0]
         ax.imshow(first["images"][i])
         ax.set_title(f"#{int(first['indices'][i])} true {classes[int(first['labels'][i])]}",
-                     fontsize=8)
+                     fontsize=10)
         for j, (label, arrays) in enumerate(runs):
             pred = classes[int(arrays["predicted"][i])]
             for m, key in enumerate(("fullgrad", "gradcam")):
@@ -343,9 +374,11 @@ def attention_grid(runs: list[tuple[str, dict]], classes: list[str], title: str)
                 ax.imshow(arrays["images"][i])
                 ax.imshow(arrays[key][i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)
                 name = "FullGrad" if key == "fullgrad" else "Grad-CAM"
-                head = textwrap.fill(label, 26)  # long run labels must not overlap
+                # One line per part of the label ("model, noise: ..."), long parts wrapped:
+                # headers must not overlap their neighbours.
+                head = "\n".join(textwrap.fill(part, 24) for part in label.split(", "))
                 ax.set_title(f"{head}\n{name} · pred {pred}" if i == 0 else f"pred {pred}",
-                             fontsize=8)
+                             fontsize=10, fontweight="bold" if i == 0 else "normal")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -356,46 +389,58 @@ def attention_grid(runs: list[tuple[str, dict]], classes: list[str], title: str)
 
 
 def position_panels(position: np.ndarray, kind: str, title: str,
-                    feature_map: tuple[int, int] | None = None) -> Figure:
+                    feature_map: tuple[int, int] | None = None,
+                    layer: str | None = None) -> Figure:
     """A lambda layer's learned position embeddings E, one panel per (u, k).
 
     `position` is k x u x a x b: the r x r kernel of a lambda convolution (`lc`) or the
     (2H-1) x (2W-1) relative-position table (`rpe`) of each query-depth index k. On an
     H x W `feature_map` only the centre (2H-1) x (2W-1) offsets ever touch a pixel; the rest
-    keeps its initial noise, so only that centre is drawn.
+    keeps its initial noise, so only that centre is drawn. `title` names the run (model,
+    seed), `layer` the module the embeddings belong to.
     """
     full = position.shape[2:]
+    note = ""
     if feature_map is not None:
         a, b = (min(n, 2 * m - 1) for n, m in zip(full, feature_map, strict=True))
         top, left = (full[0] - a) // 2, (full[1] - b) // 2
         position = position[:, :, top:top + a, left:left + b]
         if (a, b) != tuple(full):
-            title = (f"{title} (centre {a}x{b} of {full[0]}x{full[1]}: the offsets a "
-                     f"{feature_map[0]}x{feature_map[1]} map reaches)")
+            note = (f" · centre {a}x{b} of {full[0]}x{full[1]}, all a "
+                    f"{feature_map[0]}x{feature_map[1]} map reaches")
     k, u = position.shape[:2]
+    rows, cols = position.shape[2:]
     # One row per u, or for u = 1 (the usual 16 x 1) a near-square grid: a strip of one row
     # is unreadably wide. One colour scale for all, symmetric around 0, so panels compare.
     n = k * u
     ncols = k if u > 1 else min(n, max(4, math.ceil(math.sqrt(n))))
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(1.35 * ncols + 0.9, 1.35 * nrows + 0.8), layout="constrained")
+    fig = Figure(figsize=(1.45 * ncols + 1.2, 1.45 * nrows + 1.2), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    what = "r x r lambda-convolution kernels" if kind == "lc" else "relative-position tables"
-    fig.suptitle(textwrap.fill(f"{title}: position embeddings ({what}), one per query-depth "
-                               "index k", 30 + 12 * ncols), fontsize=10)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    what = "lambda-convolution kernel" if kind == "lc" else "relative-position table"
+    # Two lines: whose embeddings (run, layer), then what a panel is.
+    fig.suptitle(f"{title}: learned position embeddings" + (f" of {layer}" if layer else "")
+                 + f"\none {what} per query-depth index k{note}", fontsize=10)
     finite = np.abs(position[np.isfinite(position)])
     lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     norm = Normalize(-lim, lim)
+    # Axes in offsets from the query pixel (0 at the centre), labelled on the outer panels.
+    extent = (-(cols // 2) - 0.5, cols - cols // 2 - 0.5, rows - rows // 2 - 0.5,
+              -(rows // 2) - 0.5)
+    ticks = lambda m: [-(m // 2), 0, m - 1 - m // 2] if m > 2 else list(range(m))  # noqa: E731
     for index, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
         if index >= n:
             ax.set_axis_off()
             continue
         j, i = divmod(index, k)  # u-major, so each u's k panels read in order
-        ax.imshow(position[i, j], cmap="RdBu_r", norm=norm)
-        ax.set_title(f"k={i}" + (f" u={j}" if u > 1 else ""), fontsize=7)
+        ax.imshow(position[i, j], cmap="RdBu_r", norm=norm, extent=extent)
+        ax.set_xticks(ticks(cols))
+        ax.set_yticks(ticks(rows))
+        ax.tick_params(labelsize=7, length=2)
+        ax.set_title(f"k={i}" + (f" u={j}" if u > 1 else ""), fontsize=8)
+    fig.supxlabel("column offset from the query pixel", fontsize=9)
+    fig.supylabel("row offset from the query pixel", fontsize=9)
     fig.colorbar(ScalarMappable(norm, cmap="RdBu_r"), ax=axes, shrink=min(1.0, 3 / nrows),
                  aspect=25, pad=0.02, label="embedding value")
     return fig

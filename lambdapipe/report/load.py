@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lambdapipe.atomic import keep_read_only
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DIR
 from lambdapipe.status import STATUSES
@@ -204,6 +205,7 @@ def collect_runs(root: Path) -> Collection:
         metrics_path = d / "metrics.csv"
         metrics = read_metrics(metrics_path) if metrics_path.is_file() else None
         if (d / "summary.json").is_file():
+            keep_read_only(d / "summary.json")  # a pulled or copied run: protected again
             summary, noise = read_summary(d / "summary.json")
             args = _model_args(summary, d / "summary.json", d / "config.json")
             if summary.get("image_size") is None:  # runs from before train wrote it there

@@ -205,7 +205,9 @@ CURVE_COLUMNS = ("train_loss", "val_loss", "train_acc", "val_acc")
 def curves(collection: Collection, df: pd.DataFrame) -> dict[str, str]:
     """Every finished run's metrics.csv curves, one TSV per dataset and metric, long format
     (run, step, value): `dvc plots show` draws one line per run (.dvc/plots/runs.json) and
-    `dvc plots diff` the same runs at two revisions. Keyed `<dataset>/<metric>.tsv`."""
+    `dvc plots diff` the same runs at two revisions. Keyed `<metric>/<dataset>.tsv`, so
+    dvc.yaml titles and labels each metric's directory once; runs named dataset/noise/
+    model/seed, so a plot says which dataset it shows."""
     by_id = {run.run_id: run for run in collection.runs}
     out: dict[str, str] = {}
     for dataset, g in df.groupby("dataset", sort=True):
@@ -215,12 +217,11 @@ def curves(collection: Collection, df: pd.DataFrame) -> dict[str, str]:
                 m = by_id[run_id].metrics
                 if m is None or column not in m.columns or "iteration" not in m.columns:
                     continue
-                name = run_id.partition("/")[2]
-                lines += [f"{name}\t{int(step)}\t{float(v)!r}"
+                lines += [f"{run_id}\t{int(step)}\t{float(v)!r}"
                           for step, v in zip(m["iteration"], m[column], strict=True)
                           if np.isfinite(step) and np.isfinite(v)]
             if len(lines) > 1:
-                out[f"{dataset}/{column}.tsv"] = "\n".join(lines) + "\n"
+                out[f"{column}/{dataset}.tsv"] = "\n".join(lines) + "\n"
     return out
 
 

@@ -1,7 +1,8 @@
 rule prepare:
-    """Verified, split uint8 arrays and their manifest (also writes noise/clean.*). It
-    owns data/prepared/<dataset>: a re-run (new split options) starts from an empty
-    directory, and every noise variant and run downstream is then out of date."""
+    """Verified, split uint8 arrays, their manifest and the clean labels as a noise variant
+    (noise/clean.*). It owns data/prepared/<dataset>: a re-run (new split options) starts
+    from an empty directory, and every noise variant and run downstream is then out of
+    date."""
     input:
         archive_of,
     output:
@@ -15,6 +16,8 @@ rule prepare:
             "test_images.npy",
             "test_labels.npy",
         ),
+        clean_labels="data/prepared/{dataset}/noise/clean.npy",
+        clean_spec="data/prepared/{dataset}/noise/clean.json",
     params:
         options=prepare_options,
         mirror=mirror_option,
@@ -29,12 +32,15 @@ rule prepare:
 
 
 rule noise:
-    """One noisy-label variant of the training labels (re-uses the prepared arrays)."""
+    """One noisy-label variant of the training labels (re-uses the prepared arrays); the
+    clean one is prepare's."""
     input:
         ancient(prepared()),
     output:
         labels="data/prepared/{dataset}/noise/{noise}.npy",
         spec="data/prepared/{dataset}/noise/{noise}.json",
+    wildcard_constraints:
+        noise=r"[a-z]+-[0-9.e+-]+(-s[0-9]+)?",
     params:
         options=prepare_options,
         noise=noise_options,

@@ -17,6 +17,7 @@ rule report:
             caption="../report/figures.rst",
             category="Figures",
         ),
+        vectors=directory("results/figures-svg"),
         metrics="results/metrics.json",
         model_metrics=directory("results/metrics"),
         curves=directory("results/curves"),
