@@ -32,7 +32,8 @@ from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
-from lambdapipe.train import TrainStep, _kernels, make_optimizer, runtime_settings
+from lambdapipe.runtime import kernels
+from lambdapipe.train import TrainStep, make_optimizer, runtime_settings
 
 REFERENCE = "resnet18"
 # Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
@@ -128,7 +129,7 @@ def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
     """One model under `recipe` on `device` (the recipe as it runs there: `Recipe.on`),
     with the kernel settings a training run has (cuDNN autotuning, TF32 as the recipe says)."""
     device = kwargs.get("device", "cpu")
-    with _kernels(False, device, recipe.on(device).tf32):
+    with kernels(False, device, recipe.on(device).tf32):
         return _measure(name, recipe, **kwargs)
 
 
@@ -404,7 +405,7 @@ def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[st
             step.tally.tolist()
         _sync(device)
 
-    with _kernels(False, device, recipe.tf32):
+    with kernels(False, device, recipe.tf32):
         for i in range(warmup):
             round_(i)
         settle()

@@ -27,18 +27,17 @@ their checkpoints) first bring the ones behind up to the others alone (pack.py).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
+from lambdapipe import rng
 from lambdapipe.augment import normalize
 from lambdapipe.evaluate import autocast
-from lambdapipe.pack import _get_torch_rng, _set_torch_rng, cuda_device
 from lambdapipe.recipes import Recipe
 from lambdapipe.train import Run, TrainConfig, TrainStep, make_optimizer
 
@@ -232,17 +231,6 @@ def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], 
             if runs[k].after_step():
                 batches[k] = runs[k].next_batch()
             else:  # finished, or diverged: its slice rides along on its last batch
-                with _rng_kept(first.device):  # testing best.ckpt builds a model: it draws
+                with rng.kept(first.device):  # testing best.ckpt builds a model: it draws
                     on_finish(k, runs[k].finish())
                 active.remove(k)
-
-
-@contextlib.contextmanager
-def _rng_kept(device: str) -> Iterator[None]:
-    """The process's torch generators as they were: the other runs' dropout draws from them."""
-    cuda = cuda_device(device)
-    state = _get_torch_rng(cuda)
-    try:
-        yield
-    finally:
-        _set_torch_rng(state, cuda)

@@ -20,39 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from lambdapipe import runlock
+from lambdapipe import rng, runlock
 from lambdapipe.errors import UserError
-from lambdapipe.train import Run, TrainConfig, _kernels, _log, check_before_start
-
-
-def _get_torch_rng(cuda: torch.device | None) -> tuple:
-    return (torch.get_rng_state(),
-            torch.cuda.get_rng_state(cuda) if cuda is not None else None)
-
-
-def _set_torch_rng(state: tuple, cuda: torch.device | None) -> None:
-    cpu, gpu = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(gpu, cuda)
-
-
-def _get_rng(cuda: torch.device | None) -> tuple:
-    return random.getstate(), np.random.get_state(), _get_torch_rng(cuda)
-
-
-def _set_rng(state: tuple, cuda: torch.device | None) -> None:
-    py, npy, torch_state = state
-    random.setstate(py)
-    np.random.set_state(npy)
-    _set_torch_rng(torch_state, cuda)
+from lambdapipe.runtime import kernels, log
+from lambdapipe.train import Run, TrainConfig, check_before_start
 
 
 class Lane:
@@ -71,11 +47,14 @@ class Lane:
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
         if self.rng is not None:
-            _set_torch_rng(self.rng, self.cuda)
+            torch.set_rng_state(self.rng[0])
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.rng[1], self.cuda)
         with torch.cuda.stream(self.stream) if self.stream is not None \
                 else contextlib.nullcontext():
             yield
-        self.rng = _get_torch_rng(self.cuda)
+        self.rng = (torch.get_rng_state(),
+                    torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None)
 
 
 def cuda_device(device: str) -> torch.device | None:
@@ -127,12 +106,9 @@ def run_packed(cfgs: Sequence[TrainConfig], device: str = "cpu", progress: bool 
     Returns the summaries in the order of `cfgs`; the process's RNG state is restored after.
     """
     cuda = cuda_device(str(device))
-    outside = _get_rng(cuda)  # before the checks: their model builds draw from it too
-    try:
-        with own_all(cfgs):  # re-entrant: the CLI took them already
-            return _run_packed(cfgs, str(device), progress, callback, cuda, fuse)
-    finally:
-        _set_rng(outside, cuda)
+    # kept from before the checks: their model builds draw from it too
+    with rng.kept(device), own_all(cfgs):  # own_all is re-entrant: the CLI took them already
+        return _run_packed(cfgs, str(device), progress, callback, cuda, fuse)
 
 
 def _run_packed(cfgs, device, progress, callback, cuda, fuse=False) -> list[dict[str, Any]]:
@@ -153,10 +129,10 @@ def _run_packed(cfgs, device, progress, callback, cuda, fuse=False) -> list[dict
         if reason is None:
             _run_fused(cfgs, todo, summaries, device, progress, callback, cuda)
             return [s for s in summaries if s is not None]
-        _log(f"not fused ({reason}): the runs step in turn")
+        log(f"not fused ({reason}): the runs step in turn")
     runs: dict[int, tuple[Run, Lane]] = {}
     device_data: dict = {}  # the cell's splits on the device once, for all its runs
-    with _kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
+    with kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
         for pos, i in enumerate(todo):
             run = Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
                       label=_label(cfgs[i], cfgs), bar_position=pos, device_data=device_data)
@@ -193,7 +169,7 @@ def _run_fused(cfgs, todo, summaries, device, progress, callback, cuda) -> None:
     from lambdapipe.fuse import train_fused
 
     device_data: dict = {}
-    with _kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
+    with kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
         runs = []
         for pos, i in enumerate(todo):
             runs.append(Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
@@ -205,7 +181,7 @@ def _run_fused(cfgs, todo, summaries, device, progress, callback, cuda) -> None:
         target = max(run.it for run in runs)
         for run in runs:
             if run.it < target and not run.done():
-                run._log(f"catching up alone from iteration {run.it} to {target}, where the "
+                run.log(f"catching up alone from iteration {run.it} to {target}, where the "
                          "other runs of the pack resume")
                 while run.it < target and run.advance():
                     pass

@@ -17,9 +17,7 @@ import csv
 import io
 import json
 import math
-import os
 import platform
-import random
 import sys
 import textwrap
 import time
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lambdapipe import atomic, live, runlock
+from lambdapipe import atomic, live, rng, runlock
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, normalize, plan_epoch
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import (
@@ -45,6 +43,7 @@ from lambdapipe.evaluate import (
     save_checkpoint,
 )
 from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe, recipe_changes
+from lambdapipe.runtime import kernels, log
 from lambdapipe.validate import check_out_dir, check_seed
 
 METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
@@ -179,7 +178,7 @@ def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int,
 
     impls = choose_impls(model, image_size, r.batch_size, device,
                          AMP_DTYPES.get(r.precision), r.channels_last, cache=default_cache(),
-                         log=_log)
+                         log=log)
     return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,
             "tf32": r.tf32, "lambda_impls": {name: c["impl"] for name, c in impls.items()},
             "lambda_impls_how": sorted({c["how"] for c in impls.values()})}
@@ -286,7 +285,7 @@ class TrainStep:
         self.forward = self.model
         self.step_graph, self.graph = False, None
         self.optimizer.zero_grad(set_to_none=True)
-        _log(f"warning: {self.r.compile_mode} compiled step failed, training continues "
+        log(f"warning: {self.r.compile_mode} compiled step failed, training continues "
              f"eagerly: {type(exc).__name__}: {reason}")
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
@@ -395,48 +394,6 @@ class RunState:
         return dict(self.__dict__)
 
 
-def _rng_state(device: str) -> dict[str, Any]:
-    py = random.getstate()
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: str) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
-
-
-@contextlib.contextmanager
-def _kernels(deterministic: bool, device: str, tf32: bool = False):
-    """Deterministic kernels and the TF32 setting for the duration of a run (restored
-    after, for library users)."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-    if deterministic and torch.device(device).type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0])
-        torch.backends.cudnn.benchmark = prev[1]
-        torch.set_float32_matmul_precision(prev[2])
-        torch.backends.cudnn.allow_tf32 = prev[3]
-
-
 def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
     buf = io.StringIO()
     columns = METRIC_COLUMNS + (["tst_acc"] if rows and "tst_acc" in rows[0] else [])
@@ -461,15 +418,11 @@ def _iter_per_min(rows: list[dict[str, float]], batch_size: int) -> float | None
     return 60 * steps / seconds if seconds > 0 else None
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _print_recipe(r: Recipe) -> None:
     fields_ = " ".join(f"{k}={v}" for k, v in r.to_dict().items()
                        if k not in ("name", "description"))
-    _log(f"recipe {r.name}: {r.description}")
-    _log(textwrap.fill(fields_, width=100, initial_indent="  ", subsequent_indent="  "))
+    log(f"recipe {r.name}: {r.description}")
+    log(textwrap.fill(fields_, width=100, initial_indent="  ", subsequent_indent="  "))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -485,7 +438,7 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
         check_before_start(cfg)  # also refuses an --out that holds a different config
         if summary_path.exists():
             return json.loads(summary_path.read_text())
-        with _kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
+        with kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
             return _train(cfg, str(device), progress, callback)
 
 
@@ -519,8 +472,8 @@ class Run:
         # called before each evaluation: a fused pack writes the run's weights into its model
         self.before_evaluate: Callable[[], None] | None = None
 
-    def _log(self, msg: str) -> None:
-        _log(self.label + msg)
+    def log(self, msg: str) -> None:
+        log(self.label + msg)
 
     def start(self) -> None:
         cfg, device = self.cfg, self.device
@@ -553,12 +506,12 @@ class Run:
             load_weights(model, ckpt["model"], str(last))
             optimizer.load_state_dict(ckpt["optimizer"])
             step_fn.scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"], device)
+            rng.restore(ckpt["rng"], device)
             state = RunState(**ckpt["state"])
             # The checkpoint is the truth: a kill between its rename and metrics.csv's left
             # the file one row short (or one ahead); rewrite it before anything else happens.
             _write_metrics(out, state.rows)
-            self._log(f"resuming {out} at iteration {state.iteration} of {total}")
+            self.log(f"resuming {out} at iteration {state.iteration} of {total}")
         else:
             out.mkdir(parents=True, exist_ok=True)
             atomic.write_json(out / "config.json", config)
@@ -660,11 +613,11 @@ class Run:
                          "optimizer": self.optimizer.state_dict(),
                          "scheduler": {"schedule": r.schedule, "step": it, "lr": lr},
                          "scaler": self.step_fn.scaler.state_dict(),
-                         "rng": _rng_state(self.device),
+                         "rng": rng.snapshot(self.device),
                          "iteration": it, "state": state.to_dict()}, *paths)
         _write_metrics(out, state.rows)
         if not self.progress:
-            self._log(f"iter {it}/{self.total} epoch {row['epoch']:.2f} lr {lr:.3g} "
+            self.log(f"iter {it}/{self.total} epoch {row['epoch']:.2f} lr {lr:.3g} "
                       f"train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
                       f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
                       f"{row['images_per_s']:.0f} img/s")
@@ -677,7 +630,7 @@ class Run:
         self.bar.close()
         if self.diverged_at is not None:
             self.state.skipped_steps += int(self.step_fn.tally[4].item())
-            self._log(f"diverged: non-finite loss at iteration {self.diverged_at}")
+            self.log(f"diverged: non-finite loss at iteration {self.diverged_at}")
         summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.step_fn,
                              self.state, self.it, self.diverged_at, self.session_start,
                              self.started, self.config)

@@ -19,7 +19,8 @@ from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, pla
 from lambdapipe.models import create_model
 from lambdapipe.pack import Lane
 from lambdapipe.recipes import get_recipe
-from lambdapipe.train import TrainStep, _kernels, make_optimizer, runtime_settings
+from lambdapipe.runtime import kernels
+from lambdapipe.train import TrainStep, make_optimizer, runtime_settings
 
 name, pack, compile_ = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 D = os.environ.get("DEV", "cuda")
@@ -52,7 +53,7 @@ def round_(i):
             step(x, y, yc, 0.1, i)
 
 
-with _kernels(False, D, r.tf32):
+with kernels(False, D, r.tf32):
     for i in range(int(os.environ.get("WARM", 25))):
         round_(i)
     (torch.cuda.synchronize() if dev is not None else None)

@@ -32,6 +32,7 @@ from lambdapipe.evaluate import load_checkpoint
 from lambdapipe.models import create_model
 from lambdapipe.pack import run_packed
 from lambdapipe.recipes import get_recipe
+from lambdapipe.runtime import kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 rows = metrics_text
@@ -167,7 +168,7 @@ def test_a_fused_pack_is_the_fused_step_over_each_runs_own_batches(data_dir, fus
     own run directory (with its slice of the optimizer state, in the solo format). That the
     fused step computes each run's own step is the float64 tests above."""
     runs = [train.Run(config(data_dir, tmp_path / str(s), s), "cpu") for s in SEEDS]
-    with train._kernels(True, "cpu"):
+    with kernels(True, "cpu"):
         for run in runs:  # fresh, in order: the process RNG then stands where the pack's did
             run.start()
         step = fuse.fused_step([run.model for run in runs], runs[0].r, "cpu", runs[0].mean,

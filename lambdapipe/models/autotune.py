@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lambdapipe import atomic
+from lambdapipe import atomic, rng
 from lambdapipe.models.lambda_layer import IMPLS, LambdaLayer
 
 CACHE_VERSION = 1
@@ -195,7 +195,7 @@ def choose_impls(model: nn.Module, image_size: int, batch: int, device: str | to
         if entry is None or entry.get("impl") not in IMPLS:
             # the probe draws random inputs: a run's RNG streams must not depend on whether
             # its shapes were measured now or read from the cache
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with rng.kept(device):
                 entry = _measure(layer, channels, height, width, batch, device,
                                  precision_dtype, channels_last, timer, free_bytes)
             fresh[key] = entry

@@ -1,0 +1,36 @@
+"""Where a run's messages go, and the process-wide kernel settings it runs under."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+
+
+def log(msg: str) -> None:
+    """One line on stderr (stdout carries the commands' results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def kernels(deterministic: bool, device: str, tf32: bool = False) -> Iterator[None]:
+    """Deterministic kernels and the TF32 setting for the duration of a run (restored
+    after, for library users)."""
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    if deterministic and torch.device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.backends.cudnn.benchmark = prev[1]
+        torch.set_float32_matmul_precision(prev[2])
+        torch.backends.cudnn.allow_tf32 = prev[3]
