@@ -329,19 +329,15 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
 
 
 def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
-    """`measure` for one run, then `pack` runs stepping in turn in this one process as
-    `lambdapipe train --seeds` steps a cell's seeds: each its own model, optimizer and
-    `TrainStep`, and (`pack.Lane`) RNG state and, on CUDA, stream; with `fuse`, as
-    `train --seeds --fuse` does, one network of the `pack` models (lambdapipe/fuse.py).
-    The dataset is on the device once, as a pack holds it. Returns the one-run row and, for
-    `pack` > 1, the packed row: rates summed over the runs (aggregate iter/min),
-    `iter_per_min_per_run`, `vs_one_run` (aggregate / one run's), peak memory of all runs;
-    evaluation and checkpoint costs are the one run's (each run pays its own)."""
-    from lambdapipe.data import dataset_info
-    from lambdapipe.fuse import fused_step
-    from lambdapipe.models import create_model
-    from lambdapipe.pack import Lane, cuda_device
-
+    """`measure` for one run, then, for `pack` > 1, the row of `pack` runs in one process as
+    `lambdapipe train --seeds` trains a cell's seeds. With `fuse` (as `--seeds --fuse`, where
+    training fuses: not fp16, `fuse.why_not`) the `pack` models run as one network
+    (lambdapipe/fuse.py), timed; the dataset is on the device once, as a fused pack holds it.
+    Otherwise the runs train one after another, so the pack's row is the one run's rate
+    shared: nothing more to time. Rates are summed over the runs (aggregate iter/min),
+    `iter_per_min_per_run` is each run's share, `vs_one_run` aggregate / one run's, peak
+    memory that of all runs; evaluation and checkpoint costs are the one run's (each run
+    pays its own)."""
     device = kwargs.get("device", "cpu")
     one = {**measure(**kwargs), "pack": 1}
     _release(device)
@@ -350,59 +346,58 @@ def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[st
     if pack == 1:
         return [one]
     recipe = kwargs["recipe"].on(device)
-    fuse = fuse and recipe.precision != "fp16"  # train steps fp16 runs in turn (fuse.why_not)
+    if not fuse or recipe.precision == "fp16":  # train runs fp16 seeds one by one (fuse.why_not)
+        return [one, {**one, "pack": pack, "step_ms": pack * one["step_ms"],
+                      "iter_per_min_per_run": one["iter_per_min"] / pack, "fused": False}]
+    row = _measure_fused(pack, one, **{**kwargs, "recipe": recipe})
+    _release(device)  # the pack's models, optimizer and device data went with its frame
+    return [one, row]
+
+
+def _measure_fused(pack: int, one: dict[str, Any], *, recipe: Recipe, **kwargs: Any
+                   ) -> dict[str, Any]:
+    from lambdapipe.data import dataset_info
+    from lambdapipe.fuse import fused_step
+    from lambdapipe.models import create_model
+
+    device = kwargs.get("device", "cpu")
     info = dataset_info(kwargs.get("dataset", "cifar10"))
     size = kwargs.get("image_size") or info.image_size
     warmup, steps = kwargs.get("warmup", 20), kwargs.get("steps", 50)
     images, labels = _images(info.name, Path(kwargs.get("data_dir", "data")),
                              kwargs.get("real_data", False), size, info.num_classes)
-    cuda = cuda_device(device)
-    if cuda is not None:
-        torch.cuda.synchronize(cuda)
-        torch.cuda.reset_peak_memory_stats(cuda)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t_build = time.perf_counter()
     data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
     mean, std = (torch.tensor(v, device=device) for v in channel_stats(images))
-    runs = []
+    models = []
     for seed in range(pack):
-        lane = Lane(cuda if not fuse else None)
-        with lane.turn():
-            torch.manual_seed(seed)
-            model = create_model(kwargs["name"], num_classes=info.num_classes, image_size=size,
-                                 **(kwargs.get("model_args") or {}))
-            runtime = runtime_settings(model, recipe, size, device)  # the impls train runs
-            model = model.to(device)
-            if recipe.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            step = None if fuse else TrainStep(model, make_optimizer(model, recipe, device),
-                                               recipe, device, mean, std)
-        runs.append((lane, model, step, {}))
-    fused = fused_step([m for _, m, _, _ in runs], recipe, device, mean, std) if fuse else None
+        torch.manual_seed(seed)
+        model = create_model(kwargs["name"], num_classes=info.num_classes, image_size=size,
+                             **(kwargs.get("model_args") or {}))
+        runtime = runtime_settings(model, recipe, size, device)  # the impls train runs
+        models.append(model.to(device))
+    fused = fused_step(models, recipe, device, mean, std)
     steps_per_epoch = len(images) // recipe.batch_size
+    plans: list[dict] = [{} for _ in range(pack)]
 
-    def batch(seed: int, plans: dict, i: int):
+    def batch(seed: int, i: int):
         epoch, k = divmod(i, steps_per_epoch)
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding, recipe.flip,
-                                      device, resized_crop=recipe.resized_crop, size=data.size)
-        return augmented_batch(data, plans[epoch], k, recipe.batch_size)
+        if epoch not in plans[seed]:
+            plans[seed] = {epoch: plan_epoch(len(data), seed, epoch, recipe.crop_padding,
+                                             recipe.flip, device,
+                                             resized_crop=recipe.resized_crop, size=data.size)}
+        return augmented_batch(data, plans[seed][epoch], k, recipe.batch_size)
 
     def round_(i: int) -> None:
-        """Step i of every run: each in its turn, or all as one network."""
-        if fused is not None:
-            parts = [batch(seed, plans, i) for seed, (_, _, _, plans) in enumerate(runs)]
-            fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
-            return
-        for seed, (lane, _, step, plans) in enumerate(runs):
-            with lane.turn():
-                step(*batch(seed, plans, i), recipe.lr, i)
-
-    steppers = [fused] if fused is not None else [step for _, _, step, _ in runs]
+        parts = [batch(seed, i) for seed in range(pack)]
+        fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
 
     def settle() -> None:
-        for step in steppers:
-            step.tally.tolist()
+        fused.tally.tolist()
         _sync(device)
 
     with kernels(False, device, recipe.tf32):
@@ -420,21 +415,16 @@ def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[st
     row = {**one, "pack": pack, "step_ms": 1000 * round_s,
            "iter_per_min": pack * 60 / round_s, "iter_per_min_per_run": 60 / round_s,
            "images_per_s": pack * recipe.batch_size / round_s,
-           "peak_mem_gib": torch.cuda.max_memory_allocated(cuda) / 2**30 if cuda else None,
+           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
            "model_tflops_per_s": one["model_tflops_per_s"] * scale
            if one["model_tflops_per_s"] else None,
            "mfu": one["mfu"] * scale if one["mfu"] else None,
            "startup_s": max(warm_s - warmup * round_s, 0.0),
-           "vs_one_run": scale, "fused": fuse,
+           "vs_one_run": scale, "fused": True,
            # fused, the stacked activations' layout is vmap's: no channels_last
-           "path": path_label(fused.path, {**runtime, "channels_last": False}) + ", fused"
-           if fused is not None else one["path"],
-           "diverged": any(bool((step.tally[..., 5] >= 0).any()) for step in steppers)}
-    runs.clear()  # the models, optimizers and device data of the pack go
-    steppers.clear()
-    fused = data = None
-    _release(device)
-    return [one, row]
+           "path": path_label(fused.path, {**runtime, "channels_last": False}) + ", fused",
+           "diverged": bool((fused.tally[..., 5] >= 0).any())}
+    return row
 
 
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
@@ -515,7 +505,7 @@ def format_rows(rows: list[dict[str, Any]], head: bool = True) -> str:
                  if r["slots"] > 1 else "")
         packs = [x for x in rows if x.get("pack", 1) > 1]
         if packs:
-            slots += (f"; 'x{packs[0]['pack']}': that many runs stepping in one process "
+            slots += (f"; 'x{packs[0]['pack']}': that many runs in one process "
                       "(rates and memory summed), " + ", ".join(
                           f"{x['model']} {x['vs_one_run']:.2f}x one run" for x in packs))
         lines.append(f"({r['device_name']}, {r['precision']}, batch {r['batch_size']}, "

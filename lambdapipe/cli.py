@@ -224,7 +224,7 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
 @click.option("--fuse/--no-fuse", default=False,
               help="With --seeds: train the seeds as one network (their models stacked, one "
                    "set of kernels; results within float tolerance of each seed alone, not "
-                   "bitwise). Default: they step in turn, each on its own CUDA stream.")
+                   "bitwise). Default: one after another, each as trained alone.")
 @_user_errors
 @click.pass_context
 def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: str,
@@ -238,8 +238,8 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
     Example:
       lambdapipe train --model lr18_l3_lc --dataset cifar10 --noise 0.25 --seed 0 \\
           --out results/runs/cifar10/symmetric-0.25/lr18_l3_lc/0
-    The three seeds of a grid cell in one process (a GPU shared by their streams; with
-    --fuse as one network):
+    The three seeds of a grid cell in one process (one after another; with --fuse as one
+    network):
       lambdapipe train --model resnet20x1 --dataset cifar10 --seeds 0,1,2 \\
           --out 'results/runs/cifar10/clean/resnet20x1/{seed}'
     """

@@ -1,9 +1,9 @@
 """The seeds of one grid cell as one network: K runs in one set of kernels.
 
-Packing by streams (pack.py) leaves a small model's step as hundreds of tiny kernels per run,
-run one after another: four resnet20x1 runs packed so reached 1.01x one run on an H200
-(docs/performance.md). Fused, the K models of a cell are stacked parameter by parameter
-(`torch.func.stack_module_state`) and run as one model under `torch.func.vmap`: a
+A small model's step is hundreds of tiny kernels: four resnet20x1 runs stepping in turn on
+their own CUDA streams reached 1.01x one run on an H200 (docs/performance.md). Fused, the K
+models of a cell are stacked parameter by parameter (`torch.func.stack_module_state`) and run
+as one model under `torch.func.vmap`: a
 convolution over K stacked weights becomes one grouped convolution, a batch norm one batch
 norm over K x C channels, so each kernel does the work of K runs. This is PyTorch's own
 model-ensembling recipe, used for training: the stacked parameters are leaves, the K losses
@@ -20,8 +20,8 @@ What differs from runs trained alone: results agree within float tolerance, not 
 grouped convolution sums in its own order; tests/test_fuse.py), dropout draws come from one
 process-wide stream for the K runs, and the step runs without channels_last (vmap chooses
 the layout of the stacked activations). A run that diverges is finished at once; its slice
-rides along, unread, until the others finish. Runs that cannot be fused step in turn on
-their own streams instead (`why_not`); runs resumed at different iterations (a kill between
+rides along, unread, until the others finish. Runs that cannot be fused train one after
+another instead (`why_not`, pack.py); runs resumed at different iterations (a kill between
 their checkpoints) first bring the ones behind up to the others alone (pack.py).
 """
 

@@ -439,25 +439,17 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
         if summary_path.exists():
             return json.loads(summary_path.read_text())
         with kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
-            return _train(cfg, str(device), progress, callback)
-
-
-def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str, Any]:
-    run_ = Run(cfg, device, progress, callback)
-    run_.start()
-    while run_.advance():
-        pass
-    return run_.finish()
+            return Run(cfg, str(device), progress, callback).train()
 
 
 class Run:
-    """One run as an object, so that several can share a process (lambdapipe/pack.py).
+    """One run as an object, so that a fused pack can drive several (lambdapipe/fuse.py).
 
     `start()` builds the model, optimizer, step and device data and resumes from last.ckpt;
     `advance()` is one training step (`next_batch`, the step, `after_step`) plus, when due,
     the host sync, the evaluation, the checkpoints and the metrics row; `finish()` scores
-    best.ckpt on test and writes summary.json. `_train` drives one to its end, so a run alone
-    does what it always did; `label` prefixes its log lines when several runs share one log.
+    best.ckpt on test and writes summary.json; `train()` drives one to its end. `label`
+    prefixes its log lines when several runs share one log.
     """
 
     def __init__(self, cfg: TrainConfig, device: str, progress: bool = False,
@@ -539,6 +531,13 @@ class Run:
         self.it, self.plan, self.plan_epoch_no = state.iteration, None, -1
         self.window_start, self.window_it = time.perf_counter(), self.it
         self.lr = r.lr_at(self.it, total, steps_per_epoch)
+
+    def train(self) -> dict[str, Any]:
+        """Start (or resume), train to the end and finish: the summary."""
+        self.start()
+        while self.advance():
+            pass
+        return self.finish()
 
     def advance(self) -> bool:
         """One step; False once nothing is left to train (the end, or a divergence)."""

@@ -260,7 +260,7 @@ def test_a_diverged_run_ends_while_the_others_train_on_untouched(data_dir, fused
                 assert math.isclose(float(ra[key]), float(rb[key]), rel_tol=1e-6), (s, key)
 
 
-def test_runs_that_cannot_fuse_step_in_turn_and_say_why(data_dir, tmp_path, capfd):
+def test_runs_that_cannot_fuse_train_one_after_another_and_say_why(data_dir, tmp_path, capfd):
     from lambdapipe.fuse import why_not
 
     half = [config(data_dir, tmp_path / str(s), s, precision="fp16") for s in (0, 1)]
