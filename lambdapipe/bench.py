@@ -26,14 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambdapipe import atomic
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
+from lambdapipe.bench_table import (  # noqa: F401 - the rows as `lambdapipe bench` prints them
+    HEAD,
+    format_row,
+    format_rows,
+    write_rows,
+)
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
-from lambdapipe.runtime import kernels
-from lambdapipe.train import TrainStep, make_optimizer, runtime_settings
+from lambdapipe.runtime import kernels, runtime_settings
+from lambdapipe.step import TrainStep, make_optimizer
 
 REFERENCE = "resnet18"
 # Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
@@ -144,6 +149,47 @@ def path_label(path: str, runtime: dict[str, Any]) -> str:
     return label + (" " + "+".join(impls) if impls else "")
 
 
+def batches(data: DeviceImages, recipe: Recipe, seed: int, device: str):
+    """Step i's augmented batch as training draws it for `seed` (augment.py)."""
+    steps_per_epoch, plans = len(data) // recipe.batch_size, {}
+
+    def batch(i: int):
+        epoch, k = divmod(i, steps_per_epoch)
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding, recipe.flip,
+                                      device, resized_crop=recipe.resized_crop, size=data.size)
+        return augmented_batch(data, plans[epoch], k, recipe.batch_size)
+    return batch
+
+
+def _timed(one, step, warmup: int, steps: int, device: str, t_build: float,
+           barrier: Any = None) -> tuple[float, float]:
+    """`one(i)` for `warmup` steps, then `steps` timed (CUDA events on a GPU, after every
+    queued op has run); returns (seconds from `t_build` to the end of the warm-up, timed
+    seconds). `step.tally` is read to wait for the device."""
+    for i in range(warmup):
+        one(i)
+    step.tally.tolist()  # every queued op has run
+    warm_s = time.perf_counter() - t_build
+    if barrier is not None:  # concurrent slots start their timed steps together
+        barrier.wait()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        one(i)
+    if cuda:
+        end.record()
+        torch.cuda.synchronize(device)
+        return warm_s, start.elapsed_time(end) / 1000
+    step.tally.tolist()
+    return warm_s, time.perf_counter() - t0
+
+
 def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
              image_size: int | None = None, data_dir: Path = Path("data"),
              real_data: bool = False, warmup: int = 20,
@@ -165,7 +211,6 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
     mean, std = (torch.tensor(v, device=device) for v in channel_stats(np.asarray(images)))
     _sync(device)
     data_s = time.perf_counter() - t_data
-    steps_per_epoch = len(data) // batch_size
     cuda = torch.device(device).type == "cuda"
 
     t_build = time.perf_counter()
@@ -182,37 +227,10 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, recipe, device)
     step = TrainStep(model, optimizer, recipe, device, mean, std)
-    plans: dict[int, Any] = {}
+    batch = batches(data, recipe, 0, device)
 
-    def one(i: int) -> None:
-        epoch, k = divmod(i, steps_per_epoch)
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = plan_epoch(len(data), 0, epoch, recipe.crop_padding, recipe.flip,
-                                      device, resized_crop=recipe.resized_crop, size=data.size)
-        x, y, y_clean = augmented_batch(data, plans[epoch], k, batch_size)
-        step(x, y, y_clean, recipe.lr, i)
-
-    for i in range(warmup):
-        one(i)
-    step.tally.tolist()  # every queued op has run
-    warm_s = time.perf_counter() - t_build
-    if barrier is not None:  # concurrent slots start their timed steps together
-        barrier.wait()
-    if cuda:
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        one(i)
-    if cuda:
-        end.record()
-        torch.cuda.synchronize(device)
-        seconds = start.elapsed_time(end) / 1000
-    else:
-        step.tally.tolist()
-        seconds = time.perf_counter() - t0
+    warm_s, seconds = _timed(lambda i: step(*batch(i), recipe.lr, i), step, warmup, steps,
+                             device, t_build, barrier)
     step_s = seconds / steps
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
 
@@ -381,35 +399,14 @@ def _measure_fused(pack: int, one: dict[str, Any], *, recipe: Recipe, **kwargs: 
         runtime = runtime_settings(model, recipe, size, device)  # the impls train runs
         models.append(model.to(device))
     fused = fused_step(models, recipe, device, mean, std)
-    steps_per_epoch = len(images) // recipe.batch_size
-    plans: list[dict] = [{} for _ in range(pack)]
-
-    def batch(seed: int, i: int):
-        epoch, k = divmod(i, steps_per_epoch)
-        if epoch not in plans[seed]:
-            plans[seed] = {epoch: plan_epoch(len(data), seed, epoch, recipe.crop_padding,
-                                             recipe.flip, device,
-                                             resized_crop=recipe.resized_crop, size=data.size)}
-        return augmented_batch(data, plans[seed][epoch], k, recipe.batch_size)
+    sources = [batches(data, recipe, seed, device) for seed in range(pack)]
 
     def round_(i: int) -> None:
-        parts = [batch(seed, i) for seed in range(pack)]
+        parts = [batch(i) for batch in sources]
         fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
 
-    def settle() -> None:
-        fused.tally.tolist()
-        _sync(device)
-
     with kernels(False, device, recipe.tf32):
-        for i in range(warmup):
-            round_(i)
-        settle()
-        warm_s = time.perf_counter() - t_build
-        t0 = time.perf_counter()
-        for i in range(warmup, warmup + steps):
-            round_(i)
-        settle()
-        seconds = time.perf_counter() - t0
+        warm_s, seconds = _timed(round_, fused, warmup, steps, device, t_build)
     round_s = seconds / steps
     scale = pack * one["step_ms"] / (1000 * round_s)  # packed work per second / one run's
     row = {**one, "pack": pack, "step_ms": 1000 * round_s,
@@ -474,49 +471,3 @@ def matching_resnet(model: str) -> str | None:
     """lr34_l3_lc -> resnet34, lambda_resnet50_u4_r7 -> resnet50; None for a ResNet."""
     depth, _ = depth_width(model)
     return f"resnet{depth}" if depth and not model.startswith("resnet") else None
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-HEAD = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms':>8} "
-        f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6} {'vs base':>7} "
-        f"{'mem x':>5} {'start s':>7} {'eval img/s':>10} {'ckpt s':>6}  path")
-
-
-def format_row(r: dict[str, Any]) -> str:
-    model = r["model"] + (f" x{r['pack']}" if r.get("pack", 1) > 1 else "") \
-        + (" fused" if r.get("fused") else "")
-    return (f"{model:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
-            f"{r['images_per_s']:>9.0f} {r['step_ms']:>8.2f} {_fmt(r['peak_mem_gib'], '8.2f'):>8} "
-            f"{_fmt(r['model_tflops_per_s'], '8.1f'):>8} {_fmt(r['mfu'], '6.1%'):>6} "
-            f"{_fmt(r.get('vs_resnet18'), '6.2f'):>6} {_fmt(r.get('vs_resnet'), '7.2f'):>7} "
-            f"{_fmt(r.get('mem_vs_resnet'), '5.2f'):>5} {r['startup_s']:>7.1f} "
-            f"{r['eval_images_per_s']:>10.0f} {r['ckpt_s']:>6.2f}  {r.get('path', '-')}")
-
-
-def format_rows(rows: list[dict[str, Any]], head: bool = True) -> str:
-    """A plain-text table, one line per model (`head=False`: the closing line only)."""
-    lines = [HEAD, "-" * len(HEAD)] + [format_row(r) for r in rows] if head else []
-    if rows:
-        r = rows[0]
-        slots = (f", {r['slots']} processes at once (rates and memory summed)"
-                 if r["slots"] > 1 else "")
-        packs = [x for x in rows if x.get("pack", 1) > 1]
-        if packs:
-            slots += (f"; 'x{packs[0]['pack']}': that many runs in one process "
-                      "(rates and memory summed), " + ", ".join(
-                          f"{x['model']} {x['vs_one_run']:.2f}x one run" for x in packs))
-        lines.append(f"({r['device_name']}, {r['precision']}, batch {r['batch_size']}, "
-                     f"{'tf32, ' if r.get('tf32') else ''}"
-                     f"{'real' if r['real_data'] else 'synthetic'} {r['dataset']} data, "
-                     f"{r['steps']} timed steps after {r['warmup']} warm-up{slots})")
-    return "\n".join(lines)
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path, **extra: Any) -> None:
-    import datetime
-
-    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    atomic.write_json(path, {"torch": torch.__version__, "date": when, **extra, "rows": rows})

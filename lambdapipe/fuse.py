@@ -39,7 +39,9 @@ from lambdapipe import rng
 from lambdapipe.augment import normalize
 from lambdapipe.evaluate import autocast
 from lambdapipe.recipes import Recipe
-from lambdapipe.train import Run, TrainConfig, TrainStep, make_optimizer
+from lambdapipe.rundir import TrainConfig
+from lambdapipe.step import TrainStep, make_optimizer
+from lambdapipe.train import Run
 
 
 def why_not(cfgs: Sequence[TrainConfig]) -> str | None:

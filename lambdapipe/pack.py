@@ -23,8 +23,9 @@ from typing import Any
 
 from lambdapipe import rng, runlock
 from lambdapipe.errors import UserError
+from lambdapipe.rundir import TrainConfig, check_before_start
 from lambdapipe.runtime import kernels, log
-from lambdapipe.train import Run, TrainConfig, check_before_start
+from lambdapipe.train import Run
 
 
 def check_packed(cfgs: Sequence[TrainConfig]) -> None:

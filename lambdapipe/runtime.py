@@ -6,8 +6,11 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+
+from lambdapipe.recipes import Recipe
 
 
 def log(msg: str) -> None:
@@ -34,3 +37,19 @@ def kernels(deterministic: bool, device: str, tf32: bool = False) -> Iterator[No
         torch.backends.cudnn.benchmark = prev[1]
         torch.set_float32_matmul_precision(prev[2])
         torch.backends.cudnn.allow_tf32 = prev[3]
+
+
+def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int,
+                     device: str) -> dict[str, Any]:
+    """The speed settings a run resolved on `device` (config.json's `runtime`), after
+    choosing each 'auto' lambda layer's implementation (timed on CUDA, cached on disk;
+    models/autotune.py). `r` is the recipe as it runs there (`Recipe.on`)."""
+    from lambdapipe.evaluate import AMP_DTYPES
+    from lambdapipe.models.autotune import choose_impls, default_cache
+
+    impls = choose_impls(model, image_size, r.batch_size, device,
+                         AMP_DTYPES.get(r.precision), r.channels_last, cache=default_cache(),
+                         log=log)
+    return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,
+            "tf32": r.tf32, "lambda_impls": {name: c["impl"] for name, c in impls.items()},
+            "lambda_impls_how": sorted({c["how"] for c in impls.values()})}

@@ -19,8 +19,8 @@ from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, pla
 from lambdapipe.models import create_model
 from lambdapipe.pack import Lane
 from lambdapipe.recipes import get_recipe
-from lambdapipe.runtime import kernels
-from lambdapipe.train import TrainStep, make_optimizer, runtime_settings
+from lambdapipe.runtime import kernels, runtime_settings
+from lambdapipe.step import TrainStep, make_optimizer
 
 name, pack, compile_ = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 D = os.environ.get("DEV", "cuda")

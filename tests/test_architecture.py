@@ -34,7 +34,9 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-TRAINING = ("lambdapipe.train", "lambdapipe.pack", "lambdapipe.evaluate", "lambdapipe.bench",
+TRAINING = ("lambdapipe.train", "lambdapipe.rundir", "lambdapipe.bench_table",
+            "lambdapipe.step", "lambdapipe.runtime",
+            "lambdapipe.fuse", "lambdapipe.pack", "lambdapipe.evaluate", "lambdapipe.bench",
             "lambdapipe.project", "lambdapipe.explain", "lambdapipe.augment",
             "lambdapipe.recipes")
 RULES = {  # modules under the key may not import modules under any of the values
@@ -119,8 +121,7 @@ def test_no_module_imports_another_modules_private_names():
 MAX_LINES = 500
 # Modules still over MAX_LINES, each capped at its present size so that it can only shrink
 # (issue 23 splits them; a module leaves this table when it is under the limit).
-OVER_LIMIT = {"lambdapipe.cli": 578, "lambdapipe.report.tables": 633, "lambdapipe.train": 716,
-              "lambdapipe.bench": 532}
+OVER_LIMIT = {"lambdapipe.cli": 578, "lambdapipe.report.tables": 633}
 
 
 def test_modules_stay_small():

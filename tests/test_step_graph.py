@@ -16,13 +16,14 @@ import torch
 from lambdapipe import data, train
 from lambdapipe.models import create_model
 from lambdapipe.recipes import get_recipe
+from lambdapipe.step import STEP_GRAPH_WARMUP
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 TINY = {"base_width": 4, "drop_rate": 0.2}  # dropout: replays draw fresh masks, as graphs do
 
 
 class RerunReplay:
-    """CPU stand-in for train.CudaStepGraph: a replay reruns the body, which in a captured
+    """CPU stand-in for step.CudaStepGraph: a replay reruns the body, which in a captured
     graph starts without gradients (they were cleared before the capture)."""
 
     captures = 0
@@ -80,7 +81,7 @@ def test_the_replayed_step_is_the_plain_step(no_inductor, overrides):
     RerunReplay.captures = 0
     plain, plain_tally, _ = train_steps({**overrides, "compile": False})
     graphed, tally, step = train_steps({**overrides, "compile": "step-graph"}, RerunReplay)
-    assert RerunReplay.captures == 1 and step.warm == train.STEP_GRAPH_WARMUP
+    assert RerunReplay.captures == 1 and step.warm == STEP_GRAPH_WARMUP
     assert step.path == "step-graph" and step.graph is not None
     assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
     assert torch.equal(plain_tally, tally)
