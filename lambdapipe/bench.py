@@ -38,7 +38,7 @@ from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
 from lambdapipe.runtime import kernels, runtime_settings
-from lambdapipe.step import TrainStep, make_optimizer
+from lambdapipe.step import COLUMN, make_optimizer, make_step
 
 REFERENCE = "resnet18"
 # Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
@@ -226,7 +226,7 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, recipe, device)
-    step = TrainStep(model, optimizer, recipe, device, mean, std)
+    step = make_step(model, optimizer, recipe, device, mean, std)
     batch = batches(data, recipe, 0, device)
 
     warm_s, seconds = _timed(lambda i: step(*batch(i), recipe.lr, i), step, warmup, steps,
@@ -266,7 +266,7 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
         "mfu": flops_per_s / peak if flops_per_s and peak else None,
         "startup_s": max(warm_s - warmup * step_s, 0.0), "data_s": data_s,
         "eval_images": len(val), "eval_images_per_s": len(val) / max(eval_s, 1e-9),
-        "ckpt_s": ckpt_s, "diverged": step.tally[5].item() >= 0,
+        "ckpt_s": ckpt_s, "diverged": step.tally[COLUMN.first_nonfinite].item() >= 0,
     }
     return row
 
@@ -420,7 +420,7 @@ def _measure_fused(pack: int, one: dict[str, Any], *, recipe: Recipe, **kwargs: 
            "vs_one_run": scale, "fused": True,
            # fused, the stacked activations' layout is vmap's: no channels_last
            "path": path_label(fused.path, {**runtime, "channels_last": False}) + ", fused",
-           "diverged": bool((fused.tally[..., 5] >= 0).any())}
+           "diverged": bool((fused.tally[..., COLUMN.first_nonfinite] >= 0).any())}
     return row
 
 

@@ -119,10 +119,8 @@ def _run_fused(cfgs, todo, summaries, device, progress, callback) -> None:
         for pos, i in enumerate(todo):
             runs.append(Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
                             label=_label(cfgs[i], cfgs), bar_position=pos,
-                            device_data=device_data))
+                            device_data=device_data, pack_size=len(cfgs)))
             runs[-1].start()
-        for run in runs:  # what summary.json's `compile` says, if a run ends before fusing
-            run.step_fn.path = f"{run.step_fn.path} (fused x{len(cfgs)})"
         target = max(run.it for run in runs)
         for run in runs:
             if run.it < target and not run.done():

@@ -83,7 +83,7 @@ def load_splits(cfg: TrainConfig, verify: bool = True):
     return train, val
 
 
-def _saved_config(out: Path) -> dict[str, Any] | None:
+def saved_config(out: Path) -> dict[str, Any] | None:
     try:
         return json.loads((out / "config.json").read_text())
     except FileNotFoundError:
@@ -98,7 +98,7 @@ def check_before_start(cfg: TrainConfig) -> None:
     the batch size against the split, and what `--out` already holds."""
     check_out_dir(cfg.out)
     runlock.check_free(cfg.out)  # a run in progress, not an "interrupted run" below
-    saved = _saved_config(cfg.out)
+    saved = saved_config(cfg.out)
     if saved is not None:
         diffs = differences(saved, cfg.identity())
         if diffs:

@@ -39,17 +39,24 @@ def kernels(deterministic: bool, device: str, tf32: bool = False) -> Iterator[No
         torch.backends.cudnn.allow_tf32 = prev[3]
 
 
-def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int,
-                     device: str) -> dict[str, Any]:
+def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int, device: str,
+                     recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The speed settings a run resolved on `device` (config.json's `runtime`), after
     choosing each 'auto' lambda layer's implementation (timed on CUDA, cached on disk;
-    models/autotune.py). `r` is the recipe as it runs there (`Recipe.on`)."""
+    models/autotune.py). `r` is the recipe as it runs there (`Recipe.on`). A resumed run
+    passes the `runtime` its config.json `recorded`: its layers run the recorded choice,
+    never a new one (a new measurement could choose otherwise)."""
     from lambdapipe.evaluate import AMP_DTYPES
-    from lambdapipe.models.autotune import choose_impls, default_cache
+    from lambdapipe.models.autotune import apply_impls, choose_impls, default_cache
 
-    impls = choose_impls(model, image_size, r.batch_size, device,
-                         AMP_DTYPES.get(r.precision), r.channels_last, cache=default_cache(),
-                         log=log)
+    if recorded is not None and isinstance(recorded.get("lambda_impls"), dict):
+        apply_impls(model, image_size, recorded["lambda_impls"])
+        impls, how = dict(recorded["lambda_impls"]), list(recorded.get("lambda_impls_how", []))
+    else:
+        chosen = choose_impls(model, image_size, r.batch_size, device,
+                              AMP_DTYPES.get(r.precision), r.channels_last,
+                              cache=default_cache(), log=log)
+        impls = {name: c["impl"] for name, c in chosen.items()}
+        how = sorted({c["how"] for c in chosen.values()})
     return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,
-            "tf32": r.tf32, "lambda_impls": {name: c["impl"] for name, c in impls.items()},
-            "lambda_impls_how": sorted({c["how"] for c in impls.values()})}
+            "tf32": r.tf32, "lambda_impls": impls, "lambda_impls_how": how}

@@ -41,10 +41,17 @@ from lambdapipe.rundir import (  # noqa: F401 - TrainConfig, METRIC_COLUMNS: the
     iter_per_min,
     load_splits,
     run_config,
+    saved_config,
     write_metrics,
 )
 from lambdapipe.runtime import kernels, log, runtime_settings
-from lambdapipe.step import TrainStep, make_optimizer  # noqa: F401 - the public API
+from lambdapipe.step import (  # noqa: F401 - TrainStep: the public API
+    Seat,
+    Tally,
+    TrainStep,
+    make_optimizer,
+    make_step,
+)
 
 SYNC_EVERY = 50  # steps between host syncs for the progress bar and the divergence check
 
@@ -86,14 +93,14 @@ class Run:
     def __init__(self, cfg: TrainConfig, device: str, progress: bool = False,
                  callback: Callable[[dict[str, float]], None] | None = None,
                  label: str = "", bar_position: int | None = None,
-                 device_data: dict[tuple, DeviceImages] | None = None):
+                 device_data: dict[tuple, DeviceImages] | None = None,
+                 pack_size: int | None = None):
         self.cfg, self.device, self.progress, self.callback = cfg, str(device), progress, callback
         self.label, self.bar_position = label, bar_position
         self.diverged_at: int | None = None
         # runs of one cell in one process hold its splits on the device once
         self.device_data = {} if device_data is None else device_data
-        # called before each evaluation: a fused pack writes the run's weights into its model
-        self.before_evaluate: Callable[[], None] | None = None
+        self.pack_size = pack_size  # a fused job's seeds (summary.json's `compile`)
 
     def log(self, msg: str) -> None:
         log(self.label + msg)
@@ -113,14 +120,16 @@ class Run:
 
         torch.manual_seed(cfg.seed)
         model = build_model(config)
-        config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device)
+        recorded = saved_config(out) if (out / "last.ckpt").exists() else None
+        config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device,
+                                             (recorded or {}).get("runtime"))
         model = model.to(device)
         if r.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, r, device)
         mean = torch.tensor(config["data"]["mean"], device=device)
         std = torch.tensor(config["data"]["std"], device=device)
-        step_fn = TrainStep(model, optimizer, r, device, mean, std)
+        step_fn = make_step(model, optimizer, r, device, mean, std)
         state = RunState()
 
         last = out / "last.ckpt"
@@ -139,7 +148,8 @@ class Run:
             out.mkdir(parents=True, exist_ok=True)
             atomic.write_json(out / "config.json", config)
         self.session_start = time.perf_counter() - state.elapsed_s  # spans all sessions
-        self.model, self.optimizer, self.step_fn, self.state = model, optimizer, step_fn, state
+        self.model, self.step_fn, self.state = model, step_fn, state
+        self.seat = Seat(step_fn, pack_size=self.pack_size)
         self.mean, self.std = mean, std
 
         def on_device(split: str, images, pad: int = 0) -> DeviceImages:
@@ -201,20 +211,25 @@ class Run:
         evaluate_now = it % self.eval_every == 0 or it == self.total
         if it % SYNC_EVERY and not evaluate_now:
             return True
-        tally = self.step_fn.tally.tolist()  # the host sync point
+        tally = self.seat.counts()  # the host sync point
         self.bar.update(it - self.bar.n)
-        self.bar.set_postfix(loss=f"{tally[0] / max(tally[3], 1):.3f}",
-                             acc=f"{tally[1] / max(tally[3], 1):.3f}")
-        if tally[5] >= 0:
-            self.diverged_at = int(tally[5])
+        self.bar.set_postfix(loss=f"{tally.loss_sum / max(tally.images, 1):.3f}",
+                             acc=f"{tally.correct / max(tally.images, 1):.3f}")
+        if tally.first_nonfinite >= 0:
+            self.diverged_at = int(tally.first_nonfinite)
             return False
         if evaluate_now:
-            if self.before_evaluate is not None:
-                self.before_evaluate()
+            self.seat.sync_into(self.model)  # a fused step's weights of this run
             self._evaluate(tally)
         return it < self.total
 
-    def _evaluate(self, tally: list[float]) -> None:
+    def join(self, seat: Seat) -> None:
+        """Train on from here in `seat` of a shared (fused) step, which another loop drives
+        (`next_batch`, the step, `after_step`); checkpoints then take this run's state from
+        it and evaluations its weights."""
+        self.seat = seat
+
+    def _evaluate(self, tally: Tally) -> None:
         """Val (and test when tracked) metrics, the checkpoints and the metrics row."""
         r, it, lr, state, model, out = self.r, self.it, self.lr, self.state, self.model, self.out
         mean, std = self.mean, self.std
@@ -222,8 +237,10 @@ class Run:
         logits = predict(model, self.val_data.images, mean, std, r.precision, r.channels_last)
         val_metrics = classification_metrics(logits, self.val_data.labels)
         row = {"iteration": it, "epoch": round(it / self.steps_per_epoch, 4), "lr": lr,
-               "train_loss": tally[0] / tally[3], "train_acc": tally[1] / tally[3],
-               "train_clean_acc": tally[2] / tally[3], "val_loss": val_metrics["nll"],
+               "train_loss": tally.loss_sum / tally.images,
+               "train_acc": tally.correct / tally.images,
+               "train_clean_acc": tally.clean_correct / tally.images,
+               "val_loss": val_metrics["nll"],
                "val_acc": val_metrics["accuracy"],
                "images_per_s": (it - self.window_it) * r.batch_size / max(train_seconds, 1e-9),
                "elapsed_s": time.perf_counter() - self.session_start}
@@ -233,16 +250,16 @@ class Run:
             row["tst_acc"] = classification_metrics(logits, self.test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
-        state.skipped_steps += int(tally[4])
-        self.step_fn.reset_tally()
+        state.skipped_steps += int(tally.skipped)
+        self.seat.reset_tally()
         paths = [out / "last.ckpt"]
         if row["val_acc"] > state.best_val_acc:
             state.best_val_acc, state.best_iteration = row["val_acc"], it
             paths.insert(0, out / "best.ckpt")
         save_checkpoint({"config": self.config, "model": model.state_dict(),
-                         "optimizer": self.optimizer.state_dict(),
+                         "optimizer": self.seat.optimizer_state(),
                          "scheduler": {"schedule": r.schedule, "step": it, "lr": lr},
-                         "scaler": self.step_fn.scaler.state_dict(),
+                         "scaler": self.seat.scaler_state(),
                          "rng": rng.snapshot(self.device),
                          "iteration": it, "state": state.to_dict()}, *paths)
         write_metrics(out, state.rows)
@@ -259,9 +276,9 @@ class Run:
         """Test on best.ckpt and summary.json; then the device data is let go."""
         self.bar.close()
         if self.diverged_at is not None:
-            self.state.skipped_steps += int(self.step_fn.tally[4].item())
+            self.state.skipped_steps += int(self.seat.counts().skipped)
             self.log(f"diverged: non-finite loss at iteration {self.diverged_at}")
-        summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.step_fn,
+        summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.seat.path,
                              self.state, self.it, self.diverged_at, self.session_start,
                              self.started, self.config)
         self.train_data = self.val_data = self.test_data = None
@@ -269,10 +286,10 @@ class Run:
 
 
 def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch.nn.Module,
-               step_fn: TrainStep, state: RunState, it: int, diverged_at: int | None,
+               path: str, state: RunState, it: int, diverged_at: int | None,
                session_start: float, started: float,
                config: dict[str, Any]) -> dict[str, Any]:
-    """summary.json, in one function so that a field added here (say, how `step_fn` ran)
+    """summary.json, in one function so that a field added here (say, how the step ran)
     reaches solo and packed runs alike."""
     from lambdapipe.models import count_params
 
@@ -293,7 +310,7 @@ def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch
         "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
         if r.track_test_every_eval else None,
         "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
-        "compile": step_fn.path,
+        "compile": path,
         "skipped_steps": state.skipped_steps,
         # evaluations whose val loss was not finite while training was (eval-mode overflow)
         "nonfinite_val_evals": sum(not math.isfinite(x["val_loss"]) for x in rows),

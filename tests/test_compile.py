@@ -192,6 +192,24 @@ def test_without_a_timer_the_fixed_rule_stands(tmp_path):
         == [{"impl": "logit", "how": "requested"}]
 
 
+def test_a_resume_runs_the_recorded_impls_and_chooses_nothing(monkeypatch):
+    """config.json's runtime.lambda_impls is what a resumed run runs (issue 23, point 4)."""
+    from lambdapipe.models import autotune
+    from lambdapipe.recipes import get_recipe
+    from lambdapipe.runtime import runtime_settings
+
+    monkeypatch.setattr(autotune, "choose_impls", lambda *a, **k: pytest.fail("chose again"))
+    model = tiny("lr18_l2_lc", lambda_blocks="all")
+    (big, _), (small, _) = lambda_layers(model)
+    recorded = {"lambda_impls": {big: "lambda", small: "logit"},
+                "lambda_impls_how": ["measured"]}
+    runtime = runtime_settings(model, get_recipe("demo"), 32, "cpu", recorded)
+    assert runtime["lambda_impls"] == recorded["lambda_impls"]
+    assert runtime["lambda_impls_how"] == ["measured"]
+    layers = dict(lambda_layers(model))
+    assert layers[big].tuned == (32, 32, "lambda") and layers[small].tuned == (16, 16, "logit")
+
+
 def test_a_damaged_cache_is_measured_again(tmp_path):
     cache = tmp_path / "impls.json"
     cache.write_text("{not json")
