@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from lambdapipe.errors import UserError, bad_value
+from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH  # the recipe's own lists
 
 DATA_DIR_ENV = "LAMBDAPIPE_DATA_DIR"
 MIRROR_ENV = "LAMBDAPIPE_MIRROR"
@@ -388,11 +389,9 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--real-data/--synthetic", default=False,
               help="Also time the step on the prepared dataset (needs `prepare`).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16",
-              show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True)
 @click.option("--compile", "compile_", default="auto", show_default=True,
-              type=click.Choice(["auto", "off", "default", "reduce-overhead", "max-autotune",
-                                 "max-autotune-no-cudagraphs", "step-graph"]),
+              type=click.Choice(["auto", "off", *COMPILE_MODES, STEP_GRAPH]),
               help="torch.compile mode; auto is what training runs (CUDA graphs on a GPU, "
                    "eager on a CPU); reduce-overhead: + CUDA graphs; step-graph: the whole "
                    "step as one CUDA graph.")

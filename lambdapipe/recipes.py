@@ -28,7 +28,7 @@ AUGMENTS = ("crop", "random-resized-crop", "none")
 # torch.compile modes (`compile: true` is "default"); reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Ours: the model compiled (mode default) and the whole training step (forward, loss,
-# backward, clipping, optimizer, tallies) captured as one CUDA graph (train.TrainStep), so the
+# backward, clipping, optimizer, tallies) captured as one CUDA graph (step.GraphedStep), so the
 # host issues one launch a step. CUDA only (off on a CPU); not with fp16, whose loss scaler
 # decides on the host whether a step is taken.
 STEP_GRAPH = "step-graph"
