@@ -55,7 +55,7 @@ def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int, device:
     else:
         chosen = choose_impls(model, image_size, r.batch_size, device,
                               AMP_DTYPES.get(r.precision), r.channels_last,
-                              cache=default_cache(), log=log)
+                              cache=default_cache(), log=log, tf32=r.tf32)
         impls = {name: c["impl"] for name, c in chosen.items()}
         how = sorted({c["how"] for c in chosen.values()})
     return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,

@@ -154,6 +154,10 @@ def test_auto_takes_the_measured_fastest_and_caches_it(tmp_path):
     chosen = choose_impls(again, 32, 16, "cpu", cache=cache, timer=timer)
     assert [c["impl"] for c in chosen.values()] == ["conv", "logit"]
     assert len(json.loads(cache.read_text())["entries"]) == 4
+    # TF32 changes the timing too: its own entries
+    choose_impls(again, 32, 16, "cpu", cache=cache, timer=timer, tf32=True)
+    entries = json.loads(cache.read_text())["entries"]
+    assert len(entries) == 6 and sum("|tf32|" in k for k in entries) == 2
 
 
 def test_measuring_leaves_the_rng_streams_alone(tmp_path):
