@@ -26,13 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambdapipe import atomic
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
+from lambdapipe.bench_table import (  # noqa: F401 - the rows as `lambdapipe bench` prints them
+    HEAD,
+    format_row,
+    format_rows,
+    write_rows,
+)
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
-from lambdapipe.train import TrainStep, _kernels, make_optimizer, runtime_settings
+from lambdapipe.runtime import kernels, runtime_settings
+from lambdapipe.step import COLUMN, make_optimizer, make_step
 
 REFERENCE = "resnet18"
 # Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
@@ -128,7 +134,7 @@ def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
     """One model under `recipe` on `device` (the recipe as it runs there: `Recipe.on`),
     with the kernel settings a training run has (cuDNN autotuning, TF32 as the recipe says)."""
     device = kwargs.get("device", "cpu")
-    with _kernels(False, device, recipe.on(device).tf32):
+    with kernels(False, device, recipe.on(device).tf32):
         return _measure(name, recipe, **kwargs)
 
 
@@ -141,6 +147,47 @@ def path_label(path: str, runtime: dict[str, Any]) -> str:
         label += "/cl"
     impls = sorted(set(runtime.get("lambda_impls", {}).values()))
     return label + (" " + "+".join(impls) if impls else "")
+
+
+def batches(data: DeviceImages, recipe: Recipe, seed: int, device: str):
+    """Step i's augmented batch as training draws it for `seed` (augment.py)."""
+    steps_per_epoch, plans = len(data) // recipe.batch_size, {}
+
+    def batch(i: int):
+        epoch, k = divmod(i, steps_per_epoch)
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding, recipe.flip,
+                                      device, resized_crop=recipe.resized_crop, size=data.size)
+        return augmented_batch(data, plans[epoch], k, recipe.batch_size)
+    return batch
+
+
+def _timed(one, step, warmup: int, steps: int, device: str, t_build: float,
+           barrier: Any = None) -> tuple[float, float]:
+    """`one(i)` for `warmup` steps, then `steps` timed (CUDA events on a GPU, after every
+    queued op has run); returns (seconds from `t_build` to the end of the warm-up, timed
+    seconds). `step.tally` is read to wait for the device."""
+    for i in range(warmup):
+        one(i)
+    step.tally.tolist()  # every queued op has run
+    warm_s = time.perf_counter() - t_build
+    if barrier is not None:  # concurrent slots start their timed steps together
+        barrier.wait()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        one(i)
+    if cuda:
+        end.record()
+        torch.cuda.synchronize(device)
+        return warm_s, start.elapsed_time(end) / 1000
+    step.tally.tolist()
+    return warm_s, time.perf_counter() - t0
 
 
 def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
@@ -164,7 +211,6 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
     mean, std = (torch.tensor(v, device=device) for v in channel_stats(np.asarray(images)))
     _sync(device)
     data_s = time.perf_counter() - t_data
-    steps_per_epoch = len(data) // batch_size
     cuda = torch.device(device).type == "cuda"
 
     t_build = time.perf_counter()
@@ -180,38 +226,11 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, recipe, device)
-    step = TrainStep(model, optimizer, recipe, device, mean, std)
-    plans: dict[int, Any] = {}
+    step = make_step(model, optimizer, recipe, device, mean, std)
+    batch = batches(data, recipe, 0, device)
 
-    def one(i: int) -> None:
-        epoch, k = divmod(i, steps_per_epoch)
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = plan_epoch(len(data), 0, epoch, recipe.crop_padding, recipe.flip,
-                                      device, resized_crop=recipe.resized_crop, size=data.size)
-        x, y, y_clean = augmented_batch(data, plans[epoch], k, batch_size)
-        step(x, y, y_clean, recipe.lr, i)
-
-    for i in range(warmup):
-        one(i)
-    step.tally.tolist()  # every queued op has run
-    warm_s = time.perf_counter() - t_build
-    if barrier is not None:  # concurrent slots start their timed steps together
-        barrier.wait()
-    if cuda:
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        one(i)
-    if cuda:
-        end.record()
-        torch.cuda.synchronize(device)
-        seconds = start.elapsed_time(end) / 1000
-    else:
-        step.tally.tolist()
-        seconds = time.perf_counter() - t0
+    warm_s, seconds = _timed(lambda i: step(*batch(i), recipe.lr, i), step, warmup, steps,
+                             device, t_build, barrier)
     step_s = seconds / steps
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
 
@@ -247,7 +266,7 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
         "mfu": flops_per_s / peak if flops_per_s and peak else None,
         "startup_s": max(warm_s - warmup * step_s, 0.0), "data_s": data_s,
         "eval_images": len(val), "eval_images_per_s": len(val) / max(eval_s, 1e-9),
-        "ckpt_s": ckpt_s, "diverged": step.tally[5].item() >= 0,
+        "ckpt_s": ckpt_s, "diverged": step.tally[COLUMN.first_nonfinite].item() >= 0,
     }
     return row
 
@@ -328,19 +347,15 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
 
 
 def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
-    """`measure` for one run, then `pack` runs stepping in turn in this one process as
-    `lambdapipe train --seeds` steps a cell's seeds: each its own model, optimizer and
-    `TrainStep`, and (`pack.Lane`) RNG state and, on CUDA, stream; with `fuse`, as
-    `train --seeds --fuse` does, one network of the `pack` models (lambdapipe/fuse.py).
-    The dataset is on the device once, as a pack holds it. Returns the one-run row and, for
-    `pack` > 1, the packed row: rates summed over the runs (aggregate iter/min),
-    `iter_per_min_per_run`, `vs_one_run` (aggregate / one run's), peak memory of all runs;
-    evaluation and checkpoint costs are the one run's (each run pays its own)."""
-    from lambdapipe.data import dataset_info
-    from lambdapipe.fuse import fused_step
-    from lambdapipe.models import create_model
-    from lambdapipe.pack import Lane, cuda_device
-
+    """`measure` for one run, then, for `pack` > 1, the row of `pack` runs in one process as
+    `lambdapipe train --seeds` trains a cell's seeds. With `fuse` (as `--seeds --fuse`, where
+    training fuses: not fp16, `fuse.why_not`) the `pack` models run as one network
+    (lambdapipe/fuse.py), timed; the dataset is on the device once, as a fused pack holds it.
+    Otherwise the runs train one after another, so the pack's row is the one run's rate
+    shared: nothing more to time. Rates are summed over the runs (aggregate iter/min),
+    `iter_per_min_per_run` is each run's share, `vs_one_run` aggregate / one run's, peak
+    memory that of all runs; evaluation and checkpoint costs are the one run's (each run
+    pays its own)."""
     device = kwargs.get("device", "cpu")
     one = {**measure(**kwargs), "pack": 1}
     _release(device)
@@ -349,91 +364,64 @@ def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[st
     if pack == 1:
         return [one]
     recipe = kwargs["recipe"].on(device)
-    fuse = fuse and recipe.precision != "fp16"  # train steps fp16 runs in turn (fuse.why_not)
+    if not fuse or recipe.precision == "fp16":  # train runs fp16 seeds one by one (fuse.why_not)
+        return [one, {**one, "pack": pack, "step_ms": pack * one["step_ms"],
+                      "iter_per_min_per_run": one["iter_per_min"] / pack, "fused": False}]
+    row = _measure_fused(pack, one, **{**kwargs, "recipe": recipe})
+    _release(device)  # the pack's models, optimizer and device data went with its frame
+    return [one, row]
+
+
+def _measure_fused(pack: int, one: dict[str, Any], *, recipe: Recipe, **kwargs: Any
+                   ) -> dict[str, Any]:
+    from lambdapipe.data import dataset_info
+    from lambdapipe.fuse import fused_step
+    from lambdapipe.models import create_model
+
+    device = kwargs.get("device", "cpu")
     info = dataset_info(kwargs.get("dataset", "cifar10"))
     size = kwargs.get("image_size") or info.image_size
     warmup, steps = kwargs.get("warmup", 20), kwargs.get("steps", 50)
     images, labels = _images(info.name, Path(kwargs.get("data_dir", "data")),
                              kwargs.get("real_data", False), size, info.num_classes)
-    cuda = cuda_device(device)
-    if cuda is not None:
-        torch.cuda.synchronize(cuda)
-        torch.cuda.reset_peak_memory_stats(cuda)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t_build = time.perf_counter()
     data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
     mean, std = (torch.tensor(v, device=device) for v in channel_stats(images))
-    runs = []
+    models = []
     for seed in range(pack):
-        lane = Lane(cuda if not fuse else None)
-        with lane.turn():
-            torch.manual_seed(seed)
-            model = create_model(kwargs["name"], num_classes=info.num_classes, image_size=size,
-                                 **(kwargs.get("model_args") or {}))
-            runtime = runtime_settings(model, recipe, size, device)  # the impls train runs
-            model = model.to(device)
-            if recipe.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            step = None if fuse else TrainStep(model, make_optimizer(model, recipe, device),
-                                               recipe, device, mean, std)
-        runs.append((lane, model, step, {}))
-    fused = fused_step([m for _, m, _, _ in runs], recipe, device, mean, std) if fuse else None
-    steps_per_epoch = len(images) // recipe.batch_size
-
-    def batch(seed: int, plans: dict, i: int):
-        epoch, k = divmod(i, steps_per_epoch)
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding, recipe.flip,
-                                      device, resized_crop=recipe.resized_crop, size=data.size)
-        return augmented_batch(data, plans[epoch], k, recipe.batch_size)
+        torch.manual_seed(seed)
+        model = create_model(kwargs["name"], num_classes=info.num_classes, image_size=size,
+                             **(kwargs.get("model_args") or {}))
+        runtime = runtime_settings(model, recipe, size, device)  # the impls train runs
+        models.append(model.to(device))
+    fused = fused_step(models, recipe, device, mean, std)
+    sources = [batches(data, recipe, seed, device) for seed in range(pack)]
 
     def round_(i: int) -> None:
-        """Step i of every run: each in its turn, or all as one network."""
-        if fused is not None:
-            parts = [batch(seed, plans, i) for seed, (_, _, _, plans) in enumerate(runs)]
-            fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
-            return
-        for seed, (lane, _, step, plans) in enumerate(runs):
-            with lane.turn():
-                step(*batch(seed, plans, i), recipe.lr, i)
+        parts = [batch(i) for batch in sources]
+        fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
 
-    steppers = [fused] if fused is not None else [step for _, _, step, _ in runs]
-
-    def settle() -> None:
-        for step in steppers:
-            step.tally.tolist()
-        _sync(device)
-
-    with _kernels(False, device, recipe.tf32):
-        for i in range(warmup):
-            round_(i)
-        settle()
-        warm_s = time.perf_counter() - t_build
-        t0 = time.perf_counter()
-        for i in range(warmup, warmup + steps):
-            round_(i)
-        settle()
-        seconds = time.perf_counter() - t0
+    with kernels(False, device, recipe.tf32):
+        warm_s, seconds = _timed(round_, fused, warmup, steps, device, t_build)
     round_s = seconds / steps
     scale = pack * one["step_ms"] / (1000 * round_s)  # packed work per second / one run's
     row = {**one, "pack": pack, "step_ms": 1000 * round_s,
            "iter_per_min": pack * 60 / round_s, "iter_per_min_per_run": 60 / round_s,
            "images_per_s": pack * recipe.batch_size / round_s,
-           "peak_mem_gib": torch.cuda.max_memory_allocated(cuda) / 2**30 if cuda else None,
+           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
            "model_tflops_per_s": one["model_tflops_per_s"] * scale
            if one["model_tflops_per_s"] else None,
            "mfu": one["mfu"] * scale if one["mfu"] else None,
            "startup_s": max(warm_s - warmup * round_s, 0.0),
-           "vs_one_run": scale, "fused": fuse,
+           "vs_one_run": scale, "fused": True,
            # fused, the stacked activations' layout is vmap's: no channels_last
-           "path": path_label(fused.path, {**runtime, "channels_last": False}) + ", fused"
-           if fused is not None else one["path"],
-           "diverged": any(bool((step.tally[..., 5] >= 0).any()) for step in steppers)}
-    runs.clear()  # the models, optimizers and device data of the pack go
-    steppers.clear()
-    fused = data = None
-    _release(device)
-    return [one, row]
+           "path": path_label(fused.path, {**runtime, "channels_last": False}) + ", fused",
+           "diverged": bool((fused.tally[..., COLUMN.first_nonfinite] >= 0).any())}
+    return row
 
 
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
@@ -483,49 +471,3 @@ def matching_resnet(model: str) -> str | None:
     """lr34_l3_lc -> resnet34, lambda_resnet50_u4_r7 -> resnet50; None for a ResNet."""
     depth, _ = depth_width(model)
     return f"resnet{depth}" if depth and not model.startswith("resnet") else None
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-HEAD = (f"{'model':<22} {'params(M)':>9} {'iter/min':>9} {'img/s':>9} {'step ms':>8} "
-        f"{'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} {'vs r18':>6} {'vs base':>7} "
-        f"{'mem x':>5} {'start s':>7} {'eval img/s':>10} {'ckpt s':>6}  path")
-
-
-def format_row(r: dict[str, Any]) -> str:
-    model = r["model"] + (f" x{r['pack']}" if r.get("pack", 1) > 1 else "") \
-        + (" fused" if r.get("fused") else "")
-    return (f"{model:<22} {r['params'] / 1e6:>9.2f} {r['iter_per_min']:>9.0f} "
-            f"{r['images_per_s']:>9.0f} {r['step_ms']:>8.2f} {_fmt(r['peak_mem_gib'], '8.2f'):>8} "
-            f"{_fmt(r['model_tflops_per_s'], '8.1f'):>8} {_fmt(r['mfu'], '6.1%'):>6} "
-            f"{_fmt(r.get('vs_resnet18'), '6.2f'):>6} {_fmt(r.get('vs_resnet'), '7.2f'):>7} "
-            f"{_fmt(r.get('mem_vs_resnet'), '5.2f'):>5} {r['startup_s']:>7.1f} "
-            f"{r['eval_images_per_s']:>10.0f} {r['ckpt_s']:>6.2f}  {r.get('path', '-')}")
-
-
-def format_rows(rows: list[dict[str, Any]], head: bool = True) -> str:
-    """A plain-text table, one line per model (`head=False`: the closing line only)."""
-    lines = [HEAD, "-" * len(HEAD)] + [format_row(r) for r in rows] if head else []
-    if rows:
-        r = rows[0]
-        slots = (f", {r['slots']} processes at once (rates and memory summed)"
-                 if r["slots"] > 1 else "")
-        packs = [x for x in rows if x.get("pack", 1) > 1]
-        if packs:
-            slots += (f"; 'x{packs[0]['pack']}': that many runs stepping in one process "
-                      "(rates and memory summed), " + ", ".join(
-                          f"{x['model']} {x['vs_one_run']:.2f}x one run" for x in packs))
-        lines.append(f"({r['device_name']}, {r['precision']}, batch {r['batch_size']}, "
-                     f"{'tf32, ' if r.get('tf32') else ''}"
-                     f"{'real' if r['real_data'] else 'synthetic'} {r['dataset']} data, "
-                     f"{r['steps']} timed steps after {r['warmup']} warm-up{slots})")
-    return "\n".join(lines)
-
-
-def write_rows(rows: list[dict[str, Any]], path: Path, **extra: Any) -> None:
-    import datetime
-
-    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    atomic.write_json(path, {"torch": torch.__version__, "date": when, **extra, "rows": rows})

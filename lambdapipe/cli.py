@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from lambdapipe.errors import UserError, bad_value
+from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH  # the recipe's own lists
 
 DATA_DIR_ENV = "LAMBDAPIPE_DATA_DIR"
 MIRROR_ENV = "LAMBDAPIPE_MIRROR"
@@ -283,7 +284,7 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
 @click.option("--fuse/--no-fuse", default=False,
               help="With --seeds: train the seeds as one network (their models stacked, one "
                    "set of kernels; results within float tolerance of each seed alone, not "
-                   "bitwise). Default: they step in turn, each on its own CUDA stream.")
+                   "bitwise). Default: one after another, each as trained alone.")
 @_user_errors
 @click.pass_context
 def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: str,
@@ -297,8 +298,8 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
     Example:
       lambdapipe train --model lr18_l3_lc --dataset cifar10 --noise 0.25 --seed 0 \\
           --out results/runs/cifar10/symmetric-0.25/lr18_l3_lc/0
-    The three seeds of a grid cell in one process (a GPU shared by their streams; with
-    --fuse as one network):
+    The three seeds of a grid cell in one process (one after another; with --fuse as one
+    network):
       lambdapipe train --model resnet20x1 --dataset cifar10 --seeds 0,1,2 \\
           --out 'results/runs/cifar10/clean/resnet20x1/{seed}'
     """
@@ -447,11 +448,9 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @click.option("--real-data/--synthetic", default=False,
               help="Also time the step on the prepared dataset (needs `prepare`).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16",
-              show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True)
 @click.option("--compile", "compile_", default="auto", show_default=True,
-              type=click.Choice(["auto", "false", "true", "default", "reduce-overhead",
-                                 "max-autotune", "max-autotune-no-cudagraphs", "step-graph"]),
+              type=click.Choice(["auto", "false", "true", *COMPILE_MODES, STEP_GRAPH]),
               help="The recipe field's values (`--set compile=...`): auto is what training "
                    "runs (CUDA graphs on a GPU, eager on a CPU); false: eager; true: "
                    "torch.compile's default mode; reduce-overhead: + CUDA graphs; "

@@ -279,9 +279,9 @@ def apply_shrink(cfg: dict) -> dict:
 
 def _merge_set(base: dict, over: dict) -> dict:
     """Recipe overrides `over` on `base`; a budget or interval in one unit clears the other."""
-    from lambdapipe.recipes import _EXCLUSIVE
+    from lambdapipe.recipes import EXCLUSIVE_PAIRS
 
-    cleared = {_EXCLUSIVE[k] for k in over if k in _EXCLUSIVE}
+    cleared = {EXCLUSIVE_PAIRS[k] for k in over if k in EXCLUSIVE_PAIRS}
     return {**{k: v for k, v in base.items() if k not in cleared}, **over}
 
 

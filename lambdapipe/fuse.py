@@ -1,9 +1,9 @@
 """The seeds of one grid cell as one network: K runs in one set of kernels.
 
-Packing by streams (pack.py) leaves a small model's step as hundreds of tiny kernels per run,
-run one after another: four resnet20x1 runs packed so reached 1.01x one run on an H200
-(docs/performance.md). Fused, the K models of a cell are stacked parameter by parameter
-(`torch.func.stack_module_state`) and run as one model under `torch.func.vmap`: a
+A small model's step is hundreds of tiny kernels: four resnet20x1 runs stepping in turn on
+their own CUDA streams reached 1.01x one run on an H200 (docs/performance.md). Fused, the K
+models of a cell are stacked parameter by parameter (`torch.func.stack_module_state`) and run
+as one model under `torch.func.vmap`: a
 convolution over K stacked weights becomes one grouped convolution, a batch norm one batch
 norm over K x C channels, so each kernel does the work of K runs. This is PyTorch's own
 model-ensembling recipe, used for training: the stacked parameters are leaves, the K losses
@@ -20,27 +20,33 @@ What differs from runs trained alone: results agree within float tolerance, not 
 grouped convolution sums in its own order; tests/test_fuse.py), dropout draws come from one
 process-wide stream for the K runs, and the step runs without channels_last (vmap chooses
 the layout of the stacked activations). A run that diverges is finished at once; its slice
-rides along, unread, until the others finish. Runs that cannot be fused step in turn on
-their own streams instead (`why_not`); runs resumed at different iterations (a kill between
+rides along, unread, until the others finish. Runs that cannot be fused train one after
+another instead (`why_not`, pack.py); runs resumed at different iterations (a kill between
 their checkpoints) first bring the ones behind up to the others alone (pack.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from lambdapipe.augment import normalize
-from lambdapipe.evaluate import autocast
-from lambdapipe.pack import _get_torch_rng, _set_torch_rng, cuda_device
+from lambdapipe import rng
 from lambdapipe.recipes import Recipe
-from lambdapipe.train import Run, TrainConfig, TrainStep, make_optimizer
+from lambdapipe.rundir import TrainConfig
+from lambdapipe.step import (  # noqa: F401 - clip_per_run, run_optimizer_state: fuse's API
+    GraphedStep,
+    Seat,
+    TrainStep,
+    clip_per_run,
+    make_optimizer,
+    make_step,
+    run_optimizer_state,
+)
+from lambdapipe.train import Run
 
 
 def why_not(cfgs: Sequence[TrainConfig]) -> str | None:
@@ -103,16 +109,18 @@ class FusedModel(torch.nn.Module):
             t.copy_(stats[name][k])
 
 
-def clip_per_run(params: Sequence[torch.Tensor], max_norm: float) -> None:
-    """`clip_grad_norm_` of each run's slice of the stacked gradients, as each run alone
-    would clip its own (same norm, same 1e-6, same clamp at 1)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1)  # (K, n)
-    coef = (max_norm / (norms.norm(dim=1) + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+def why_not_states(states: Sequence[dict[str, Any]]) -> str | None:
+    """Why the runs' optimizer states cannot be stacked (None when they can): one optimizer
+    keeps one `step` counter per parameter (Adam's bias correction), so the runs' counters
+    must agree; a run resumed with a different count trains alone."""
+    for i, first in states[0]["state"].items():
+        for s in states[1:]:
+            for key, v in first.items():
+                if isinstance(v, torch.Tensor) and v.dim() == 0 \
+                        and not torch.equal(v, s["state"][i][key]):
+                    return f"their optimizers' {key} counters differ ({v.item()} and " \
+                           f"{s['state'][i][key].item()})"
+    return None
 
 
 def stacked_optimizer_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -125,89 +133,17 @@ def stacked_optimizer_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"state": merged, "param_groups": copy.deepcopy(states[0]["param_groups"])}
 
 
-def run_optimizer_state(state: dict[str, Any], k: int, k_runs: int) -> dict[str, Any]:
-    """Run k's slice of the stacked optimizer's state dict, in the solo format."""
-    return {"state": {i: {key: v[k].clone()
-                          if isinstance(v, torch.Tensor) and v.dim() > 0
-                          and v.shape[0] == k_runs else v
-                          for key, v in entry.items()}
-                      for i, entry in state["state"].items()},
-            "param_groups": copy.deepcopy(state["param_groups"])}
-
-
-class FusedStep(TrainStep):
-    """`TrainStep` for K runs as one network: batches (K, B, ...), one loss per run, their
-    sum backward, clipping per run, one optimizer step. `tally` is (K, 6), row k run k's.
-    Compiles, captures a step graph, and falls back to eager like `TrainStep`."""
-
-    def __init__(self, fused: FusedModel, optimizer: torch.optim.Optimizer, r: Recipe,
-                 device: str, mean: torch.Tensor, std: torch.Tensor, capture: Any = None):
-        super().__init__(fused, optimizer, r, device, mean, std,  # type: ignore[arg-type]
-                         capture=capture)
-        self.fused = fused
-        self.tally = torch.zeros(fused.k, 6, dtype=torch.float64, device=device)
-        self.tally[:, 5] = -1
-
-    def reset_tally(self) -> None:
-        self.tally[:, :5] = 0
-
-    def _body(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor,
-              iteration: float | torch.Tensor) -> torch.Tensor:
-        k, b = y.shape
-        with autocast(self.device, self.r.precision, cache=not self.step_graph):
-            logits = self.forward(normalize(x, self.mean, self.std))
-            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                     reduction="none",
-                                     label_smoothing=self.r.label_smoothing).view(k, b).mean(1)
-        losses.sum().backward()
-        if self.r.grad_clip is not None:
-            clip_per_run(list(self.fused.parameters()), self.r.grad_clip)
-        self.optimizer.step()
-        with torch.no_grad():
-            pred = logits.argmax(dim=-1)
-            t = self.tally
-            t[:, 0] += losses.detach() * b
-            t[:, 1] += (pred == y).sum(dim=1)
-            t[:, 2] += (pred == y_clean).sum(dim=1)
-            t[:, 3] += b
-            t[:, 5] = torch.where((t[:, 5] < 0) & ~torch.isfinite(losses.detach()),
-                                  iteration, t[:, 5])
-        return losses.detach()
-
-
 def fused_step(models: Sequence[torch.nn.Module], r: Recipe, device: str, mean: torch.Tensor,
                std: torch.Tensor, states: Sequence[dict[str, Any]] | None = None,
-               fused_kernels: bool | None = None, capture: Any = None) -> FusedStep:
+               fused_kernels: bool | None = None, capture: Any = None
+               ) -> TrainStep | GraphedStep:
     """The fused step of `models` (each already on `device`, as its run built it), its
     optimizer holding `states` (the runs' optimizer state dicts) when they have any."""
     fused = FusedModel(models)
     optimizer = make_optimizer(list(fused.parameters()), r, device, fused=fused_kernels)
     if states and states[0]["state"]:
         optimizer.load_state_dict(stacked_optimizer_state(states))
-    return FusedStep(fused, optimizer, r, device, mean, std, capture=capture)
-
-
-class _RunSlice:
-    """What a run's `Run` sees of the fused step: its tally row, the path, a scaler that
-    never scales (fp16 is not fused), and, as its optimizer, its slice of the state."""
-
-    def __init__(self, step: FusedStep, k: int, pack_size: int):
-        self.step, self.k, self.pack_size = step, k, pack_size
-        self.scaler = torch.amp.GradScaler(enabled=False)
-
-    @property
-    def tally(self) -> torch.Tensor:
-        return self.step.tally[self.k]
-
-    @property
-    def path(self) -> str:
-        return f"{self.step.path} (fused x{self.pack_size})"
-
-    def reset_tally(self) -> None:
-        self.step.tally[self.k, :5] = 0
-
-    def state_dict(self) -> dict[str, Any]:  # the run's optimizer state, for its checkpoint
-        return run_optimizer_state(self.step.optimizer.state_dict(), self.k, self.step.fused.k)
+    return make_step(fused, optimizer, r, device, mean, std, runs=fused.k, capture=capture)
 
 
 def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None],
@@ -216,12 +152,19 @@ def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], 
     is finished; `on_finish(k, summary)` as run k ends. `pack_size` (default: the runs) is
     the job's number of seeds, which summary.json's `compile` names (`... (fused x3)`)."""
     first = runs[0]
+    states = [run.seat.optimizer_state() for run in runs]
+    reason = why_not_states(states) if states[0]["state"] else None
+    if reason is not None:
+        first.log(f"not fused ({reason}): the runs train one after another")
+        for k, run in enumerate(runs):
+            while run.advance():
+                pass
+            on_finish(k, run.finish())
+        return
     step = fused_step([run.model for run in runs], first.r, first.device, first.mean,
-                      first.std, [run.optimizer.state_dict() for run in runs])
+                      first.std, states)
     for k, run in enumerate(runs):
-        view = _RunSlice(step, k, pack_size or len(runs))
-        run.step_fn = run.optimizer = view  # type: ignore[assignment]
-        run.before_evaluate = lambda k=k, run=run: step.fused.write_into(k, run.model)
+        run.join(Seat(step, k, pack_size or len(runs)))
     active = list(range(len(runs)))
     batches = [run.next_batch() for run in runs]
     while active:
@@ -232,17 +175,6 @@ def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], 
             if runs[k].after_step():
                 batches[k] = runs[k].next_batch()
             else:  # finished, or diverged: its slice rides along on its last batch
-                with _rng_kept(first.device):  # testing best.ckpt builds a model: it draws
+                with rng.kept(first.device):  # testing best.ckpt builds a model: it draws
                     on_finish(k, runs[k].finish())
                 active.remove(k)
-
-
-@contextlib.contextmanager
-def _rng_kept(device: str) -> Iterator[None]:
-    """The process's torch generators as they were: the other runs' dropout draws from them."""
-    cuda = cuda_device(device)
-    state = _get_torch_rng(cuda)
-    try:
-        yield
-    finally:
-        _set_torch_rng(state, cuda)

@@ -1,89 +1,31 @@
-"""Several runs in one process: the seeds of one grid cell trained together.
+"""The seeds of one grid cell in one process (`lambdapipe train --seeds`).
 
-A small model leaves a large GPU nearly idle: its step is hundreds of tiny kernels, and
-separate processes time-slice the GPU instead of overlapping. Here every run is a
-`train.Run` with its own model, optimizer, data order, checkpoints and run directory; the
-runs step in turn, and on CUDA each run's work is issued on its own stream (and, compiled,
-through its own compiled step), so the kernels of different runs can run side by side.
+One job per cell instead of one per seed: the process starts, imports and reads the data
+once. With `fuse` the unfinished runs train as one network (lambdapipe/fuse.py) where they
+can (`fuse.why_not`); otherwise, and without `fuse`, they train one after another, each
+exactly as `lambdapipe train --seed N` would train it: every run seeds its own generators
+(or restores them from its last.ckpt), so a run of the job is bitwise the run trained alone
+(tests/test_pack.py). Each run keeps its own run directory, checkpoints and summary; a
+finished run (summary.json present) is read, never touched, and a killed job rerun resumes
+every unfinished run from its own last.ckpt (tests/test_killloop.py). The process's RNG
+state is given back when the job is done.
 
-Packing changes nothing but speed. What runs in one process share is the global RNG: model
-initialisation and dropout (in forward) draw from torch's generators, so each run's torch
-CPU and CUDA generator states are swapped in before its turn and out after it, and a packed
-run draws exactly the numbers it would draw alone: bitwise equal to a solo run on CPU with
-`--deterministic` (tests/test_pack.py). Python's and numpy's global generators, which
-training never draws from (the data order comes from a generator seeded by seed and epoch),
-stay process-wide: swapping numpy's state costs about 0.2 ms, a large part of a small
-model's step. The process's RNG state as a whole is restored when the pack is done.
+(Until issue 23 the runs stepped in turn, each on its own CUDA stream: measured at 1.01x one
+run on an H200, docs/performance.md, so that mechanism was dropped.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-import torch
-
-from lambdapipe import runlock
+from lambdapipe import rng, runlock
 from lambdapipe.errors import UserError
-from lambdapipe.train import Run, TrainConfig, _kernels, _log, check_before_start
-
-
-def _get_torch_rng(cuda: torch.device | None) -> tuple:
-    return (torch.get_rng_state(),
-            torch.cuda.get_rng_state(cuda) if cuda is not None else None)
-
-
-def _set_torch_rng(state: tuple, cuda: torch.device | None) -> None:
-    cpu, gpu = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(gpu, cuda)
-
-
-def _get_rng(cuda: torch.device | None) -> tuple:
-    return random.getstate(), np.random.get_state(), _get_torch_rng(cuda)
-
-
-def _set_rng(state: tuple, cuda: torch.device | None) -> None:
-    py, npy, torch_state = state
-    random.setstate(py)
-    np.random.set_state(npy)
-    _set_torch_rng(torch_state, cuda)
-
-
-class Lane:
-    """What one run owns in a shared process: its torch RNG state and, on CUDA, its stream.
-
-    `with lane.turn():` installs the run's torch generator states and makes its stream
-    current for one call (`start`, `advance`, `finish`), then keeps the states the call left.
-    On CUDA the generator state is a host-side (seed, offset) pair: no device sync.
-    """
-
-    def __init__(self, cuda: torch.device | None):
-        self.cuda = cuda
-        self.stream = torch.cuda.Stream(device=cuda) if cuda is not None else None
-        self.rng: tuple | None = None  # taken after the first turn: its seed, its checkpoint's
-
-    @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        if self.rng is not None:
-            _set_torch_rng(self.rng, self.cuda)
-        with torch.cuda.stream(self.stream) if self.stream is not None \
-                else contextlib.nullcontext():
-            yield
-        self.rng = _get_torch_rng(self.cuda)
-
-
-def cuda_device(device: str) -> torch.device | None:
-    """The CUDA device a pack runs on (with its index), or None on the CPU."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return None
-    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+from lambdapipe.rundir import TrainConfig, check_before_start
+from lambdapipe.runtime import kernels, log
+from lambdapipe.train import Run
 
 
 def check_packed(cfgs: Sequence[TrainConfig]) -> None:
@@ -120,22 +62,18 @@ def run_packed(cfgs: Sequence[TrainConfig], device: str = "cpu", progress: bool 
     """Train (or resume, or return the finished summary of) every run in `cfgs` together.
 
     Finished runs (summary.json present) are read, never touched; every other run resumes
-    from its own last.ckpt. A run that diverges is finished (status `diverged`) at once while
-    the others go on. `callback(cfg, row)` follows each evaluation, as in `train.run`. With
+    from its own last.ckpt. A run that diverges is finished (status `diverged`) while the
+    others go on. `callback(cfg, row)` follows each evaluation, as in `train.run`. With
     `fuse` the unfinished runs train as one network (lambdapipe/fuse.py) when they can, else
-    (one log line says why) in turn as without it.
+    (one log line says why) one after another as without it.
     Returns the summaries in the order of `cfgs`; the process's RNG state is restored after.
     """
-    cuda = cuda_device(str(device))
-    outside = _get_rng(cuda)  # before the checks: their model builds draw from it too
-    try:
-        with own_all(cfgs):  # re-entrant: the CLI took them already
-            return _run_packed(cfgs, str(device), progress, callback, cuda, fuse)
-    finally:
-        _set_rng(outside, cuda)
+    # kept from before the checks: their model builds draw from it too
+    with rng.kept(device), own_all(cfgs):  # own_all is re-entrant: the CLI took them already
+        return _run_packed(cfgs, str(device), progress, callback, fuse)
 
 
-def _run_packed(cfgs, device, progress, callback, cuda, fuse=False) -> list[dict[str, Any]]:
+def _run_packed(cfgs, device, progress, callback, fuse=False) -> list[dict[str, Any]]:
     check_packed(cfgs)
     summaries: list[dict[str, Any] | None] = [None] * len(cfgs)
     todo = []
@@ -151,31 +89,14 @@ def _run_packed(cfgs, device, progress, callback, cuda, fuse=False) -> list[dict
         # one unfinished run left of a fused job finishes in the fused job's path too
         reason = fusing.why_not([cfgs[i] for i in todo]) if len(todo) > 1 else None
         if reason is None:
-            _run_fused(cfgs, todo, summaries, device, progress, callback, cuda)
+            _run_fused(cfgs, todo, summaries, device, progress, callback)
             return [s for s in summaries if s is not None]
-        _log(f"not fused ({reason}): the runs step in turn")
-    runs: dict[int, tuple[Run, Lane]] = {}
-    device_data: dict = {}  # the cell's splits on the device once, for all its runs
-    with _kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
+        log(f"not fused ({reason}): the runs train one after another")
+    with kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
         for pos, i in enumerate(todo):
             run = Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
-                      label=_label(cfgs[i], cfgs), bar_position=pos, device_data=device_data)
-            runs[i] = run, Lane(cuda)
-            with runs[i][1].turn():
-                run.start()
-        active = list(todo)
-        while active:
-            for i in list(active):
-                run, lane = runs[i]
-                with lane.turn():
-                    more = run.advance()
-                    if not more:
-                        summaries[i] = run.finish()
-                if not more:
-                    active.remove(i)
-                    del runs[i], run  # its model, optimizer and device data go with it
-        if cuda is not None:
-            torch.cuda.synchronize(cuda)
+                      label=_label(cfgs[i], cfgs), bar_position=pos)
+            summaries[i] = run.train()
     return [s for s in summaries if s is not None]
 
 
@@ -186,26 +107,24 @@ def _reporter(callback, cfg: TrainConfig) -> Callable[[dict[str, float]], None]:
     return report
 
 
-def _run_fused(cfgs, todo, summaries, device, progress, callback, cuda) -> None:
+def _run_fused(cfgs, todo, summaries, device, progress, callback) -> None:
     """The unfinished runs as one network (lambdapipe/fuse.py), started in turn on the
     process's RNG (each seeds its own model). A kill between the runs' checkpoints leaves
     them at different iterations: the runs behind first catch up alone, then all go fused."""
     from lambdapipe.fuse import train_fused
 
     device_data: dict = {}
-    with _kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
+    with kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
         runs = []
         for pos, i in enumerate(todo):
             runs.append(Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
                             label=_label(cfgs[i], cfgs), bar_position=pos,
-                            device_data=device_data))
+                            device_data=device_data, pack_size=len(cfgs)))
             runs[-1].start()
-        for run in runs:  # what summary.json's `compile` says, if a run ends before fusing
-            run.step_fn.path = f"{run.step_fn.path} (fused x{len(cfgs)})"
         target = max(run.it for run in runs)
         for run in runs:
             if run.it < target and not run.done():
-                run._log(f"catching up alone from iteration {run.it} to {target}, where the "
+                run.log(f"catching up alone from iteration {run.it} to {target}, where the "
                          "other runs of the pack resume")
                 while run.it < target and run.advance():
                     pass
@@ -226,5 +145,3 @@ def _run_fused(cfgs, todo, summaries, device, progress, callback, cuda) -> None:
 
             train_fused([runs[k] for k in live], done, pack_size=len(cfgs))
         del runs
-        if cuda is not None:
-            torch.cuda.synchronize(cuda)

@@ -28,7 +28,7 @@ AUGMENTS = ("crop", "random-resized-crop", "none")
 # torch.compile modes (`compile: true` is "default"); reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Ours: the model compiled (mode default) and the whole training step (forward, loss,
-# backward, clipping, optimizer, tallies) captured as one CUDA graph (train.TrainStep), so the
+# backward, clipping, optimizer, tallies) captured as one CUDA graph (step.GraphedStep), so the
 # host issues one launch a step. CUDA only (off on a CPU); not with fp16, whose loss scaler
 # decides on the host whether a step is taken.
 STEP_GRAPH = "step-graph"
@@ -180,7 +180,7 @@ _BOOL = {"nesterov", "flip", "tf32", "track_test_every_eval"}
 _STR = {"name", "description", "optimizer", "schedule", "precision", "augment"}
 _PAIRS = {"betas", "step_milestones", "crop_scale", "crop_ratio"}
 # Setting one unit of a pair clears the other, so `--set iterations=200` works on any recipe.
-_EXCLUSIVE = {"iterations": "epochs", "epochs": "iterations",
+EXCLUSIVE_PAIRS = {"iterations": "epochs", "epochs": "iterations",
               "eval_every": "eval_every_epochs", "eval_every_epochs": "eval_every"}
 # Setting `augment` resets what the new augment does not use, unless set too, so
 # `--set augment=none` is "no augmentation" on any recipe.
@@ -308,8 +308,8 @@ def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
         if key not in _FIELDS or key == "name":
             raise bad_value("recipe field", key, sorted(set(_FIELDS) - {"name"}))
         values[key] = value
-        if key in _EXCLUSIVE and _EXCLUSIVE[key] not in overrides:
-            values[_EXCLUSIVE[key]] = None
+        if key in EXCLUSIVE_PAIRS and EXCLUSIVE_PAIRS[key] not in overrides:
+            values[EXCLUSIVE_PAIRS[key]] = None
         if key == "augment":
             for cleared, to in _AUGMENT_RESETS.get(_coerce(key, value), {}).items():
                 if cleared not in overrides:

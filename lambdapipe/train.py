@@ -6,38 +6,26 @@ function of the step (`Recipe.lr_at`), so a run resumed from `last.ckpt` replays
 batches and rates of an unbroken run. The test split is read once, after training, and
 scored on the checkpoint that val chose; it never takes part in selection.
 
-Run directory contract (docs/architecture.md): config.json, metrics.csv, last.ckpt and
-best.ckpt (+ .sha256), summary.json (its presence means finished).
+The run directory and its checks are rundir.py's, the step step.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import math
-import os
-import platform
-import random
 import sys
 import textwrap
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lambdapipe import atomic, live, runlock
+from lambdapipe import atomic, rng, runlock
 from lambdapipe import status as run_status
-from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, normalize, plan_epoch
-from lambdapipe.errors import UserError
+from lambdapipe.augment import DeviceImages, augmented_batch, plan_epoch
 from lambdapipe.evaluate import (
-    autocast,
     build_model,
     classification_metrics,
     load_checkpoint,
@@ -45,432 +33,35 @@ from lambdapipe.evaluate import (
     predict,
     save_checkpoint,
 )
-from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe, recipe_changes
-from lambdapipe.validate import check_out_dir, check_seed
+from lambdapipe.recipes import Recipe, recipe_changes
+from lambdapipe.rundir import (  # noqa: F401 - TrainConfig, METRIC_COLUMNS: the public API
+    METRIC_COLUMNS,
+    RunState,
+    TrainConfig,
+    check_before_start,
+    iter_per_min,
+    load_splits,
+    run_config,
+    saved_config,
+    write_metrics,
+)
+from lambdapipe.runtime import kernels, log, runtime_settings
+from lambdapipe.step import (  # noqa: F401 - TrainStep: the public API
+    Seat,
+    Tally,
+    TrainStep,
+    make_optimizer,
+    make_step,
+)
 
-METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
-                  "val_loss", "val_acc", "images_per_s", "elapsed_s"]
 SYNC_EVERY = 50  # steps between host syncs for the progress bar and the divergence check
-SPEED_WINDOW = 5000  # iter_per_min is measured over the last this many steps
-
-
-# --------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str
-    model_args: dict[str, Any]
-    dataset: str
-    data_dir: Path
-    noise: str
-    seed: int
-    out: Path
-    recipe: Recipe
-    deterministic: bool = False
-
-    @classmethod
-    def build(cls, *, model: str, model_args: dict[str, Any] | None, dataset: str,
-              data_dir: Path, noise: str, seed: int, out: Path, recipe: str,
-              overrides: dict[str, Any] | None = None,
-              deterministic: bool = False) -> TrainConfig:
-        return cls(model=model, model_args=dict(model_args or {}), dataset=dataset,
-                   data_dir=Path(data_dir), noise=noise, seed=check_seed(seed), out=Path(out),
-                   recipe=get_recipe(recipe, overrides), deterministic=deterministic)
-
-    def identity(self) -> dict[str, Any]:
-        """What must match for a run directory to be resumed or its results reused."""
-        return json.loads(json.dumps({
-            "model": self.model, "model_args": self.model_args, "dataset": self.dataset,
-            "noise": self.noise, "seed": self.seed, "recipe": self.recipe.to_dict()}))
-
-
-def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """What differs in the experiment; speed settings (SPEED_FIELDS) do not count."""
-    diffs = []
-    for key, value in wanted.items():
-        old = saved.get(key)
-        if isinstance(value, dict) and isinstance(old, dict) and key == "recipe":
-            diffs += [f"recipe.{k}: {old.get(k)!r} -> {v!r}" for k, v in value.items()
-                      if old.get(k, field_default(k)) != v and k not in SPEED_FIELDS]
-        elif old != value:
-            diffs.append(f"{key}: {old!r} -> {value!r}")
-    return diffs
-
-
-def _load_splits(cfg: TrainConfig, verify: bool = True):
-    """Train (with the noise variant) and val; `load_split` names the `prepare` command for
-    a dataset or noise variant that is missing."""
-    from lambdapipe.data import load_split
-
-    train = load_split(cfg.data_dir, cfg.dataset, "train", noise=cfg.noise, verify=verify)
-    val = load_split(cfg.data_dir, cfg.dataset, "val", verify=verify)
-    return train, val
-
-
-def _saved_config(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / "config.json").read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        raise UserError(f"{out / 'config.json'} is unreadable: choose another --out") from None
-
-
-def check_before_start(cfg: TrainConfig) -> None:
-    """Every check that can fail on the user's input, before a GPU is claimed: the data and
-    its checksums, the noise variant, the model and its arguments (one CPU forward pass),
-    the batch size against the split, and what `--out` already holds."""
-    check_out_dir(cfg.out)
-    runlock.check_free(cfg.out)  # a run in progress, not an "interrupted run" below
-    saved = _saved_config(cfg.out)
-    if saved is not None:
-        diffs = _differences(saved, cfg.identity())
-        if diffs:
-            state = "finished" if (cfg.out / "summary.json").exists() else "interrupted"
-            raise UserError(f"--out {cfg.out} holds a {state} run of a different config "
-                            f"({'; '.join(diffs[:3])}): choose another --out")
-        if (cfg.out / "summary.json").exists():
-            return  # finished with this config: run() returns its summary, trains nothing
-    last = cfg.out / "last.ckpt"
-    if last.exists():  # corrupted, or of another config: refuse now, not after a GPU claim
-        diffs = _differences(load_checkpoint(last)["config"], cfg.identity())
-        if diffs:
-            raise UserError(f"{last} belongs to a different config ({'; '.join(diffs[:3])}): "
-                            "choose another --out")
-    train, val = _load_splits(cfg)
-    r = cfg.recipe
-    if r.batch_size > len(train.labels):
-        raise UserError(f"invalid batch_size {r.batch_size}: expected at most the "
-                        f"{len(train.labels)} training images of {cfg.dataset}")
-    model = build_model(_run_config(cfg, train, stats=False))
-    model.eval()
-    with torch.no_grad():
-        x = torch.zeros(2, 3, *train.images.shape[1:3])
-        try:
-            model(x)
-        except (RuntimeError, ValueError) as exc:
-            raise UserError(f"model {cfg.model} {cfg.model_args} cannot run on "
-                            f"{cfg.dataset} images ({train.images.shape[1]} px): "
-                            f"{str(exc).splitlines()[0]}") from None
-
-
-def _run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu"):
-    """The resolved config written to config.json and into every checkpoint."""
-    mean, std = channel_stats(train.images) if stats else ([0.0] * 3, [1.0] * 3)
-    return json.loads(json.dumps({  # plain JSON types only: checkpoints load weights_only
-        **cfg.identity(),
-        "deterministic": cfg.deterministic,
-        "out": str(cfg.out),
-        "data_dir": str(cfg.data_dir),
-        "device": str(device),
-        "data": {"num_classes": int(train.num_classes), "classes": list(train.classes),
-                 "image_size": int(train.images.shape[1]), "train_size": len(train.labels),
-                 "mean": mean, "std": std},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__, "lambdapipe": _version()},
-    }, default=str))
-
-
-def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int,
-                     device: str) -> dict[str, Any]:
-    """The speed settings a run resolved on `device` (config.json's `runtime`), after
-    choosing each 'auto' lambda layer's implementation (timed on CUDA, cached on disk;
-    models/autotune.py). `r` is the recipe as it runs there (`Recipe.on`)."""
-    from lambdapipe.evaluate import AMP_DTYPES
-    from lambdapipe.models.autotune import choose_impls, default_cache
-
-    impls = choose_impls(model, image_size, r.batch_size, device,
-                         AMP_DTYPES.get(r.precision), r.channels_last, cache=default_cache(),
-                         log=_log)
-    return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,
-            "tf32": r.tf32, "lambda_impls": {name: c["impl"] for name, c in impls.items()},
-            "lambda_impls_how": sorted({c["how"] for c in impls.values()})}
-
-
-def _version() -> str:
-    from lambdapipe import __version__
-    return __version__
-
-
-# --------------------------------------------------------------------------- the step
-def make_optimizer(model: torch.nn.Module | list[torch.Tensor], r: Recipe, device: str = "cpu",
-                   fused: bool | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer. On CUDA the fused kernels (one launch for all parameters
-    instead of several per tensor: launch overhead is what bounds small models); they
-    compute the same update as the for-each path to float tolerance (tests/test_train.py).
-
-    Never fused SGD under fp16 loss scaling: a step the scaler skips still runs the fused
-    SGD kernel, after which fused SGD trains differently from plain SGD (its momentum buffer
-    is allocated but not written: test_fused_sgd_under_loss_scaling_is_what_we_avoid shows
-    it on torch 2.14 CPU; it is reported for CUDA fused SGD in torch 2.11). Fused Adam/AdamW
-    skip such steps cleanly."""
-    if fused is None:
-        fused = torch.device(device).type == "cuda"
-    if r.optimizer == "sgd" and r.precision == "fp16":
-        fused = False
-    params = model.parameters() if isinstance(model, torch.nn.Module) else model
-    if r.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
-                               weight_decay=r.weight_decay, fused=fused or None)
-    cls = torch.optim.Adam if r.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
-               fused=fused or None)
-
-
-STEP_GRAPH_WARMUP = 3  # real steps before capture: compilation, cuDNN's choices, optimizer state
-
-
-class TrainStep:
-    """normalise -> forward (autocast) -> loss -> backward (scaled for fp16) -> clip -> step.
-
-    Returns device tensors only (no host sync); `tally` accumulates, per step, the loss sum,
-    correct predictions against the noisy and the clean labels, the image count, the number
-    of fp16 steps skipped for inf/nan gradients, and the first iteration whose loss was
-    non-finite (-1 while none).
-
-    With `compile: step-graph` (CUDA) the model is compiled (mode default) and, after
-    STEP_GRAPH_WARMUP real steps on a side stream, the whole step (`_body`) is captured once as
-    a CUDA graph: each later step copies its batch into the graph's input buffers, writes the
-    learning rate and iteration into device scalars, and replays it (one launch). `capture`
-    replaces the CUDA capture (tests run the same logic on a CPU with a stand-in).
-    """
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recipe,
-                 device: str, mean: torch.Tensor, std: torch.Tensor, capture: Any = None):
-        from lambdapipe.recipes import STEP_GRAPH
-
-        self.model, self.optimizer, self.r, self.device = model, optimizer, r, device
-        self.mean, self.std = mean, std
-        self.step_graph = r.compile_mode == STEP_GRAPH
-        mode = "default" if self.step_graph else r.compile_mode
-        self.forward = torch.compile(model, mode=mode) if mode else model
-        # what the step runs: "eager", a torch.compile mode, or "eager (fallback: reason)"
-        self.path = r.compile_mode or "eager"
-        self.scaler = torch.amp.GradScaler(torch.device(device).type,
-                                           enabled=r.precision == "fp16")
-        self.tally = torch.zeros(6, dtype=torch.float64, device=device)
-        self.tally[5] = -1  # first step with a non-finite loss, -1 while none
-        if self.step_graph:
-            self.capture = capture or CudaStepGraph
-            self.graph: Any = None
-            self.warm = 0
-            # CUDA's fused optimizer kernels read a tensor learning rate as float32 (Adam(W)
-            # may then round its update differently in the last bit); CPU ones as double
-            lr_dtype = torch.float32 if torch.device(device).type == "cuda" else torch.float64
-            self.lr_t = torch.zeros((), dtype=lr_dtype, device=device)
-            self.iteration_t = torch.zeros((), dtype=torch.float64, device=device)
-            # checkpoints keep the solo format: a float learning rate, whatever ran
-            optimizer.register_state_dict_post_hook(_float_lr)
-
-    def reset_tally(self) -> None:
-        self.tally[:5] = 0
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
-                 step: int) -> torch.Tensor:
-        if self.forward is self.model and not self.step_graph:
-            return self._step(x, y, y_clean, lr, step)
-        try:
-            if self.step_graph:
-                return self._graph_step(x, y, y_clean, lr, step)
-            return self._step(x, y, y_clean, lr, step)
-        except Exception as exc:  # noqa: BLE001 - any compile or graph-capture failure
-            self.fall_back(exc)
-        return self._step(x, y, y_clean, lr, step)
-
-    def fall_back(self, exc: BaseException) -> None:
-        """Continue eagerly after the compiled step failed (compilation, CUDA graph capture
-        or replay): one warning line, and the reason in `path` (summary.json's `compile`).
-        Failures surface in the forward or backward, before the optimizer step, or in a
-        capture, which runs nothing, so the step is simply taken again; a failure the eager
-        step repeats is raised from there."""
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        self.path = f"eager (fallback: {type(exc).__name__}: {reason})"
-        self.forward = self.model
-        self.step_graph, self.graph = False, None
-        self.optimizer.zero_grad(set_to_none=True)
-        _log(f"warning: {self.r.compile_mode} compiled step failed, training continues "
-             f"eagerly: {type(exc).__name__}: {reason}")
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
-              step: int) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._body(x, y, y_clean, float(step + 1))
-
-    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
-                    step: int) -> torch.Tensor:
-        """One step of the captured whole-step graph (warm-up steps and the capture first)."""
-        if self.graph is None:
-            for group in self.optimizer.param_groups:  # a checkpoint load put floats back
-                group["lr"] = self.lr_t
-                if "capturable" in group:
-                    group["capturable"] = True  # Adam(W): its step counters on the device
-            self.lr_t.fill_(lr)
-            self.iteration_t.fill_(step + 1)
-            if self.warm < STEP_GRAPH_WARMUP:
-                self.warm += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                with self.capture.warm_up(self.device):
-                    return self._body(x, y, y_clean, self.iteration_t)
-            self.static = (x.clone(), y.clone(), y_clean.clone())
-            self.optimizer.zero_grad(set_to_none=True)  # the graph writes fresh gradients
-            self.graph = self.capture(lambda: self._body(*self.static, self.iteration_t),
-                                      self.optimizer)
-        else:
-            for buf, new in zip(self.static, (x, y, y_clean), strict=True):
-                buf.copy_(new)
-            self.lr_t.fill_(lr)
-            self.iteration_t.fill_(step + 1)
-        return self.graph.replay()
-
-    def _body(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor,
-              iteration: float | torch.Tensor) -> torch.Tensor:
-        """The step after the learning rate is set and the gradients cleared: what a
-        step graph captures. `iteration` (step + 1) marks a first non-finite loss."""
-        with autocast(self.device, self.r.precision, cache=not self.step_graph):
-            logits = self.forward(normalize(x, self.mean, self.std, self.r.channels_last))
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.r.label_smoothing)
-        self.scaler.scale(loss).backward()
-        if self.r.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
-        scale = self.scaler._scale.clone() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        with torch.no_grad():
-            pred = logits.argmax(dim=1)
-            t = self.tally
-            t[0] += loss.detach() * y.shape[0]
-            t[1] += (pred == y).sum()
-            t[2] += (pred == y_clean).sum()
-            t[3] += y.shape[0]
-            if scale is not None:  # GradScaler lowers its scale exactly when it skips a step
-                t[4] += (self.scaler._scale < scale).squeeze()
-            # iterations count from 1, as in metrics.csv: step i is iteration i + 1
-            t[5] = torch.where((t[5] < 0) & ~torch.isfinite(loss.detach()), iteration, t[5])
-        return loss.detach()
-
-
-def _float_lr(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """A step graph's learning rate is a device scalar; a checkpoint stores it as a float."""
-    for group in state["param_groups"]:
-        if isinstance(group.get("lr"), torch.Tensor):
-            group["lr"] = float(group["lr"])
-    return state
-
-
-class CudaStepGraph:
-    """A step captured once as a CUDA graph; `replay()` reruns its kernels on the same memory
-    and returns its (overwritten) output. Warm-up runs on a side stream, as capture needs."""
-
-    def __init__(self, body: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer):
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = body()
-
-    def replay(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.output
-
-    @staticmethod
-    @contextlib.contextmanager
-    def warm_up(device: str):
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(device).wait_stream(side)
-
-
-# --------------------------------------------------------------------------- run state
-@dataclass
-class RunState:
-    iteration: int = 0
-    rows: list[dict[str, float]] = field(default_factory=list)
-    best_val_acc: float = -1.0
-    best_iteration: int = -1
-    elapsed_s: float = 0.0
-    skipped_steps: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def _rng_state(device: str) -> dict[str, Any]:
-    py = random.getstate()
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: str) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.device(device).type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"].cpu(), torch.device(device))
-
-
-@contextlib.contextmanager
-def _kernels(deterministic: bool, device: str, tf32: bool = False):
-    """Deterministic kernels and the TF32 setting for the duration of a run (restored
-    after, for library users)."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-    if deterministic and torch.device(device).type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0])
-        torch.backends.cudnn.benchmark = prev[1]
-        torch.set_float32_matmul_precision(prev[2])
-        torch.backends.cudnn.allow_tf32 = prev[3]
-
-
-def _write_metrics(out: Path, rows: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
-    columns = METRIC_COLUMNS + (["tst_acc"] if rows and "tst_acc" in rows[0] else [])
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic.write_text(out / "metrics.csv", buf.getvalue())
-    live.write(out, rows)  # the same rows in DVCLive's format, for `dvc plots`
-
-
-def _iter_per_min(rows: list[dict[str, float]], batch_size: int) -> float | None:
-    """Steps per minute of pure training time (evaluation excluded) over the last
-    SPEED_WINDOW steps, from each row's window length and images/s."""
-    steps = seconds = 0.0
-    prev = [0] + [row["iteration"] for row in rows]
-    for row, start in zip(reversed(rows), reversed(prev[:-1]), strict=True):
-        if steps >= SPEED_WINDOW:
-            break
-        n = row["iteration"] - start
-        steps += n
-        seconds += n * batch_size / row["images_per_s"] if row["images_per_s"] > 0 else 0.0
-    return 60 * steps / seconds if seconds > 0 else None
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _print_recipe(r: Recipe) -> None:
     fields_ = " ".join(f"{k}={v}" for k, v in r.to_dict().items()
                        if k not in ("name", "description"))
-    _log(f"recipe {r.name}: {r.description}")
-    _log(textwrap.fill(fields_, width=100, initial_indent="  ", subsequent_indent="  "))
+    log(f"recipe {r.name}: {r.description}")
+    log(textwrap.fill(fields_, width=100, initial_indent="  ", subsequent_indent="  "))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -486,50 +77,42 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
         check_before_start(cfg)  # also refuses an --out that holds a different config
         if summary_path.exists():
             return json.loads(summary_path.read_text())
-        with _kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
-            return _train(cfg, str(device), progress, callback)
-
-
-def _train(cfg: TrainConfig, device: str, progress: bool, callback) -> dict[str, Any]:
-    run_ = Run(cfg, device, progress, callback)
-    run_.start()
-    while run_.advance():
-        pass
-    return run_.finish()
+        with kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
+            return Run(cfg, str(device), progress, callback).train()
 
 
 class Run:
-    """One run as an object, so that several can share a process (lambdapipe/pack.py).
+    """One run as an object, so that a fused pack can drive several (lambdapipe/fuse.py).
 
     `start()` builds the model, optimizer, step and device data and resumes from last.ckpt;
     `advance()` is one training step (`next_batch`, the step, `after_step`) plus, when due,
     the host sync, the evaluation, the checkpoints and the metrics row; `finish()` scores
-    best.ckpt on test and writes summary.json. `_train` drives one to its end, so a run alone
-    does what it always did; `label` prefixes its log lines when several runs share one log.
+    best.ckpt on test and writes summary.json; `train()` drives one to its end. `label`
+    prefixes its log lines when several runs share one log.
     """
 
     def __init__(self, cfg: TrainConfig, device: str, progress: bool = False,
                  callback: Callable[[dict[str, float]], None] | None = None,
                  label: str = "", bar_position: int | None = None,
-                 device_data: dict[tuple, DeviceImages] | None = None):
+                 device_data: dict[tuple, DeviceImages] | None = None,
+                 pack_size: int | None = None):
         self.cfg, self.device, self.progress, self.callback = cfg, str(device), progress, callback
         self.label, self.bar_position = label, bar_position
         self.diverged_at: int | None = None
         # runs of one cell in one process hold its splits on the device once
         self.device_data = {} if device_data is None else device_data
-        # called before each evaluation: a fused pack writes the run's weights into its model
-        self.before_evaluate: Callable[[], None] | None = None
+        self.pack_size = pack_size  # a fused job's seeds (summary.json's `compile`)
 
-    def _log(self, msg: str) -> None:
-        _log(self.label + msg)
+    def log(self, msg: str) -> None:
+        log(self.label + msg)
 
     def start(self) -> None:
         cfg, device = self.cfg, self.device
         r, out = cfg.recipe.on(device), cfg.out
         self.r, self.out = r, out
         self.started = time.perf_counter()
-        train, val = _load_splits(cfg, verify=False)  # checksums verified by check_before_start
-        config = _run_config(cfg, train, device=device)
+        train, val = load_splits(cfg, verify=False)  # checksums verified by check_before_start
+        config = run_config(cfg, train, device=device)
         from lambdapipe.provenance import record  # identity, code and GPU: config.json
         config.update(record(cfg.model, cfg.model_args, cfg.recipe.to_dict(), cfg.data_dir,
                              cfg.dataset))
@@ -541,14 +124,16 @@ class Run:
 
         torch.manual_seed(cfg.seed)
         model = build_model(config)
-        config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device)
+        recorded = saved_config(out) if (out / "last.ckpt").exists() else None
+        config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device,
+                                             (recorded or {}).get("runtime"))
         model = model.to(device)
         if r.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, r, device)
         mean = torch.tensor(config["data"]["mean"], device=device)
         std = torch.tensor(config["data"]["std"], device=device)
-        step_fn = TrainStep(model, optimizer, r, device, mean, std)
+        step_fn = make_step(model, optimizer, r, device, mean, std)
         state = RunState()
 
         last = out / "last.ckpt"
@@ -557,17 +142,18 @@ class Run:
             load_weights(model, ckpt["model"], str(last))
             optimizer.load_state_dict(ckpt["optimizer"])
             step_fn.scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"], device)
+            rng.restore(ckpt["rng"], device)
             state = RunState(**ckpt["state"])
             # The checkpoint is the truth: a kill between its rename and metrics.csv's left
             # the file one row short (or one ahead); rewrite it before anything else happens.
-            _write_metrics(out, state.rows)
-            self._log(f"resuming {out} at iteration {state.iteration} of {total}")
+            write_metrics(out, state.rows)
+            self.log(f"resuming {out} at iteration {state.iteration} of {total}")
         else:
             out.mkdir(parents=True, exist_ok=True)
             atomic.write_json(out / "config.json", config)
         self.session_start = time.perf_counter() - state.elapsed_s  # spans all sessions
-        self.model, self.optimizer, self.step_fn, self.state = model, optimizer, step_fn, state
+        self.model, self.step_fn, self.state = model, step_fn, state
+        self.seat = Seat(step_fn, pack_size=self.pack_size)
         self.mean, self.std = mean, std
 
         def on_device(split: str, images, pad: int = 0) -> DeviceImages:
@@ -590,6 +176,13 @@ class Run:
         self.it, self.plan, self.plan_epoch_no = state.iteration, None, -1
         self.window_start, self.window_it = time.perf_counter(), self.it
         self.lr = r.lr_at(self.it, total, steps_per_epoch)
+
+    def train(self) -> dict[str, Any]:
+        """Start (or resume), train to the end and finish: the summary."""
+        self.start()
+        while self.advance():
+            pass
+        return self.finish()
 
     def advance(self) -> bool:
         """One step; False once nothing is left to train (the end, or a divergence)."""
@@ -622,20 +215,25 @@ class Run:
         evaluate_now = it % self.eval_every == 0 or it == self.total
         if it % SYNC_EVERY and not evaluate_now:
             return True
-        tally = self.step_fn.tally.tolist()  # the host sync point
+        tally = self.seat.counts()  # the host sync point
         self.bar.update(it - self.bar.n)
-        self.bar.set_postfix(loss=f"{tally[0] / max(tally[3], 1):.3f}",
-                             acc=f"{tally[1] / max(tally[3], 1):.3f}")
-        if tally[5] >= 0:
-            self.diverged_at = int(tally[5])
+        self.bar.set_postfix(loss=f"{tally.loss_sum / max(tally.images, 1):.3f}",
+                             acc=f"{tally.correct / max(tally.images, 1):.3f}")
+        if tally.first_nonfinite >= 0:
+            self.diverged_at = int(tally.first_nonfinite)
             return False
         if evaluate_now:
-            if self.before_evaluate is not None:
-                self.before_evaluate()
+            self.seat.sync_into(self.model)  # a fused step's weights of this run
             self._evaluate(tally)
         return it < self.total
 
-    def _evaluate(self, tally: list[float]) -> None:
+    def join(self, seat: Seat) -> None:
+        """Train on from here in `seat` of a shared (fused) step, which another loop drives
+        (`next_batch`, the step, `after_step`); checkpoints then take this run's state from
+        it and evaluations its weights."""
+        self.seat = seat
+
+    def _evaluate(self, tally: Tally) -> None:
         """Val (and test when tracked) metrics, the checkpoints and the metrics row."""
         r, it, lr, state, model, out = self.r, self.it, self.lr, self.state, self.model, self.out
         mean, std = self.mean, self.std
@@ -643,8 +241,10 @@ class Run:
         logits = predict(model, self.val_data.images, mean, std, r.precision, r.channels_last)
         val_metrics = classification_metrics(logits, self.val_data.labels)
         row = {"iteration": it, "epoch": round(it / self.steps_per_epoch, 4), "lr": lr,
-               "train_loss": tally[0] / tally[3], "train_acc": tally[1] / tally[3],
-               "train_clean_acc": tally[2] / tally[3], "val_loss": val_metrics["nll"],
+               "train_loss": tally.loss_sum / tally.images,
+               "train_acc": tally.correct / tally.images,
+               "train_clean_acc": tally.clean_correct / tally.images,
+               "val_loss": val_metrics["nll"],
                "val_acc": val_metrics["accuracy"],
                "images_per_s": (it - self.window_it) * r.batch_size / max(train_seconds, 1e-9),
                "elapsed_s": time.perf_counter() - self.session_start}
@@ -654,21 +254,21 @@ class Run:
             row["tst_acc"] = classification_metrics(logits, self.test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
-        state.skipped_steps += int(tally[4])
-        self.step_fn.reset_tally()
+        state.skipped_steps += int(tally.skipped)
+        self.seat.reset_tally()
         paths = [out / "last.ckpt"]
         if row["val_acc"] > state.best_val_acc:
             state.best_val_acc, state.best_iteration = row["val_acc"], it
             paths.insert(0, out / "best.ckpt")
         save_checkpoint({"config": self.config, "model": model.state_dict(),
-                         "optimizer": self.optimizer.state_dict(),
+                         "optimizer": self.seat.optimizer_state(),
                          "scheduler": {"schedule": r.schedule, "step": it, "lr": lr},
-                         "scaler": self.step_fn.scaler.state_dict(),
-                         "rng": _rng_state(self.device),
+                         "scaler": self.seat.scaler_state(),
+                         "rng": rng.snapshot(self.device),
                          "iteration": it, "state": state.to_dict()}, *paths)
-        _write_metrics(out, state.rows)
+        write_metrics(out, state.rows)
         if not self.progress:
-            self._log(f"iter {it}/{self.total} epoch {row['epoch']:.2f} lr {lr:.3g} "
+            self.log(f"iter {it}/{self.total} epoch {row['epoch']:.2f} lr {lr:.3g} "
                       f"train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
                       f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} "
                       f"{row['images_per_s']:.0f} img/s")
@@ -680,9 +280,9 @@ class Run:
         """Test on best.ckpt and summary.json; then the device data is let go."""
         self.bar.close()
         if self.diverged_at is not None:
-            self.state.skipped_steps += int(self.step_fn.tally[4].item())
-            self._log(f"diverged: non-finite loss at iteration {self.diverged_at}")
-        summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.step_fn,
+            self.state.skipped_steps += int(self.seat.counts().skipped)
+            self.log(f"diverged: non-finite loss at iteration {self.diverged_at}")
+        summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.seat.path,
                              self.state, self.it, self.diverged_at, self.session_start,
                              self.started, self.config)
         self.train_data = self.val_data = self.test_data = None
@@ -690,10 +290,10 @@ class Run:
 
 
 def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch.nn.Module,
-               step_fn: TrainStep, state: RunState, it: int, diverged_at: int | None,
+               path: str, state: RunState, it: int, diverged_at: int | None,
                session_start: float, started: float,
                config: dict[str, Any]) -> dict[str, Any]:
-    """summary.json, in one function so that a field added here (say, how `step_fn` ran)
+    """summary.json, in one function so that a field added here (say, how the step ran)
     reaches solo and packed runs alike."""
     from lambdapipe.models import count_params
 
@@ -714,11 +314,11 @@ def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch
         "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
         if r.track_test_every_eval else None,
         "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
-        "compile": step_fn.path,
+        "compile": path,
         "skipped_steps": state.skipped_steps,
         # evaluations whose val loss was not finite while training was (eval-mode overflow)
         "nonfinite_val_evals": sum(not math.isfinite(x["val_loss"]) for x in rows),
-        "iter_per_min": _iter_per_min(rows, r.batch_size),
+        "iter_per_min": iter_per_min(rows, r.batch_size),
         "wall_time_s": time.perf_counter() - session_start,
         "session_time_s": time.perf_counter() - started,
     }

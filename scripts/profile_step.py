@@ -7,6 +7,7 @@ from torch.profiler over 20 rounds), the plain sum of kernel times (union < sum 
 of different runs overlapped) and kernels per round. DEV=cpu runs it without a GPU (no kernel
 figures), to check the script itself. docs/performance.md quotes its output.
 """
+import contextlib
 import os
 import sys
 import time
@@ -17,9 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
 from lambdapipe.models import create_model
-from lambdapipe.pack import Lane
 from lambdapipe.recipes import get_recipe
-from lambdapipe.train import TrainStep, _kernels, make_optimizer, runtime_settings
+from lambdapipe.runtime import kernels, runtime_settings
+from lambdapipe.step import make_optimizer, make_step
 
 name, pack, compile_ = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 D = os.environ.get("DEV", "cuda")
@@ -31,8 +32,12 @@ imgs = rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, 4096)
 runs = []
 for seed in range(pack):
-    lane = Lane(dev)
-    with lane.turn():
+    # each run on its own CUDA stream, as the streams pack (dropped in issue 23) ran them
+    stream = torch.cuda.Stream(device=dev) if dev is not None else None
+
+    def lane(s=stream):
+        return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
+    with lane():
         data = DeviceImages(imgs, labels, labels, D, pad=4)
         mean, std = (torch.tensor(v, device=D) for v in channel_stats(imgs))
         torch.manual_seed(seed)
@@ -40,19 +45,19 @@ for seed in range(pack):
         runtime_settings(m, r, 32, D)
         layout = torch.channels_last if dev is not None else torch.contiguous_format
         m = m.to(D).to(memory_format=layout)
-        step = TrainStep(m, make_optimizer(m, r, D), r, D, mean, std)
+        step = make_step(m, make_optimizer(m, r, D), r, D, mean, std)
         plan = plan_epoch(len(data), seed, 0, 4, True, D)
     runs.append((lane, data, step, plan))
 
 
 def round_(i):
     for lane, data, step, plan in runs:
-        with lane.turn():
+        with lane():
             x, y, yc = augmented_batch(data, plan, i % 15, 256)
             step(x, y, yc, 0.1, i)
 
 
-with _kernels(False, D, r.tf32):
+with kernels(False, D, r.tf32):
     for i in range(int(os.environ.get("WARM", 25))):
         round_(i)
     (torch.cuda.synchronize() if dev is not None else None)

@@ -179,7 +179,7 @@ def test_bad_augment_fields_are_one_line(overrides, needle):
 
 def test_a_config_saved_before_augment_existed_resumes():
     """A missing recipe field in an old run's config means the behaviour from before it."""
-    from lambdapipe.train import _differences
+    from lambdapipe.rundir import differences as _differences
 
     new = {"recipe": get_recipe("sgdm").to_dict()}
     old = {"recipe": {k: v for k, v in new["recipe"].items()

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from lambdapipe import bench, data, train
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
+from lambdapipe.step import TrainStep
 
 TINY = {"base_width": 8}
 
@@ -99,9 +100,9 @@ def test_bad_arguments_are_one_line(args, needle):
     assert needle in result.output.strip().splitlines()[-1]
 
 
-def test_pack_steps_runs_in_turn_in_one_process_beside_one_run(monkeypatch):
-    """`--pack 3`: the one-run row, then three runs (each its own TrainStep) stepping in
-    turn; the packed row's rates are their sum and `vs_one_run` the ratio to one run."""
+def test_an_unfused_pack_is_one_run_after_another_beside_one_run(monkeypatch):
+    """`--pack 3` without --fuse: training runs the seeds one after another, so the packed
+    row is the one-run row's rate shared by three runs, with nothing more timed."""
     calls = []
     real_call = train.TrainStep.__call__
 
@@ -112,8 +113,7 @@ def test_pack_steps_runs_in_turn_in_one_process_beside_one_run(monkeypatch):
     monkeypatch.setattr(train.TrainStep, "__call__", counting)
     rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp32",
                      warmup=1, steps=2, model_args=TINY, device="cpu", pack=3)
-    assert [i for _, i in calls] == [0, 1, 2] + [0] * 3 + [1] * 3 + [2] * 3
-    assert len({step for step, _ in calls[3:]}) == 3  # one TrainStep per packed run
+    assert [i for _, i in calls] == [0, 1, 2]  # the one-run row only
     one, packed = rows
     assert (one["pack"], packed["pack"], one["vs_one_run"]) == (1, 3, 1.0)
     assert packed["iter_per_min"] == pytest.approx(3 * packed["iter_per_min_per_run"])
@@ -123,29 +123,26 @@ def test_pack_steps_runs_in_turn_in_one_process_beside_one_run(monkeypatch):
     assert not packed["diverged"] and packed["startup_s"] >= 0
     table = bench.format_rows(rows).splitlines()
     assert table[2].split()[0] == "resnet20x1" and table[3].startswith("resnet20x1 x3")
-    assert "'x3': that many runs stepping in one process" in table[-1]
+    assert "'x3': that many runs in one process" in table[-1]
+    assert packed["vs_one_run"] == 1.0 and not packed["fused"]
     assert f"resnet20x1 {packed['vs_one_run']:.2f}x one run" in table[-1]
 
 
 def test_fused_pack_times_one_step_for_all_runs(monkeypatch):
     """`--pack 3 --fuse`: after the one-run row, one fused step a round for the three runs
-    (no TrainStep of their own), as `train --seeds --fuse` trains them."""
-    from lambdapipe import fuse
+    (no step of their own), as `train --seeds --fuse` trains them."""
 
     solo, fused = [], []
-    real_solo, real_fused = train.TrainStep.__call__, fuse.FusedStep._step
+    real = TrainStep._step
 
-    def counting_solo(self, *args, **kwargs):
-        if not isinstance(self, fuse.FusedStep):
-            solo.append(args[-1])
-        return real_solo(self, *args, **kwargs)
+    def counting(self, x, y, y_clean, lr, step):
+        if self.runs is None:
+            solo.append(step)
+        else:
+            fused.append((tuple(x.shape[:2]), step))
+        return real(self, x, y, y_clean, lr, step)
 
-    def counting_fused(self, x, y, y_clean, lr, step):
-        fused.append((tuple(x.shape[:2]), step))
-        return real_fused(self, x, y, y_clean, lr, step)
-
-    monkeypatch.setattr(train.TrainStep, "__call__", counting_solo)
-    monkeypatch.setattr(fuse.FusedStep, "_step", counting_fused)
+    monkeypatch.setattr(TrainStep, "_step", counting)
     rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp32",
                      warmup=1, steps=2, model_args=TINY, device="cpu", pack=3, fuse=True)
     assert solo == [0, 1, 2]  # the one-run row only

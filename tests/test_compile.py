@@ -154,6 +154,10 @@ def test_auto_takes_the_measured_fastest_and_caches_it(tmp_path):
     chosen = choose_impls(again, 32, 16, "cpu", cache=cache, timer=timer)
     assert [c["impl"] for c in chosen.values()] == ["conv", "logit"]
     assert len(json.loads(cache.read_text())["entries"]) == 4
+    # TF32 changes the timing too: its own entries
+    choose_impls(again, 32, 16, "cpu", cache=cache, timer=timer, tf32=True)
+    entries = json.loads(cache.read_text())["entries"]
+    assert len(entries) == 6 and sum("|tf32|" in k for k in entries) == 2
 
 
 def test_measuring_leaves_the_rng_streams_alone(tmp_path):
@@ -190,6 +194,24 @@ def test_without_a_timer_the_fixed_rule_stands(tmp_path):
     fixed = tiny("lr18_l2_lc", impl="logit")
     assert [c for c in choose_impls(fixed, 32, 8, "cpu", timer=StandInTimer({})).values()] \
         == [{"impl": "logit", "how": "requested"}]
+
+
+def test_a_resume_runs_the_recorded_impls_and_chooses_nothing(monkeypatch):
+    """config.json's runtime.lambda_impls is what a resumed run runs (issue 23, point 4)."""
+    from lambdapipe.models import autotune
+    from lambdapipe.recipes import get_recipe
+    from lambdapipe.runtime import runtime_settings
+
+    monkeypatch.setattr(autotune, "choose_impls", lambda *a, **k: pytest.fail("chose again"))
+    model = tiny("lr18_l2_lc", lambda_blocks="all")
+    (big, _), (small, _) = lambda_layers(model)
+    recorded = {"lambda_impls": {big: "lambda", small: "logit"},
+                "lambda_impls_how": ["measured"]}
+    runtime = runtime_settings(model, get_recipe("demo"), 32, "cpu", recorded)
+    assert runtime["lambda_impls"] == recorded["lambda_impls"]
+    assert runtime["lambda_impls_how"] == ["measured"]
+    layers = dict(lambda_layers(model))
+    assert layers[big].tuned == (32, 32, "lambda") and layers[small].tuned == (16, 16, "logit")
 
 
 def test_a_damaged_cache_is_measured_again(tmp_path):

@@ -150,7 +150,7 @@ def test_train_options_validate_or_name_the_option(data_dir, tmp_path_factory, m
     from lambdapipe import train
 
     # Validation is what is fuzzed: a config that passes every check "trains" instantly.
-    monkeypatch.setattr(train, "_train", lambda cfg, *a: {
+    monkeypatch.setattr(train.Run, "train", lambda self: {
         "status": "ok", "diverged_at": None, "val_acc": None, "tst_acc": None})
     out = tmp_path_factory.mktemp("run")
     args = ["train", "--model", "resnet20x1", "--model-arg", "base_width=4", "--dataset",

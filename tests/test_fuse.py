@@ -32,6 +32,8 @@ from lambdapipe.evaluate import load_checkpoint
 from lambdapipe.models import create_model
 from lambdapipe.pack import run_packed
 from lambdapipe.recipes import get_recipe
+from lambdapipe.runtime import kernels
+from lambdapipe.step import TrainStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 rows = metrics_text
@@ -167,7 +169,7 @@ def test_a_fused_pack_is_the_fused_step_over_each_runs_own_batches(data_dir, fus
     own run directory (with its slice of the optimizer state, in the solo format). That the
     fused step computes each run's own step is the float64 tests above."""
     runs = [train.Run(config(data_dir, tmp_path / str(s), s), "cpu") for s in SEEDS]
-    with train._kernels(True, "cpu"):
+    with kernels(True, "cpu"):
         for run in runs:  # fresh, in order: the process RNG then stands where the pack's did
             run.start()
         step = fuse.fused_step([run.model for run in runs], runs[0].r, "cpu", runs[0].mean,
@@ -182,7 +184,7 @@ def test_a_fused_pack_is_the_fused_step_over_each_runs_own_batches(data_dir, fus
         ckpt = load_checkpoint(fused_ref / str(s) / "last.ckpt")
         assert ckpt["iteration"] == 24
         for name, t in ckpt["model"].items():
-            ref = step.fused.params.get(name, step.fused.stats.get(name))
+            ref = step.model.params.get(name, step.model.stats.get(name))
             assert torch.equal(t, ref[k]), (s, name)
         mine = fuse.run_optimizer_state(step.optimizer.state_dict(), k, 3)
         assert ckpt["optimizer"]["param_groups"] == mine["param_groups"]
@@ -241,15 +243,15 @@ def test_runs_killed_between_their_checkpoints_catch_up_then_fuse(data_dir, tmp_
 
 def test_a_diverged_run_ends_while_the_others_train_on_untouched(data_dir, fused_ref,
                                                                  tmp_path, monkeypatch):
-    real = fuse.FusedStep._step
+    real = TrainStep._step
 
     def poisoned(self, x, y, y_clean, lr, step):
-        if step == 10:  # run 1's weights become NaN: its loss is non-finite from step 11
+        if self.runs and step == 10:  # run 1's weights become NaN: non-finite from step 11
             with torch.no_grad():
-                next(iter(self.fused.params.values()))[1].fill_(float("nan"))
+                next(iter(self.model.params.values()))[1].fill_(float("nan"))
         return real(self, x, y, y_clean, lr, step)
 
-    monkeypatch.setattr(fuse.FusedStep, "_step", poisoned)
+    monkeypatch.setattr(TrainStep, "_step", poisoned)
     summaries = run_packed([config(data_dir, tmp_path / str(s), s) for s in SEEDS], fuse=True)
     assert summaries[1]["status"] == "diverged" and summaries[1]["diverged_at"] == 11
     for s in (0, 2):
@@ -259,7 +261,25 @@ def test_a_diverged_run_ends_while_the_others_train_on_untouched(data_dir, fused
                 assert math.isclose(float(ra[key]), float(rb[key]), rel_tol=1e-6), (s, key)
 
 
-def test_runs_that_cannot_fuse_step_in_turn_and_say_why(data_dir, tmp_path, capfd):
+def test_optimizers_with_different_step_counters_are_not_stacked():
+    """Adam's bias correction counts steps per parameter: runs whose counters differ would
+    share one count if stacked, so they train one after another (fuse.train_fused)."""
+    from lambdapipe.fuse import why_not_states
+
+    def adam_state(steps: int) -> dict:
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.Adam([p], lr=0.1)
+        for _ in range(steps):
+            p.grad = torch.ones(3)
+            opt.step()
+        return opt.state_dict()
+
+    assert why_not_states([adam_state(3), adam_state(3)]) is None
+    assert "step counters differ (3.0 and 4.0)" in why_not_states([adam_state(3),
+                                                                    adam_state(4)])
+
+
+def test_runs_that_cannot_fuse_train_one_after_another_and_say_why(data_dir, tmp_path, capfd):
     from lambdapipe.fuse import why_not
 
     half = [config(data_dir, tmp_path / str(s), s, precision="fp16") for s in (0, 1)]

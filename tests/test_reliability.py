@@ -386,13 +386,13 @@ HOLD_RUNNER = """
 import os, sys, time
 from pathlib import Path
 from lambdapipe import train
-real = train._train
-def held(*args, **kwargs):
+real = train.Run.train
+def held(self):
     Path(os.environ["HOLD_READY"]).write_text(str(os.getpid()))
     while not Path(os.environ["HOLD_GO"]).exists():
         time.sleep(0.05)
-    return real(*args, **kwargs)
-train._train = held
+    return real(self)
+train.Run.train = held
 from lambdapipe.cli import main
 sys.exit(main(prog_name="lambdapipe"))
 """

@@ -16,13 +16,14 @@ import torch
 from lambdapipe import data, train
 from lambdapipe.models import create_model
 from lambdapipe.recipes import get_recipe
+from lambdapipe.step import COLUMN, STEP_GRAPH_WARMUP, make_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 TINY = {"base_width": 4, "drop_rate": 0.2}  # dropout: replays draw fresh masks, as graphs do
 
 
 class RerunReplay:
-    """CPU stand-in for train.CudaStepGraph: a replay reruns the body, which in a captured
+    """CPU stand-in for step.CudaStepGraph: a replay reruns the body, which in a captured
     graph starts without gradients (they were cleared before the capture)."""
 
     captures = 0
@@ -58,8 +59,8 @@ def train_steps(overrides: dict, capture=None, steps: int = 8):
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
     optimizer = train.make_optimizer(model, r, "cpu", fused=True)
-    step = train.TrainStep(model, optimizer, r, "cpu", torch.full((3,), 0.5),
-                           torch.full((3,), 0.25), capture=capture)
+    step = make_step(model, optimizer, r, "cpu", torch.full((3,), 0.5), torch.full((3,), 0.25),
+                     capture=capture)
     for i, (x, y) in enumerate(batches(steps)):
         step(x, y, (y + 1) % 10, 0.05 / (1 + i), i)
     return [p.detach().clone() for p in model.parameters()], step.tally.clone(), step
@@ -80,7 +81,7 @@ def test_the_replayed_step_is_the_plain_step(no_inductor, overrides):
     RerunReplay.captures = 0
     plain, plain_tally, _ = train_steps({**overrides, "compile": False})
     graphed, tally, step = train_steps({**overrides, "compile": "step-graph"}, RerunReplay)
-    assert RerunReplay.captures == 1 and step.warm == train.STEP_GRAPH_WARMUP
+    assert RerunReplay.captures == 1 and step.warm == STEP_GRAPH_WARMUP
     assert step.path == "step-graph" and step.graph is not None
     assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
     assert torch.equal(plain_tally, tally)
@@ -106,7 +107,7 @@ def test_a_fused_pack_replays_its_step_as_one_graph(no_inductor):
         for i, (x, y) in enumerate(batches(6)):
             xs, ys = x.expand(3, *x.shape).clone(), torch.stack([y, (y + 1) % 10, y])
             step(xs, ys, ys, 0.05 / (1 + i), i)
-        results.append((step, [p.detach().clone() for p in step.fused.parameters()]))
+        results.append((step, [p.detach().clone() for p in step.model.parameters()]))
     (plain, a), (graphed, b) = results
     assert graphed.path == "step-graph" and graphed.graph is not None
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
@@ -117,14 +118,14 @@ def test_the_first_non_finite_iteration_is_counted_inside_the_graph(no_inductor)
     r = get_recipe("demo", {"compile": "step-graph"})
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
-    step = train.TrainStep(model, train.make_optimizer(model, r, "cpu", fused=True), r, "cpu",
-                           torch.zeros(3), torch.ones(3), capture=RerunReplay)
+    step = make_step(model, train.make_optimizer(model, r, "cpu", fused=True), r, "cpu",
+                     torch.zeros(3), torch.ones(3), capture=RerunReplay)
     for i, (x, y) in enumerate(batches(7)):
         if i == 5:  # after the capture (step 3): the graph's iteration scalar marks it
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         step(x, y, y, 0.05, i)
-    assert step.tally[5].item() == 6  # iteration = step + 1
+    assert step.tally[COLUMN.first_nonfinite].item() == 6  # iteration = step + 1
 
 
 def test_a_failed_capture_falls_back_to_eager_and_changes_nothing(no_inductor, capfd):
@@ -134,6 +135,42 @@ def test_a_failed_capture_falls_back_to_eager_and_changes_nothing(no_inductor, c
     assert "step-graph compiled step failed, training continues eagerly" in capfd.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
     assert torch.equal(plain_tally, tally)
+
+
+class FailingReplay(RerunReplay):
+    """A replay that fails after its optimizer step ran (a half-applied step)."""
+
+    def replay(self) -> torch.Tensor:
+        super().replay()
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failed_replay_stops_instead_of_taking_the_step_again(no_inductor):
+    with pytest.raises(RuntimeError, match="rerun the same command to resume from last.ckpt"):
+        train_steps({"compile": "step-graph"}, FailingReplay)
+
+
+def test_checkpoints_carry_no_device_only_optimizer_flags(no_inductor):
+    """A step graph's Adam runs capturable (and fused on CUDA); its checkpoint resumes into
+    a plain CPU optimizer, which keeps its own flags and steps."""
+    _, _, step = train_steps({"compile": "step-graph", "optimizer": "adamw", "lr": 1e-3,
+                              "nesterov": False})
+    assert step.optimizer.param_groups[0]["capturable"]
+    state = step.optimizer.state_dict()
+    assert not {"capturable", "fused"} & set(state["param_groups"][0])
+    r = get_recipe("demo", {"optimizer": "adamw", "lr": 1e-3, "nesterov": False})
+    torch.manual_seed(0)
+    model = create_model("resnet18", 10, 16, **TINY)
+    plain = train.make_optimizer(model, r, "cpu", fused=False)
+    plain.load_state_dict(state)
+    assert not plain.param_groups[0]["capturable"] and not plain.param_groups[0]["fused"]
+    model(torch.zeros(2, 3, 16, 16)).sum().backward()
+    plain.step()
+    # and an old checkpoint that still carries them loads the same way
+    old = {**state, "param_groups": [{**g, "capturable": True, "fused": True}
+                                     for g in state["param_groups"]]}
+    plain.load_state_dict(old)
+    assert not plain.param_groups[0]["capturable"] and not plain.param_groups[0]["fused"]
 
 
 def test_step_graph_is_a_cuda_setting():

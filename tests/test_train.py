@@ -93,7 +93,7 @@ def test_demo_recipe_learns_digits_and_label_noise_hurts(data_dir, tmp_path, mon
 
     # Same config, finished: the summary comes back and nothing trains again.
     mtime = (out / "metrics.csv").stat().st_mtime_ns
-    monkeypatch.setattr(train, "_train", lambda *a: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(train.Run, "train", lambda self: pytest.fail("retrained a finished run"))
     assert train.run(config(data_dir, out)) == clean
     assert (out / "metrics.csv").stat().st_mtime_ns == mtime
 

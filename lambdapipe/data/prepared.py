@@ -33,6 +33,7 @@ from lambdapipe.atomic import (
     write_with,
 )
 from lambdapipe.data import sources
+from lambdapipe.data.sources import stratified_holdout
 from lambdapipe.data.download import ensure_archive
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
 from lambdapipe.errors import StateError, UserError, bad_value
@@ -55,24 +56,6 @@ def prepared_dir(data_dir: Path, dataset: str) -> Path:
 
 
 # --------------------------------------------------------------------------- splits
-def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Sorted indices of `count` samples, each class contributing its share (largest remainder).
-
-    Per-class quotas make the held-out class histogram match the whole set's to within one
-    sample per class, whatever the seed; the seed only picks *which* samples.
-    """
-    classes, per_class = np.unique(labels, return_counts=True)
-    exact = count * per_class / per_class.sum()
-    quota = np.floor(exact).astype(np.int64)
-    # Hand the leftover samples to the largest remainders; ties go to the lower class id.
-    order = np.lexsort((classes, -(exact - quota)))
-    quota[order[: count - quota.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota,
-                                                                               strict=True)]
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
-
-
 def split_sizes(info: DatasetInfo, val_fraction: float | None = None,
                 val_size: int | None = None) -> tuple[int, int]:
     """(train, val) image counts that `prepare` will make with these options."""

@@ -61,6 +61,25 @@ def _layout_error(info: DatasetInfo, archive: Path | None, what: str) -> UserErr
     return UserError(f"{info.name} archive {archive} is not in the official layout: {what}")
 
 
+def stratified_holdout(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of `count` samples, each class contributing its share (largest remainder).
+
+    Per-class quotas make the held-out class histogram match the whole set's to within one
+    sample per class, whatever the seed; the seed only picks *which* samples.
+    """
+    classes, per_class = np.unique(labels, return_counts=True)
+    exact = count * per_class / per_class.sum()
+    quota = np.floor(exact).astype(np.int64)
+    # Hand the leftover samples to the largest remainders; ties go to the lower class id.
+    order = np.lexsort((classes, -(exact - quota)))
+    quota[order[: count - quota.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota,
+                                                                               strict=True)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+
 # --------------------------------------------------------------------------- digits
 def read_digits(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int,
                 progress: bool) -> Official:
@@ -72,7 +91,6 @@ def read_digits(info: DatasetInfo, archive: Path | None, scratch: Path, image_si
     import sklearn
     from sklearn.datasets import load_digits
 
-    from lambdapipe.data.prepared import stratified_holdout
     from lambdapipe.noise import stable_seed
 
     bunch = load_digits()

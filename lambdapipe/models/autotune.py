@@ -5,9 +5,10 @@ choice changes speed and memory, never results. MACs are a poor guide on a GPU (
 convolution of few channels ran 7x slower than the logit order's GEMMs on an H200), so on
 CUDA every distinct layer shape is timed once per candidate that fits a memory budget,
 forward + backward, outside any compiled region, and the fastest is kept. Measurements are
-cached in a JSON file keyed by device name, torch version and shape, so a grid pays for
-each shape once per machine. On a CPU (and wherever nothing can be timed) the layer's fixed
-rule stands.
+cached in a JSON file keyed by device name, torch and cuDNN versions, TF32 and shape, so a
+grid pays for each shape once per machine. On a CPU (and wherever nothing can be timed) the
+layer's fixed rule stands. A resumed run never chooses again: it runs the choice its
+config.json records (runtime.runtime_settings).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lambdapipe import atomic
+from lambdapipe import atomic, rng
 from lambdapipe.models.lambda_layer import IMPLS, LambdaLayer
 
 CACHE_VERSION = 1
@@ -159,8 +160,8 @@ def _write_cache(path: Path, entries: dict[str, Any]) -> None:
 def choose_impls(model: nn.Module, image_size: int, batch: int, device: str | torch.device,
                  precision_dtype: torch.dtype | None = None, channels_last: bool = False,
                  cache: Path | None = None, timer: Timer | None = None,
-                 free_bytes: int | None = None, log: Callable[[str], None] | None = None
-                 ) -> dict[str, dict[str, Any]]:
+                 free_bytes: int | None = None, log: Callable[[str], None] | None = None,
+                 tf32: bool = False) -> dict[str, dict[str, Any]]:
     """Set `tuned` on every 'auto' lambda layer of `model` and return, per layer name, the
     implementation it will run and why ("measured", "cached" or "rule").
 
@@ -175,7 +176,10 @@ def choose_impls(model: nn.Module, image_size: int, batch: int, device: str | to
         precision_dtype, str(precision_dtype))
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else device.type)
-    prefix = f"{device_name}|torch {torch.__version__}|"
+    # what else changes the timing: cuDNN's version (CUDA) and TF32 matmuls
+    prefix = f"{device_name}|torch {torch.__version__}|" + (
+        f"cudnn {torch.backends.cudnn.version()}|" if device.type == "cuda" else "") + (
+        "tf32|" if tf32 else "")
     cached = _read_cache(cache).get("entries", {}) if timer is not None else {}
     fresh: dict[str, Any] = {}
     chosen: dict[str, dict[str, Any]] = {}
@@ -195,7 +199,7 @@ def choose_impls(model: nn.Module, image_size: int, batch: int, device: str | to
         if entry is None or entry.get("impl") not in IMPLS:
             # the probe draws random inputs: a run's RNG streams must not depend on whether
             # its shapes were measured now or read from the cache
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with rng.kept(device):
                 entry = _measure(layer, channels, height, width, batch, device,
                                  precision_dtype, channels_last, timer, free_bytes)
             fresh[key] = entry
