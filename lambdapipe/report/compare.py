@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from lambdapipe.reference import Setting, differences, model_identity
-from lambdapipe.report.tables import MISSING, PCT, Table, _groups, _values
+from lambdapipe.report.tables import MISSING, PCT, Table, group_values, run_groups
 from lambdapipe.status import OK
 
 CONFIDENCE = 0.95
@@ -134,7 +134,7 @@ def published_cells(table: str, g: pd.DataFrame, pub: pd.Series | None,
         if math.isfinite(value):
             out.append(PublishedCell(table, first["dataset"], first["model_label"],
                                      first["condition"], label, digits, value,
-                                     _values(g[g["status"] == OK], ours, scale)))
+                                     group_values(g[g["status"] == OK], ours, scale)))
     return out
 
 
@@ -179,7 +179,7 @@ def paired_table(df: pd.DataFrame) -> Table | None:
     keys = ["dataset", "image_size", "model_args", "variant", "precision", "recipe"]
     md, rows = [], []
     lam = ok[ok["model"].map(_is_lambda)]
-    for group, g in _groups(lam, [*keys, "model", "condition"]):
+    for group, g in run_groups(lam, [*keys, "model", "condition"]):
         model, condition = group[-2:]
         first = g.iloc[0]
         partner = f"resnet{int(first['depth'])}" if pd.notna(first["depth"]) else None

@@ -40,16 +40,16 @@ from lambdapipe.report.tables import (
     TRAIN_CLEAN_ACC,
     VAL_ACC,
     Table,
-    _counts,
-    _groups,
-    _int_cell,
-    _pub_float,
     fact_cell,
     hms,
+    int_cell,
     metric_cell,
     metric_csv,
     params_digits,
     pub_cell,
+    pub_float,
+    run_counts,
+    run_groups,
     status_cell,
     time_cell,
 )
@@ -103,7 +103,7 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
     candidates = resnet_settings(published, source)
     digits = params_digits(df["params"] * 1e-6)
     md, rows = [], []
-    for _, g in _groups(df, SETTING_KEYS):
+    for _, g in run_groups(df, SETTING_KEYS):
         first = g.iloc[0]
         depth, width, precision, recipe = (first["depth"], first["width"],
                                            first["precision"], first["recipe"])
@@ -114,11 +114,11 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
 
         md.append({
             "model": first["model_label"], "noise": first["condition"],
-            "depth": _int_cell(depth), "width": _int_cell(width),
-            "px": _int_cell(first["image_size"]),
+            "depth": int_cell(depth), "width": int_cell(width),
+            "px": int_cell(first["image_size"]),
             "params (M)": fact_cell(g, "params", digits, 1e-6), "published params (M)":
                 p("params_m", 2),
-            "seeds": str(_counts(g)["seeds"]),
+            "seeds": str(run_counts(g)["seeds"]),
             VAL_ACC: metric_cell(g, "val_acc", 2, PCT), f"published {VAL_ACC}":
                 p("val_acc", 2, PCT),
             TEST_ACC: metric_cell(g, "tst_acc", 2, PCT), f"published {TEST_ACC}":
@@ -131,9 +131,9 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
             "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
             "noise": first["condition"], "depth": depth, "width": width,
             "image_size": first["image_size"], "precision": precision,
-            "recipe": recipe, **_counts(g),
+            "recipe": recipe, **run_counts(g),
             **metric_csv(g, "params", "params_m", 1e-6),
-            "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
+            "params_m_published": pub_float(pub["params_m"]) if pub is not None else math.nan,
             **_with_pub(g, pub, [("val_acc", "val_acc", "val_acc_pct", PCT),
                                  ("tst_acc", "test_acc", "test_acc_pct", PCT),
                                  ("tst_nll", "test_nll", "test_nll", 1.0)]),
@@ -170,7 +170,7 @@ def speed_table(dataset: str, df: pd.DataFrame, published: dict[str, pd.DataFram
         where = ("the baseline tables' rates and hours on one RTX 3090 (training time for "
                  "ResNet-18 only)")
     md, rows = [], []
-    for _, g in _groups(df, SETTING_KEYS):
+    for _, g in run_groups(df, SETTING_KEYS):
         first = g.iloc[0]
         pub, why = match(setting_of(first), candidates, bool(first["stand_in"]))
 
@@ -180,8 +180,8 @@ def speed_table(dataset: str, df: pd.DataFrame, published: dict[str, pd.DataFram
         compiled = ", ".join(map(str, g["compile"].dropna().unique())) if "compile" in g else ""
         md.append({
             "model": first["model_label"], "noise": first["condition"],
-            "px": _int_cell(first["image_size"]), "precision": first["precision"],
-            "compile": compiled, "seeds": str(_counts(g)["seeds"]),
+            "px": int_cell(first["image_size"]), "precision": first["precision"],
+            "compile": compiled, "seeds": str(run_counts(g)["seeds"]),
             "iter/min": metric_cell(g, "iter_per_min", 0),
             "published iter/min": pub_cell(get(rate), 0),
             TIME: time_cell(g), f"published {TIME}": pub_cell(get(time), 0, to_s, hms),
@@ -192,11 +192,11 @@ def speed_table(dataset: str, df: pd.DataFrame, published: dict[str, pd.DataFram
             "model": first["model"], "model_args": first["model_args"],
             "variant": first["variant"], "noise": first["condition"],
             "image_size": first["image_size"], "precision": first["precision"],
-            "compile": compiled, "recipe": first["recipe"], **_counts(g),
+            "compile": compiled, "recipe": first["recipe"], **run_counts(g),
             **metric_csv(g, "iter_per_min", "iter_per_min"),
-            "iter_per_min_published": _pub_float(get(rate)),
+            "iter_per_min_published": pub_float(get(rate)),
             **metric_csv(g, "wall_time_s", "training_time_s"),
-            "training_time_s_published": _pub_float(get(time)) * to_s,
+            "training_time_s_published": pub_float(get(time)) * to_s,
             "status": status_cell(g), "unlike_published": "; ".join(why),
         })
     note = ("Mean ± sample std over seeds (ok runs only). Measured where each run trained "
@@ -213,7 +213,7 @@ def _with_pub(g: pd.DataFrame, pub, pairs) -> dict:
     out = {}
     for ours, theirs, name, scale in pairs:
         out |= metric_csv(g, ours, name, scale)
-        out[f"{name}_published"] = (_pub_float(pub[theirs]) * scale if pub is not None
+        out[f"{name}_published"] = (pub_float(pub[theirs]) * scale if pub is not None
                                     else math.nan)
     return out
 
@@ -251,7 +251,7 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
     candidates = lambda_settings(published)
     digits = params_digits(sel["params"] * 1e-6)
     md, rows = [], []
-    for _, g in _groups(sel, SETTING_KEYS):
+    for _, g in run_groups(sel, SETTING_KEYS):
         first = g.iloc[0]
         precision, recipe = first["precision"], first["recipe"]
         setting = setting_of(first)
@@ -264,10 +264,10 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
             return pub_cell(pub[col] if pub is not None else None, digits)
 
         md.append({
-            "model": first["model_label"], **{k: _int_cell(v) for k, v in hyper.items()},
-            "px": _int_cell(first["image_size"]),
+            "model": first["model_label"], **{k: int_cell(v) for k, v in hyper.items()},
+            "px": int_cell(first["image_size"]),
             "params (M)": fact_cell(g, "params", digits, 1e-6),
-            "published params (M)": p("params_m", 1), "seeds": str(_counts(g)["seeds"]),
+            "published params (M)": p("params_m", 1), "seeds": str(run_counts(g)["seeds"]),
             TEST_ACC: metric_cell(g, "tst_acc", 2, PCT),
             "best test acc seen (%)": metric_cell(g, "tst_acc_best_seen", 2, PCT),
             f"published {TEST_ACC}": p("test_acc_pct", 2),
@@ -278,13 +278,13 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
         rows.append({
             "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
             **hyper, "image_size": first["image_size"], "precision": precision,
-            "recipe": recipe, **_counts(g),
+            "recipe": recipe, **run_counts(g),
             **metric_csv(g, "params", "params_m", 1e-6),
-            "params_m_published": _pub_float(pub["params_m"]) if pub is not None else math.nan,
+            "params_m_published": pub_float(pub["params_m"]) if pub is not None else math.nan,
             **metric_csv(g, "tst_acc", "test_acc_pct", PCT),
             **metric_csv(g, "tst_acc_best_seen", "test_acc_best_seen_pct", PCT),
             "test_acc_pct_published":
-                _pub_float(pub["test_acc_pct"]) if pub is not None else math.nan,
+                pub_float(pub["test_acc_pct"]) if pub is not None else math.nan,
             "status": status_cell(g), "unlike_published": why,
         })
     notes = ["k = query depth, h = heads, u = intra-depth, r = scope (the community table's m). "
@@ -331,7 +331,7 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame,
         return None
     candidates = imagenette_settings(published)
     md, rows = [], []
-    for _, g in _groups(sel, SETTING_KEYS):
+    for _, g in run_groups(sel, SETTING_KEYS):
         first = g.iloc[0]
         precision, recipe, condition = first["precision"], first["recipe"], first["condition"]
         pub, why = _published(g, candidates, "imagenette_noisy", IMAGENETTE_VERDICTS, cells)
@@ -341,7 +341,7 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame,
 
         md.append({
             "dataset": first["dataset"], "model": first["model_label"], "noise": condition,
-            "px": _int_cell(first["image_size"]), "seeds": str(_counts(g)["seeds"]),
+            "px": int_cell(first["image_size"]), "seeds": str(run_counts(g)["seeds"]),
             BEST_TRAIN_LOSS: metric_cell(g, "best_train_loss", 3),
             f"published {BEST_TRAIN_LOSS}": p("best_train_loss", 3),
             BEST_VAL_LOSS: metric_cell(g, "best_val_loss", 3),
@@ -357,7 +357,7 @@ def imagenette_table(df: pd.DataFrame, published: pd.DataFrame,
             "noise": condition, "noise_kind": first["noise_kind"],
             "noise_rate": first["noise_rate"], "noise_source": first["noise_source"],
             "image_size": first["image_size"], "precision": precision, "recipe": recipe,
-            **_counts(g),
+            **run_counts(g),
             **_with_pub(g, pub, [("best_train_loss", "best_train_loss", "best_train_loss", 1.0),
                                  ("best_val_loss", "best_val_loss", "best_val_loss", 1.0)]),
             **metric_csv(g, "tst_acc", "test_acc_pct", PCT),

@@ -192,10 +192,10 @@ def model_metrics(df: pd.DataFrame) -> dict[str, dict]:
         ok = g[g["status"] == OK]
         acc = {cond: _json_number(round(float(np.nanmean(v)), 2)) if np.isfinite(v).any()
                else None
-               for cond, v in ((c, _values(ok[ok["condition"] == c], "tst_acc", PCT))
+               for cond, v in ((c, group_values(ok[ok["condition"] == c], "tst_acc", PCT))
                                for c in _ordered_conditions(g))}
         name = re.sub(r"[^A-Za-z0-9_.@=+-]+", "_", series).strip("_")
-        out[f"{dataset}/{name}.json"] = {"test_acc_pct": acc, **_counts(g, ok="runs")}
+        out[f"{dataset}/{name}.json"] = {"test_acc_pct": acc, **run_counts(g, ok="runs")}
     return out
 
 
@@ -240,7 +240,7 @@ def _json_number(v) -> float | None:
 
 
 # --------------------------------------------------------------------------- cells
-def _values(g: pd.DataFrame, col: str, scale: float = 1.0) -> np.ndarray:
+def group_values(g: pd.DataFrame, col: str, scale: float = 1.0) -> np.ndarray:
     if col not in g.columns:
         return np.array([])
     v = pd.to_numeric(g[col], errors="coerce").to_numpy(dtype=float) * scale
@@ -272,7 +272,7 @@ def metric_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0,
     ok = g[g["status"] == OK]
     if ok.empty:
         return _failed_cell(g)
-    mean, std, n = stat(_values(ok, col, scale))
+    mean, std, n = stat(group_values(ok, col, scale))
     if n == 0:
         return MISSING
     fmt = fmt or (lambda v: f"{v:.{digits}f}")
@@ -308,7 +308,7 @@ def params_digits(values) -> int:
 def fact_cell(g: pd.DataFrame, col: str, digits: int, scale: float = 1.0) -> str:
     """A property of the model (parameter count), not a result: every run counts, diverged too,
     and equal values across seeds show once."""
-    v = _values(g, col, scale)
+    v = group_values(g, col, scale)
     if len(v) == 0:
         return MISSING
     if np.allclose(v, v[0]):
@@ -326,7 +326,7 @@ def status_cell(g: pd.DataFrame) -> str:
 
 
 def metric_csv(g: pd.DataFrame, col: str, name: str, scale: float = 1.0) -> dict:
-    mean, std, _ = stat(_values(g[g["status"] == OK], col, scale))
+    mean, std, _ = stat(group_values(g[g["status"] == OK], col, scale))
     return {f"{name}_mean": mean, f"{name}_std": std}
 
 
@@ -342,14 +342,14 @@ def pub_cell(value, digits: int, scale: float = 1.0,
     return fmt(value) if fmt else f"{value:.{digits}f}"
 
 
-def _pub_float(value) -> float:
+def pub_float(value) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
 
 
-def _groups(df: pd.DataFrame, keys: list[str]):
+def run_groups(df: pd.DataFrame, keys: list[str]):
     order = df.sort_values(["_cond_order", "depth", "width", "model_label"],
                            key=lambda s: s.map(_sortable))
     return order.groupby(keys, sort=False, dropna=False)
@@ -359,7 +359,7 @@ def _sortable(v):
     return (1, 0) if v is None or (isinstance(v, float) and math.isnan(v)) else (0, v)
 
 
-def _counts(g: pd.DataFrame, ok: str = "seeds") -> dict:
+def run_counts(g: pd.DataFrame, ok: str = "seeds") -> dict:
     """How many runs are results (`ok`), and how many ended in each failed status
     (`diverged`, `non_finite`: a CSV column each, so none is silently dropped)."""
     return {ok: int((g["status"] == OK).sum()),
@@ -367,7 +367,7 @@ def _counts(g: pd.DataFrame, ok: str = "seeds") -> dict:
 
 
 # --------------------------------------------------------------------------- the tables
-def _int_cell(v) -> str:
+def int_cell(v) -> str:
     return MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else str(int(v))
 
 
@@ -382,8 +382,8 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
         md.append({
             "model": label, "noise": first["noise_kind"]  # + " (drawn)", if so
             + first["condition"][len(first["noise_condition"]):],
-            "rate": f"{first['noise_rate']:g}", "px": _int_cell(first["image_size"]),
-            "seeds": str(_counts(g)["seeds"]),
+            "rate": f"{first['noise_rate']:g}", "px": int_cell(first["image_size"]),
+            "seeds": str(run_counts(g)["seeds"]),
             TEST_ACC: metric_cell(g, "tst_acc", 2, PCT),
             TRAIN_CLEAN_ACC: metric_cell(g, "train_clean_acc", 2, PCT),
             BEST_TRAIN_LOSS: metric_cell(g, "best_train_loss", 3),
@@ -395,7 +395,7 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
             "noise": condition, "noise_kind": first["noise_kind"],
             "noise_rate": first["noise_rate"], "noise_source": first["noise_source"],
             "image_size": first["image_size"], "precision": precision, "recipe": recipe,
-            **_counts(g),
+            **run_counts(g),
             **metric_csv(g, "tst_acc", "test_acc_pct", PCT),
             **metric_csv(g, "train_clean_acc", "train_clean_acc_pct", PCT),
             **metric_csv(g, "best_train_loss", "best_train_loss"),
@@ -418,7 +418,7 @@ def incomplete_table(collection: Collection) -> Table:
     md, rows = [], []
     for inc in sorted(collection.incomplete, key=lambda i: i.run_id):
         row = {"run": inc.run_id, "dataset": inc.dataset, "noise": inc.noise,
-               "model": inc.model, "seed": inc.seed, "last iteration": _int_cell(
+               "model": inc.model, "seed": inc.seed, "last iteration": int_cell(
                    inc.last_iteration), "elapsed (h:mm:ss)": _hms_or_missing(inc.elapsed_s),
                "status": "running/incomplete"}
         md.append(row)
@@ -428,10 +428,10 @@ def incomplete_table(collection: Collection) -> Table:
         s = run.summary
         status = s["status"]
         if status == DIVERGED:
-            status += f"@{_int_cell(s.get('diverged_at'))}"
+            status += f"@{int_cell(s.get('diverged_at'))}"
         last, elapsed = _number(s.get("iterations")), _number(s.get("wall_time_s"))
         row = {"run": run.run_id, "dataset": s["dataset"], "noise": s["noise"],
-               "model": s["model"], "seed": str(s["seed"]), "last iteration": _int_cell(last),
+               "model": s["model"], "seed": str(s["seed"]), "last iteration": int_cell(last),
                "elapsed (h:mm:ss)": _hms_or_missing(elapsed), "status": status}
         md.append(row)
         rows.append(_incomplete_csv(row, last, elapsed))
@@ -465,19 +465,19 @@ def variants_table(df: pd.DataFrame) -> Table | None:
     if sel.empty:
         return None
     md, rows = [], []
-    for (dataset, model, condition), g in _groups(sel, ["dataset", "model", "condition"]):
+    for (dataset, model, condition), g in run_groups(sel, ["dataset", "model", "condition"]):
         ok = g[g["status"] == OK]
         means = ok.groupby("variant")["val_acc"].mean() if len(ok) else pd.Series(dtype=float)
         best = means.idxmax() if len(means) and means.notna().any() else None
         for variant, v in g.groupby("variant", sort=True):
             md.append({"dataset": dataset, "model": model, "noise": condition,
-                       "variant": variant, "seeds": str(_counts(v)["seeds"]),
+                       "variant": variant, "seeds": str(run_counts(v)["seeds"]),
                        VAL_ACC: metric_cell(v, "val_acc", 2, PCT),
                        BEST_VAL_LOSS: metric_cell(v, "best_val_loss", 3),
                        "best on val": "yes" if variant == best else "",
                        "status": status_cell(v)})
             rows.append({"dataset": dataset, "model": model, "noise": condition,
-                         "variant": variant, **_counts(v),
+                         "variant": variant, **run_counts(v),
                          **metric_csv(v, "val_acc", "val_acc_pct", PCT),
                          "best_on_val": variant == best, "status": status_cell(v)})
     return Table("variants", "Variants (e.g. a learning-rate sweep) chosen on val", md, rows,
