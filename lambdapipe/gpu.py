@@ -10,6 +10,12 @@ The lock directory must be on a filesystem local to the machine (the default, a 
 directory under the system temp dir, is): flock over NFS is not reliable across hosts, and
 jobs on different hosts do not compete for the same GPUs anyway.
 
+The temp dir is shared with every local user, so a lock file is input from a possible
+attacker: the lock directory is created private to its user (0700) and refused, in one
+line, when another user owns it (they could plant files in it); a lock file is opened with
+O_NOFOLLOW and must be a regular file, so a symbolic link planted at `gpu0.slot0.lock`
+cannot make a job truncate the file it points to.
+
 Under SLURM the scheduler has already given the job its GPUs (CUDA_VISIBLE_DEVICES), so
 `auto` uses the first visible device and takes no lock.
 
@@ -24,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import re
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -100,8 +108,47 @@ def _physical_index(visible_index: int) -> int:
     return visible_index
 
 
+def lock_dir_ready(lock_dir: Path | None) -> Path:
+    """The lock directory, created 0700; refused in one line if it is not a directory, a
+    dangling link, or owned by another user (who could plant links or files in it)."""
+    explicit = lock_dir is not None or bool(os.environ.get(LOCK_DIR_ENV))
+    path = Path(lock_dir) if lock_dir is not None else default_lock_dir()
+    what = "--gpu-lock-dir" if lock_dir is not None else (
+        f"${LOCK_DIR_ENV}" if explicit else "GPU lock directory")
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"invalid {what} {str(path)!r}: a symbolic link to "
+                        f"{os.readlink(path)!r}, which does not exist; expected a directory")
+    if not explicit and path.is_symlink():  # in the shared temp dir: anyone could plant it
+        raise UserError(f"refusing {what} {str(path)!r}: it is a symbolic link in a shared "
+                        f"directory; remove it, or set ${LOCK_DIR_ENV}")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(path)
+    except FileExistsError:
+        raise UserError(f"invalid {what} {str(path)!r}: it is a file; expected a "
+                        "directory") from None
+    except OSError as exc:
+        raise UserError(f"invalid {what} {str(path)!r}: {exc.strerror or exc}; expected a "
+                        "writable directory") from None
+    if st.st_uid != os.getuid():
+        raise UserError(f"refusing {what} {str(path)!r}: it is owned by uid {st.st_uid}, not "
+                        f"by you (uid {os.getuid()}), who could plant files in it; choose a "
+                        f"directory of your own with --gpu-lock-dir or ${LOCK_DIR_ENV}")
+    return path
+
+
 def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # O_NOFOLLOW: a planted link must not make us truncate its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory"}.get(
+            exc.errno, exc.strerror or str(exc))
+        raise UserError(f"refusing GPU lock file {path}: {kind}; expected a regular file "
+                        "(remove it)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device someone put there
+        os.close(fd)
+        raise UserError(f"refusing GPU lock file {path}: not a regular file (remove it)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -189,8 +236,7 @@ def claim(device: str = "auto", lock_dir: Path | None = None, slots: int | None 
     slots = slots if slots is not None else (_env_int(SLOTS_ENV, 1) or 1)
     if slots < 1:
         raise bad_value("GPU slots", slots, "an integer >= 1")
-    lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir = lock_dir_ready(lock_dir)
     candidates = [int(wanted)] if wanted is not None else list(range(count))
     # Slot-major order: fill every GPU's first slot before anyone shares a GPU.
     order = [(i, j) for j in range(slots) for i in candidates]
