@@ -45,11 +45,12 @@ from lambdapipe.evaluate import (
     save_checkpoint,
 )
 from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe, recipe_changes
-from lambdapipe.validate import check_out_dir, check_seed
+from lambdapipe.validate import check_out_dir, check_resume, check_seed
 
 METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
                   "val_loss", "val_acc", "images_per_s", "elapsed_s"]
 SYNC_EVERY = 50  # steps between host syncs for the progress bar and the divergence check
+SMALL_FILE = 64 << 20  # config.json, summary.json: read bounded (lambdapipe/atomic.py)
 SPEED_WINDOW = 5000  # iter_per_min is measured over the last this many steps
 
 
@@ -107,11 +108,15 @@ def _load_splits(cfg: TrainConfig, verify: bool = True):
 
 def _saved_config(out: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((out / "config.json").read_text())
+        saved = atomic.read_json(out / "config.json", SMALL_FILE, "run config")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        raise UserError(f"{out / 'config.json'} is unreadable: choose another --out") from None
+    except UserError as exc:
+        raise UserError(f"{exc}: choose another --out") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"refusing run config {out / 'config.json'}: not a mapping; choose "
+                        "another --out")
+    return saved
 
 
 def check_before_start(cfg: TrainConfig) -> None:
@@ -131,10 +136,7 @@ def check_before_start(cfg: TrainConfig) -> None:
             return  # finished with this config: run() returns its summary, trains nothing
     last = cfg.out / "last.ckpt"
     if last.exists():  # corrupted, or of another config: refuse now, not after a GPU claim
-        diffs = _differences(load_checkpoint(last)["config"], cfg.identity())
-        if diffs:
-            raise UserError(f"{last} belongs to a different config ({'; '.join(diffs[:3])}): "
-                            "choose another --out")
+        _check_same_run(cfg, last, load_checkpoint(last))
     train, val = _load_splits(cfg)
     r = cfg.recipe
     if r.batch_size > len(train.labels):
@@ -150,6 +152,15 @@ def check_before_start(cfg: TrainConfig) -> None:
             raise UserError(f"model {cfg.model} {cfg.model_args} cannot run on "
                             f"{cfg.dataset} images ({train.images.shape[1]} px): "
                             f"{str(exc).splitlines()[0]}") from None
+
+
+def _check_same_run(cfg: TrainConfig, last: Path, ckpt: dict[str, Any]) -> None:
+    """At the checks and again at the resume itself: another owner may have written
+    last.ckpt in between (a run directory removed and taken under a running owner)."""
+    diffs = _differences(ckpt["config"], cfg.identity())
+    if diffs:
+        raise UserError(f"{last} belongs to a different config ({'; '.join(diffs[:3])}): "
+                        "choose another --out")
 
 
 def _run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu"):
@@ -484,7 +495,7 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
     with runlock.own(cfg.out):  # one owner per run directory (a refused run leaves nothing)
         check_before_start(cfg)  # also refuses an --out that holds a different config
         if summary_path.exists():
-            return json.loads(summary_path.read_text())
+            return atomic.read_json(summary_path, SMALL_FILE, "run summary")
         with _kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
             return _train(cfg, str(device), progress, callback)
 
@@ -549,7 +560,10 @@ class Run:
 
         last = out / "last.ckpt"
         if last.exists():
-            ckpt = load_checkpoint(last, map_location=device)  # its config: check_before_start
+            ckpt = load_checkpoint(last, map_location=device)
+            _check_same_run(cfg, last, ckpt)
+            check_resume(ckpt, last, optimizer=optimizer, scaler=step_fn.scaler, total=total,
+                         state_fields=RunState().to_dict())
             load_weights(model, ckpt["model"], str(last))
             optimizer.load_state_dict(ckpt["optimizer"])
             step_fn.scaler.load_state_dict(ckpt["scaler"])
@@ -653,6 +667,7 @@ class Run:
         state.skipped_steps += int(tally[4])
         self.step_fn.reset_tally()
         paths = [out / "last.ckpt"]
+        runlock.check_still_owned(out)  # not into a directory removed, maybe re-owned
         if row["val_acc"] > state.best_val_acc:
             state.best_val_acc, state.best_iteration = row["val_acc"], it
             paths.insert(0, out / "best.ckpt")
@@ -678,6 +693,7 @@ class Run:
         if self.diverged_at is not None:
             self.state.skipped_steps += int(self.step_fn.tally[4].item())
             self._log(f"diverged: non-finite loss at iteration {self.diverged_at}")
+        runlock.check_still_owned(self.out)
         summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.step_fn,
                              self.state, self.it, self.diverged_at, self.session_start,
                              self.started, self.config)
