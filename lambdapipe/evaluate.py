@@ -106,7 +106,7 @@ def check_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     from lambdapipe.validate import check_model
 
     meta = check_model(config["model"], data["num_classes"], data["image_size"],
-                       config["model_args"])
+                       config["model_args"], copies=1)
     wanted = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))

@@ -45,7 +45,7 @@ from lambdapipe.evaluate import (
     save_checkpoint,
 )
 from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe, recipe_changes
-from lambdapipe.validate import check_out_dir, check_resume, check_seed
+from lambdapipe.validate import check_model, check_out_dir, check_resume, check_seed
 
 METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
                   "val_loss", "val_acc", "images_per_s", "elapsed_s"]
@@ -142,7 +142,8 @@ def check_before_start(cfg: TrainConfig) -> None:
     if r.batch_size > len(train.labels):
         raise UserError(f"invalid batch_size {r.batch_size}: expected at most the "
                         f"{len(train.labels)} training images of {cfg.dataset}")
-    model = build_model(_run_config(cfg, train, stats=False))
+    check_model(cfg.model, train.num_classes, int(train.images.shape[1]), cfg.model_args)
+    model = build_model(_run_config(cfg, train, stats=False))  # its size checked: on meta
     model.eval()
     with torch.no_grad():
         x = torch.zeros(2, 3, *train.images.shape[1:3])

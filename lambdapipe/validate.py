@@ -58,13 +58,61 @@ def check_out_dir(out: Path) -> None:
                         "filesystem or permissions); expected a writable directory")
 
 
-def check_model(name: Any, num_classes: int, image_size: int, model_args: Any):
-    """The registry's checks of a model name and its args, run on the meta device."""
+def check_model(name: Any, num_classes: int, image_size: int, model_args: Any,
+                copies: int | None = None):
+    """The registry's checks of a model name and its args, run on the meta device, and its
+    size against the memory this machine has (`check_model_size`, `copies` of the weights:
+    TRAINING_COPIES by default, 1 to evaluate): nothing is allocated."""
     from lambdapipe.models import check_model as registry_check
 
     if not isinstance(name, str):
         raise bad_value("model", name, "a registered model name (see `lambdapipe models`)")
-    return registry_check(name, num_classes, image_size, model_args)
+    meta = registry_check(name, num_classes, image_size, model_args)
+    check_model_size(meta, f"model {name} {model_args}", copies or TRAINING_COPIES)
+    return meta
+
+
+# Training holds the weights, their gradients and up to two optimizer moments (Adam): 4x.
+TRAINING_COPIES = 4
+
+
+def memory_available() -> int | None:
+    """Bytes this process could still allocate: the kernel's MemAvailable, capped by the
+    address-space limit (RLIMIT_AS) less what is mapped; None where neither is known."""
+    import resource
+
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            size = next(int(line.split()[1]) * 1024 for line in
+                        Path("/proc/self/status").read_text().splitlines()
+                        if line.startswith("VmSize:"))
+            limits.append(max(soft - size, 0))
+        except (OSError, StopIteration, ValueError):
+            limits.append(soft)
+    return min(limits) if limits else None
+
+
+def check_model_size(meta_model: Any, what: str, copies: int = 4) -> None:
+    """Refuse, in one line, a model (built on the meta device) whose weights, gradients and
+    optimizer state alone exceed the memory available; checked before anything is built
+    for real (base_width 100000 asked for 360 GB in the pre-start check)."""
+    import itertools
+
+    tensors = itertools.chain(meta_model.parameters(), meta_model.buffers())
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    need, have = weights * copies, memory_available()
+    if have is not None and need > have:
+        raise UserError(f"{what} is too large: {weights / 2**30:.1f} GiB of weights, "
+                        f"{need / 2**30:.1f} GiB to use, {have / 2**30:.1f} GiB of memory "
+                        "available; expected a smaller model (base_width, depth)")
 
 
 def _finite_numbers(value: Any, n: int) -> bool:
@@ -130,7 +178,7 @@ def check_run_config(config: Any, where: str) -> dict[str, Any]:
         get_recipe(recipe["name"], {k: v for k, v in recipe.items() if k != "name"})
         data = check_data_fields(config["data"], "config")
         check_model(config["model"], data["num_classes"], data["image_size"],
-                    config["model_args"])
+                    config["model_args"], copies=1)  # evaluation; the file proves the size
     except UserError as exc:
         raise UserError(f"invalid run config in {where}: {exc}") from None
     return config

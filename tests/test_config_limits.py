@@ -35,8 +35,10 @@ def test_check_config_refuses_parser_attacks_in_one_line(tmp_path, case):
     with pytest.raises(UserError, match=expected) as exc:
         cfgmod.load_config(path)
     assert "\n" not in str(exc.value) and "c.yaml" in str(exc.value)
-    result = CliRunner().invoke(main, ["check-config", str(path)])
+    result = CliRunner().invoke(main, ["check-config", "--configfile", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: ") and expected in \
+        result.output, result.output
 
 
 def test_limits_leave_real_configs_alone():
