@@ -903,3 +903,34 @@ def test_stale_temporaries_of_a_killed_run_are_removed_when_it_resumes(interrupt
     assert result.exit_code == 0, result.output
     left = {p.name for p in out.iterdir()}
     assert not left & set(ours) and set(others) <= left
+
+
+def test_a_report_removes_the_temporaries_a_killed_report_left(tmp_path):
+    """Issue 28.7: killed reports left `curves/.../.*.tsv.*.tmp` that reruns never removed.
+    Those of a dead pid on this host go; a live writer's, another host's and other names
+    stay."""
+    from lambdapipe import atomic
+    from lambdapipe.report import build_report
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = os.uname().nodename
+    curves = tmp_path / "report" / "curves" / "digits"
+    curves.mkdir(parents=True)
+    gone = [curves / f".val_acc.tsv.{dead.pid}@{host}.abcdefgh.tmp",
+            tmp_path / "report" / f".runs.csv.{dead.pid}@{host}.zz_9yy88.tmp"]
+    kept = [curves / f".val_acc.tsv.{os.getppid()}@{host}.abcdefgh.tmp",
+            curves / f".val_acc.tsv.{dead.pid}@another-host.abcdefgh.tmp",
+            curves / "notes.tmp"]
+    for p in gone + kept:
+        p.write_text("x")
+    (tmp_path / "runs").mkdir()
+    with contextlib.suppress(UserError):  # no runs: the cleanup comes first regardless
+        build_report(tmp_path / "runs", tmp_path / "report")
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
+    # the names atomic writes use carry their owner (seen mid-write)
+    seen = []
+    with atomic.atomic_open(tmp_path / "x.txt", "w") as fh:
+        seen = [p.name for p in tmp_path.glob(".x.txt.*.tmp")]
+        fh.write("y")
+    assert len(seen) == 1 and seen[0].startswith(f".x.txt.{os.getpid()}@{host}."), seen

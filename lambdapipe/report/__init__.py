@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lambdapipe.atomic import write_json, write_text
+from lambdapipe.atomic import remove_temporaries, write_json, write_text
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DATASET
 from lambdapipe.report import figures, tables
@@ -51,6 +51,7 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     source's published rows (config `report.published_as`, set by `shrink`).
     """
     runs, out = Path(runs), Path(out)
+    remove_temporaries(out, recursive=True, owned=False)  # a killed report's (dead pid)
     pub = read_published(published)
     collection = collect_runs(runs)  # validates every file before anything is written
     df = tables.runs_frame(collection, published_as)
