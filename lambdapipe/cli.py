@@ -223,8 +223,10 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
               help="Progress bar (default: only on a terminal).")
 @click.option("--fuse/--no-fuse", default=False,
               help="With --seeds: train the seeds as one network (their models stacked, one "
-                   "set of kernels; results within float tolerance of each seed alone, not "
-                   "bitwise). Default: they step in turn, each on its own CUDA stream.")
+                   "set of kernels). A fused seed equals the seed alone statistically, not "
+                   "numerically: same start, data and update, float sums in another order, so "
+                   "final accuracies differ about as seeds do (docs/performance.md). Default: "
+                   "they step in turn, each on its own CUDA stream.")
 @_user_errors
 @click.pass_context
 def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: str,
