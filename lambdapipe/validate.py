@@ -205,8 +205,8 @@ def _same_kind(have: Any, want: Any) -> bool:
     """`have` is the kind of value `want` is (numbers interchangeable, tuples as lists)."""
     import torch
 
-    if isinstance(want, bool) or want is None:
-        return type(have) is type(want)
+    if isinstance(want, bool) or want is None:  # flags (fused, foreach): the device's choice
+        return have is None or isinstance(have, bool)
     if isinstance(want, _NUMBER) or isinstance(want, torch.Tensor) and want.numel() == 1:
         return _is_number(have) and math.isfinite(float(have))
     if isinstance(want, list | tuple):
@@ -231,7 +231,7 @@ def _check_optimizer(saved: Any, optimizer: Any) -> str | None:
                                 strict=True):
         if not isinstance(have, dict) or set(have) != set(want):
             return "param group keys differ from the recipe's optimizer"
-        if have["params"] != want["params"]:
+        if not isinstance(have["params"], list) or have["params"] != want["params"]:
             return "param group parameters differ from the model's"
         for key, value in want.items():
             if key != "params" and not _same_kind(have[key], value):
@@ -271,7 +271,8 @@ def _check_rng(rng: Any) -> str | None:
             and (py[2] is None or type(py[2]) is float)):
         return "rng.python is not a Mersenne Twister state"
     npy = rng["numpy"]
-    if not (isinstance(npy, list | tuple) and len(npy) == 5 and npy[0] == "MT19937"
+    if not (isinstance(npy, list | tuple) and len(npy) == 5 and isinstance(npy[0], str)
+            and npy[0] == "MT19937"
             and isinstance(npy[1], torch.Tensor) and tuple(npy[1].shape) == (624,)
             and npy[1].dtype == torch.int64 and bool(((npy[1] >= 0) & (npy[1] < 2**32)).all())
             and type(npy[2]) is int and 0 <= npy[2] <= 624 and type(npy[3]) is int
@@ -295,7 +296,7 @@ def _check_state(state: Any, fields: dict[str, Any], total: int, iteration: Any
     it = state["iteration"]
     if type(it) is not int or not 0 <= it <= total:
         return f"state.iteration {it!r} is not an integer in [0, {total}]"
-    if iteration != it:
+    if type(iteration) is not int or iteration != it:
         return f"iteration {iteration!r} differs from state.iteration {it}"
     for key in ("best_iteration", "skipped_steps"):
         if type(state[key]) is not int or not -1 <= state[key] <= it:
@@ -308,7 +309,8 @@ def _check_state(state: Any, fields: dict[str, Any], total: int, iteration: Any
             isinstance(r, dict) and all(isinstance(k, str) and _is_number(v)
                                         for k, v in r.items()) for r in rows):
         return f"state.rows is not a list of at most {it} rows of numbers"
-    if rows and rows[-1].get("iteration") != it:
+    if rows and (not isinstance(rows[-1].get("iteration"), int | float)
+                 or rows[-1]["iteration"] != it):
         return f"state.rows ends at iteration {rows[-1].get('iteration')!r}, not {it}"
     return None
 
