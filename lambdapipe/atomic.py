@@ -3,6 +3,11 @@
 Every artefact goes to a temporary file in the destination directory, is fsynced, then
 renamed over its final name, so a reader sees either the old file or the complete new
 one, never a torn write (POSIX rename is atomic within one filesystem).
+
+The temporary is `.<name>.<pid>@<host>.<random>.tmp`: its owner is in its name, so a later
+run or report can remove the ones a killed process left (`remove_temporaries`) without
+touching a live writer's. And every file we read back is input: `read_small` reads regular
+files only, bounded, as UTF-8, and fails in one line naming the file.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from lambdapipe.errors import UserError
 
 
 class WriteError(OSError):
@@ -29,7 +39,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     try:  # a read-only filesystem or a full disk: one line, as for the write itself
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp",
+                                   dir=path.parent)
     except OSError as exc:
         raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
@@ -171,3 +182,95 @@ def keep_read_only(path: str | os.PathLike) -> None:
     if mode & 0o222:
         with contextlib.suppress(OSError):  # not ours to change: reading it still works
             path.chmod(mode & ~0o222)
+
+
+# --------------------------------------------------------------------------- temporaries
+# `.<name>.<pid>@<host>.<random>.tmp` (mkstemp's random part: 8 of [a-z0-9_]); the name
+# before this round had no owner: `.<name>.<random>.tmp`.
+_TMP_RE = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<pid>\d+)@(?P<host>[^@/]+)\.)?"
+                     r"[a-z0-9_]{8}\.tmp$")
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_temporaries(directory: str | os.PathLike, recursive: bool = False,
+                       owned: bool = True) -> list[Path]:
+    """Remove the temporary files of our own naming that a killed writer left in
+    `directory`. `owned`: the caller holds the directory (runlock), so every such file is
+    stale, old-style names included; otherwise only those of a dead pid on this host (a
+    live writer's, another host's or an unowned name are left). Plain files only."""
+    root = Path(directory)
+    host, removed = socket.gethostname(), []
+    try:
+        paths = root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")
+        for path in paths:
+            m = _TMP_RE.match(path.name)
+            if m is None or path.is_symlink() or not path.is_file():
+                continue
+            if m["pid"] is not None and int(m["pid"]) == os.getpid():
+                continue
+            if not owned and (m["pid"] is None or m["host"] != host or _alive(int(m["pid"]))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    except OSError:  # cleaning up is a courtesy; the real work reports a real problem
+        pass
+    return removed
+
+
+# --------------------------------------------------------------------------- reading back
+def read_small(path: str | os.PathLike, limit: int, what: str = "") -> str:
+    """The text of a small file we wrote (sidecar, summary, manifest, lock file), read as
+    input: a regular file (a FIFO would hang, a link to /dev/zero never end), at most
+    `limit` bytes, UTF-8. A missing file raises FileNotFoundError; anything else wrong is
+    one UserError line naming the file."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot read {label}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"refusing {label}: not a regular file (a FIFO, device or "
+                            "directory); expected the file lambdapipe wrote")
+        data = os.read(fd, limit + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read {label}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UserError(f"refusing {label}: larger than {limit:,} bytes; expected the file "
+                        "lambdapipe wrote")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"refusing {label}: not UTF-8 text") from None
+
+
+def read_json(path: str | os.PathLike, limit: int, what: str = "") -> Any:
+    """`read_small` + json.loads; invalid JSON (truncated, empty) is one line too."""
+    text = read_small(path, limit, what)
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # RecursionError is not ValueError: see below
+        raise UserError(f"refusing {f'{what} ' if what else ''}{path}: not valid JSON "
+                        f"({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"refusing {f'{what} ' if what else ''}{path}: JSON nested too "
+                        "deep") from None

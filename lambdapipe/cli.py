@@ -103,20 +103,20 @@ def device_option(help: str = "auto (a free GPU if any, else CPU), cpu, cuda (a 
 
 def _parse_key_values(values: tuple[str, ...], what: str) -> dict[str, object]:
     """`k=16 r=23 x=none` -> {"k": 16, "r": 23, "x": None}; YAML rules give the value types."""
-    import yaml
+    from lambdapipe.config import safe_yaml
 
     out: dict[str, object] = {}
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise click.BadParameter(f"{key.strip()}={raw!r}: value is not YAML ({problem}); "
-                                     "quote it or use a number, word, list or mapping",
-                                     param_hint=what) from None
+        try:  # within the config limits: a --set value is YAML too
+            out[key.strip()] = safe_yaml(raw, "value") if raw.strip() else ""
+        except UserError as exc:
+            problem = str(exc).removeprefix("value is not valid YAML: ")
+            raise click.BadParameter(f"{key.strip()}={raw[:80]!r}: value is not YAML "
+                                     f"({problem}); quote it or use a number, word, list or "
+                                     "mapping", param_hint=what) from None
     return out
 
 
@@ -283,8 +283,10 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
               help="Progress bar (default: only on a terminal).")
 @click.option("--fuse/--no-fuse", default=False,
               help="With --seeds: train the seeds as one network (their models stacked, one "
-                   "set of kernels; results within float tolerance of each seed alone, not "
-                   "bitwise). Default: one after another, each as trained alone.")
+                   "set of kernels). A fused seed equals the seed alone statistically, not "
+                   "numerically: same start, data and update, float sums in another order, so "
+                   "final accuracies differ about as seeds do (docs/performance.md). Default: "
+                   "one after another, each as trained alone.")
 @_user_errors
 @click.pass_context
 def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: str,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from lambdapipe import atomic
 from lambdapipe.augment import normalize
 from lambdapipe.errors import StateError, UserError
+from lambdapipe.validate import sidecar_digests
 
 ECE_BINS = 15
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,10 +64,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
     `check=False` is for tests of the file format itself."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        accepted = [line.split()[0] for line in sidecar(path).read_text().splitlines() if line]
-    except OSError:
+        raise UserError(f"checkpoint {path} does not exist" if not path.exists() else
+                        f"refusing checkpoint {path}: not a regular file")
+    try:  # bounded, regular files only: a sidecar is input too (lambdapipe/validate.py)
+        accepted = sidecar_digests(sidecar(path))
+    except FileNotFoundError:
         accepted = []
     if not accepted:
         raise StateError(f"corrupted checkpoint {path}: its sidecar {sidecar(path).name} "
@@ -107,7 +109,7 @@ def check_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
     from lambdapipe.validate import check_model
 
     meta = check_model(config["model"], data["num_classes"], data["image_size"],
-                       config["model_args"])
+                       config["model_args"], copies=1)
     wanted = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     missing, unexpected = sorted(set(wanted) - set(have)), sorted(set(have) - set(wanted))

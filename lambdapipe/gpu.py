@@ -17,6 +17,12 @@ claimed GPU and no context is ever opened on another one - as SLURM does for a w
 A CUDA_VISIBLE_DEVICES already set (by SLURM or by hand) is indexed into, never replaced by
 host numbering: `cuda:N` means the N-th device the job was given.
 
+The temp dir is shared with every local user, so a lock file is input from a possible
+attacker: the lock directory is created private to its user (0700) and refused, in one
+line, when another user owns it (they could plant files in it); a lock file is opened with
+O_NOFOLLOW and must be a regular file, so a symbolic link planted at `gpu0.slot0.lock`
+cannot make a job truncate the file it points to.
+
 Under SLURM the scheduler has already given the job its GPUs (CUDA_VISIBLE_DEVICES), so
 `auto` uses the first visible device and takes no lock.
 
@@ -31,18 +37,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
 import re
 import socket
+import stat
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lambdapipe.errors import StateError, bad_value
+from lambdapipe.errors import StateError, UserError, bad_value
 
 LOCK_DIR_ENV = "LAMBDAPIPE_GPU_LOCK_DIR"
 SLOTS_ENV = "LAMBDAPIPE_GPU_SLOTS"
@@ -188,8 +196,47 @@ def _only(claim: Claim, fake: bool) -> Iterator[None]:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
+def lock_dir_ready(lock_dir: Path | None) -> Path:
+    """The lock directory, created 0700; refused in one line if it is not a directory, a
+    dangling link, or owned by another user (who could plant links or files in it)."""
+    explicit = lock_dir is not None or bool(os.environ.get(LOCK_DIR_ENV))
+    path = Path(lock_dir) if lock_dir is not None else default_lock_dir()
+    what = "--gpu-lock-dir" if lock_dir is not None else (
+        f"${LOCK_DIR_ENV}" if explicit else "GPU lock directory")
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"invalid {what} {str(path)!r}: a symbolic link to "
+                        f"{os.readlink(path)!r}, which does not exist; expected a directory")
+    if not explicit and path.is_symlink():  # in the shared temp dir: anyone could plant it
+        raise UserError(f"refusing {what} {str(path)!r}: it is a symbolic link in a shared "
+                        f"directory; remove it, or set ${LOCK_DIR_ENV}")
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(path)
+    except FileExistsError:
+        raise UserError(f"invalid {what} {str(path)!r}: it is a file; expected a "
+                        "directory") from None
+    except OSError as exc:
+        raise UserError(f"invalid {what} {str(path)!r}: {exc.strerror or exc}; expected a "
+                        "writable directory") from None
+    if st.st_uid != os.getuid():
+        raise UserError(f"refusing {what} {str(path)!r}: it is owned by uid {st.st_uid}, not "
+                        f"by you (uid {os.getuid()}), who could plant files in it; choose a "
+                        f"directory of your own with --gpu-lock-dir or ${LOCK_DIR_ENV}")
+    return path
+
+
 def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # O_NOFOLLOW: a planted link must not make us truncate its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory"}.get(
+            exc.errno, exc.strerror or str(exc))
+        raise UserError(f"refusing GPU lock file {path}: {kind}; expected a regular file "
+                        "(remove it)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device someone put there
+        os.close(fd)
+        raise UserError(f"refusing GPU lock file {path}: not a regular file (remove it)")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -287,8 +334,7 @@ def claim(device: str = "auto", lock_dir: Path | None = None, slots: int | None 
     slots = slots if slots is not None else (_env_int(SLOTS_ENV, 1) or 1)
     if slots < 1:
         raise bad_value("GPU slots", slots, "an integer >= 1")
-    lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir = lock_dir_ready(lock_dir)
     candidates = [int(wanted)] if wanted is not None else list(range(count))
     # Slot-major order: fill every GPU's first slot before anyone shares a GPU.
     order = [(i, j) for j in range(slots) for i in candidates]

@@ -223,17 +223,34 @@ def _coerce(key: str, value: Any) -> Any:
             return tuple(float(v) for v in items)
         except (TypeError, ValueError):
             raise bad_value(f"recipe field {key}", value, "a list of numbers") from None
+    if key in _INT:  # exact (no float round trip: 10**23 is not 99999999999999999999999)
+        return _coerce_int(key, value)
     try:
         number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         number = math.nan
-    if not math.isfinite(number):
-        raise bad_value(f"recipe field {key}", value, "a finite number")
-    if key in _INT:
-        if not number.is_integer():
-            raise bad_value(f"recipe field {key}", value, "an integer")
-        return int(number)
+    if not math.isfinite(number) or abs(number) > FLOAT_MAX:
+        raise bad_value(f"recipe field {key}", value, f"a finite number, at most {FLOAT_MAX:g}")
     return number
+
+
+# Upper bounds far beyond any real run and far below what breaks (a budget that never ends,
+# an int64 overflow in a step counter): iterations 10^9 is ~3 years at 10 steps/s.
+INT_MAX = {"batch_size": 1 << 20, "iterations": 10**9, "eval_every": 10**9, "crop_padding": 1024}
+FLOAT_MAX = 1e12
+
+
+def _coerce_int(key: str, given: Any) -> int:
+    value = given
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        value = int(value.strip()) if len(value) < 30 else INT_MAX[key] + 1
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_value(f"recipe field {key}", given, "an integer")
+    if value > INT_MAX[key]:
+        raise bad_value(f"recipe field {key}", given, f"an integer at most {INT_MAX[key]:,}")
+    return value
 
 
 def _validate(r: Recipe) -> None:

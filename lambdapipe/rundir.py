@@ -24,10 +24,11 @@ from lambdapipe.augment import channel_stats
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import build_model, load_checkpoint
 from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe
-from lambdapipe.validate import check_out_dir, check_seed
+from lambdapipe.validate import check_model, check_out_dir, check_seed
 
 METRIC_COLUMNS = ["iteration", "epoch", "lr", "train_loss", "train_acc", "train_clean_acc",
                   "val_loss", "val_acc", "images_per_s", "elapsed_s"]
+SMALL_FILE = 64 << 20  # config.json, summary.json: read bounded (lambdapipe/atomic.py)
 SPEED_WINDOW = 5000  # iter_per_min is measured over the last this many steps
 
 
@@ -85,11 +86,15 @@ def load_splits(cfg: TrainConfig, verify: bool = True):
 
 def saved_config(out: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((out / "config.json").read_text())
+        saved = atomic.read_json(out / "config.json", SMALL_FILE, "run config")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        raise UserError(f"{out / 'config.json'} is unreadable: choose another --out") from None
+    except UserError as exc:
+        raise UserError(f"{exc}: choose another --out") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"refusing run config {out / 'config.json'}: not a mapping; choose "
+                        "another --out")
+    return saved
 
 
 def check_before_start(cfg: TrainConfig) -> None:
@@ -109,16 +114,14 @@ def check_before_start(cfg: TrainConfig) -> None:
             return  # finished with this config: run() returns its summary, trains nothing
     last = cfg.out / "last.ckpt"
     if last.exists():  # corrupted, or of another config: refuse now, not after a GPU claim
-        diffs = differences(load_checkpoint(last)["config"], cfg.identity())
-        if diffs:
-            raise UserError(f"{last} belongs to a different config ({'; '.join(diffs[:3])}): "
-                            "choose another --out")
+        check_same_run(cfg, last, load_checkpoint(last))
     train, val = load_splits(cfg)
     r = cfg.recipe
     if r.batch_size > len(train.labels):
         raise UserError(f"invalid batch_size {r.batch_size}: expected at most the "
                         f"{len(train.labels)} training images of {cfg.dataset}")
-    model = build_model(run_config(cfg, train, stats=False))
+    check_model(cfg.model, train.num_classes, int(train.images.shape[1]), cfg.model_args)
+    model = build_model(run_config(cfg, train, stats=False))  # its size checked: on meta
     model.eval()
     with torch.no_grad():
         x = torch.zeros(2, 3, *train.images.shape[1:3])
@@ -128,6 +131,15 @@ def check_before_start(cfg: TrainConfig) -> None:
             raise UserError(f"model {cfg.model} {cfg.model_args} cannot run on "
                             f"{cfg.dataset} images ({train.images.shape[1]} px): "
                             f"{str(exc).splitlines()[0]}") from None
+
+
+def check_same_run(cfg: TrainConfig, last: Path, ckpt: dict[str, Any]) -> None:
+    """At the checks and again at the resume itself: another owner may have written
+    last.ckpt in between (a run directory removed and taken under a running owner)."""
+    diffs = differences(ckpt["config"], cfg.identity())
+    if diffs:
+        raise UserError(f"{last} belongs to a different config ({'; '.join(diffs[:3])}): "
+                        "choose another --out")
 
 
 def run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu"):

@@ -11,7 +11,6 @@ The run directory and its checks are rundir.py's, the step step.py's.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import textwrap
@@ -36,9 +35,11 @@ from lambdapipe.evaluate import (
 from lambdapipe.recipes import Recipe, recipe_changes
 from lambdapipe.rundir import (  # noqa: F401 - TrainConfig, METRIC_COLUMNS: the public API
     METRIC_COLUMNS,
+    SMALL_FILE,
     RunState,
     TrainConfig,
     check_before_start,
+    check_same_run,
     iter_per_min,
     load_splits,
     run_config,
@@ -53,6 +54,7 @@ from lambdapipe.step import (  # noqa: F401 - TrainStep: the public API
     make_optimizer,
     make_step,
 )
+from lambdapipe.validate import check_resume
 
 SYNC_EVERY = 50  # steps between host syncs for the progress bar and the divergence check
 
@@ -76,7 +78,7 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
     with runlock.own(cfg.out):  # one owner per run directory (a refused run leaves nothing)
         check_before_start(cfg)  # also refuses an --out that holds a different config
         if summary_path.exists():
-            return json.loads(summary_path.read_text())
+            return atomic.read_json(summary_path, SMALL_FILE, "run summary")
         with kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
             return Run(cfg, str(device), progress, callback).train()
 
@@ -138,7 +140,10 @@ class Run:
 
         last = out / "last.ckpt"
         if last.exists():
-            ckpt = load_checkpoint(last, map_location=device)  # its config: check_before_start
+            ckpt = load_checkpoint(last, map_location=device)
+            check_same_run(cfg, last, ckpt)
+            check_resume(ckpt, last, optimizer=optimizer, scaler=step_fn.scaler, total=total,
+                         state_fields=RunState().to_dict())
             load_weights(model, ckpt["model"], str(last))
             optimizer.load_state_dict(ckpt["optimizer"])
             step_fn.scaler.load_state_dict(ckpt["scaler"])
@@ -257,6 +262,7 @@ class Run:
         state.skipped_steps += int(tally.skipped)
         self.seat.reset_tally()
         paths = [out / "last.ckpt"]
+        runlock.check_still_owned(out)  # not into a directory removed, maybe re-owned
         if row["val_acc"] > state.best_val_acc:
             state.best_val_acc, state.best_iteration = row["val_acc"], it
             paths.insert(0, out / "best.ckpt")
@@ -282,6 +288,7 @@ class Run:
         if self.diverged_at is not None:
             self.state.skipped_steps += int(self.seat.counts().skipped)
             self.log(f"diverged: non-finite loss at iteration {self.diverged_at}")
+        runlock.check_still_owned(self.out)
         summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.seat.path,
                              self.state, self.it, self.diverged_at, self.session_start,
                              self.started, self.config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import socket
 import tarfile
@@ -327,3 +328,55 @@ def test_cli_network_failure_is_one_error_line_exit_1(tmp_path):
     res = CliRunner().invoke(main, ["download", "--dataset", "cifar10", "--data-dir",
                                     str(tmp_path), "--url", "ftp://x/y.tgz"])
     assert res.exit_code == 2 and "Usage" in res.output
+
+
+# --------------------------------------------------------------------------- a shared mirror
+def test_concurrent_mirror_copies_wait_and_never_link_the_mirror(tmp_path, monkeypatch):
+    """Issue 28.1: four downloads of one archive from a mirror into one data directory all
+    succeed (one SameFileError traceback in 2 of 3 trials before), and the archive they
+    leave is a file of our own, not a second name of the mirror's (a hard link)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    source = mirror / "cifar-10-python.tar.gz"
+    make_cifar(source, False, 10)
+    use_archive(monkeypatch, "cifar10", source, 100)
+    original = source.read_bytes()
+    raw = tmp_path / "d" / "raw"
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(
+            lambda _: data.download("cifar10", raw, mirror=mirror, progress=False), range(4)))
+    final = raw / source.name
+    assert results == [final] * 4
+    assert final.stat().st_nlink == 1 and source.stat().st_nlink == 1
+    assert not final.samefile(source)
+    assert final.read_bytes() == original == source.read_bytes()
+    assert sorted(p.name for p in raw.iterdir()) == [f".{source.name}.lock", source.name]
+
+
+def test_a_part_linked_to_the_mirror_is_never_written_through(tmp_path, archive_server,
+                                                              monkeypatch):
+    """Issue 28.1: a `.part` hard-linked to the mirror's archive (what the old mirror copy
+    left) and a server that sends wrong bytes: the download fails on md5, and the mirror's
+    archive keeps its bytes (it was appended to, in place, before)."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    source = mirror / "cifar-10-python.tar.gz"
+    make_cifar(source, False, 10)
+    use_archive(monkeypatch, "cifar10", source, 100)
+    original = source.read_bytes()
+    served = archive_server.root / source.name  # longer than the real one: a resume appends
+    served.write_bytes(original + b"garbage" * 1000)
+    raw = tmp_path / "d" / "raw"
+    raw.mkdir(parents=True)
+    os.link(source, raw / f"{source.name}.part")
+    (raw / "elsewhere").write_bytes(b"keep")
+    with pytest.raises(UserError, match="md5"):
+        data.download("cifar10", raw, url=archive_server.url(source.name), progress=False)
+    assert source.read_bytes() == original
+    os.symlink(raw / "elsewhere", raw / f"{source.name}.part")  # a symlink is not followed
+    with pytest.raises(UserError, match="md5"):
+        data.download("cifar10", raw, url=archive_server.url(source.name), progress=False)
+    assert (raw / "elsewhere").read_bytes() == b"keep"
+    assert archive_server.requests[-1]["range"] is None  # started afresh both times

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -340,3 +341,82 @@ def test_on_a_gpu_the_claimed_job_sees_only_its_own_device(tmp_path, monkeypatch
                                f"get_device_properties({job['index']}).uuid)"],
                               capture_output=True, text=True, timeout=300, check=True)
     assert physical.stdout.strip() == job["uuid"]
+
+
+# --------------------------------------------------------------------------- hostile lock files
+def _one_line(exc) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_a_planted_link_at_a_lock_file_is_never_followed(tmp_path, fake_env):
+    """Issue 28.2: a symlink at gpu0.slot0.lock made a job truncate and overwrite its target."""
+    env, _ = fake_env
+    env(1)
+    locks, victim = tmp_path / "locks", tmp_path / "victim.txt"
+    locks.mkdir()
+    victim.write_text("precious\n")
+    (locks / "gpu0.slot0.lock").symlink_to(victim)
+    with pytest.raises(UserError) as exc, gpu.claim("auto", lock_dir=locks):
+        pass
+    assert "symbolic link" in _one_line(exc) and "gpu0.slot0.lock" in str(exc.value)
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_path_that_is_not_a_file_is_one_line(tmp_path, fake_env, kind):
+    env, _ = fake_env
+    env(1)
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    target = locks / "gpu0.slot0.lock"
+    target.mkdir() if kind == "directory" else os.mkfifo(target)
+    with pytest.raises(UserError) as exc, gpu.claim("auto", lock_dir=locks, timeout_s=1):
+        pass
+    assert "gpu0.slot0.lock" in _one_line(exc)
+
+
+def test_a_dangling_or_file_lock_dir_is_one_line(tmp_path, fake_env):
+    env, _ = fake_env
+    env(1)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="does not exist") as exc, \
+            gpu.claim("auto", lock_dir=dangling):
+        pass
+    assert "--gpu-lock-dir" in _one_line(exc) and not (tmp_path / "nowhere").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="it is a file"), gpu.claim("auto", lock_dir=afile):
+        pass
+
+
+def test_the_lock_dir_is_private_and_another_users_is_refused(tmp_path, fake_env, monkeypatch):
+    env, _ = fake_env
+    env(1)
+    monkeypatch.setattr(gpu.tempfile, "gettempdir", lambda: str(tmp_path))
+    with gpu.claim("auto") as dev:
+        assert dev == "cpu" and gpu.current().lock_path is not None
+    mine = gpu.default_lock_dir()
+    assert mine.stat().st_mode & 0o777 == 0o700
+    if os.getuid() != 0:
+        pytest.skip("chown to another user needs root")
+    os.chown(mine, 65534, 65534)
+    with pytest.raises(UserError, match="owned by uid 65534") as exc, gpu.claim("auto"):
+        pass
+    _one_line(exc)
+    shutil.rmtree(mine)
+    mine.symlink_to(tmp_path)  # a link planted in the shared temp dir
+    with pytest.raises(UserError, match="symbolic link in a shared directory"), gpu.claim():
+        pass
+
+
+def test_cli_dangling_gpu_lock_dir_is_one_line(tmp_path, fake_env):
+    env, _ = fake_env
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    proc = subprocess.run([sys.executable, "-m", "lambdapipe", "evaluate", "--ckpt",
+                           str(tmp_path / "x.ckpt"), "--device", "auto", "--gpu-lock-dir",
+                           str(dangling)], capture_output=True, text=True, env=env(1))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr

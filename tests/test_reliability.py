@@ -706,3 +706,235 @@ def test_prepare_removes_temporaries_whose_owner_is_gone(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+# --------------------------------------------------------------------------- round three (#28)
+def test_an_owner_whose_run_directory_vanished_stops_without_recreating_it(data_dir, tmp_path):
+    """Issue 28.3: `rm -rf R` under a running owner; it stops in one line at its next write
+    instead of recreating R (where a second owner may have started meanwhile)."""
+    from lambdapipe import runlock
+
+    out = tmp_path / "run"
+    cfg = train.TrainConfig.build(model="resnet20x1", model_args={"base_width": 4},
+                                  dataset="digits", data_dir=data_dir, noise="clean", seed=0,
+                                  out=out, recipe="demo",
+                                  overrides={"iterations": 12, "eval_every": 3,
+                                             "batch_size": 32})
+
+    def remove(row):
+        if row["iteration"] == 3:
+            shutil.rmtree(out)
+
+    with pytest.raises(runlock.RunDirGone, match="was removed or replaced") as exc:
+        train.run(cfg, callback=remove)
+    assert "\n" not in str(exc.value)
+    assert not out.exists()
+
+
+def test_a_resume_checks_the_checkpoint_config_itself(interrupted, data_dir, tmp_path):
+    """Issue 28.3: a last.ckpt written by another owner after this run's checks (seed 0's,
+    into seed 1's directory) is refused at the resume itself, not resumed."""
+    out = copy_run(interrupted, tmp_path / "run")
+    (out / "config.json").unlink()
+    cfg = train.TrainConfig.build(model="resnet20x1", model_args={"base_width": 4},
+                                  dataset="digits", data_dir=data_dir, noise="clean", seed=1,
+                                  out=out, recipe="demo",
+                                  overrides={"iterations": 12, "eval_every": 3,
+                                             "batch_size": 32})
+    with pytest.raises(UserError, match=r"belongs to a different config \(seed: 0 -> 1\)"):
+        train.Run(cfg, "cpu").start()
+
+
+def tamper(case: str, ckpt: dict) -> dict:
+    """Issue 28.4: a checkpoint whose config and weights are fine but whose resume state is
+    not (each with a valid sidecar)."""
+    opt, state = ckpt["optimizer"], ckpt["state"]
+    first = next(iter(opt["state"]))
+    if case == "optimizer_empty":
+        ckpt["optimizer"] = {}
+    elif case == "optimizer_missing":
+        del ckpt["optimizer"]
+    elif case == "optimizer_lr_text":
+        opt["param_groups"][0]["lr"] = "fast"
+    elif case == "optimizer_buffer_shape":
+        key = next(iter(opt["state"][first]))
+        opt["state"][first][key] = torch.zeros(7, 7)
+    elif case == "optimizer_extra_param":
+        opt["state"][10**6] = {"momentum_buffer": torch.zeros(1)}
+    elif case == "rng_missing":
+        del ckpt["rng"]
+    elif case == "rng_torch_shape":
+        ckpt["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    elif case == "rng_python_types":
+        ckpt["rng"]["python"] = ["a", "b", "c"]
+    elif case == "rng_numpy_extra_key":
+        ckpt["rng"]["evil"] = 1
+    elif case == "scaler_text":
+        ckpt["scaler"] = "x"
+    elif case == "state_extra_key":
+        state["evil"] = 1
+    elif case == "state_iteration_negative":
+        state["iteration"] = ckpt["iteration"] = -1
+    elif case == "state_iteration_huge":
+        state["iteration"] = ckpt["iteration"] = 10**15
+    elif case == "state_rows_text":
+        state["rows"] = ["row"]
+    elif case == "state_empty":
+        ckpt["state"] = {}
+    return ckpt
+
+
+TAMPERED = ["optimizer_empty", "optimizer_missing", "optimizer_lr_text",
+            "optimizer_buffer_shape", "optimizer_extra_param", "rng_missing", "rng_torch_shape",
+            "rng_python_types", "rng_numpy_extra_key", "scaler_text", "state_extra_key",
+            "state_iteration_negative", "state_iteration_huge", "state_rows_text",
+            "state_empty"]
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_a_tampered_resume_state_is_one_line(interrupted, data_dir, tmp_path, case):
+    out = copy_run(interrupted, tmp_path / "run")
+    save_checkpoint(tamper(case, load_checkpoint(out / "last.ckpt")), out / "last.ckpt")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = one_line_error(cli(*train_args(data_dir, out)))
+    assert "last.ckpt cannot be resumed" in line, line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def _capped_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The CLI in a child under a 4 GiB address-space cap and a timeout: a FIFO that hangs
+    it or a read of /dev/zero that fills memory fails the test, not the machine."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    return subprocess.run([sys.executable, "-m", "lambdapipe", *args], capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=cap,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _child_one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode in (1, 2), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: "), proc.stderr[-3000:]
+    return last
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "whitespace", "not_utf8", "garbage"])
+def test_a_hostile_sidecar_is_one_line_naming_it(interrupted, tmp_path, data_dir, kind):
+    """Issue 28.4: a sidecar that is a FIFO (evaluate hung), a link to /dev/zero (an
+    unbounded read), whitespace only, not UTF-8, or not `sha256sum` lines."""
+    out = copy_run(interrupted, tmp_path / "run")
+    side = sidecar(out / "last.ckpt")
+    side.unlink()
+    if kind == "fifo":
+        os.mkfifo(side)
+    elif kind == "dev_zero":
+        side.symlink_to("/dev/zero")
+    elif kind == "whitespace":
+        side.write_text("  \n\t\n")
+    elif kind == "not_utf8":
+        side.write_bytes(b"\xff\xfe" * 40 + b"\n")
+    else:
+        side.write_text("not a digest at all\n")
+    try:
+        line = _child_one_line(_capped_cli("evaluate", "--ckpt", str(out / "last.ckpt"),
+                                           "--data-dir", str(data_dir), "--device", "cpu"))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"evaluate hung on a {kind} sidecar")
+    assert "last.ckpt.sha256" in line, line
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    result = cli(*train_args(data_dir, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("name,content", [("summary.json", b'{"status": "o'),
+                                          ("summary.json", b""),
+                                          ("config.json", b"\xff\xfe"),
+                                          ("config.json", b"[1, 2]")])
+def test_a_truncated_summary_or_config_on_rerun_is_one_line(finished, data_dir, tmp_path,
+                                                            name, content):
+    out = copy_run(finished, tmp_path / "run")
+    (out / name).write_bytes(content)
+    line = one_line_error(cli(*train_args(data_dir, out)))
+    assert name in line, line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_a_mapping", "no_arrays", "escaping_name",
+                                    "classes_short"])
+def test_a_corrupt_data_manifest_is_one_line_in_prepare_and_train(data_dir, tmp_path, damage):
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    path = root / "prepared" / "digits" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if damage == "truncated":
+        path.write_text(path.read_text()[:40])
+    else:
+        if damage == "not_a_mapping":
+            manifest = [manifest]
+        elif damage == "no_arrays":
+            del manifest["arrays"]
+        elif damage == "escaping_name":
+            manifest["arrays"]["../../../etc/passwd"] = {"sha256": "0" * 64}
+        else:
+            manifest["classes"] = manifest["classes"][:2]
+        path.write_text(json.dumps(manifest))
+    for args in (["prepare", "--dataset", "digits", "--data-dir", str(root)],
+                 train_args(root, tmp_path / "run")):
+        line = one_line_error(cli(*args))
+        assert "manifest.json" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_when_it_resumes(interrupted, data_dir,
+                                                                       tmp_path):
+    """Issue 28.7: a SIGKILLed train left `.last.ckpt.sha256.*.tmp`, still there after the
+    resumed run finished. Our own names (old and new style) go; other names stay."""
+    out = copy_run(interrupted, tmp_path / "run")
+    ours = [".last.ckpt.sha256.ab12cd_3.tmp", ".metrics.csv.999999@elsewhere.zz99yy88.tmp",
+            ".best.ckpt.4194304@" + os.uname().nodename + ".abcdefgh.tmp"]
+    others = ["notes.tmp", ".mine.tmp"]
+    for name in ours + others:
+        (out / name).write_text("x")
+    result = cli(*train_args(data_dir, out))
+    assert result.exit_code == 0, result.output
+    left = {p.name for p in out.iterdir()}
+    assert not left & set(ours) and set(others) <= left
+
+
+def test_a_report_removes_the_temporaries_a_killed_report_left(tmp_path):
+    """Issue 28.7: killed reports left `curves/.../.*.tsv.*.tmp` that reruns never removed.
+    Those of a dead pid on this host go; a live writer's, another host's and other names
+    stay."""
+    from lambdapipe import atomic
+    from lambdapipe.report import build_report
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = os.uname().nodename
+    curves = tmp_path / "report" / "curves" / "digits"
+    curves.mkdir(parents=True)
+    gone = [curves / f".val_acc.tsv.{dead.pid}@{host}.abcdefgh.tmp",
+            tmp_path / "report" / f".runs.csv.{dead.pid}@{host}.zz_9yy88.tmp"]
+    kept = [curves / f".val_acc.tsv.{os.getppid()}@{host}.abcdefgh.tmp",
+            curves / f".val_acc.tsv.{dead.pid}@another-host.abcdefgh.tmp",
+            curves / "notes.tmp"]
+    for p in gone + kept:
+        p.write_text("x")
+    (tmp_path / "runs").mkdir()
+    with contextlib.suppress(UserError):  # no runs: the cleanup comes first regardless
+        build_report(tmp_path / "runs", tmp_path / "report")
+    assert not any(p.exists() for p in gone) and all(p.exists() for p in kept)
+    # the names atomic writes use carry their owner (seen mid-write)
+    seen = []
+    with atomic.atomic_open(tmp_path / "x.txt", "w") as fh:
+        seen = [p.name for p in tmp_path.glob(".x.txt.*.tmp")]
+        fh.write("y")
+    assert len(seen) == 1 and seen[0].startswith(f".x.txt.{os.getpid()}@{host}."), seen

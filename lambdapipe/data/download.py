@@ -5,26 +5,32 @@ md5 matches, so a file with the final name is always a verified archive. An inte
 transfer keeps the `.part` and the next call resumes it with an HTTP Range request; a
 finished transfer with the wrong md5 is deleted. Plain http is allowed only for loopback
 hosts (local test servers); everything else must be https.
+
+A mirror is read-only to us and shared with other users: its archive is copied (never hard
+linked) into a new temporary file of ours, hashed as it is copied, and renamed into place.
+A `.part` that is a link, or has other names (a hard link into a mirror, left by an older
+version), is removed and started afresh instead of written through. Concurrent downloads of
+one archive wait for each other on `raw/.<archive>.lock` (filelock), so one writes while the
+others find the finished archive.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import hashlib
 import http.client
 import ipaddress
 import os
-import shutil
 import stat
 import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from lambdapipe.atomic import md5_file
+from filelock import FileLock
+
+from lambdapipe.atomic import atomic_open, md5_file
 from lambdapipe.data.registry import DatasetInfo, dataset_info
 from lambdapipe.errors import StateError, TransferError, UserError
 
@@ -57,7 +63,9 @@ def ensure_archive(info: DatasetInfo, raw_dir: Path, *, mirror: Path | None = No
         if source.is_file():
             _check_md5(info, source, where="mirror copy ")
             raw_dir.mkdir(parents=True, exist_ok=True)
-            _copy_atomic(source, final)
+            with _locked(final):
+                if not final.exists():  # else another process copied it while we waited
+                    _copy_from_mirror(info, source, final)
             return final
     return _fetch(info, url, final, progress)
 
@@ -104,24 +112,39 @@ def _check_md5(info: DatasetInfo, path: Path, where: str) -> None:
                         "remove it (corrupt or not the official archive)")
 
 
-def _copy_atomic(source: Path, final: Path) -> None:
-    part = final.with_name(final.name + ".part")
+def _copy_from_mirror(info: DatasetInfo, source: Path, final: Path) -> None:
+    """Copy into a new file of ours (a hard link would make the mirror's archive ours to
+    overwrite), hashing the bytes copied: the mirror may change between check and copy."""
+    h = hashlib.md5()
+    with open(source, "rb") as src, atomic_open(final, "wb") as dst:
+        while block := src.read(CHUNK):
+            h.update(block)
+            dst.write(block)
+        if h.hexdigest() != info.md5:  # raised inside atomic_open: the temporary goes
+            raise UserError(f"mirror copy {source} changed while it was copied (md5 "
+                            f"{h.hexdigest()}, expected {info.md5} for {info.name}): retry")
+
+
+def _locked(final: Path) -> FileLock:
+    """Concurrent downloads of one archive wait for each other (two writers would corrupt
+    one .part). filelock rather than our own flock loop: it is installed with torch."""
+    lock = final.with_name(f".{final.name}.lock")
+    if lock.is_symlink():  # filelock opens with O_TRUNC: never through a link
+        raise UserError(f"refusing lock file {lock}: it is a symbolic link; remove it")
+    return FileLock(lock)
+
+
+def _part_size(part: Path) -> int:
+    """Bytes already in `part` to resume from; a `.part` that is not a plain file with one
+    name (a link, a hard link into a mirror) is removed, never written through."""
     try:
-        os.link(source, part)  # same filesystem: no copy at all
-    except OSError:
-        shutil.copyfile(source, part)
-    os.replace(part, final)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise concurrent downloads of one archive (two jobs would corrupt one .part)."""
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        st = os.lstat(part)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.unlink(part)
+        return 0
+    return st.st_size
 
 
 def _offline_error(info: DatasetInfo, url: str, reason: object, final: Path) -> TransferError:
@@ -150,12 +173,17 @@ def _fetch(info: DatasetInfo, url: str, final: Path, progress: bool) -> Path:
     offset = part.stat().st_size if part.exists() else 0
     response = _open(info, url, offset, final)  # fails before anything is created when offline
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(final.with_name(f".{final.name}.lock")):
+    with _locked(final):
         if final.exists():  # another process finished it while we waited
             if response is not None:
                 response.close()
             _check_md5(info, final, where="")
             return final
+        now = _part_size(part)
+        if now != offset:  # another process moved the .part on while we waited
+            if response is not None:
+                response.close()
+            offset, response = now, _open(info, url, now)
         if response is not None:
             _stream(info, url, response, part, offset, progress)
         got = md5_file(part)
@@ -182,8 +210,10 @@ def _stream(info: DatasetInfo, url: str, response, part: Path, offset: int,
         total = offset + int(length) if length is not None else info.size
         bar = _progress_bar(total, offset, info.archive, progress)
         received = offset
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (
+            os.O_APPEND if mode == "ab" else os.O_TRUNC)
         try:
-            with open(part, mode) as fh:
+            with os.fdopen(os.open(part, flags, 0o644), "wb") as fh:
                 while block := response.read(CHUNK):
                     fh.write(block)
                     received += len(block)

@@ -37,6 +37,7 @@ from lambdapipe.data.sources import stratified_holdout
 from lambdapipe.data.download import ensure_archive
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
 from lambdapipe.errors import StateError, UserError, bad_value
+from lambdapipe.validate import read_manifest
 from lambdapipe.noise import (
     CLEAN,
     NoiseSpec,
@@ -220,7 +221,7 @@ def _check_existing(target: Path, dataset: str, params: dict) -> None:
     if not manifest_path.exists():
         raise UserError(f"{target} exists but has no manifest.json (not made by `lambdapipe "
                         f"prepare`?): remove it and run `lambdapipe prepare --dataset {dataset}`")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     old = manifest["params"]
     if old != params:
         diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in params.items()
@@ -341,7 +342,7 @@ def load_manifest(data_dir: Path, dataset: str) -> dict:
     if not path.exists():
         raise StateError(f"dataset {dataset!r} is not prepared in {Path(data_dir)}: run "
                         f"`lambdapipe prepare --dataset {dataset} --data-dir {data_dir}`")
-    return json.loads(path.read_text())
+    return read_manifest(path)
 
 
 # --------------------------------------------------------------------------- noise variants
@@ -352,7 +353,7 @@ def _variant_paths(prepared: Path, spec: NoiseSpec) -> tuple[Path, Path]:
 def make_noise(prepared: Path, spec: NoiseSpec) -> Path:
     """Write `noise/<tag>.{npy,json}` for the train split (idempotent); return the .npy path."""
     prepared = Path(prepared)
-    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest = read_manifest(prepared / "manifest.json")
     npy, meta = _variant_paths(prepared, spec)
     if npy.exists() and meta.exists():
         with contextlib.suppress(ValueError, KeyError):

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lambdapipe.atomic import write_json, write_text
+from lambdapipe.atomic import remove_temporaries, write_json, write_text
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DATASET
 from lambdapipe.report import compare, figures, published_tables, tables
@@ -72,6 +72,7 @@ def build_report(runs: Path, out: Path, published: Path | None = None,
     the run ids the config asks for (the workflow's), so that the others are named.
     """
     runs, out = Path(runs), Path(out)
+    remove_temporaries(out, recursive=True, owned=False)  # a killed report's (dead pid)
     pub = read_published(published)
     collection = collect_runs(runs)  # validates every file before anything is written
     df = tables.runs_frame(collection, published_as)
