@@ -9,153 +9,27 @@ busy, network down; a failed write).
 
 from __future__ import annotations
 
-import functools
 import os
-import re
 import sys
 from pathlib import Path
 
 import click
 
+from lambdapipe.cli_options import (
+    DATASET_CHOICE,
+    RegistryChoice,
+    data_dir_option,
+    dataset_option,
+    device_option,
+    gpu_lock_dir_option,
+    mirror_option,
+    parse_key_values,
+    recipe_names,
+    user_errors,
+    with_noise_options,
+)
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH  # the recipe's own lists
-
-DATA_DIR_ENV = "LAMBDAPIPE_DATA_DIR"
-MIRROR_ENV = "LAMBDAPIPE_MIRROR"
-
-
-def _user_errors(fn):
-    """Bad input (`UserError`) becomes a click usage error (exit 2); a `StateError` or a
-    failed artefact write (disk full) one `Error:` line with exit 1 and no usage block."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from lambdapipe.atomic import WriteError
-        from lambdapipe.errors import StateError
-
-        try:
-            return fn(*args, **kwargs)
-        except StateError as exc:  # not the command line's fault: no "Usage:" block
-            raise click.ClickException(str(exc)) from None
-        except UserError as exc:
-            raise click.UsageError(str(exc)) from None
-        except WriteError as exc:  # disk full, quota, read-only: the old artefact is intact
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
-
-
-class _RegistryChoice(click.Choice):
-    """A `click.Choice` over a registry's names, read when a value or `--help` needs them,
-    not when the CLI is imported: the dataset registry imports numpy, and `lambdapipe
-    --help` stays instant. (click copies `choices` into a tuple in its constructor.)"""
-
-    def __init__(self, names, case_sensitive: bool = True) -> None:
-        self._names = names
-        self.case_sensitive = case_sensitive
-
-    @property
-    def choices(self) -> tuple[str, ...]:  # read each time: tests register datasets
-        return tuple(self._names())
-
-
-def _dataset_names() -> list[str]:
-    from lambdapipe.data.registry import DATASETS
-
-    return sorted(DATASETS)
-
-
-def _recipe_names() -> list[str]:
-    from lambdapipe.recipes import list_recipes
-
-    return list_recipes()
-
-
-# The kinds of lambdapipe.noise.KINDS (tests/test_cli.py keeps them equal): spelt out here
-# because importing lambdapipe.noise imports numpy.
-NOISE_KINDS = ("symmetric", "pairflip")
-
-
-class _DeviceChoice(click.Choice):
-    """auto, cpu, cuda or cuda:N: a Choice so `--help` and shell completion list them, with
-    cuda:N for any N (lambdapipe.gpu checks N against the devices there are)."""
-
-    def __init__(self) -> None:
-        super().__init__(["auto", "cpu", "cuda", "cuda:N"])
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str) and re.fullmatch(r"cuda:\d+", value.strip()):
-            return value.strip()
-        return super().convert(value, param, ctx)
-
-    def shell_complete(self, ctx, param, incomplete):
-        from click.shell_completion import CompletionItem
-
-        return [CompletionItem(c) for c in ("auto", "cpu", "cuda", "cuda:0")
-                if c.startswith(incomplete)]
-
-
-def device_option(help: str = "auto (a free GPU if any, else CPU), cpu, cuda (a free GPU, "
-                              "an error without one), cuda:N."):
-    return click.option("--device", type=_DeviceChoice(), default="auto", show_default=True,
-                        help=help)
-
-
-def _parse_key_values(values: tuple[str, ...], what: str) -> dict[str, object]:
-    """`k=16 r=23 x=none` -> {"k": 16, "r": 23, "x": None}; YAML rules give the value types."""
-    from lambdapipe.config import safe_yaml
-
-    out: dict[str, object] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        try:  # within the config limits: a --set value is YAML too
-            out[key.strip()] = safe_yaml(raw, "value") if raw.strip() else ""
-        except UserError as exc:
-            problem = str(exc).removeprefix("value is not valid YAML: ")
-            raise click.BadParameter(f"{key.strip()}={raw[:80]!r}: value is not YAML "
-                                     f"({problem}); quote it or use a number, word, list or "
-                                     "mapping", param_hint=what) from None
-    return out
-
-
-# Options spelled the same on every verb.
-DATASET_CHOICE = _RegistryChoice(_dataset_names)
-dataset_option = click.option(
-    "--dataset", type=DATASET_CHOICE, required=True, help="Dataset name."
-)
-gpu_lock_dir_option = click.option(
-    "--gpu-lock-dir", type=click.Path(file_okay=False, path_type=Path),
-    default=lambda: os.environ.get("LAMBDAPIPE_GPU_LOCK_DIR") or None,
-    help="Where per-GPU lock files live, so concurrent jobs never share a GPU.")
-data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=lambda: os.environ.get(DATA_DIR_ENV, "data"),
-    show_default="data or $" + DATA_DIR_ENV,
-    help="Root holding raw/ archives and prepared/ arrays.",
-)
-mirror_option = click.option(
-    "--mirror",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=lambda: os.environ.get(MIRROR_ENV) or None,
-    help=f"Directory of pre-fetched archives, looked in before the network (or ${MIRROR_ENV}).",
-)
-noise_options = [
-    click.option("--noise", "noise_rate", type=float, default=0.0, show_default=True,
-                 help="Fraction of training labels to corrupt, in [0, 1)."),
-    click.option("--noise-kind", type=click.Choice(NOISE_KINDS), default="symmetric",
-                 show_default=True, help="How labels are corrupted."),
-    click.option("--noise-seed", type=int, default=0, show_default=True,
-                 help="Seed of the noise draw (independent of the training seed)."),
-]
-
-
-def with_noise_options(fn):
-    for opt in reversed(noise_options):
-        fn = opt(fn)
-    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -175,7 +49,7 @@ def main() -> None:
 @click.option("--dataset", type=DATASET_CHOICE, default="cifar10", show_default=True,
               help="Dataset whose classes and image size the counts are for.")
 @click.option("--pattern", default="*", show_default=True, help="Glob on model names.")
-@_user_errors
+@user_errors
 def models(dataset: str, pattern: str) -> None:
     """List every registered model with its parameter count for DATASET.
 
@@ -203,7 +77,7 @@ def models(dataset: str, pattern: str) -> None:
 @data_dir_option
 @mirror_option
 @click.option("--url", default=None, help="Override the official URL (e.g. an internal server).")
-@_user_errors
+@user_errors
 def download(dataset: str, data_dir: Path, mirror: Path | None, url: str | None) -> None:
     """Fetch DATASET's official archive into DATA_DIR/raw (mirror first, md5-checked).
 
@@ -229,7 +103,7 @@ def download(dataset: str, data_dir: Path, mirror: Path | None, url: str | None)
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--image-size", type=int, default=None,
               help="Resize to this many pixels (datasets with a configurable size).")
-@_user_errors
+@user_errors
 def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float,
             noise_kind: str, noise_seed: int, val_fraction: float | None,
             val_size: int | None, split_seed: int, image_size: int | None) -> None:
@@ -271,7 +145,7 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory (resumed if it holds an interrupted run of this config); "
                    "{seed} in it is replaced by the seed.")
-@click.option("--recipe", type=_RegistryChoice(_recipe_names), default="sgdm",
+@click.option("--recipe", type=RegistryChoice(recipe_names), default="sgdm",
               show_default=True, help="Named recipe (lambdapipe/recipes.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, e.g. lr=0.05 iterations=2000 precision=bf16.")
@@ -287,7 +161,7 @@ def prepare(dataset: str, data_dir: Path, mirror: Path | None, noise_rate: float
                    "numerically: same start, data and update, float sums in another order, so "
                    "final accuracies differ about as seeds do (docs/performance.md). Default: "
                    "one after another, each as trained alone.")
-@_user_errors
+@user_errors
 @click.pass_context
 def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: str,
           data_dir: Path, noise_rate: float, noise_kind: str, noise_seed: int, seed: int,
@@ -312,8 +186,8 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
     if fuse and len(seed_list) < 2:
         raise UserError("--fuse trains several seeds as one network: give --seeds with two or "
                         "more seeds, e.g. --seeds 0,1,2")
-    parsed_args = _parse_key_values(model_args, "--model-arg")
-    parsed_set = _parse_key_values(overrides, "--set")
+    parsed_args = parse_key_values(model_args, "--model-arg")
+    parsed_set = parse_key_values(overrides, "--set")
     noise = data.noise_spec(noise_kind, noise_rate, noise_seed).tag
     cfgs = [training.TrainConfig.build(
         model=model, model_args=parsed_args, dataset=dataset, data_dir=data_dir, noise=noise,
@@ -369,7 +243,7 @@ def _seed_list(ctx: click.Context, seed: int, seeds: str | None, out: Path) -> l
               help="JSON file to write (default: eval_<split>.json beside the checkpoint).")
 @device_option()
 @gpu_lock_dir_option
-@_user_errors
+@user_errors
 def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: str,
              gpu_lock_dir: Path | None) -> None:
     """Accuracy, NLL, ECE, per-class accuracy and confusion matrix of CKPT on SPLIT.
@@ -400,7 +274,7 @@ def evaluate(ckpt: Path, split: str, data_dir: Path, out: Path | None, device: s
               help="Directory to write into (default: beside the checkpoint).")
 @device_option()
 @gpu_lock_dir_option
-@_user_errors
+@user_errors
 def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | None,
             device: str, gpu_lock_dir: Path | None) -> None:
     """FullGrad and Grad-CAM maps of CKPT's predictions, and its lambda layer's learned
@@ -464,7 +338,7 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
 @gpu_lock_dir_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the figures as JSON.")
-@_user_errors
+@user_errors
 def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str | None,
           seeds: str | None, slots: str, pack: int, fuse: bool,
           gpus: int, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
@@ -516,7 +390,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
         if out is not None:
             benchmark.write_rows(done, out)
 
-    parsed_args = _parse_key_values(model_args, "--model-arg")
+    parsed_args = parse_key_values(model_args, "--model-arg")
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:  # timings need the GPU to itself
         click.echo(benchmark.HEAD + "\n" + "-" * len(benchmark.HEAD))
         rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
@@ -589,7 +463,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
               help="Read a stand-in dataset's runs against SOURCE's published rows, e.g. "
                    "digits=cifar10 (repeatable; the workflow passes config report.published_as).")
 @click.argument("current", nargs=-1, type=click.Path(path_type=Path))
-@_user_errors
+@user_errors
 def report(runs: Path, out: Path, published: Path | None, published_as: tuple[str, ...],
            current: tuple[Path, ...]) -> None:
     """Tables (ours beside the published values) and figures from finished run directories.
@@ -627,7 +501,7 @@ def report(runs: Path, out: Path, published: Path | None, published_as: tuple[st
               default=Path("results/runs"), show_default=True,
               help="Run directories to hold against the config (skipped if absent).")
 @data_dir_option
-@_user_errors
+@user_errors
 def check_config(configfile: Path, runs: Path, data_dir: Path) -> None:
     """Validate a workflow config and count its runs, before Snakemake builds the DAG; name
     every run directory under RUNS whose config.json disagrees with the config.

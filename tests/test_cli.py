@@ -11,7 +11,7 @@ import pytest
 from click.shell_completion import ShellComplete
 from click.testing import CliRunner
 
-from lambdapipe import cli, noise
+from lambdapipe import cli_options, noise
 from lambdapipe.cli import main
 from lambdapipe.data.registry import DATASETS
 from lambdapipe.recipes import list_recipes
@@ -48,7 +48,7 @@ def test_fixed_value_options_are_listed_by_help():
     assert "--device [auto|cpu|cuda|cuda:N]" in help_text
     for verb in ("evaluate", "explain", "bench"):
         assert "--device [auto|cpu|cuda|cuda:N]" in invoke(verb, "--help").output
-    assert cli.NOISE_KINDS == noise.KINDS  # spelt out in cli.py to keep --help numpy-free
+    assert cli_options.NOISE_KINDS == noise.KINDS  # spelt out there: --help stays numpy-free
 
 
 def test_group_help_imports_no_numpy():

@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lambdapipe import atomic, data, runlock, train
+from lambdapipe.data.manifest import read_manifest
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import load_checkpoint, save_checkpoint
-from lambdapipe.validate import read_manifest, sidecar_digests
+from lambdapipe.validate import sidecar_digests
 
 EXAMPLES = int(os.environ.get("LAMBDAPIPE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,

@@ -35,9 +35,9 @@ from lambdapipe.atomic import (
 from lambdapipe.data import sources
 from lambdapipe.data.sources import stratified_holdout
 from lambdapipe.data.download import ensure_archive
+from lambdapipe.data.manifest import read_manifest
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
 from lambdapipe.errors import StateError, UserError, bad_value
-from lambdapipe.validate import read_manifest
 from lambdapipe.noise import (
     CLEAN,
     NoiseSpec,
