@@ -1,9 +1,15 @@
-"""Shared test setup: `gpu`-marked tests are skipped on machines without CUDA."""
+"""Shared test setup: `gpu`-marked tests are skipped on machines without CUDA, and no test
+leaves a process running, whether it passed, failed or timed out."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import uuid
+import warnings
 
+import psutil
 import pytest
 
 
@@ -57,3 +63,60 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Every process a test starts inherits this variable (with the test's own value), so the
+# test's teardown finds what it started even after a parent died and the orphan was
+# re-parented to init, or when it runs in a new session (start_new_session=True).
+TEST_TAG = "LAMBDAPIPE_TEST_TAG"
+
+
+def _tagged(proc: psutil.Process, tag: str) -> bool:
+    try:
+        return proc.environ().get(TEST_TAG) == tag
+    except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_the_test_started():
+    """Kill, pass or fail, every process the test started and left running: the children of
+    this process that were not there before (and their descendants), and any process that
+    carries this test's tag. A timed-out test (pytest-timeout) then leaves nothing behind
+    to load the machine for the tests after it. A process left running by a test that
+    passed is also reported as a warning: the test should have stopped it itself.
+
+    Children that module- or session-scoped fixtures started (set up before this fixture:
+    pytest sets up wider scopes first) and what they spawn later are left alone."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    tag = f"{os.getpid()}-{uuid.uuid4().hex}"
+    previous = os.environ.get(TEST_TAG)
+    os.environ[TEST_TAG] = tag
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TEST_TAG, None)
+        else:
+            os.environ[TEST_TAG] = previous
+        left: dict[int, psutil.Process] = {}
+        for child in me.children():
+            if child.pid in before:
+                continue
+            left[child.pid] = child
+            with contextlib.suppress(psutil.Error):
+                left.update((p.pid, p) for p in child.children(recursive=True))
+        for proc in psutil.process_iter():
+            if proc.pid != me.pid and proc.pid not in left and _tagged(proc, tag):
+                left[proc.pid] = proc
+        running = []
+        for proc in left.values():
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    running.append(f"{proc.pid} {' '.join(proc.cmdline())[:200]}")
+                proc.kill()
+        psutil.wait_procs(list(left.values()), timeout=30)
+        if running:
+            warnings.warn("killed what the test left running: " + "; ".join(running),
+                          stacklevel=1)
