@@ -22,11 +22,45 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA; `killloop` and `slurm` tests are `slow` too (so
+    `-m "not slow"` leaves them out without each file saying so twice).
+
+    Under pytest-xdist, `make test` hands out whole modules (`--dist loadscope`): the tests
+    of a module share its module-scoped fixtures (a trained run, a Snakemake grid, a SLURM
+    cluster), built once on one worker. The modules with slow tests come first, so that
+    the longest ones do not start last and leave one worker running alone at the end
+    (`--no-loadscope-reorder` keeps this order; every worker sorts the same way)."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not _has_cuda():
             item.add_marker(skip)
+        if item.get_closest_marker("killloop") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow = {_module(item) for item in items if item.get_closest_marker("slow")}
+        order = {m: k for k, m in enumerate(dict.fromkeys(map(_module, items)))}
+        items.sort(key=lambda item: (_module(item) not in slow, order[_module(item)]))
+
+
+def pytest_collection_finish(session):
+    """Under pytest-xdist, each worker's torch (and every process it starts) uses its share
+    of the cores: two workers of two intra-op threads each on 2 cores make tiny models'
+    steps several times slower. After collection, so that it also overrides the thread
+    count a test module sets when imported."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    import torch
+
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -65,7 +65,14 @@ def test_a_forward_stores_nothing_on_a_model():
     assert module_state(model) == before
 
 
-@pytest.mark.parametrize("name", list_models())
+# The deepest variants repeat the shallower ones' blocks at several times their tracing
+# time: `make test` traces them, the fast tier (-m "not slow") the rest.
+DEEP = ("resnet50", "resnet110", "resnet152", "resnet200")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if any(d in n for d in DEEP) else n
+    for n in list_models()])
 def test_no_graph_breaks(name):
     """torch._dynamo traces every registered model's forward (train mode) as one graph; the
     backward is checked by the fullgraph tests below, through AOTAutograd."""
