@@ -63,6 +63,21 @@ def pytest_collection_finish(session):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_state_shared_between_runs(tmp_path_factory):
+    """The machine-wide places lambdapipe keeps state, per test run and per xdist worker:
+    the GPU lock files (default: one directory in $TMPDIR for the whole machine, where two
+    workers, or two checkouts testing at once, would wait on each other's fake GPUs) and the
+    lambda-layer timing cache (default: ~/.cache/lambdapipe, the user's own). Tests that
+    need their own set them on top (monkeypatch, or the environment of what they start);
+    every process a test starts inherits these."""
+    root = tmp_path_factory.mktemp("machine-state")  # per worker under xdist
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAMBDAPIPE_GPU_LOCK_DIR", str(root / "gpu-locks"))
+        mp.setenv("LAMBDAPIPE_CACHE_DIR", str(root / "cache"))
+        yield
+
+
 @pytest.fixture
 def crash_at_write(monkeypatch):
     """`crash_at_write(n)`: the n-th atomic write_text/write_bytes from now raises
