@@ -33,7 +33,7 @@ test: setup
 test-fast:
 	@$(PYTHON) -c "import torch, snakemake, xdist, pytest_timeout, hypothesis" 2>/dev/null \
 		|| $(MAKE) setup
-	$(PYTHON) -m pytest $(PYTEST_PARALLEL) -m "not slow" --timeout 600 --durations=10
+	$(PYTHON) -m pytest $(PYTEST_PARALLEL) -m "not slow" --timeout 900 --durations=10
 
 lint:
 	$(PYTHON) -m ruff check .
