@@ -1,5 +1,7 @@
-"""Shared test setup: `gpu`-marked tests are skipped on machines without CUDA, and no test
-leaves a process running, whether it passed, failed or timed out."""
+"""Shared test setup: `gpu`-marked tests are skipped on machines without CUDA, `killloop`
+and `slurm` tests are `slow`; no test leaves a process running, whether it passed, failed or
+timed out; tests run in parallel (pytest-xdist) without sharing lock files, caches or
+threads. docs/testing.md says why each is so."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ import warnings
 
 import psutil
 import pytest
+
+# torch.compile on CPU (inductor) compiles in this process instead of a pool of worker
+# processes that would outlive the test that started it (and be killed at its teardown,
+# below); with one or two cores per worker a pool gains nothing. Read when torch's inductor
+# is first imported, so set before any test imports it.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @functools.cache
