@@ -79,6 +79,12 @@ def _no_state_shared_between_runs(tmp_path_factory):
     lambda-layer timing cache (default: ~/.cache/lambdapipe, the user's own). Tests that
     need their own set them on top (monkeypatch, or the environment of what they start);
     every process a test starts inherits these."""
+    # multiprocessing's resource tracker is one process for this process's lifetime: started
+    # here, it is not the child of the first test that spawns a process (test_bench), which
+    # would kill it at its teardown.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     root = tmp_path_factory.mktemp("machine-state")  # per worker under xdist
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAMBDAPIPE_GPU_LOCK_DIR", str(root / "gpu-locks"))
