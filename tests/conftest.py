@@ -1,10 +1,24 @@
-"""Shared test setup: `gpu`-marked tests are skipped on machines without CUDA."""
+"""Shared test setup: `gpu`-marked tests are skipped on machines without CUDA, `killloop`
+and `slurm` tests are `slow`; no test leaves a process running, whether it passed, failed or
+timed out; tests run in parallel (pytest-xdist) without sharing lock files, caches or
+threads. docs/testing.md says why each is so."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import uuid
+import warnings
 
+import psutil
 import pytest
+
+# torch.compile on CPU (inductor) compiles in this process instead of a pool of worker
+# processes that would outlive the test that started it (and be killed at its teardown,
+# below); with one or two cores per worker a pool gains nothing. Read when torch's inductor
+# is first imported, so set before any test imports it.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @functools.cache
@@ -16,11 +30,66 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA; `killloop` and `slurm` tests are `slow` too (so
+    `-m "not slow"` leaves them out without each file saying so twice).
+
+    Under pytest-xdist, `make test` hands out whole modules (`--dist loadscope`): the tests
+    of a module share its module-scoped fixtures (a trained run, a Snakemake grid, a SLURM
+    cluster), built once on one worker. The modules with slow tests come first, so that
+    the longest ones do not start last and leave one worker running alone at the end
+    (`--no-loadscope-reorder` keeps this order; every worker sorts the same way)."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not _has_cuda():
             item.add_marker(skip)
+        if item.get_closest_marker("killloop") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow = {_module(item) for item in items if item.get_closest_marker("slow")}
+        order = {m: k for k, m in enumerate(dict.fromkeys(map(_module, items)))}
+        items.sort(key=lambda item: (_module(item) not in slow, order[_module(item)]))
+
+
+def pytest_collection_finish(session):
+    """Under pytest-xdist, each worker's torch (and every process it starts) uses its share
+    of the cores: two workers of two intra-op threads each on 2 cores make tiny models'
+    steps several times slower. After collection, so that it also overrides the thread
+    count a test module sets when imported."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    import torch
+
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_state_shared_between_runs(tmp_path_factory):
+    """The machine-wide places lambdapipe keeps state, per test run and per xdist worker:
+    the GPU lock files (default: one directory in $TMPDIR for the whole machine, where two
+    workers, or two checkouts testing at once, would wait on each other's fake GPUs) and the
+    lambda-layer timing cache (default: ~/.cache/lambdapipe, the user's own). Tests that
+    need their own set them on top (monkeypatch, or the environment of what they start);
+    every process a test starts inherits these."""
+    # multiprocessing's resource tracker is one process for this process's lifetime: started
+    # here, it is not the child of the first test that spawns a process (test_bench), which
+    # would kill it at its teardown.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    root = tmp_path_factory.mktemp("machine-state")  # per worker under xdist
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAMBDAPIPE_GPU_LOCK_DIR", str(root / "gpu-locks"))
+        mp.setenv("LAMBDAPIPE_CACHE_DIR", str(root / "cache"))
+        yield
 
 
 @pytest.fixture
@@ -57,3 +126,60 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Every process a test starts inherits this variable (with the test's own value), so the
+# test's teardown finds what it started even after a parent died and the orphan was
+# re-parented to init, or when it runs in a new session (start_new_session=True).
+TEST_TAG = "LAMBDAPIPE_TEST_TAG"
+
+
+def _tagged(proc: psutil.Process, tag: str) -> bool:
+    try:
+        return proc.environ().get(TEST_TAG) == tag
+    except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_the_test_started():
+    """Kill, pass or fail, every process the test started and left running: the children of
+    this process that were not there before (and their descendants), and any process that
+    carries this test's tag. A timed-out test (pytest-timeout) then leaves nothing behind
+    to load the machine for the tests after it. A process left running by a test that
+    passed is also reported as a warning: the test should have stopped it itself.
+
+    Children that module- or session-scoped fixtures started (set up before this fixture:
+    pytest sets up wider scopes first) and what they spawn later are left alone."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    tag = f"{os.getpid()}-{uuid.uuid4().hex}"
+    previous = os.environ.get(TEST_TAG)
+    os.environ[TEST_TAG] = tag
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TEST_TAG, None)
+        else:
+            os.environ[TEST_TAG] = previous
+        left: dict[int, psutil.Process] = {}
+        for child in me.children():
+            if child.pid in before:
+                continue
+            left[child.pid] = child
+            with contextlib.suppress(psutil.Error):
+                left.update((p.pid, p) for p in child.children(recursive=True))
+        for proc in psutil.process_iter():
+            if proc.pid != me.pid and proc.pid not in left and _tagged(proc, tag):
+                left[proc.pid] = proc
+        running = []
+        for proc in left.values():
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    running.append(f"{proc.pid} {' '.join(proc.cmdline())[:200]}")
+                proc.kill()
+        psutil.wait_procs(list(left.values()), timeout=30)
+        if running:
+            warnings.warn("killed what the test left running: " + "; ".join(running),
+                          stacklevel=1)

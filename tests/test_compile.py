@@ -65,7 +65,17 @@ def test_a_forward_stores_nothing_on_a_model():
     assert module_state(model) == before
 
 
-@pytest.mark.parametrize("name", list_models())
+# The fast tier (-m "not slow") traces one model of each kind of block: basic and
+# bottleneck ResNet blocks, and each lambda-layer variant. The other models repeat those
+# blocks wider (x2, x4) or deeper, at up to ten times the tracing time: `make test` traces
+# every registered model.
+FAST_TRACE = {"resnet20x1", "resnet18", "resnet50", "lambda_resnet18", "lambda_resnet18_u4_r5",
+              "lr18_l2_lc", "lr18_l2_rpe", "lr18_l3_lc", "lr18_l3_rpe"}
+
+
+@pytest.mark.parametrize("name", [
+    n if n in FAST_TRACE else pytest.param(n, marks=pytest.mark.slow)
+    for n in list_models()])
 def test_no_graph_breaks(name):
     """torch._dynamo traces every registered model's forward (train mode) as one graph; the
     backward is checked by the fullgraph tests below, through AOTAutograd."""

@@ -102,6 +102,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- the full grids
+@pytest.mark.slow  # a Snakemake DAG of each whole published grid
 @pytest.mark.parametrize("name", CONFIGS)
 def test_dry_run_counts(tmp_path, name):
     res = snakemake("-n", "--configfile", str(ROOT / "config" / f"{name}.yaml"), cwd=tmp_path)

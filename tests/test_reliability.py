@@ -635,8 +635,12 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, method)
             subprocess.run(["umount", str(root)], check=False)
 
 
+# The test sends SIGTERM or SIGINT, so the child sets both to their defaults itself: a shell
+# starts background jobs (`make test &`, nohup) with SIGINT ignored, which a child inherits.
 PREPARE_HOLD = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 from pathlib import Path
 from lambdapipe.data import prepared
 real = prepared._save
@@ -658,14 +662,18 @@ def test_prepare_removes_its_temporary_directory_on_sigterm_and_sigint(tmp_path,
         [sys.executable, "-c", PREPARE_HOLD, "prepare", "--dataset", "digits", "--data-dir",
          str(root)], env={**os.environ, "OMP_NUM_THREADS": "1", "HOLD_READY": str(ready)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
-        time.sleep(0.05)
-    written = Path(ready.read_text())
-    assert written.parent.name.endswith(".tmp") and written.exists()
-    proc.send_signal(sig)
-    log, _ = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        written = Path(ready.read_text())
+        assert written.parent.name.endswith(".tmp") and written.exists()
+        proc.send_signal(sig)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # no-op once it has exited
+        proc.wait()
     if sig == signal.SIGTERM:  # dies of the signal, as SLURM and shells expect
         assert proc.returncode == -signal.SIGTERM, log[-2000:]
     else:  # click's KeyboardInterrupt: "Aborted!", exit 1

@@ -63,6 +63,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_full_grid_has_one_job_per_run(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     res = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), cwd=tmp_path)
@@ -72,6 +73,7 @@ def test_dry_run_of_the_full_grid_has_one_job_per_run(tmp_path):
     assert counts["train"] == 255  # the reproduction grid as documented in the README
 
 
+@pytest.mark.slow
 def test_dry_run_with_packing_has_one_train_job_per_cell(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     res = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), "--config",
@@ -121,6 +123,7 @@ def test_packed_jobs_follow_each_cells_seeds(tmp_path):
     assert f"--seeds 0 --out 'results/runs/digits/symmetric-0.25/{lam}/{{seed}}'" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pack", ["seeds", "fused"])
 def test_packed_job_trains_every_seed_of_its_cell(tmp_path, pack):
     """The packed rule for real on a tiny cell: one job, both seeds' run directories."""
@@ -263,6 +266,7 @@ def test_html_report(demo_run):
         assert caption in html, caption
 
 
+@pytest.mark.slow
 def test_rules_run_the_package_of_their_own_checkout(tmp_path):
     """Two clones, one environment: the environment's lambdapipe (here: this checkout, first
     on PYTHONPATH) is not the clone's, yet every rule of the clone's workflow runs the
