@@ -183,7 +183,7 @@ def _fetch(info: DatasetInfo, url: str, final: Path, progress: bool) -> Path:
         if now != offset:  # another process moved the .part on while we waited
             if response is not None:
                 response.close()
-            offset, response = now, _open(info, url, now)
+            offset, response = now, _open(info, url, now, final)
         if response is not None:
             _stream(info, url, response, part, offset, progress)
         got = md5_file(part)
