@@ -233,10 +233,20 @@ def remove_temporaries(directory: str | os.PathLike, recursive: bool = False,
 
 # --------------------------------------------------------------------------- reading back
 def read_small(path: str | os.PathLike, limit: int, what: str = "") -> str:
-    """The text of a small file we wrote (sidecar, summary, manifest, lock file), read as
-    input: a regular file (a FIFO would hang, a link to /dev/zero never end), at most
-    `limit` bytes, UTF-8. A missing file raises FileNotFoundError; anything else wrong is
-    one UserError line naming the file."""
+    """`read_small_bytes` decoded as UTF-8 (one line naming the file if it is not)."""
+    data = read_small_bytes(path, limit, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"refusing {f'{what} ' if what else ''}{path}: not UTF-8 "
+                        "text") from None
+
+
+def read_small_bytes(path: str | os.PathLike, limit: int, what: str = "") -> bytes:
+    """The bytes of a small file we wrote (sidecar, summary, manifest, lock file, config),
+    read as input: a regular file (a FIFO would hang, a link to /dev/zero never end), at
+    most `limit` bytes. A missing file raises FileNotFoundError; anything else wrong is one
+    UserError line naming the file."""
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
     try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
@@ -257,10 +267,7 @@ def read_small(path: str | os.PathLike, limit: int, what: str = "") -> str:
     if len(data) > limit:
         raise UserError(f"refusing {label}: larger than {limit:,} bytes; expected the file "
                         "lambdapipe wrote")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"refusing {label}: not UTF-8 text") from None
+    return data
 
 
 def read_json(path: str | os.PathLike, limit: int, what: str = "") -> Any:

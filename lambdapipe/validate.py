@@ -345,7 +345,9 @@ def check_resume(ckpt: dict[str, Any], path: Path, *, optimizer: Any, scaler: An
                                     and all(_same_kind(scaler_state[k], v)
                                             for k, v in fresh.items())):
             problem = "scaler state is not the recipe's grad scaler state"
-    if problem:
+    if problem:  # one line, short, whatever the reprs of tampered values (tensors) are
+        problem = " ".join(problem.split())
+        problem = problem if len(problem) <= 200 else problem[:200] + "..."
         raise UserError(f"checkpoint {path} cannot be resumed: {problem}; remove it (and "
                         "its .sha256) to start the run afresh")
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from lambdapipe.atomic import read_small
+from lambdapipe.atomic import read_small_bytes
 from lambdapipe.errors import UserError
 
 # Limits for YAML we read (configs, --set values): far above any real config (ours are a few
@@ -70,8 +70,11 @@ def read_yaml_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} not found")
-    try:
-        text = read_small(path, YAML_MAX_BYTES, "config file")
+    try:  # bytes first: a non-UTF-8 file is one line with the byte offset
+        text = read_small_bytes(path, YAML_MAX_BYTES, "config file").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}): "
+                        "expected a YAML file") from None
     except UserError as exc:
         raise UserError(f"{exc}: expected a YAML file") from None
     return safe_yaml(text, f"config file {str(path)!r}")

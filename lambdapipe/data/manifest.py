@@ -40,10 +40,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(arrays, dict) or not arrays:
         raise bad("arrays is not a mapping of file names to digests")
     for name, entry in arrays.items():
-        # plain names, one folder deep at most (official_noise/noisy_labels_1.npy): never
-        # absolute, never `..`
-        if not re.fullmatch(r"(?:[A-Za-z0-9_]+/)?[A-Za-z0-9_]+\.npy", name):
-            raise bad(f"array name {name[:60]!r} is not a plain .npy file name")
+        if not re.fullmatch(r"[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*\.npy", name):
+            raise bad(f"array name {name[:60]!r} is not a .npy file inside the directory")
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
             raise bad(f"array {name} has no sha256 digest")
