@@ -41,8 +41,10 @@ def lambdapipe_function():
     python = "python" if with_conda else shlex.quote(sys.executable)
     path = shlex.quote(str(CHECKOUT))
     # Braces doubled twice: once for this f-string, once for Snakemake's formatting.
-    return (f'lambdapipe() {{{{ PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" '
-            f'{python} -m lambdapipe "$@"; }}}}; ')
+    return (
+        f'lambdapipe() {{{{ PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" '
+        f'{python} -m lambdapipe "$@"; }}}}; '
+    )
 
 
 # A prefix, not a param: moving the checkout must not count as a changed parameter.
@@ -74,8 +76,10 @@ if PACKED:
         if _todo:
             PACKS.setdefault(tuple(r.seed for r in _todo), {})[_cell] = _todo
 _commonest = sorted(PACKS, key=lambda seeds: (-len(PACKS[seeds]), -len(seeds), seeds))
-PACK_RULES = {seeds: "train" if i == 0 else "train_seeds_" + "_".join(map(str, seeds))
-              for i, seeds in enumerate(_commonest)}
+PACK_RULES = {
+    seeds: "train" if i == 0 else "train_seeds_" + "_".join(map(str, seeds))
+    for i, seeds in enumerate(_commonest)
+}
 
 
 wildcard_constraints:

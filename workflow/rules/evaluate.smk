@@ -6,9 +6,6 @@ rule evaluate:
         summary=ancient("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
     output:
         "results/runs/{dataset}/{noise}/{model}/{seed}/eval_test.json",
-    params:
-        ckpt="results/runs/{dataset}/{noise}/{model}/{seed}/best.ckpt",
-        device=config["train"]["device"],
     log:
         "logs/evaluate/{dataset}/{noise}/{model}/{seed}.log",
     benchmark:
@@ -20,6 +17,9 @@ rule evaluate:
         gpu=gpu_tokens,
         mem_mb=eval_mem_mb,
         runtime=eval_runtime,
+    params:
+        ckpt="results/runs/{dataset}/{noise}/{model}/{seed}/best.ckpt",
+        device=config["train"]["device"],
     shell:
         "lambdapipe evaluate --ckpt {params.ckpt} --split test --data-dir data"
         " --out {output} --device {params.device} > {log} 2>&1"
@@ -33,9 +33,6 @@ rule explain:
         summary=ancient("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
     output:
         "results/runs/{dataset}/{noise}/{model}/{seed}/explain_test.json",
-    params:
-        ckpt="results/runs/{dataset}/{noise}/{model}/{seed}/best.ckpt",
-        device=config["train"]["device"],
     log:
         "logs/explain/{dataset}/{noise}/{model}/{seed}.log",
     benchmark:
@@ -47,6 +44,9 @@ rule explain:
         gpu=gpu_tokens,
         mem_mb=eval_mem_mb,
         runtime=eval_runtime,
+    params:
+        ckpt="results/runs/{dataset}/{noise}/{model}/{seed}/best.ckpt",
+        device=config["train"]["device"],
     shell:
         "lambdapipe explain --ckpt {params.ckpt} --split test --images 8 --data-dir data"
         " --device {params.device} > {log} 2>&1"

@@ -18,13 +18,13 @@ rule prepare:
         ),
         clean_labels="data/prepared/{dataset}/noise/clean.npy",
         clean_spec="data/prepared/{dataset}/noise/clean.json",
-    params:
-        options=prepare_options,
-        mirror=mirror_option,
     log:
         "logs/prepare/{dataset}.log",
     conda:
         "../envs/lambdapipe.yaml"
+    params:
+        options=prepare_options,
+        mirror=mirror_option,
     shell:
         "rm -rf data/prepared/{wildcards.dataset} && lambdapipe prepare"
         " --dataset {wildcards.dataset} --data-dir data {params.options} {params.mirror}"
@@ -39,15 +39,15 @@ rule noise:
     output:
         labels="data/prepared/{dataset}/noise/{noise}.npy",
         spec="data/prepared/{dataset}/noise/{noise}.json",
+    log:
+        "logs/noise/{dataset}/{noise}.log",
     wildcard_constraints:
         noise=r"[a-z]+-[0-9.e+-]+(-s[0-9]+)?",
+    conda:
+        "../envs/lambdapipe.yaml"
     params:
         options=prepare_options,
         noise=noise_options,
-    log:
-        "logs/noise/{dataset}/{noise}.log",
-    conda:
-        "../envs/lambdapipe.yaml"
     shell:
         "lambdapipe prepare --dataset {wildcards.dataset} --data-dir data {params.options}"
         " {params.noise} > {log} 2>&1"

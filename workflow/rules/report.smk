@@ -21,15 +21,13 @@ rule report:
         metrics="results/metrics.json",
         model_metrics=directory("results/metrics"),
         curves=directory("results/curves"),
-        summary=report(
-            "results/report.md", caption="../report/summary.rst", category="Summary"
-        ),
-    params:
-        published_as=published_as_args(config),
+        summary=report("results/report.md", caption="../report/summary.rst", category="Summary"),
     log:
         "logs/report.log",
     conda:
         "../envs/report.yaml"
+    params:
+        published_as=published_as_args(config),
     shell:
         # The config's runs by their summaries: report names every other run directory.
         "lambdapipe report --runs results/runs --out results {params.published_as}"

@@ -10,15 +10,6 @@ if not PACKED:
             labels=ancient("data/prepared/{dataset}/noise/{noise}.npy"),
         output:
             summary=protected("results/runs/{dataset}/{noise}/{model}/{seed}/summary.json"),
-        params:
-            run_dir="results/runs/{dataset}/{noise}/{model}/{seed}",
-            noise=noise_options,
-            model=train_option("model"),
-            recipe=train_option("recipe"),
-            overrides=train_option("set"),
-            model_args=train_option("model_args"),
-            device=config["train"]["device"],
-            deterministic="--deterministic" if config["train"]["deterministic"] else "",
         log:
             "logs/train/{dataset}/{noise}/{model}/{seed}.log",
         benchmark:
@@ -30,6 +21,15 @@ if not PACKED:
             gpu=gpu_tokens,
             mem_mb=config["train"]["mem_mb"],
             runtime=config["train"]["runtime"],
+        params:
+            run_dir="results/runs/{dataset}/{noise}/{model}/{seed}",
+            noise=noise_options,
+            model=train_option("model"),
+            recipe=train_option("recipe"),
+            overrides=train_option("set"),
+            model_args=train_option("model_args"),
+            device=config["train"]["device"],
+            deterministic="--deterministic" if config["train"]["deterministic"] else "",
         shell:
             "lambdapipe train --model {params.model} {params.model_args}"
             " --dataset {wildcards.dataset} --data-dir data {params.noise}"
@@ -53,8 +53,19 @@ else:
                 labels=ancient(pack_input(_seeds, "labels")),
             output:
                 pack_outputs(_seeds),
+            log:
+                f"logs/train/{{cell}}/seeds-{'-'.join(map(str, _seeds))}.log",
+            benchmark:
+                f"benchmarks/train/{{cell}}/seeds-{'-'.join(map(str, _seeds))}.tsv"
             wildcard_constraints:
                 cell=cell_pattern(_seeds),
+            conda:
+                "../envs/lambdapipe.yaml"
+            threads: config["train"]["threads"]
+            resources:
+                gpu=gpu_tokens,
+                mem_mb=config["train"]["mem_mb"],
+                runtime=config["train"]["runtime"],
             params:
                 seeds=",".join(map(str, _seeds)),
                 dataset=pack_option(_seeds, "dataset"),
@@ -66,17 +77,6 @@ else:
                 device=config["train"]["device"],
                 deterministic="--deterministic" if config["train"]["deterministic"] else "",
                 fuse="--fuse" if config["train"]["pack"] == "fused" else "",
-            log:
-                f"logs/train/{{cell}}/seeds-{'-'.join(map(str, _seeds))}.log",
-            benchmark:
-                f"benchmarks/train/{{cell}}/seeds-{'-'.join(map(str, _seeds))}.tsv"
-            conda:
-                "../envs/lambdapipe.yaml"
-            threads: config["train"]["threads"]
-            resources:
-                gpu=gpu_tokens,
-                mem_mb=config["train"]["mem_mb"],
-                runtime=config["train"]["runtime"],
             shell:
                 "lambdapipe train --model {params.model} {params.model_args}"
                 " --dataset {params.dataset} --data-dir data {params.noise}"
