@@ -16,8 +16,11 @@ run directory. Before each evaluation its slice of the stack is written into its
 which evaluates and is saved exactly as a run trained alone, with its slice of the optimizer
 state in the solo format: a fused run's checkpoint resumes alone and the other way round.
 
-What differs from runs trained alone: results agree within float tolerance, not bitwise (a
-grouped convolution sums in its own order; tests/test_fuse.py), dropout draws come from one
+What differs from runs trained alone: each step equals the run's own step to float tolerance
+(a grouped convolution sums in its own order; tests/test_fuse.py), but float32 training
+amplifies that within tens of steps, so a fused run equals the run alone statistically, not
+numerically: it ends about as far from it as another seed would (docs/performance.md,
+tests/test_fused_claim.py). Dropout draws come from one
 process-wide stream for the K runs, and the step runs without channels_last (vmap chooses
 the layout of the stacked activations). A run that diverges is finished at once; its slice
 rides along, unread, until the others finish. Runs that cannot be fused train one after

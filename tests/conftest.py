@@ -46,7 +46,7 @@ def pytest_collection_modifyitems(config, items):
     (`--no-loadscope-reorder` keeps this order; every worker sorts the same way)."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and not _has_cuda():
+        if item.get_closest_marker("gpu") and not _has_cuda():  # not a param id "gpu"
             item.add_marker(skip)
         if item.get_closest_marker("killloop") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
