@@ -289,11 +289,11 @@ def test_every_job_went_through_slurm_and_saw_its_gpu(grid):
         by_state.setdefault(rec["JobState"], set()).add(rec["JobId"])
     # every job snakemake submitted ran and finished in slurmctld's own record
     assert submitted and submitted <= by_state.get("COMPLETED", set()) | {grid["cancelled"]}
-    # 4 train + 4 evaluate + 2 explain + prepare + 2 noise + report, one extra train for
-    # the cancelled run
+    # 4 train + 4 evaluate + 2 explain + prepare (clean labels too) + 1 noise + report, one
+    # extra train for the cancelled run
     trains = _train_jobs(log)
     assert len(trains) == 5 and grid["cancelled"] in trains
-    assert len(submitted) == 15
+    assert len(submitted) == 14
     # each training job took the SLURM path of gpu.claim: its own job id, its gres index
     claims = [json.loads(line) for line in grid["claims"].read_text().splitlines()]
     train_claims = {cl["slurm_job_id"]: cl for cl in claims if cl["slurm_job_id"] in trains}
