@@ -195,7 +195,8 @@ def _owner() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -221,7 +222,7 @@ def remove_temporaries(directory: str | os.PathLike, recursive: bool = False,
                 continue
             if m["pid"] is not None and int(m["pid"]) == os.getpid():
                 continue
-            if not owned and (m["pid"] is None or m["host"] != host or _alive(int(m["pid"]))):
+            if not owned and (m["pid"] is None or m["host"] != host or pid_alive(int(m["pid"]))):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

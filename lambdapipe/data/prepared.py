@@ -27,16 +27,17 @@ from lambdapipe.atomic import (
     NO_SPACE,
     WriteError,
     no_space,
+    pid_alive,
     reserved_memmap,
     sha256_file,
     write_json,
     write_with,
 )
 from lambdapipe.data import sources
-from lambdapipe.data.sources import stratified_holdout
 from lambdapipe.data.download import ensure_archive
 from lambdapipe.data.manifest import read_manifest
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
+from lambdapipe.data.sources import stratified_holdout
 from lambdapipe.errors import StateError, UserError, bad_value
 from lambdapipe.noise import (
     CLEAN,
@@ -147,16 +148,6 @@ def _tmp_prefix(dataset: str) -> str:
     return f".{dataset}.{os.getpid()}@{socket.gethostname()}."
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def remove_orphans(parent: Path, dataset: str) -> list[Path]:
     """Remove `parent/.<dataset>.*.tmp` directories whose owner (pid, this host) is gone: a
     SIGKILLed or power-cut prepare leaves one behind, possibly filling the disk. A directory
@@ -166,7 +157,7 @@ def remove_orphans(parent: Path, dataset: str) -> list[Path]:
     for path in Path(parent).glob(f".{dataset}.*.tmp"):
         m = _TMP_RE.match(path.name)
         if (m is None or m["dataset"] != dataset or m["host"] != host
-                or int(m["pid"]) == os.getpid() or _alive(int(m["pid"]))):
+                or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"]))):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
