@@ -15,6 +15,7 @@ from lambdapipe.augment import normalize
 from lambdapipe.evaluate import autocast
 from lambdapipe.recipes import STEP_GRAPH, Recipe
 from lambdapipe.runtime import log
+from lambdapipe.validate import DEVICE_FLAGS
 
 
 def make_optimizer(model: torch.nn.Module | list[torch.Tensor], r: Recipe, device: str = "cpu",
@@ -335,7 +336,6 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recip
                        capture)
 
 
-DEVICE_FLAGS = ("capturable", "fused")  # how an optimizer runs on its device, not its state
 
 
 def _portable(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:

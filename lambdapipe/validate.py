@@ -20,6 +20,9 @@ from lambdapipe.errors import UserError, bad_value
 # and torch.manual_seed takes at most 64 bits: refuse what would overflow either.
 SEED_MAX = 2**63 - 1
 
+# How an optimizer runs on its device, not its state: left out of checkpoints (step.py)
+DEVICE_FLAGS = frozenset({"capturable", "fused"})
+
 
 def check_seed(value: Any, what: str = "seed") -> int:
     """A training seed: an integer in [0, SEED_MAX] (numpy integers accepted)."""
@@ -229,15 +232,14 @@ def _check_optimizer(saved: Any, optimizer: Any) -> str | None:
     shapes = {}
     for have, want, live in zip(groups, fresh["param_groups"], optimizer.param_groups,
                                 strict=True):
-        # capturable/fused say how an optimizer runs on its device (step.DEVICE_FLAGS): left
-        # out of new checkpoints, carried by older ones, never state
+        # older checkpoints carry DEVICE_FLAGS, new ones leave them out: never a difference
         if not isinstance(have, dict) or set(have) - DEVICE_FLAGS != set(want) - DEVICE_FLAGS:
             return "param group keys differ from the recipe's optimizer"
         if not isinstance(have["params"], list) or have["params"] != want["params"]:
             return "param group parameters differ from the model's"
         for key, value in want.items():
             if key != "params" and key in have and not _same_kind(have[key], value):
-                return f"param group {key} {_shown(have[key])} is not like {_shown(value)}"
+                return f"param group {key} {have[key]!r} is not like {value!r}"
         shapes.update({i: tuple(p.shape) for i, p in zip(want["params"], live["params"],
                                                           strict=True)})
     state = saved["state"]
@@ -291,31 +293,21 @@ def _check_rng(rng: Any) -> str | None:
     return None
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    """A stored value in a one-line message: its repr on one line, cut at `limit` characters
-    (a tensor's repr spans lines, a hostile string may be long)."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-DEVICE_FLAGS = {"capturable", "fused"}
-
-
 def _check_state(state: Any, fields: dict[str, Any], total: int, iteration: Any
                  ) -> str | None:
     if not isinstance(state, dict) or set(state) != set(fields):
         return f"state is not a mapping of exactly {', '.join(sorted(fields))}"
     it = state["iteration"]
     if type(it) is not int or not 0 <= it <= total:
-        return f"state.iteration {_shown(it)} is not an integer in [0, {total}]"
+        return f"state.iteration {it!r} is not an integer in [0, {total}]"
     if type(iteration) is not int or iteration != it:
-        return f"iteration {_shown(iteration)} differs from state.iteration {it}"
+        return f"iteration {iteration!r} differs from state.iteration {it}"
     for key in ("best_iteration", "skipped_steps"):
         if type(state[key]) is not int or not -1 <= state[key] <= it:
-            return f"state.{key} {_shown(state[key])} is not an integer in [-1, {it}]"
+            return f"state.{key} {state[key]!r} is not an integer in [-1, {it}]"
     for key in ("best_val_acc", "elapsed_s"):
         if not _is_number(state[key]) or not math.isfinite(state[key]):
-            return f"state.{key} {_shown(state[key])} is not a finite number"
+            return f"state.{key} {state[key]!r} is not a finite number"
     rows = state["rows"]
     if not isinstance(rows, list) or len(rows) > it or not all(
             isinstance(r, dict) and all(isinstance(k, str) and _is_number(v)
@@ -323,7 +315,7 @@ def _check_state(state: Any, fields: dict[str, Any], total: int, iteration: Any
         return f"state.rows is not a list of at most {it} rows of numbers"
     if rows and (not isinstance(rows[-1].get("iteration"), int | float)
                  or rows[-1]["iteration"] != it):
-        return f"state.rows ends at iteration {_shown(rows[-1].get('iteration'))}, not {it}"
+        return f"state.rows ends at iteration {rows[-1].get('iteration')!r}, not {it}"
     return None
 
 
