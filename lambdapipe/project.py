@@ -57,12 +57,17 @@ class Cell:
         return f"{self.model}@{self.variant}" if self.variant else self.model
 
     @property
+    def steps_per_epoch(self) -> int:
+        trained = self.train_size + (self.val_size if self.recipe.train_on == "train+val" else 0)
+        return self.recipe.steps_per_epoch(trained)
+
+    @property
     def steps(self) -> int:
-        return self.recipe.total_steps(self.train_size // self.recipe.batch_size)
+        return self.recipe.total_steps(self.steps_per_epoch)
 
     @property
     def evaluations(self) -> int:
-        every = self.recipe.eval_interval(self.train_size // self.recipe.batch_size)
+        every = self.recipe.eval_interval(self.steps_per_epoch)
         return math.ceil(self.steps / every)
 
 

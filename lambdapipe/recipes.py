@@ -37,6 +37,12 @@ STEP_GRAPH = "step-graph"
 AUTO_COMPILE = {"cuda": "reduce-overhead"}
 # Fields that change speed, not the experiment: a run directory resumes across them.
 SPEED_FIELDS = ("compile", "channels_last", "tf32")
+# The data protocol (lambdapipe/protocol.py): which split chooses best.ckpt, what is trained on,
+# whether an epoch's last partial batch is kept, and how often the learning rate changes. Ours
+# is the first of each; the LambdaNetworks community fork's is test, train+val, kept, epoch.
+SELECT_ON = ("val", "test")
+TRAIN_ON = ("train", "train+val")
+LR_STEPS = ("step", "epoch")
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,11 @@ class Recipe:
     # Test accuracy at every evaluation, as the LambdaNetworks community table reads it (best
     # seen); reported beside ours, never used to choose a checkpoint.
     track_test_every_eval: bool = False
+    # The data protocol (SELECT_ON, TRAIN_ON, LR_STEPS above; lambdapipe/protocol.py).
+    select_on: str = "val"  # the split whose accuracy chooses best.ckpt
+    train_on: str = "train"  # train+val: the whole official training set (no hold-out)
+    drop_last: bool = True  # false: an epoch ends with its partial batch (ceil steps)
+    lr_step: str = "step"  # epoch: the rate changes once an epoch (a scheduler stepped per epoch)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -116,6 +127,13 @@ class Recipe:
             return None
         return "default" if self.compile is True else self.compile
 
+    def steps_per_epoch(self, train_size: int) -> int:
+        """Optimizer steps in one pass over `train_size` images: floor with drop_last, ceil
+        without (the last, partial batch is a step of its own)."""
+        if self.drop_last:
+            return train_size // self.batch_size
+        return -(-train_size // self.batch_size)
+
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.iterations is not None:
             return self.iterations
@@ -128,7 +146,10 @@ class Recipe:
 
     def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
         """Learning rate for optimizer step `step` (0-based) of `total`; a pure function so a
-        resumed run needs no scheduler state beyond the step count."""
+        resumed run needs no scheduler state beyond the step count. With lr_step epoch every
+        step of an epoch takes the rate of its first step (a scheduler stepped per epoch)."""
+        if self.lr_step == "epoch":
+            step -= step % steps_per_epoch
         warm = round(self.warmup * total)
         if step < warm:
             return self.lr * (step + 1) / warm
@@ -153,7 +174,8 @@ class Recipe:
 
 # Fields added after run directories existed: a saved config may lack them, and
 # `field_default` then gives the behaviour from before they existed.
-ADDED_FIELDS = ("augment", "crop_scale", "crop_ratio", "tf32")
+ADDED_FIELDS = ("augment", "crop_scale", "crop_ratio", "tf32", "select_on", "train_on",
+                "drop_last", "lr_step")
 
 
 def field_default(key: str) -> Any:
@@ -176,8 +198,9 @@ _FIELDS = {f.name: f for f in fields(Recipe)}
 _DEFAULTS = Recipe(name="").to_dict()
 _INT = {"batch_size", "iterations", "eval_every", "crop_padding"}
 _OPTIONAL = {"iterations", "epochs", "eval_every", "eval_every_epochs", "grad_clip"}
-_BOOL = {"nesterov", "flip", "tf32", "track_test_every_eval"}
-_STR = {"name", "description", "optimizer", "schedule", "precision", "augment"}
+_BOOL = {"nesterov", "flip", "tf32", "track_test_every_eval", "drop_last"}
+_STR = {"name", "description", "optimizer", "schedule", "precision", "augment", "select_on",
+        "train_on", "lr_step"}
 _PAIRS = {"betas", "step_milestones", "crop_scale", "crop_ratio"}
 # Setting one unit of a pair clears the other, so `--set iterations=200` works on any recipe.
 EXCLUSIVE_PAIRS = {"iterations": "epochs", "epochs": "iterations",
@@ -304,6 +327,13 @@ def _validate(r: Recipe) -> None:
          "crop_scale", list(r.crop_scale), "two fractions 0 < min <= max <= 1")
     need(len(r.crop_ratio) == 2 and 0 < r.crop_ratio[0] <= r.crop_ratio[1],
          "crop_ratio", list(r.crop_ratio), "two aspect ratios 0 < min <= max")
+    need(r.select_on in SELECT_ON, "select_on", r.select_on, SELECT_ON)
+    need(r.train_on in TRAIN_ON, "train_on", r.train_on, TRAIN_ON)
+    need(r.lr_step in LR_STEPS, "lr_step", r.lr_step, LR_STEPS)
+    need(r.train_on == "train" or r.select_on == "test", "train_on", r.train_on,
+         "train with select_on val (val is trained on under train+val: set select_on=test)")
+    need(r.drop_last or r.compile != STEP_GRAPH, "drop_last", r.drop_last,
+         f"true with compile {STEP_GRAPH} (one captured graph has one batch shape)")
 
 
 def recipe_changes(recipe: Recipe) -> dict[str, Any]:

@@ -4,7 +4,8 @@ The uint8 dataset lives on the device; each epoch's order, crop offsets and flip
 from a generator seeded by (seed, epoch) (see `augment.py`) and the learning rate is a pure
 function of the step (`Recipe.lr_at`), so a run resumed from `last.ckpt` replays exactly the
 batches and rates of an unbroken run. The test split is read once, after training, and
-scored on the checkpoint that val chose; it never takes part in selection.
+scored on the checkpoint that val chose; it never takes part in selection (unless the recipe
+asks for the community fork's protocol, `select_on: test`: lambdapipe/protocol.py).
 
 The run directory and its checks are rundir.py's, the step step.py's.
 """
@@ -32,6 +33,7 @@ from lambdapipe.evaluate import (
     predict,
     save_checkpoint,
 )
+from lambdapipe.protocol import at_best, selection_score, tracks_test, training_split
 from lambdapipe.recipes import Recipe, recipe_changes
 from lambdapipe.rundir import (  # noqa: F401 - TrainConfig, METRIC_COLUMNS: the public API
     METRIC_COLUMNS,
@@ -114,13 +116,14 @@ class Run:
         self.r, self.out = r, out
         self.started = time.perf_counter()
         train, val = load_splits(cfg, verify=False)  # checksums verified by check_before_start
+        train_name, train = training_split(r, train, val, cfg.noise)  # protocol.py
         config = run_config(cfg, train, device=device)
         from lambdapipe.provenance import record  # identity, code and GPU: config.json
         config.update(record(cfg.model, cfg.model_args, cfg.recipe.to_dict(), cfg.data_dir,
                              cfg.dataset))
         self.config = config
         _print_recipe(r)
-        self.steps_per_epoch = steps_per_epoch = len(train.labels) // r.batch_size
+        self.steps_per_epoch = steps_per_epoch = r.steps_per_epoch(len(train.labels))
         self.total = total = r.total_steps(steps_per_epoch)
         self.eval_every = r.eval_interval(steps_per_epoch)
 
@@ -168,11 +171,11 @@ class Run:
                                                      images.clean_labels, device, pad=pad)
             return self.device_data[key]
 
-        self.train_data = on_device("train", train, r.crop_padding)
+        self.train_data = on_device(train_name, train, r.crop_padding)
         self.val_data = on_device("val", val)
         del train, val
         self.test_data = None
-        if r.track_test_every_eval:  # reported only: best.ckpt is chosen on val below
+        if tracks_test(r):  # reported, or chosen on under select_on test (protocol.py)
             from lambdapipe.data import load_split
 
             self.test_data = on_device("test", load_split(cfg.data_dir, cfg.dataset, "test"))
@@ -263,8 +266,8 @@ class Run:
         self.seat.reset_tally()
         paths = [out / "last.ckpt"]
         runlock.check_still_owned(out)  # not into a directory removed, maybe re-owned
-        if row["val_acc"] > state.best_val_acc:
-            state.best_val_acc, state.best_iteration = row["val_acc"], it
+        if selection_score(r, row) > state.best_val_acc:  # val's, or test's (select_on)
+            state.best_val_acc, state.best_iteration = selection_score(r, row), it
             paths.insert(0, out / "best.ckpt")
         save_checkpoint({"config": self.config, "model": model.state_dict(),
                          "optimizer": self.seat.optimizer_state(),
@@ -311,7 +314,8 @@ def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch
         "noise": cfg.noise, "seed": cfg.seed, "recipe": r.name, "precision": r.precision,
         "recipe_changes": recipe_changes(cfg.recipe), "image_size": config["data"]["image_size"],
         "params": count_params(model), "iterations": it if diverged_at is None else diverged_at,
-        "val_acc": state.best_val_acc if state.best_iteration >= 0 else None,
+        "val_acc": at_best(rows, state.best_iteration, "val_acc"),
+        "select_on": r.select_on, "train_on": r.train_on,
         "best_iteration": state.best_iteration if state.best_iteration >= 0 else None,
         "tst_acc": test["accuracy"] if test else None, "tst_nll": test["nll"] if test else None,
         "ece": test["ece"] if test else None,
@@ -319,7 +323,7 @@ def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch
         "best_val_loss": min((x["val_loss"] for x in rows), default=None),
         "train_clean_acc": rows[-1]["train_clean_acc"] if rows else None,
         "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
-        if r.track_test_every_eval else None,
+        if tracks_test(r) else None,
         "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
         "compile": path,
         "skipped_steps": state.skipped_steps,
