@@ -29,6 +29,25 @@ PUBLISHED_DATASET = {
 #   `provenance:` says which of its numbers the source states); a run under another recipe,
 #   or with recipe fields changed (`--set`), is not like the published rows.
 PUBLISHED_RECIPE = {"resnet": "sgdm", "lambda": "sgd-restarts", "imagenette": "adam-restarts"}
+# The community table's Lambda-ResNet rows, each trained the fork's way (all 50,000 training
+# images, the best epoch by TEST accuracy, the rate changed once an epoch) for the epochs the
+# row names: each stands beside the recipe made its way only (recipes.yaml `-fork<epochs>`),
+# never beside sgd-restarts (ours: 310 epochs, val held out and choosing), whose curve the
+# lambda table reads at these epochs instead. A row without epochs (work in progress, no
+# accuracy) is addressed to sgd-restarts, our reproduction.
+FORK_RECIPES = {65: "sgd-restarts-fork65", 70: "sgd-restarts-fork70"}
+# What chooses best.ckpt of runs under those recipes (the fork's protocol, protocol.py).
+FORK_SELECTS_ON = "test"
+
+
+def lambda_recipe(epochs: Any) -> str:
+    """The recipe a community-table row was made with, from its `epochs` cell."""
+    try:
+        return FORK_RECIPES.get(int(float(epochs)), PUBLISHED_RECIPE["lambda"])
+    except (TypeError, ValueError):  # an empty cell: no epochs stated
+        return PUBLISHED_RECIPE["lambda"]
+
+
 # The community table's ResNet baselines are kuangliu/pytorch-cifar's, trained with that
 # repository's own recipe, of which we have no copy: no run of ours is like them.
 KUANGLIU = "kuangliu/pytorch-cifar's own"

@@ -77,7 +77,7 @@ def make_runs(root: Path) -> Path:
               precision="bf16", status="diverged", diverged_at=1200, tst_acc=0.1,
               tst_nll=float("nan"))
     write_run(root, "cifar10", "clean", "lambda_resnet18_u4_r7", 0, params=8_600_000,
-              tst_acc=0.930, recipe="sgd-restarts")
+              tst_acc=0.930, recipe="sgd-restarts-fork65", select_on="test")
     # A summary without the optional iter_per_min and ece: shown as '—', not a crash.
     write_run(root, "cifar10", "clean", "resnet18", 0, params=11_173_962, tst_acc=0.950,
               iter_per_min=..., ece=..., wall_time_s=2520.0)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from lambdapipe.reference import (
     CLEAN,
+    FORK_RECIPES,
     IMAGENETTE_DATASETS,
     KUANGLIU,
     OFFICIAL_CSV,
@@ -26,13 +27,16 @@ from lambdapipe.reference import (
     PUBLISHED_RECIPE,
     Setting,
     arch_key,
+    lambda_recipe,
     model_identity,
     resnet_name,
 )
 from lambdapipe.report.compare import PublishedCell, match, published_cells, setting_of
+from lambdapipe.report.curve import CURVE_EPOCHS, curve_columns
 from lambdapipe.report.tables import (
     BEST_TRAIN_LOSS,
     BEST_VAL_LOSS,
+    MISSING,
     PCT,
     TEST_ACC,
     TEST_NLL,
@@ -220,8 +224,9 @@ def _with_pub(g: pd.DataFrame, pub, pairs) -> dict:
 
 # --------------------------------------------------------------------------- community table
 def lambda_settings(published: pd.DataFrame) -> list[tuple[Setting, pd.Series]]:
-    """The community CIFAR-10 rows: its Lambda-ResNets (k, h, u, m = our r) under the fork's
-    recipe, and kuangliu's ResNet baselines under a recipe we have no copy of."""
+    """The community CIFAR-10 rows: its Lambda-ResNets (k, h, u, m = our r) each under the
+    fork's recipe for its epochs (reference.lambda_recipe), and kuangliu's ResNet baselines
+    under a recipe we have no copy of."""
     out = []
     for _, row in published.iterrows():
         m = re.fullmatch(r"(Lambda)?ResNet(\d+)( baseline)?", str(row["model"]))
@@ -233,12 +238,19 @@ def lambda_settings(published: pd.DataFrame) -> list[tuple[Setting, pd.Series]]:
                     if pd.notna(row[col])}
             setting = Setting("cifar10", PUBLISHED_IMAGE_SIZE["lambda"],
                               f"lambda_resnet{m.group(2)}", Setting.args(args),
-                              PUBLISHED_PRECISION["lambda"], PUBLISHED_RECIPE["lambda"])
+                              PUBLISHED_PRECISION["lambda"], lambda_recipe(row["epochs"]))
         else:
             setting = Setting("cifar10", PUBLISHED_IMAGE_SIZE["lambda"], f"resnet{m.group(2)}",
                               (), None, KUANGLIU)
         out.append((setting, row))
     return out
+
+
+def selects_on(g: pd.DataFrame) -> str:
+    """Which split chose the group's best.ckpt (summary.json `select_on`; runs from before
+    it was written chose on val). A group shares its recipe, so it shares this too."""
+    values = {v if isinstance(v, str) else "val" for v in g.get("select_on", ["val"])}
+    return ", ".join(sorted(values))
 
 
 def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
@@ -259,9 +271,14 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
         hyper = {"k": args.get("k"), "h": args.get("heads"), "u": args.get("u"),
                  "r": args.get("r")}
         pub, why = _published(g, candidates, "lambda_cifar10", LAMBDA_VERDICTS, cells)
+        selects = selects_on(g)
 
         def p(col, digits, pub=pub):
             return pub_cell(pub[col] if pub is not None else None, digits)
+
+        def curve(epoch, g=g):
+            at, best = (metric_cell(g, c, 2, PCT) for c in curve_columns(epoch))
+            return MISSING if at == best == MISSING else f"{at} / {best}"
 
         md.append({
             "model": first["model_label"], **{k: int_cell(v) for k, v in hyper.items()},
@@ -271,7 +288,9 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
             TEST_ACC: metric_cell(g, "tst_acc", 2, PCT),
             "best test acc seen (%)": metric_cell(g, "tst_acc_best_seen", 2, PCT),
             f"published {TEST_ACC}": p("test_acc_pct", 2),
-            "published epochs": p("epochs", 0),
+            "published epochs": p("epochs", 0), "selects on": selects,
+            **{f"curve at epoch {e}: test acc / best so far (%)": curve(e)
+               for e in CURVE_EPOCHS},
             "precision": precision, "recipe": recipe, "status": status_cell(g),
             "unlike published": why,
         })
@@ -285,12 +304,25 @@ def lambda_table(df: pd.DataFrame, published: pd.DataFrame,
             **metric_csv(g, "tst_acc_best_seen", "test_acc_best_seen_pct", PCT),
             "test_acc_pct_published":
                 pub_float(pub["test_acc_pct"]) if pub is not None else math.nan,
+            "select_on": selects,
+            **{k: v for e in CURVE_EPOCHS for col in curve_columns(e)
+               for k, v in metric_csv(g, col, col.replace("tst_acc", "test_acc_pct"),
+                                      PCT).items()},
             "status": status_cell(g), "unlike_published": why,
         })
     notes = ["k = query depth, h = heads, u = intra-depth, r = scope (the community table's m). "
              "Published: the LambdaNetworks community implementation's CIFAR-10 table, beside "
-             f"runs at 32 px in fp32 trained with recipe {PUBLISHED_RECIPE['lambda']} "
-             "unchanged. Its ResNet baseline rows are kuangliu/pytorch-cifar's, quoted by the "
+             "runs at 32 px in fp32 trained the way each row was: the fork's protocol (all "
+             "50,000 training images, the rate changed once an epoch, the best epoch kept by "
+             "TEST accuracy) for the row's epochs, recipe "
+             + " or ".join(f"{r} ({e} epochs)" for e, r in sorted(FORK_RECIPES.items()))
+             + ", unchanged. Such runs select on test ('selects on': test), like the source: "
+             "their test acc is chosen on test, an optimistic number, never ours. Our "
+             f"{PUBLISHED_RECIPE['lambda']} runs (310 epochs, chosen on val) stand beside no "
+             "published value; the 'curve at epoch' columns read their metrics.csv at the "
+             "source's epochs instead: the test accuracy of that epoch's evaluation / the best "
+             "of every evaluation up to it (recipe flag track_test_every_eval; '—' without). "
+             "Its ResNet baseline rows are kuangliu/pytorch-cifar's, quoted by the "
              "source and trained with that repository's own recipe, of which we have no copy: "
              "no run of ours stands beside them. '—' where the source has no row or no "
              "accuracy, or the run was trained otherwise ('unlike published' says how). "

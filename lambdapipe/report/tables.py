@@ -28,6 +28,7 @@ from lambdapipe.reference import (
     has_official_noise,
     noise_source,
 )
+from lambdapipe.report.curve import curve_points
 from lambdapipe.report.load import SUMMARY_FIELDS, Collection
 from lambdapipe.status import DIVERGED, FAILED, OK
 
@@ -132,6 +133,7 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
             # set a width themselves (base_width=8): no "width 1" beside it.
             depth=depth, width=None if any("width" in k for k in run.model_args) else width,
         )
+        row.update(curve_points(run.metrics))  # the community table's epochs (curve.py)
         rows.append(row)
     df = pd.DataFrame(rows)
     for key in ("precision", "recipe", "recipe_name"):
