@@ -379,6 +379,7 @@ def _variants(grid: dict) -> list[tuple[str, dict]]:
 def expand_runs(cfg: dict) -> list[Run]:
     """Every run of the grid, minus exclusions, each once (in config order)."""
     from lambdapipe.noise import noise_spec
+    from lambdapipe.protocol import check_noise
     from lambdapipe.recipes import get_recipe
     from lambdapipe.validate import check_seed
 
@@ -393,8 +394,12 @@ def expand_runs(cfg: dict) -> list[Run]:
             for name, extra in _variants(grid):
                 at = f"{where}.variants.{name}.set" if name else f"{where}.set"
                 try:
-                    get_recipe(grid["recipe"], {**(grid.get("set") or {}),
-                                                **extra.get("set", {})})
+                    recipe = get_recipe(grid["recipe"], {**(grid.get("set") or {}),
+                                                         **extra.get("set", {})})
+                    for entry in grid["noise"]:  # before any job: train+val needs clean labels
+                        for rate in entry["rates"]:
+                            check_noise(recipe, noise_spec(entry["kind"], rate,
+                                                           entry.get("seed", 0)).tag)
                 except UserError as exc:
                     raise UserError(f"config {at}: {exc}") from None
             for m, model in enumerate(grid["models"]):

@@ -6,7 +6,7 @@ CIFAR-10 training images and keeps the epoch of best test accuracy; the recipe f
 `train_on: train+val` and `select_on: test` make a run that fork's way, named as such in the
 run's identity (recipes.ADDED_FIELDS) and in every table beside it ("selects on test").
 
-The training loop calls these three functions and nothing else of this module.
+The training loop and the config check call these functions.
 """
 
 from __future__ import annotations
@@ -31,12 +31,18 @@ def training_split(r: Recipe, train: Any, val: Any, noise: str) -> tuple[str, An
     noise rate than the one asked for: refused."""
     if r.train_on == "train":
         return "train", train
-    if noise != "clean":
-        raise UserError(f"invalid train_on {r.train_on} with noise {noise}: expected clean "
-                        "labels (val's labels are clean, so train+val would dilute the noise)")
+    check_noise(r, noise)
     joined = {k: np.concatenate([getattr(train, k), getattr(val, k)])
               for k in ("images", "labels", "clean_labels")}
     return r.train_on, dataclasses.replace(train, split=r.train_on, **joined)
+
+
+def check_noise(r: Recipe, noise: str, where: str = "") -> None:
+    """Refuse train_on train+val with noisy labels (the config check and the run's own)."""
+    if r.train_on != "train" and noise != "clean":
+        raise UserError(f"{where}invalid train_on {r.train_on} with noise {noise}: expected "
+                        "clean labels (val's labels are clean, so train+val would dilute the "
+                        "noise)")
 
 
 def tracks_test(r: Recipe) -> bool:

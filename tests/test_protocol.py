@@ -149,3 +149,19 @@ def test_train_and_val_refuses_noisy_labels(data_dir, tmp_path):
     with pytest.raises(UserError, match="train_on train\\+val with noise symmetric"):
         train.run(config(data_dir, tmp_path / "run", noise="symmetric-0.25", iterations=4,
                          eval_every=2, **FORK))
+
+
+def test_config_refuses_train_and_val_with_noise_before_any_job():
+    from lambdapipe.config import check_config, expand_runs
+
+    grid = {"models": ["resnet20x1"], "seeds": [0], "recipe": "demo",
+            "noise": [{"kind": "symmetric", "rates": [0, 0.25]}],
+            "set": {"select_on": "test", "train_on": "train+val"}}
+    with pytest.raises(UserError) as err:
+        check_config({"datasets": {"digits": {"grids": [grid]}}})
+    assert str(err.value) == (
+        "config datasets.digits.grids[0].set: invalid train_on train+val with noise "
+        "symmetric-0.25: expected clean labels (val's labels are clean, so train+val would "
+        "dilute the noise)")
+    grid["noise"][0]["rates"] = [0]
+    assert len(expand_runs(check_config({"datasets": {"digits": {"grids": [grid]}}}))) == 1
