@@ -93,6 +93,10 @@ def test_fork_rows_stand_beside_their_own_recipe_only(tables):
         "select_on"] == "test"
     note = (tables / "lambda_cifar10.md").read_text()
     assert "select on test" in note and "sgd-restarts-fork65 (65 epochs)" in note
+    # the accuracy table of the dataset says it too, naming the recipes
+    noise = (tables / "noise_cifar10.md").read_text()
+    assert ("Runs of recipe sgd-restarts-fork65, sgd-restarts-fork70 select on test"
+            in noise)
 
 
 def test_our_curve_is_read_at_65_and_70_epochs(tables):

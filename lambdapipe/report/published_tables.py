@@ -32,7 +32,7 @@ from lambdapipe.reference import (
     resnet_name,
 )
 from lambdapipe.report.compare import PublishedCell, match, published_cells, setting_of
-from lambdapipe.report.curve import CURVE_EPOCHS, curve_columns
+from lambdapipe.report.fork import CURVE_EPOCHS, curve_columns
 from lambdapipe.report.tables import (
     BEST_TRAIN_LOSS,
     BEST_VAL_LOSS,

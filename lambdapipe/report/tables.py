@@ -28,7 +28,7 @@ from lambdapipe.reference import (
     has_official_noise,
     noise_source,
 )
-from lambdapipe.report.curve import curve_points
+from lambdapipe.report.fork import curve_points, selects_on_test_note
 from lambdapipe.report.load import SUMMARY_FIELDS, Collection
 from lambdapipe.status import DIVERGED, FAILED, OK
 
@@ -133,7 +133,7 @@ def runs_frame(collection: Collection, published_as: dict[str, str] | None = Non
             # set a width themselves (base_width=8): no "width 1" beside it.
             depth=depth, width=None if any("width" in k for k in run.model_args) else width,
         )
-        row.update(curve_points(run.metrics))  # the community table's epochs (curve.py)
+        row.update(curve_points(run.metrics))  # the community table's epochs (fork.py)
         rows.append(row)
     df = pd.DataFrame(rows)
     for key in ("precision", "recipe", "recipe_name"):
@@ -409,7 +409,7 @@ def noise_table(dataset: str, df: pd.DataFrame) -> Table:
              "'(drawn)'); train acc on true labels: training accuracy against the clean labels "
              "(the last evaluation); the losses are the lowest cross-entropy of any evaluation, "
              "on the training labels (noisy where the run is) and on val. Training times and "
-             "iteration rates: the speed table."]
+             "iteration rates: the speed table."] + selects_on_test_note(df)
     return Table(f"noise_{dataset}", f"{dataset}: test accuracy and losses against label noise",
                  md, rows, notes)
 

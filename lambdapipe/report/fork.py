@@ -1,4 +1,5 @@
-"""A run's curve read at the community table's epochs (metrics.csv, nothing else).
+"""The community fork's way of reading, for the tables (run files only): a run's curve at the
+fork's epochs, and the note on runs that chose best.ckpt on test.
 
 The fork's Lambda-ResNet-18 rows are at 65 and 70 epochs; our sgd-restarts run trains 310. Its
 test accuracy at those epochs, and the best of its curve up to them (the fork's way of reading:
@@ -43,3 +44,18 @@ def curve_points(metrics: pd.DataFrame | None) -> dict[str, float]:
         at_col, best_col = curve_columns(epoch)
         out[at_col], out[best_col] = at, best
     return out
+
+
+def selects_on_test_note(df: pd.DataFrame) -> list[str]:
+    """A note for any table holding runs that chose best.ckpt on test (summary.json
+    `select_on`, recipe field; the fork's protocol), so their test accuracy is never read
+    as one chosen on val; no note when there are none."""
+    if "select_on" not in df.columns:
+        return []
+    recipes = sorted(set(df.loc[df["select_on"] == "test", "recipe"]))
+    if not recipes:
+        return []
+    return [f"Runs of recipe {', '.join(recipes)} select on test (the LambdaNetworks community "
+            "fork's protocol, lambdapipe/protocol.py): their test acc is of the evaluation "
+            "with the best test accuracy, an optimistic number chosen on test, unlike ours "
+            "(chosen on val, test read once)."]
