@@ -28,7 +28,8 @@ def training_split(r: Recipe, train: Any, val: Any, noise: str) -> tuple[str, An
     official training set whole again (val's images appended to train's, in that order).
 
     val always carries clean labels, so under a noise variant the union would be another
-    noise rate than the one asked for: refused."""
+    noise rate than the one asked for: refused. val is still scored at every evaluation, on
+    images the run then trains on (config/README.md says so)."""
     if r.train_on == "train":
         return "train", train
     check_noise(r, noise)
