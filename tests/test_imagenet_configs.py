@@ -109,3 +109,32 @@ def test_baseline_recipe_by_row():
     assert baseline_recipe("imagenet2012", "112 iter/min fp16 b1024-128k 8RTX3090") == \
         "sgdm-imagenet2012-b1024"
     assert baseline_recipe("imagenet2012", "no batch note") is None
+
+
+# --------------------------------------------------------------------------- bench --config
+def test_published_seconds_of_the_imagenet_rows():
+    """steps / the row's iter/min, the row chosen by recipe: ResNet-152 is b1024-128k."""
+    from lambdapipe.project import cells, published_seconds
+
+    by_model = {c.model: c for c in cells(load("imagenet2012"))}
+    assert published_seconds(by_model["resnet152"], {}) == pytest.approx(60 * 128_000 / 112)
+    assert published_seconds(by_model["resnet50"], {}) == pytest.approx(60 * 64_000 / 152)
+    assert published_seconds(by_model["lambda_resnet50"], {}) is None
+    (r18,) = [c for c in cells(load("imagenet32")) if c.model == "resnet18"]
+    assert published_seconds(r18, {}) == pytest.approx(60 * 128_000 / 1017)
+
+
+@pytest.mark.slow  # measures one (tiny) training step on the CPU
+def test_bench_config_projects_imagenet32_on_one_device():
+    from lambdapipe.project import format_projection, project
+
+    cfg = load("imagenet32")
+    cfg["datasets"]["imagenet32"]["prepare"] = {"val_size": 64}
+    grid = cfg["datasets"]["imagenet32"]["grids"][0]
+    grid.update(models=["resnet18"], model_args={"base_width": 4}, set={"batch_size": 8})
+    result = project(cfg, device="cpu", warmup=1, steps=2)
+    (row,) = result["rows"]
+    assert row["steps"] == 128_000 and row["iter_per_min"] > 0
+    text = format_projection(result)
+    assert "measured: each cell's training step" in text
+    assert "a run on several GPUs (DDP) is neither measured nor projected yet" in text
