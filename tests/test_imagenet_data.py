@@ -285,3 +285,28 @@ def test_ilsvrc2012_v2_is_optional_and_archive_change_is_caught(tmp_path, monkey
         fh.write(b"\0" * 512)
     with pytest.raises(StateError, match="gone or changed size"):
         open_split(tmp_path / "d", "imagenet2012", "test").jpeg(0)
+
+
+@pytest.mark.slow  # a 4-step training run on the CPU
+def test_train_on_prepared_imagenet32(tmp_path, monkeypatch):
+    """The 32 px set trains with the pipeline as it is: prepare from the mirror, then
+    `lambdapipe train` with the table's recipe (budget, batch and width shrunk)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lambdapipe.cli import main
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    make_downsampled(mirror, 32, per_batch=4)
+    _use(monkeypatch, "imagenet32", 40)
+    data.prepare("imagenet32", tmp_path / "d", mirror=mirror, val_size=8, progress=False)
+    res = CliRunner().invoke(main, [
+        "train", "--model", "resnet18", "--model-arg", "base_width=4", "--dataset",
+        "imagenet32", "--data-dir", str(tmp_path / "d"), "--recipe", "sgdm-imagenet32",
+        "--set", "iterations=2", "--set", "batch_size=8", "--set", "eval_every=2",
+        "--set", "precision=fp32", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["skipped_steps"] == 0
