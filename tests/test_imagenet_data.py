@@ -310,3 +310,8 @@ def test_train_on_prepared_imagenet32(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["skipped_steps"] == 0
+
+
+def test_download_points_to_registration(tmp_path):
+    with pytest.raises(UserError, match="registering at image-net.org.*docs/imagenet.md"):
+        data.download("imagenet2012", tmp_path)
