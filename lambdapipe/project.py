@@ -34,7 +34,13 @@ from lambdapipe.data.prepared import split_sizes
 from lambdapipe.errors import UserError
 from lambdapipe.noise import parse_noise_tag
 from lambdapipe.recipes import Recipe, get_recipe
-from lambdapipe.reference import PUBLISHED_DATASET, arch_key, depth_width, read_table
+from lambdapipe.reference import (
+    PUBLISHED_DATASET,
+    arch_key,
+    baseline_recipe,
+    depth_width,
+    read_table,
+)
 
 
 @dataclass
@@ -100,13 +106,15 @@ def published_seconds(cell: Cell, published_as: dict[str, str]) -> float | None:
     if cell.model_args and source == cell.dataset:  # a changed model is not the published one
         return None
     if source in PUBLISHED_DATASET:
-        # The baseline table's rates are for its ResNets under its recipe (batch 256).
-        if cell.recipe.name != "sgdm" or not re.fullmatch(r"resnet\d+(x\d+)?", cell.model):
+        # The baseline table's rates are for its ResNets under its recipe (the ImageNet
+        # rows': one per batch note; measured on the 2-8 GPUs of the row's note).
+        if not re.fullmatch(r"resnet\d+(x\d+)?", cell.model):
             return None
         depth, width = depth_width(cell.model)
         for row in read_table("published_resnet_baselines.csv"):
             if (row["dataset"] == PUBLISHED_DATASET[source] and row["depth"] == str(depth)
                     and row["width"] == str(width)
+                    and baseline_recipe(row["dataset"], row["notes"]) == cell.recipe.name
                     and row["precision"] == cell.recipe.precision and row["iter_per_min"]):
                 return 60 * cell.steps / float(row["iter_per_min"])
         return None
@@ -275,11 +283,16 @@ def format_projection(result: dict[str, Any]) -> str:
     if pub is not None:
         missing = result["published_missing_runs"]
         lines.append(f"published training time of the same runs: {_minutes(pub)} min "
-                     "(training only; baselines: RTX 3090 iter/min)"
+                     "(training only; baselines: RTX 3090 iter/min, the ImageNet rows' on "
+                     "the 2-8 GPUs their notes name)"
                      + (f", {missing} runs without a published time" if missing else ""))
     if result.get("pack", 1) > 1:
         lines.append(f"(x{result['pack']}: a process of {result['pack']} seeds; iter/min of "
                      "them all, per run each's, run min the whole process)")
     lines.append("(lower bounds: perfect packing; launch = process start + data to device; "
                  "the final test pass is not counted)")
+    lines.append("(measured: each cell's training step, start-up and evaluation rate on one "
+                 "device here; projected: whole runs and the grid from them. Every run is one "
+                 "process on one GPU: --gpus spreads runs over GPUs, a run on several GPUs "
+                 "(DDP) is neither measured nor projected yet)")
     return "\n".join(lines)

@@ -21,6 +21,9 @@ PUBLISHED_DATASET = {
     "cifar100": "CIFAR100_x32",
     "tinyimagenet32": "TinyImageNet200_x32",
     "tinyimagenet64": "TinyImageNet200_x64",
+    "imagenet32": "ImageNet1k_x32",
+    "imagenet64": "ImageNet1k_x64",
+    "imagenet2012": "imagenet2012",
 }
 
 # What a published table's rows were trained with, so a published value stands only beside
@@ -59,7 +62,25 @@ PUBLISHED_PRECISION = {"lambda": "fp32", "imagenette": "fp32"}
 #   trains at (the data registry's default for Imagenette; config/imagenette_noisy.yaml), so
 #   a run at another size is another experiment (ours, not the source's: say so).
 PUBLISHED_IMAGE_SIZE = {"CIFAR10_x32": 32, "CIFAR100_x32": 32, "TinyImageNet200_x32": 32,
-                        "TinyImageNet200_x64": 64, "lambda": 32, "imagenette": 128}
+                        "TinyImageNet200_x64": 64, "lambda": 32, "imagenette": 128,
+                        "ImageNet1k_x32": 32, "ImageNet1k_x64": 64, "imagenet2012": 224}
+# The baseline table's ImageNet rows have a recipe of their own (recipes.yaml sgdm-imagenet*):
+# the downsampled tables one each, the 224 px table one per batch-iterations note of a row.
+_IMAGENET_RECIPES = {"ImageNet1k_x32": "sgdm-imagenet32", "ImageNet1k_x64": "sgdm-imagenet64"}
+_IMAGENET2012_RECIPES = {"b2048-64k": "sgdm-imagenet2012", "b4096-32k": "sgdm-imagenet2012-b4096",
+                         "b1024-128k": "sgdm-imagenet2012-b1024"}
+# Their `val_acc` is measured on the official ImageNet validation set: our test split (our
+# val split is held out of the training set), so it stands beside our test accuracy.
+PUBLISHED_VAL_IS_OUR_TEST = frozenset({"ImageNet1k_x32", "ImageNet1k_x64", "imagenet2012"})
+
+
+def baseline_recipe(published_dataset: str, notes: str = "") -> str | None:
+    """Our recipe that trains like a baseline-table row (None: a 224 px row whose batch and
+    iterations we do not reproduce)."""
+    if published_dataset == "imagenet2012":
+        m = re.search(r"\bb\d+-\d+k\b", notes)
+        return _IMAGENET2012_RECIPES.get(m.group(0)) if m else None
+    return _IMAGENET_RECIPES.get(published_dataset, PUBLISHED_RECIPE["resnet"])
 # The Imagenette sizes whose archives ship noisy_imagenette.csv (exact names, never a prefix):
 # symmetric noise at one of its columns' rates with noise seed 0 is that column's labels
 # (data.prepared; data.registry.IMAGENETTE_NOISE_COLUMNS, pinned by tests/test_reference.py).
@@ -166,7 +187,7 @@ def differences(ours: Setting, published: Setting, stand_in: bool = False) -> li
 
 def resnet_name(depth: int, width: int) -> str:
     """The baseline table's depth x width as our model name: resnet20x1, resnet18."""
-    return f"resnet{depth}" if depth in (18, 34, 50) else f"resnet{depth}x{width}"
+    return f"resnet{depth}" if depth in (18, 34, 50, 101, 152) else f"resnet{depth}x{width}"
 
 
 def depth_width(model: str) -> tuple[int | None, int | None]:

@@ -43,6 +43,10 @@ def download(dataset: str, raw_dir: Path, mirror: Path | None = None, url: str |
              progress: bool = True) -> Path:
     """Make sure `raw_dir/<archive>` holds DATASET's verified archive; return its path."""
     info = dataset_info(dataset)
+    if info.source in ("imagenet-downsampled", "ilsvrc2012"):  # data/imagenet.py
+        raise UserError(f"dataset {dataset!r} is downloaded by you after registering at "
+                        "image-net.org: put its archives in a mirror directory (--mirror or "
+                        f"${MIRROR_ENV}) and run `lambdapipe prepare` (docs/imagenet.md)")
     if info.url is None:
         raise UserError(f"dataset {dataset!r} has no archive to download "
                         f"({info.note or 'it ships with its library'})")

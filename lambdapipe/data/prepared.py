@@ -34,7 +34,9 @@ from lambdapipe.atomic import (
     write_with,
 )
 from lambdapipe.data import sources
+from lambdapipe.data import imagenet
 from lambdapipe.data.download import ensure_archive
+from lambdapipe.data.imagenet2012 import read_ilsvrc2012
 from lambdapipe.data.manifest import read_manifest
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
 from lambdapipe.data.sources import stratified_holdout
@@ -49,6 +51,9 @@ from lambdapipe.noise import (
 )
 
 SPLITS = ("train", "val", "test")
+# Sets made of several archives that users download themselves (data/imagenet.py).
+IMAGENET_READERS = {"imagenet-downsampled": imagenet.read_downsampled,
+                    "ilsvrc2012": read_ilsvrc2012}
 FORMAT_VERSION = 1
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -109,6 +114,8 @@ def prepare(dataset: str, data_dir: Path, *, mirror: Path | None = None,
     if info.url is not None:
         archive = ensure_archive(info, Path(data_dir) / "raw", mirror=mirror, url=url,
                                  progress=progress)
+    elif info.source in IMAGENET_READERS:  # users' own copies, from raw/ or the mirror
+        archive = imagenet.locate(info, Path(data_dir) / "raw", mirror)
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -226,7 +233,8 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
            progress: bool) -> None:
     scratch = out / ".scratch"
     scratch.mkdir()
-    official = sources.read(info, archive, scratch, params["image_size"], progress)
+    official = sources.read(info, archive, scratch, params["image_size"], progress,
+                            IMAGENET_READERS.get(info.source))
     classes = list(official.classes)
     if len(classes) != info.num_classes:
         raise UserError(f"archive {archive} has {len(classes)} classes, expected "
@@ -249,6 +257,11 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
         if idx is not None:
             labels = labels[idx]
         _save(out / f"{split}_images.npy", images, idx)
+        _save(out / f"{split}_labels.npy", labels, None)
+        counts[split] = np.bincount(labels, minlength=info.num_classes).tolist()
+    for split, (images, labels) in official.extra_tests.items():
+        labels = np.asarray(labels, dtype=np.int64)
+        _save(out / f"{split}_images.npy", images, None)
         _save(out / f"{split}_labels.npy", labels, None)
         counts[split] = np.bincount(labels, minlength=info.num_classes).tolist()
     extra_noise = {}
@@ -276,6 +289,7 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
         "class_counts": counts,
         "arrays": arrays,
         "official_noise": extra_noise,
+        "extra_tests": sorted(official.extra_tests),
         "notes": info.note,
         "lambdapipe_version": __version__,
     }
@@ -411,9 +425,17 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
     reported test accuracy are measured against the truth.
     """
     if split not in SPLITS:
-        raise bad_value("split", split, SPLITS)
+        extra: tuple[str, ...] = ()
+        with contextlib.suppress(StateError):  # an extra test set (ImageNet-V2) when prepared
+            extra = tuple(load_manifest(data_dir, dataset).get("extra_tests", ()))
+        if split not in extra:
+            raise bad_value("split", split, (*SPLITS, *extra))
     spec = parse_noise_tag(noise)
     manifest = load_manifest(data_dir, dataset)
+    if manifest["source"].get("storage") == "jpeg-index":
+        raise UserError(f"{dataset} is prepared as an index of JPEGs in its archives, streamed "
+                        "by lambdapipe.data.stream; the training loop does not read streams "
+                        "yet (it awaits the one training step, issue 23)")
     root = prepared_dir(data_dir, dataset)
     names = [f"{split}_images.npy", f"{split}_labels.npy"]
     if verify:

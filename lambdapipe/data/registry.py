@@ -89,6 +89,21 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("imagenettefull", **_NETTE,
                     url="https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",
                     archive="imagenette2.tgz", md5="fe2fc210e6bb7c5664d602c3cd71e612"),
+        # Registered users' own archives (data/imagenet.py): no URL, read from raw/ or the
+        # mirror. Official val sets are our test sets; val is cut from train as elsewhere.
+        DatasetInfo("imagenet32", 1000, 32, None, "imagenet-downsampled", sizes=(32,),
+                    num_train=1_281_167, num_test=50_000,
+                    note="downsampled ImageNet 32x32 (Chrabaszcz et al. 2017); official val "
+                         "set used as test"),
+        DatasetInfo("imagenet64", 1000, 64, None, "imagenet-downsampled", sizes=(64,),
+                    num_train=1_281_167, num_test=50_000,
+                    note="downsampled ImageNet 64x64 (Chrabaszcz et al. 2017); official val "
+                         "set used as test"),
+        DatasetInfo("imagenet2012", 1000, 224, None, "ilsvrc2012", sizes=(224,),
+                    num_train=1_281_167, num_test=50_000,
+                    note="ILSVRC2012 JPEGs streamed from their archives (an index is "
+                         "prepared); official val set used as test, ImageNet-V2 matched "
+                         "frequency as test_v2 where its archive is present"),
         DatasetInfo("digits", 10, 16, tuple(str(d) for d in range(10)), "digits", sizes=(16,),
                     num_train=1438, num_test=359,
                     note="scikit-learn's bundled 8x8 digits upscaled to 16x16 RGB; "

@@ -38,11 +38,15 @@ class Official:
     source: dict
     # Published noisy labels aligned with train_labels, by rate (Imagenette only).
     noisy_train_labels: dict[float, np.ndarray] = field(default_factory=dict)
+    # Further test sets, by split name: (images, labels) (ImageNet-V2 beside ImageNet-2012).
+    extra_tests: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def read(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int,
-         progress: bool) -> Official:
-    reader = READERS[info.source]
+         progress: bool, reader: Callable[..., Official] | None = None) -> Official:
+    """`reader` (default: by `info.source`) gets `archive`: one path, or for a set of several
+    archives (data/imagenet.py) a mapping of them by role."""
+    reader = reader or READERS[info.source]
     try:
         official = reader(info, archive, scratch, image_size, progress)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, pickle.UnpicklingError,
@@ -51,7 +55,7 @@ def read(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int
             raise
         raise StateError(f"cannot read {info.name} archive {archive}: {exc.__class__.__name__}: "
                         f"{exc} (remove it to download again)") from None
-    if archive is not None:
+    if isinstance(archive, Path):
         official.source = {"url": info.url, "archive": info.archive, "md5": info.md5,
                             **official.source}
     return official
@@ -121,13 +125,16 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickled batch")
         return super().find_class(module, name)
 
 
 def _unpickle(data: bytes) -> dict:
     obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+unpickle_arrays = _unpickle  # public: downsampled ImageNet's batches are CIFAR-style pickles
 
 
 def _tar_members(archive: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:

@@ -1,4 +1,4 @@
-"""ResNet baselines: the CIFAR ResNets (He et al. 2016, sec. 4.2) and ResNet-18/34/50.
+"""ResNet baselines: the CIFAR ResNets (He et al. 2016, sec. 4.2) and ResNet-18/34/50/101/152.
 
 Blocks take a `spatial` factory for the convolution that carries the receptive field (the
 first 3x3 of a basic block, the 3x3 of a bottleneck) so that the Lambda-ResNets reuse these
@@ -230,4 +230,20 @@ def resnet50(num_classes: int, image_size: int, base_width: int = 64, stem: str 
              drop_rate: float = 0.0) -> nn.Module:
     """ResNet-50: bottleneck blocks [3, 4, 6, 3], stride on the 3x3 (v1.5)."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, image_size,
+                  default_stem(image_size, stem), base_width, drop_rate=drop_rate)
+
+
+@register_model
+def resnet101(num_classes: int, image_size: int, base_width: int = 64, stem: str | None = None,
+              drop_rate: float = 0.0) -> nn.Module:
+    """ResNet-101: bottleneck blocks [3, 4, 23, 3], stride on the 3x3 (v1.5)."""
+    return ResNet(Bottleneck, [3, 4, 23, 3], num_classes, image_size,
+                  default_stem(image_size, stem), base_width, drop_rate=drop_rate)
+
+
+@register_model
+def resnet152(num_classes: int, image_size: int, base_width: int = 64, stem: str | None = None,
+              drop_rate: float = 0.0) -> nn.Module:
+    """ResNet-152: bottleneck blocks [3, 8, 36, 3], stride on the 3x3 (v1.5)."""
+    return ResNet(Bottleneck, [3, 8, 36, 3], num_classes, image_size,
                   default_stem(image_size, stem), base_width, drop_rate=drop_rate)
