@@ -29,6 +29,7 @@ import torch
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
 from lambdapipe.bench_table import (  # noqa: F401 - the rows as `lambdapipe bench` prints them
     HEAD,
+    format_impl_rows,
     format_row,
     format_rows,
     write_rows,
@@ -167,10 +168,10 @@ def _timed(one, step, warmup: int, steps: int, device: str, t_build: float,
            barrier: Any = None) -> tuple[float, float]:
     """`one(i)` for `warmup` steps, then `steps` timed (CUDA events on a GPU, after every
     queued op has run); returns (seconds from `t_build` to the end of the warm-up, timed
-    seconds). `step.tally` is read to wait for the device."""
+    seconds). `step.tally` (when there is a step) is read to wait for the device."""
     for i in range(warmup):
         one(i)
-    step.tally.tolist()  # every queued op has run
+    _sync(device) if step is None else step.tally.tolist()  # every queued op has run
     warm_s = time.perf_counter() - t_build
     if barrier is not None:  # concurrent slots start their timed steps together
         barrier.wait()
@@ -186,8 +187,49 @@ def _timed(one, step, warmup: int, steps: int, device: str, t_build: float,
         end.record()
         torch.cuda.synchronize(device)
         return warm_s, start.elapsed_time(end) / 1000
-    step.tally.tolist()
+    _sync(device) if step is None else step.tally.tolist()
     return warm_s, time.perf_counter() - t0
+
+
+def time_impls(names: list[str], recipe: Recipe, device: str = "cpu", dataset: str = "cifar10",
+               model_args: dict[str, Any] | None = None, warmup: int = 2,
+               steps: int = 5) -> list[dict[str, Any]]:
+    """Every implementation of each lambda layer that fits (`candidate_impls`), forward +
+    backward of the layer alone at the recipe's batch, precision and layout: the check of
+    the fixed rule `auto` follows on this device kind (`LambdaLayer.rule_impl`)."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.evaluate import autocast
+    from lambdapipe.models import create_model
+    from lambdapipe.models.lambda_layer import lambda_layers, map_sizes
+
+    r, info, rows = recipe.on(device), dataset_info(dataset), []
+    for name in names:
+        model = create_model(name, num_classes=info.num_classes, image_size=info.image_size,
+                             **(model_args or {}))
+        sizes = map_sizes(model, info.image_size)
+        for layer_name, layer in lambda_layers(model):
+            (h, w), layer = sizes[layer_name], layer.to(device)
+            x = torch.randn(r.batch_size, layer.to_queries[0].in_channels, h, w, device=device)
+            if r.channels_last:
+                x, layer = (t.to(memory_format=torch.channels_last) for t in (x, layer))
+            x.requires_grad_(True)
+            for impl in layer.candidate_impls(h, w):
+                layer.impl = impl
+
+                def once(_i: int, layer=layer, x=x) -> None:
+                    with autocast(device, r.precision):
+                        out = layer(x)
+                    out.float().sum().backward()
+                    layer.zero_grad(set_to_none=True)
+
+                _, seconds = _timed(once, None, warmup, steps, device, time.perf_counter())
+                rows.append({"model": name, "layer": layer_name, "map": f"{h}x{w}",
+                             "impl": impl, "ms": 1000 * seconds / steps,
+                             "rule": layer.rule_impl(h, w, device),
+                             "batch_size": r.batch_size, "precision": r.precision,
+                             "channels_last": r.channels_last, "device": str(device)})
+            _release(device)
+    return rows
 
 
 def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",

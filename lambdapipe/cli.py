@@ -29,7 +29,7 @@ from lambdapipe.cli_options import (
     with_noise_options,
 )
 from lambdapipe.errors import UserError, bad_value
-from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH  # the recipe's own lists
+from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH, get_recipe
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -316,6 +316,9 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
                    "cell's seeds packed, up to this many to a process.")
 @click.option("--fuse/--no-fuse", default=False,
               help="With --pack: the packed runs as one network (`train --fuse`).")
+@click.option("--impls", is_flag=True, default=False,
+              help="Instead: time every implementation of each lambda layer of --models, "
+                   "forward + backward alone; `*` marks the one `auto` runs on this device.")
 @click.option("--gpus", type=int, default=1, show_default=True,
               help="With --config: GPUs the grid is spread over.")
 @click.option("--dataset", type=DATASET_CHOICE, default="cifar10", show_default=True,
@@ -340,7 +343,7 @@ def explain(ckpt: Path, split: str, images: int, data_dir: Path, out: Path | Non
               help="Also write the figures as JSON.")
 @user_errors
 def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str | None,
-          seeds: str | None, slots: str, pack: int, fuse: bool,
+          seeds: str | None, slots: str, pack: int, fuse: bool, impls: bool,
           gpus: int, dataset: str, data_dir: Path, real_data: bool, batch_size: int,
           precision: str, compile_: str, warmup: int, steps: int, model_args: tuple[str, ...],
           device: str, gpu_lock_dir: Path | None, out: Path | None) -> None:
@@ -382,6 +385,16 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     names = [m.strip() for m in (model_names or "resnet18,resnet20x1,lr18_l3_lc,lr18_l2_lc")
              .split(",") if m.strip()]
     benchmark.check_args(names, batch_size, precision, warmup, steps, slot_counts[0])
+    parsed_args = parse_key_values(model_args, "--model-arg")
+    if impls:
+        recipe = get_recipe("sgdm", {"batch_size": batch_size, "precision": precision})
+        with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
+            rows = benchmark.time_impls(names, recipe, dev, dataset, parsed_args,
+                                        min(warmup, 5), min(steps, 20))
+        click.echo(benchmark.format_impl_rows(rows))
+        if out is not None:
+            benchmark.write_rows(rows, out)
+        return
     done: list[dict] = []
 
     def on_row(row: dict) -> None:  # printed and saved as measured: a kill loses no row
@@ -390,7 +403,6 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
         if out is not None:
             benchmark.write_rows(done, out)
 
-    parsed_args = parse_key_values(model_args, "--model-arg")
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:  # timings need the GPU to itself
         click.echo(benchmark.HEAD + "\n" + "-" * len(benchmark.HEAD))
         rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,

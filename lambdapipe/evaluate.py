@@ -128,11 +128,11 @@ def build_model(config: dict[str, Any], device: str | torch.device | None = None
                 ) -> torch.nn.Module:
     """The registered model a run config names, with the dataset's classes and image size.
 
-    Given the `device` it will run on, a model trained on CUDA and run on CUDA again gets
-    each lambda layer's implementation as training timed it (config `runtime`); elsewhere
-    the layers keep their fixed rule, as training there would."""
+    Given the `device` it will run on, each lambda layer runs the implementation training
+    recorded (config `runtime`) when it trained on that kind of device, else the rule of
+    `device`'s kind, as training there would."""
     from lambdapipe.models import create_model
-    from lambdapipe.models.autotune import apply_impls
+    from lambdapipe.models.lambda_layer import choose_impls
 
     data = config["data"]
     try:
@@ -144,10 +144,10 @@ def build_model(config: dict[str, Any], device: str | torch.device | None = None
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot build model {config['model']!r} with args "
                         f"{config.get('model_args', {})}: {msg}") from None
-    trained_on = str(config.get("device", "")).split(":")[0]
-    if device is not None and torch.device(device).type == "cuda" == trained_on:
-        apply_impls(model, data["image_size"],
-                    (config.get("runtime") or {}).get("lambda_impls") or {})
+    if device is not None:
+        same = torch.device(device).type == str(config.get("device", "")).split(":")[0]
+        recorded = (config.get("runtime") or {}).get("lambda_impls") if same else None
+        choose_impls(model, data["image_size"], str(device), recorded)
     return model
 
 

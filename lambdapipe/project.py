@@ -5,7 +5,7 @@ Each distinct (dataset, model, model args, recipe) of the config is measured onc
 `bench.measure_slots` at every requested slot count, on synthetic data of the dataset's
 shape. One run then costs
 
-    launch (process start, imports, data to device) + start-up (build, compile, autotune)
+    launch (process start, imports, data to device) + start-up (build, compile, capture)
     + steps / rate  +  evaluations x (images scored / eval rate + one checkpoint write)
 
 where steps and evaluations follow from the recipe and the train/val split the config

@@ -42,21 +42,10 @@ def kernels(deterministic: bool, device: str, tf32: bool = False) -> Iterator[No
 def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int, device: str,
                      recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The speed settings a run resolved on `device` (config.json's `runtime`), after
-    choosing each 'auto' lambda layer's implementation (timed on CUDA, cached on disk;
-    models/autotune.py). `r` is the recipe as it runs there (`Recipe.on`). A resumed run
-    passes the `runtime` its config.json `recorded`: its layers run the recorded choice,
-    never a new one (a new measurement could choose otherwise)."""
-    from lambdapipe.evaluate import AMP_DTYPES
-    from lambdapipe.models.autotune import apply_impls, choose_impls, default_cache
+    choosing each 'auto' lambda layer's implementation by `device`'s fixed rule. A resumed
+    run passes the `runtime` its config.json `recorded`: its layers run the recorded choice."""
+    from lambdapipe.models.lambda_layer import choose_impls
 
-    if recorded is not None and isinstance(recorded.get("lambda_impls"), dict):
-        apply_impls(model, image_size, recorded["lambda_impls"])
-        impls, how = dict(recorded["lambda_impls"]), list(recorded.get("lambda_impls_how", []))
-    else:
-        chosen = choose_impls(model, image_size, r.batch_size, device,
-                              AMP_DTYPES.get(r.precision), r.channels_last,
-                              cache=default_cache(), log=log, tf32=r.tf32)
-        impls = {name: c["impl"] for name, c in chosen.items()}
-        how = sorted({c["how"] for c in chosen.values()})
+    impls = choose_impls(model, image_size, device, (recorded or {}).get("lambda_impls"))
     return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,
-            "tf32": r.tf32, "lambda_impls": impls, "lambda_impls_how": how}
+            "tf32": r.tf32, "lambda_impls": impls}
