@@ -49,19 +49,6 @@ def format_rows(rows: list[dict[str, Any]], head: bool = True) -> str:
     return "\n".join(lines)
 
 
-def format_impl_rows(rows: list[dict[str, Any]]) -> str:
-    """`bench --impls`: one line per layer and implementation, `*` on the rule's pick."""
-    head = f"{'model':<16} {'layer':<20} {'map':>7} {'impl':<7} {'ms':>8}  rule"
-    lines = [head, "-" * len(head)] + [
-        f"{r['model']:<16} {r['layer']:<20} {r['map']:>7} {r['impl']:<7} {r['ms']:>8.2f}  "
-        + ("*" if r["impl"] == r["rule"] else "") for r in rows]
-    if rows:
-        r = rows[0]
-        lines.append(f"(forward + backward of one layer, {r['device']}, {r['precision']}, "
-                     f"batch {r['batch_size']}{', channels_last' if r['channels_last'] else ''})")
-    return "\n".join(lines)
-
-
 def write_rows(rows: list[dict[str, Any]], path: Path, **extra: Any) -> None:
     import datetime
 

@@ -35,6 +35,7 @@ from lambdapipe.errors import UserError
 from lambdapipe.noise import parse_noise_tag
 from lambdapipe.recipes import Recipe, get_recipe
 from lambdapipe.reference import PUBLISHED_DATASET, arch_key, depth_width, read_table
+from lambdapipe.runtime import resolve
 
 
 @dataclass
@@ -192,7 +193,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                          + (f"{pack} runs packed" if pack > 1 else f"{s} slot(s)"))
             base = {"dataset": cell.dataset, "model": cell.label,
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
-                    "compile": cell.recipe.on(device).compile_mode or False,
+                    "compile": resolve(cell.recipe, device).compile or False,
                     "runs": len(cell.runs), "steps": cell.steps,
                     "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
             kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,

@@ -12,6 +12,7 @@ from lambdapipe import train
 from lambdapipe.models import create_model, list_models
 from lambdapipe.models.lambda_layer import LambdaLayer, choose_impls, lambda_layers
 from lambdapipe.recipes import get_recipe
+from lambdapipe.runtime import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 IMPLS = ["conv", "lambda", "logit"]
@@ -162,13 +163,11 @@ def test_choosing_leaves_the_rng_streams_alone():
 def test_a_resume_runs_the_recorded_impls():
     """config.json's runtime.lambda_impls is what a resumed run runs (issue 23, point 4),
     whatever the rule would choose now; a name it lacks (or an unknown impl) gets the rule."""
-    from lambdapipe.runtime import runtime_settings
-
     model = tiny("lr18_l2_lc", lambda_blocks="all")
     (big, _), (small, _) = lambda_layers(model)
     recorded = {"lambda_impls": {big: "lambda", small: "logit"}}
-    runtime = runtime_settings(model, get_recipe("demo"), 32, "cpu", recorded)
-    assert runtime["lambda_impls"] == recorded["lambda_impls"]
+    rt = resolve(get_recipe("demo"), "cpu").with_model(model, 32, recorded)
+    assert rt.record()["lambda_impls"] == recorded["lambda_impls"]
     layers = dict(lambda_layers(model))
     assert layers[big].chosen == (32, 32, "lambda") and layers[small].chosen == (16, 16, "logit")
     partial = choose_impls(model, 32, "cpu", {big: "bogus"})
@@ -200,7 +199,7 @@ def test_a_failing_compiled_step_falls_back_to_eager(monkeypatch, capsys):
         r = get_recipe("demo", {"compile": mode})
         torch.manual_seed(0)
         model = create_model("resnet20x1", 10, 16, base_width=4)
-        step = train.TrainStep(model, train.make_optimizer(model, r, "cpu"), r, "cpu",
+        step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
                                torch.zeros(3), torch.ones(3))
         losses.append([step(x, y, y, r.lr, i).item() for i in range(3)])
         if mode:
@@ -217,7 +216,7 @@ def test_an_eager_failure_is_not_swallowed(monkeypatch):
     r = get_recipe("demo", {"compile": "default"})
     model = create_model("resnet20x1", 10, 16, base_width=4)
     monkeypatch.setattr(torch, "compile", lambda m, mode=None: m)  # "compiled" = eager
-    step = train.TrainStep(model, train.make_optimizer(model, r, "cpu"), r, "cpu",
+    step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
                            torch.zeros(3), torch.ones(3))
 
     def broken(x):
