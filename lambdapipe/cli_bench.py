@@ -94,6 +94,9 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
                         "the GPU either in one process (--pack) or in several (--slots)")
     if fuse and pack < 2:
         raise UserError("--fuse times packed runs as one network: give --pack 2 or more")
+    if impls and (configfiles or pack > 1 or slot_counts != [1]):
+        raise UserError("--impls times each lambda layer of --models alone: drop --config, "
+                        "--pack and --slots")
     compile_mode: bool | str = {"false": False, "true": "default"}.get(compile_, compile_)
     if configfiles:
         if model_names is not None or model_args:

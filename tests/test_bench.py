@@ -83,6 +83,9 @@ def test_impls_times_every_implementation_of_each_lambda_layer(tmp_path):
     assert all(r["model"] == "lr18_l3_lc" and r["ms"] > 0 for r in rows)
     picked = [line for line in result.output.splitlines() if line.endswith("*")]
     assert len(picked) == 1 and rows[0]["rule"] in picked[0].split()
+    refused = CliRunner().invoke(main, ["bench", "--models", "lr18_l3_lc", "--impls",
+                                        "--pack", "2", "--device", "cpu"])
+    assert refused.exit_code == 2 and "--impls times each lambda layer" in refused.output
 
 
 def test_real_data_uses_the_prepared_split(tmp_path):
