@@ -1,16 +1,10 @@
-"""`lambdapipe bench`: what one training step costs, measured on the real training step.
-
-The timed step is `train.TrainStep` fed by `augment` exactly as in training (index the
-on-device dataset, crop and flip per sample, forward, backward, optimizer), at steady state
-after `warmup` steps, bracketed by CUDA events (and a synchronize) on a GPU. Model FLOPs
-utilisation (MFU) = achieved model FLOP/s / the device's dense peak, with a training step
-counted as 3x the forward FLOPs (forward + two matmuls per weight in backward).
-
-Beside the step it measures what else a run pays, so `project.py` can turn rates into wall
-time: start-up (model build, compilation, autotuning: the warm-up's excess over steady
-steps), one evaluation pass (eval mode, as `predict` runs it) and one checkpoint write.
-With `slots` > 1 the same measurement runs in that many processes at once on the device
-(as `LAMBDAPIPE_GPU_SLOTS` lets the pipeline do), and the row holds their sum.
+"""`lambdapipe bench`: what one training step costs, timed on the step train runs (built
+by `step.build` under the same `Runtime`, fed by `augment` as in training) after `warmup`
+steps, between CUDA events on a GPU. MFU = model FLOP/s / the device's dense peak, a step
+counted as 3x the forward FLOPs. Beside the step, what else a run pays (for project.py):
+start-up (build, compilation, capture: the warm-up's excess over steady steps), one
+evaluation pass and one checkpoint write. With `slots` > 1 the same measurement runs in that
+many processes at once on the device, and the row holds their sum.
 """
 
 from __future__ import annotations
@@ -37,8 +31,8 @@ from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
-from lambdapipe.runtime import kernels, runtime_settings
-from lambdapipe.step import COLUMN, make_optimizer, make_step
+from lambdapipe.runtime import Runtime, resolve
+from lambdapipe.step import COLUMN, build
 
 REFERENCE = "resnet18"
 # Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
@@ -131,21 +125,21 @@ def _sync(device: str) -> None:
 
 
 def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
-    """One model under `recipe` on `device` (the recipe as it runs there: `Recipe.on`),
-    with the kernel settings a training run has (cuDNN autotuning, TF32 as the recipe says)."""
-    device = kwargs.get("device", "cpu")
-    with kernels(False, device, recipe.on(device).tf32):
-        return _measure(name, recipe, **kwargs)
+    """One model under `recipe` on `device`, resolved as a training run resolves it
+    (`runtime.resolve`), with a training run's kernel settings."""
+    rt = resolve(recipe, kwargs.get("device", "cpu"))
+    with rt.kernels():
+        return _measure(name, recipe, rt, **kwargs)
 
 
-def path_label(path: str, runtime: dict[str, Any]) -> str:
+def path_label(path: str, rt: Runtime, channels_last: bool | None = None) -> str:
     """What a row ran: eager / compiled / graphs, channels_last, each lambda impl."""
     kind = {"eager": "eager", "reduce-overhead": "graphs", "max-autotune": "graphs+autotune",
             "step-graph": "step-graph"}
     label = kind.get(path, "compiled" if not path.startswith("eager") else "eager-fallback")
-    if runtime.get("channels_last"):
+    if rt.channels_last if channels_last is None else channels_last:
         label += "/cl"
-    impls = sorted(set(runtime.get("lambda_impls", {}).values()))
+    impls = sorted(set(rt.lambda_impls.values()))
     return label + (" " + "+".join(impls) if impls else "")
 
 
@@ -163,14 +157,14 @@ def batches(data: DeviceImages, recipe: Recipe, seed: int, device: str):
     return batch
 
 
-def _timed(one, step, warmup: int, steps: int, device: str, t_build: float,
+def timed(one, step, warmup: int, steps: int, device: str, t_build: float,
            barrier: Any = None) -> tuple[float, float]:
     """`one(i)` for `warmup` steps, then `steps` timed (CUDA events on a GPU, after every
     queued op has run); returns (seconds from `t_build` to the end of the warm-up, timed
-    seconds). `step.tally` is read to wait for the device."""
+    seconds). `step.tally` (when there is a step) is read to wait for the device."""
     for i in range(warmup):
         one(i)
-    step.tally.tolist()  # every queued op has run
+    _sync(device) if step is None else step.tally.tolist()  # every queued op has run
     warm_s = time.perf_counter() - t_build
     if barrier is not None:  # concurrent slots start their timed steps together
         barrier.wait()
@@ -186,61 +180,70 @@ def _timed(one, step, warmup: int, steps: int, device: str, t_build: float,
         end.record()
         torch.cuda.synchronize(device)
         return warm_s, start.elapsed_time(end) / 1000
-    step.tally.tolist()
+    _sync(device) if step is None else step.tally.tolist()
     return warm_s, time.perf_counter() - t0
 
 
-def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
+def _data(recipe: Recipe, dataset: str, image_size: int | None, data_dir: Path,
+          real_data: bool, device: str):
+    """The dataset's (info, image size, device images, mean, std) as a run holds them."""
+    from lambdapipe.data import dataset_info
+
+    info = dataset_info(dataset)
+    size = image_size or info.image_size
+    images, labels = _images(dataset, Path(data_dir), real_data, size, info.num_classes)
+    if recipe.batch_size > len(labels):
+        raise bad_value("batch size", recipe.batch_size, f"at most the {len(labels)} images")
+    data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
+    mean, std = (torch.tensor(v, device=device) for v in channel_stats(np.asarray(images)))
+    return info, size, data, mean, std
+
+
+def _model(name: str, info: Any, size: int, model_args: dict[str, Any] | None,
+           seed: int) -> torch.nn.Module:
+    from lambdapipe.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=info.num_classes, image_size=size,
+                        **(model_args or {}))
+
+
+def _measure(name: str, recipe: Recipe, rt: Runtime, *, dataset: str = "cifar10",
              image_size: int | None = None, data_dir: Path = Path("data"),
              real_data: bool = False, warmup: int = 20,
              steps: int = 50, eval_images: int = EVAL_IMAGES,
              model_args: dict[str, Any] | None = None, device: str = "cpu",
              barrier: Any = None) -> dict[str, Any]:
-    from lambdapipe.data import dataset_info
-    from lambdapipe.models import count_params, create_model
+    from lambdapipe.models import count_params
 
-    recipe = recipe.on(device)
-    info = dataset_info(dataset)
-    size = image_size or info.image_size
     t_data = time.perf_counter()
-    images, labels = _images(dataset, Path(data_dir), real_data, size, info.num_classes)
+    info, size, data, mean, std = _data(recipe, dataset, image_size, data_dir, real_data,
+                                        device)
     batch_size = recipe.batch_size
-    if batch_size > len(labels):
-        raise bad_value("batch size", batch_size, f"at most the {len(labels)} images")
-    data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
-    mean, std = (torch.tensor(v, device=device) for v in channel_stats(np.asarray(images)))
     _sync(device)
     data_s = time.perf_counter() - t_data
     cuda = torch.device(device).type == "cuda"
 
     t_build = time.perf_counter()
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=info.num_classes, image_size=size,
-                         **(model_args or {}))
-    # the path training takes: lambda impls measured (or cached) as `train` chooses them
-    runtime = runtime_settings(model, recipe, size, device)
+    model = _model(name, info, size, model_args, 0)
+    rt = rt.with_model(model, size)  # the lambda impls `train` runs
     if cuda:  # peak from here: CUDA graphs take their memory pool at capture, in the warm-up
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    model = model.to(device)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, recipe, device)
-    step = make_step(model, optimizer, recipe, device, mean, std)
+    model, optimizer, step = build(model, recipe, rt, mean, std)  # as `train` builds it
     batch = batches(data, recipe, 0, device)
 
-    warm_s, seconds = _timed(lambda i: step(*batch(i), recipe.lr, i), step, warmup, steps,
+    warm_s, seconds = timed(lambda i: step(*batch(i), recipe.lr, i), step, warmup, steps,
                              device, t_build, barrier)
     step_s = seconds / steps
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
 
     # One evaluation pass as training runs it (the eager model in eval mode), after a warm one.
     val = data.unpadded()[:eval_images]
-    predict(model, val[:min(len(val), 500)], mean, std, recipe.precision,
-            recipe.channels_last)
+    predict(model, val[:min(len(val), 500)], mean, std, rt)
     _sync(device)
     t_eval = time.perf_counter()
-    predict(model, val, mean, std, recipe.precision, recipe.channels_last)
+    predict(model, val, mean, std, rt)
     _sync(device)
     eval_s = time.perf_counter() - t_eval
     with tempfile.TemporaryDirectory() as tmp:  # what every evaluation writes: last.ckpt
@@ -250,14 +253,14 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
         ckpt_s = time.perf_counter() - t_ckpt
 
     fwd = _forward_flops(model, size)
-    peak = device_peak(device, recipe.precision)
+    peak = device_peak(device, rt.precision)
     flops_per_s = 3 * fwd * batch_size / step_s if fwd else None
     row = {
         "model": name, "params": count_params(model), "dataset": dataset,
-        "real_data": real_data, "batch_size": batch_size, "precision": recipe.precision,
-        "compile": recipe.compile_mode or False, "path": path_label(step.path, runtime),
-        "channels_last": recipe.channels_last, "tf32": recipe.tf32,
-        "lambda_impls": runtime["lambda_impls"], "device": str(device),
+        "real_data": real_data, "batch_size": batch_size, "precision": rt.precision,
+        "compile": rt.compile or False, "path": path_label(step.path, rt),
+        "channels_last": rt.channels_last, "tf32": rt.tf32,
+        "lambda_impls": rt.lambda_impls, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "warmup": warmup, "steps": steps, "slots": 1, "step_ms": 1000 * step_s,
         "iter_per_min": 60 / step_s, "images_per_s": batch_size / step_s,
@@ -271,7 +274,7 @@ def _measure(name: str, recipe: Recipe, *, dataset: str = "cifar10",
     return row
 
 
-def _release(device: str) -> None:
+def release(device: str) -> None:
     """Free the last model's memory before the next one is measured."""
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -293,7 +296,7 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
     costs, and keeps the per-process iteration rate as `iter_per_min_per_slot`."""
     if slots == 1:
         row = measure(**kwargs)
-        _release(kwargs.get("device", "cpu"))
+        release(kwargs.get("device", "cpu"))
         return {**row, "iter_per_min_per_slot": row["iter_per_min"]}
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     barrier, queue = ctx.Barrier(slots), ctx.Queue()
@@ -347,66 +350,54 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
 
 
 def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
-    """`measure` for one run, then, for `pack` > 1, the row of `pack` runs in one process as
-    `lambdapipe train --seeds` trains a cell's seeds. With `fuse` (as `--seeds --fuse`, where
-    training fuses: not fp16, `fuse.why_not`) the `pack` models run as one network
-    (lambdapipe/fuse.py), timed; the dataset is on the device once, as a fused pack holds it.
-    Otherwise the runs train one after another, so the pack's row is the one run's rate
-    shared: nothing more to time. Rates are summed over the runs (aggregate iter/min),
-    `iter_per_min_per_run` is each run's share, `vs_one_run` aggregate / one run's, peak
-    memory that of all runs; evaluation and checkpoint costs are the one run's (each run
-    pays its own)."""
+    """`measure` for one run, then for `pack` > 1 the row of `pack` runs in one process as
+    `train --seeds` trains them: with `fuse` (where training fuses) the fused step timed,
+    else one run after another, the one run's rate shared. Rates are summed over the runs;
+    `iter_per_min_per_run` is each run's share, `vs_one_run` aggregate / one run's."""
     device = kwargs.get("device", "cpu")
     one = {**measure(**kwargs), "pack": 1}
-    _release(device)
+    release(device)
     one.update(iter_per_min_per_run=one["iter_per_min"], iter_per_min_per_slot=one["iter_per_min"],
                vs_one_run=1.0)
     if pack == 1:
         return [one]
-    recipe = kwargs["recipe"].on(device)
-    if not fuse or recipe.precision == "fp16":  # train runs fp16 seeds one by one (fuse.why_not)
+    rt = resolve(kwargs["recipe"], device)
+    if not fuse or rt.why_not_fused:  # as train: such seeds train one after another
         return [one, {**one, "pack": pack, "step_ms": pack * one["step_ms"],
                       "iter_per_min_per_run": one["iter_per_min"] / pack, "fused": False}]
-    row = _measure_fused(pack, one, **{**kwargs, "recipe": recipe})
-    _release(device)  # the pack's models, optimizer and device data went with its frame
+    row = _measure_fused(pack, one, rt, **kwargs)
+    release(device)  # the pack's models, optimizer and device data went with its frame
     return [one, row]
 
 
-def _measure_fused(pack: int, one: dict[str, Any], *, recipe: Recipe, **kwargs: Any
-                   ) -> dict[str, Any]:
-    from lambdapipe.data import dataset_info
+def _measure_fused(pack: int, one: dict[str, Any], rt: Runtime, *, recipe: Recipe,
+                   **kwargs: Any) -> dict[str, Any]:
     from lambdapipe.fuse import fused_step
-    from lambdapipe.models import create_model
 
     device = kwargs.get("device", "cpu")
-    info = dataset_info(kwargs.get("dataset", "cifar10"))
-    size = kwargs.get("image_size") or info.image_size
     warmup, steps = kwargs.get("warmup", 20), kwargs.get("steps", 50)
-    images, labels = _images(info.name, Path(kwargs.get("data_dir", "data")),
-                             kwargs.get("real_data", False), size, info.num_classes)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t_build = time.perf_counter()
-    data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
-    mean, std = (torch.tensor(v, device=device) for v in channel_stats(images))
-    models = []
-    for seed in range(pack):
-        torch.manual_seed(seed)
-        model = create_model(kwargs["name"], num_classes=info.num_classes, image_size=size,
-                             **(kwargs.get("model_args") or {}))
-        runtime = runtime_settings(model, recipe, size, device)  # the impls train runs
-        models.append(model.to(device))
-    fused = fused_step(models, recipe, device, mean, std)
+    t_build = time.perf_counter()  # a fused pack holds the dataset on the device once
+    info, size, data, mean, std = _data(recipe, kwargs.get("dataset", "cifar10"),
+                                        kwargs.get("image_size"),
+                                        kwargs.get("data_dir", "data"),
+                                        kwargs.get("real_data", False), device)
+    models = [_model(kwargs["name"], info, size, kwargs.get("model_args"), seed)
+              for seed in range(pack)]
+    run_rt = [rt.with_model(model, size) for model in models][0]  # the impls train runs
+    models = [model.to(device) for model in models]
+    fused = fused_step(models, recipe, run_rt, mean, std)
     sources = [batches(data, recipe, seed, device) for seed in range(pack)]
 
     def round_(i: int) -> None:
         parts = [batch(i) for batch in sources]
         fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
 
-    with kernels(False, device, recipe.tf32):
-        warm_s, seconds = _timed(round_, fused, warmup, steps, device, t_build)
+    with rt.kernels():
+        warm_s, seconds = timed(round_, fused, warmup, steps, device, t_build)
     round_s = seconds / steps
     scale = pack * one["step_ms"] / (1000 * round_s)  # packed work per second / one run's
     row = {**one, "pack": pack, "step_ms": 1000 * round_s,
@@ -419,7 +410,7 @@ def _measure_fused(pack: int, one: dict[str, Any], *, recipe: Recipe, **kwargs: 
            "startup_s": max(warm_s - warmup * round_s, 0.0),
            "vs_one_run": scale, "fused": True,
            # fused, the stacked activations' layout is vmap's: no channels_last
-           "path": path_label(fused.path, {**runtime, "channels_last": False}) + ", fused",
+           "path": path_label(fused.path, run_rt, channels_last=False) + ", fused",
            "diverged": bool((fused.tally[..., COLUMN.first_nonfinite] >= 0).any())}
     return row
 

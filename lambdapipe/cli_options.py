@@ -148,3 +148,15 @@ def with_noise_options(fn):
     for opt in reversed(noise_options):
         fn = opt(fn)
     return fn
+
+
+def int_list(value: str, option: str, minimum: int, example: str) -> list[int]:
+    """'1,2' -> [1, 2] for a comma-separated option, or one line naming the option."""
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < minimum:
+        raise UserError(f"invalid {option} {value!r}: expected integers >= {minimum}, "
+                        f"e.g. {example}")
+    return numbers

@@ -9,7 +9,6 @@ A checkpoint is a `torch.save`d dict of tensors and primitives only, so it loads
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -22,22 +21,18 @@ import torch.nn.functional as F
 from lambdapipe import atomic
 from lambdapipe.augment import normalize
 from lambdapipe.errors import StateError, UserError
+from lambdapipe.runtime import Runtime, impls_of_run, of_run
 from lambdapipe.validate import sidecar_digests
 
 ECE_BINS = 15
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(payload: dict[str, Any], *paths: Path) -> None:
-    """Serialise once; write each path so that a kill at ANY moment leaves it verifiable.
-
-    Three atomic steps: the sidecar first lists the new digest (and the current one, if a
-    file is there), then the checkpoint is renamed into place, then the sidecar is narrowed
-    to the new digest.
-    Whichever step a crash interrupts, the file on disk matches a digest in its sidecar,
-    while a truncated or bit-flipped file matches none.
-    """
+    """Serialise once; write each path so that a kill at ANY moment leaves it verifiable:
+    the sidecar first lists the new digest (and the current one), then the checkpoint is
+    renamed into place, then the sidecar narrowed to the new digest. Whichever step a crash
+    interrupts, the file matches a digest in its sidecar; a damaged file matches none."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -126,13 +121,9 @@ def check_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
 
 def build_model(config: dict[str, Any], device: str | torch.device | None = None
                 ) -> torch.nn.Module:
-    """The registered model a run config names, with the dataset's classes and image size.
-
-    Given the `device` it will run on, a model trained on CUDA and run on CUDA again gets
-    each lambda layer's implementation as training timed it (config `runtime`); elsewhere
-    the layers keep their fixed rule, as training there would."""
+    """The registered model a run config names, with the dataset's classes and image size;
+    given the `device` it will run on, its lambda impls as `runtime.impls_of_run` says."""
     from lambdapipe.models import create_model
-    from lambdapipe.models.autotune import apply_impls
 
     data = config["data"]
     try:
@@ -144,10 +135,8 @@ def build_model(config: dict[str, Any], device: str | torch.device | None = None
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot build model {config['model']!r} with args "
                         f"{config.get('model_args', {})}: {msg}") from None
-    trained_on = str(config.get("device", "")).split(":")[0]
-    if device is not None and torch.device(device).type == "cuda" == trained_on:
-        apply_impls(model, data["image_size"],
-                    (config.get("runtime") or {}).get("lambda_impls") or {})
+    if device is not None:
+        impls_of_run(config, Runtime(str(device)), model)
     return model
 
 
@@ -161,27 +150,19 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
 
 # --------------------------------------------------------------------------- evaluation
-def autocast(device: str | torch.device, precision: str, cache: bool = True):
-    """Mixed precision for `precision`; `cache=False` inside a captured CUDA graph, where
-    autocast's cache of cast weights must not outlive the capture."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[precision],
-                          cache_enabled=cache)
-
-
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
-            std: torch.Tensor, precision: str = "fp32", channels_last: bool = False,
-            batch_size: int = 500) -> torch.Tensor:
-    """float32 logits for uint8 NCHW `images` (already on the model's device), eval mode."""
+            std: torch.Tensor, rt: Runtime | None = None, batch_size: int = 500) -> torch.Tensor:
+    """float32 logits for uint8 NCHW `images` (already on the model's device), eval mode,
+    in `rt`'s precision and layout (default: fp32, NCHW)."""
+    rt = rt or Runtime(str(images.device))
     was_training = model.training
     model.eval()
     try:
         out = []
         for i in range(0, images.shape[0], batch_size):
-            x = normalize(images[i:i + batch_size], mean, std, channels_last)
-            with autocast(images.device, precision):
+            x = normalize(images[i:i + batch_size], mean, std, rt.channels_last)
+            with rt.autocast():
                 out.append(model(x).float())
         return torch.cat(out)
     finally:
@@ -247,7 +228,8 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
         return result
     state = load_checkpoint(ckpt, map_location="cpu")
     config = state["config"]
-    model = build_model(config, device)
+    model = build_model(config)
+    rt = of_run(config, device, model)  # as the run's recipe runs on this device
     load_weights(model, state["model"], str(ckpt))
     noise = config["noise"] if split == "train" else "clean"
     data = load_split(Path(data_dir), config["dataset"], split, noise=noise)
@@ -258,13 +240,9 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
                         f"{split} in {data_dir} has {data.num_classes} classes at {h} px")
     images = DeviceImages(data.images, data.labels, data.clean_labels, device)
     model.to(device)
-    from lambdapipe.recipes import get_recipe
-
-    saved = config["recipe"]  # validated by load_checkpoint; run as it runs on this device
-    recipe = get_recipe(saved["name"], {k: v for k, v in saved.items() if k != "name"}).on(device)
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
-    logits = predict(model, images.images, mean, std, recipe.precision, recipe.channels_last)
+    logits = predict(model, images.images, mean, std, rt)
     result = {"status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
               "model": config["model"], "dataset": config["dataset"], "split": split,
               "noise": noise, "classes": list(data.classes)}

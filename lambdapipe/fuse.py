@@ -1,31 +1,19 @@
 """The seeds of one grid cell as one network: K runs in one set of kernels.
 
-A small model's step is hundreds of tiny kernels: four resnet20x1 runs stepping in turn on
-their own CUDA streams reached 1.01x one run on an H200 (docs/performance.md). Fused, the K
-models of a cell are stacked parameter by parameter (`torch.func.stack_module_state`) and run
-as one model under `torch.func.vmap`: a
-convolution over K stacked weights becomes one grouped convolution, a batch norm one batch
-norm over K x C channels, so each kernel does the work of K runs. This is PyTorch's own
-model-ensembling recipe, used for training: the stacked parameters are leaves, the K losses
-are summed (d sum / d loss_k = 1, so no run's gradient reaches another's slice) and one
-optimizer steps them all; SGD and Adam(W) are elementwise, so one optimizer over stacked
-tensors is K optimizers, and gradient clipping is done per run.
+A small model's step is hundreds of tiny kernels. Fused, the K models of a cell are stacked
+parameter by parameter (`torch.func.stack_module_state`) and run under `torch.func.vmap`: a
+convolution over K stacked weights becomes one grouped convolution, so each kernel does the
+work of K runs (PyTorch's model-ensembling recipe, used for training). The K losses are
+summed (d sum / d loss_k = 1: no run's gradient reaches another's slice); SGD and Adam(W) are
+elementwise, so one optimizer over stacked tensors is K optimizers; clipping is per run.
 
-Each run keeps its own `train.Run`: its data order and augmentation, metrics, checkpoints and
-run directory. Before each evaluation its slice of the stack is written into its own model,
-which evaluates and is saved exactly as a run trained alone, with its slice of the optimizer
-state in the solo format: a fused run's checkpoint resumes alone and the other way round.
-
-What differs from runs trained alone: each step equals the run's own step to float tolerance
-(a grouped convolution sums in its own order; tests/test_fuse.py), but float32 training
-amplifies that within tens of steps, so a fused run equals the run alone statistically, not
-numerically: it ends about as far from it as another seed would (docs/performance.md,
-tests/test_fused_claim.py). Dropout draws come from one
-process-wide stream for the K runs, and the step runs without channels_last (vmap chooses
-the layout of the stacked activations). A run that diverges is finished at once; its slice
-rides along, unread, until the others finish. Runs that cannot be fused train one after
-another instead (`why_not`, pack.py); runs resumed at different iterations (a kill between
-their checkpoints) first bring the ones behind up to the others alone (pack.py).
+Each run keeps its own `train.Run` (data order, metrics, checkpoints, run directory); before
+each evaluation its slice is written into its own model, saved as a solo run's, so a fused
+run's checkpoint resumes alone and the other way round. Each step equals the run's own to
+float tolerance, which training amplifies: a fused run equals the run alone statistically,
+not numerically (tests/test_fuse.py, tests/test_fused_claim.py). Dropout draws come from one
+stream for the K runs; no channels_last (vmap lays out the activations). A diverged run is
+finished at once, its slice rides along unread.
 """
 
 from __future__ import annotations
@@ -40,6 +28,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from lambdapipe import rng
 from lambdapipe.recipes import Recipe
 from lambdapipe.rundir import TrainConfig
+from lambdapipe.runtime import Runtime
 from lambdapipe.step import (  # noqa: F401 - clip_per_run, run_optimizer_state: fuse's API
     GraphedStep,
     Seat,
@@ -52,8 +41,8 @@ from lambdapipe.step import (  # noqa: F401 - clip_per_run, run_optimizer_state:
 from lambdapipe.train import Run
 
 
-def why_not(cfgs: Sequence[TrainConfig]) -> str | None:
-    """Why these runs cannot train as one network (None when they can)."""
+def why_not(cfgs: Sequence[TrainConfig], rt: Runtime) -> str | None:
+    """Why these runs cannot train as one network under `rt` (None when they can)."""
     if len(cfgs) < 2:
         return "a single run"
     first = {k: v for k, v in cfgs[0].identity().items() if k != "seed"}
@@ -61,10 +50,7 @@ def why_not(cfgs: Sequence[TrainConfig]) -> str | None:
         other = {k: v for k, v in cfg.identity().items() if k != "seed"}
         if other != first:
             return f"{cfg.out} is not of the same grid cell as {cfgs[0].out}"
-    if cfgs[0].recipe.precision == "fp16":
-        return "fp16 loss scaling: one scale for all runs would skip every run's step " \
-               "when one run overflows"
-    return None
+    return rt.why_not_fused
 
 
 class FusedModel(torch.nn.Module):
@@ -136,17 +122,16 @@ def stacked_optimizer_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"state": merged, "param_groups": copy.deepcopy(states[0]["param_groups"])}
 
 
-def fused_step(models: Sequence[torch.nn.Module], r: Recipe, device: str, mean: torch.Tensor,
+def fused_step(models: Sequence[torch.nn.Module], r: Recipe, rt: Runtime, mean: torch.Tensor,
                std: torch.Tensor, states: Sequence[dict[str, Any]] | None = None,
-               fused_kernels: bool | None = None, capture: Any = None
-               ) -> TrainStep | GraphedStep:
-    """The fused step of `models` (each already on `device`, as its run built it), its
+               capture: Any = None) -> TrainStep | GraphedStep:
+    """The fused step of `models` (each already on the device, as its run built it), its
     optimizer holding `states` (the runs' optimizer state dicts) when they have any."""
     fused = FusedModel(models)
-    optimizer = make_optimizer(list(fused.parameters()), r, device, fused=fused_kernels)
+    optimizer = make_optimizer(list(fused.parameters()), r, rt.fused_optimizer)
     if states and states[0]["state"]:
         optimizer.load_state_dict(stacked_optimizer_state(states))
-    return make_step(fused, optimizer, r, device, mean, std, runs=fused.k, capture=capture)
+    return make_step(fused, optimizer, r, rt, mean, std, runs=fused.k, capture=capture)
 
 
 def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None],
@@ -164,8 +149,8 @@ def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], 
                 pass
             on_finish(k, run.finish())
         return
-    step = fused_step([run.model for run in runs], first.r, first.device, first.mean,
-                      first.std, states)
+    step = fused_step([run.model for run in runs], first.r, first.rt, first.mean, first.std,
+                      states)
     for k, run in enumerate(runs):
         run.join(Seat(step, k, pack_size or len(runs)))
     active = list(range(len(runs)))

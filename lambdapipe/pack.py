@@ -1,17 +1,10 @@
-"""The seeds of one grid cell in one process (`lambdapipe train --seeds`).
-
-One job per cell instead of one per seed: the process starts, imports and reads the data
-once. With `fuse` the unfinished runs train as one network (lambdapipe/fuse.py) where they
-can (`fuse.why_not`); otherwise, and without `fuse`, they train one after another, each
-exactly as `lambdapipe train --seed N` would train it: every run seeds its own generators
-(or restores them from its last.ckpt), so a run of the job is bitwise the run trained alone
-(tests/test_pack.py). Each run keeps its own run directory, checkpoints and summary; a
-finished run (summary.json present) is read, never touched, and a killed job rerun resumes
-every unfinished run from its own last.ckpt (tests/test_killloop.py). The process's RNG
-state is given back when the job is done.
-
-(Until issue 23 the runs stepped in turn, each on its own CUDA stream: measured at 1.01x one
-run on an H200, docs/performance.md, so that mechanism was dropped.)
+"""The seeds of one grid cell in one process (`lambdapipe train --seeds`): one process start
+and data load for all. The unfinished runs train as one network where they can (fuse.py,
+`fuse.why_not`), otherwise one after another, each exactly as `train --seed N` trains it
+(bitwise: tests/test_pack.py). Every run keeps its own run directory; a finished run is read,
+never touched; a killed job rerun resumes each unfinished run from its own last.ckpt
+(tests/test_killloop.py). (The streams pack, runs stepping in turn on their own CUDA
+streams, measured 1.01x one run on an H200 and was dropped in issue 23.)
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ from typing import Any
 from lambdapipe import rng, runlock
 from lambdapipe.errors import UserError
 from lambdapipe.rundir import TrainConfig, check_before_start
-from lambdapipe.runtime import kernels, log
+from lambdapipe.runtime import log, resolve
 from lambdapipe.train import Run
 
 
@@ -59,15 +52,10 @@ def _label(cfg: TrainConfig, cfgs: Sequence[TrainConfig]) -> str:
 def run_packed(cfgs: Sequence[TrainConfig], device: str = "cpu", progress: bool = False,
                callback: Callable[[TrainConfig, dict[str, float]], None] | None = None,
                fuse: bool = False) -> list[dict[str, Any]]:
-    """Train (or resume, or return the finished summary of) every run in `cfgs` together.
-
-    Finished runs (summary.json present) are read, never touched; every other run resumes
-    from its own last.ckpt. A run that diverges is finished (status `diverged`) while the
-    others go on. `callback(cfg, row)` follows each evaluation, as in `train.run`. With
-    `fuse` the unfinished runs train as one network (lambdapipe/fuse.py) when they can, else
-    (one log line says why) one after another as without it.
-    Returns the summaries in the order of `cfgs`; the process's RNG state is restored after.
-    """
+    """Train (or resume, or read the finished summary of) every run in `cfgs`; with `fuse`
+    as one network where they can (else one log line says why). A diverged run is finished
+    while the others go on; `callback(cfg, row)` follows each evaluation. The summaries in
+    the order of `cfgs`; the process's RNG state is given back after."""
     # kept from before the checks: their model builds draw from it too
     with rng.kept(device), own_all(cfgs):  # own_all is re-entrant: the CLI took them already
         return _run_packed(cfgs, str(device), progress, callback, fuse)
@@ -83,16 +71,17 @@ def _run_packed(cfgs, device, progress, callback, fuse=False) -> list[dict[str, 
             summaries[i] = json.loads(path.read_text())
         else:
             todo.append(i)
+    rt = resolve(cfgs[0].recipe, device, cfgs[0].deterministic)  # kernels: check_packed
     if fuse and todo:
         from lambdapipe import fuse as fusing
 
         # one unfinished run left of a fused job finishes in the fused job's path too
-        reason = fusing.why_not([cfgs[i] for i in todo]) if len(todo) > 1 else None
+        reason = fusing.why_not([cfgs[i] for i in todo], rt) if len(todo) > 1 else None
         if reason is None:
-            _run_fused(cfgs, todo, summaries, device, progress, callback)
+            _run_fused(cfgs, todo, summaries, rt, progress, callback)
             return [s for s in summaries if s is not None]
         log(f"not fused ({reason}): the runs train one after another")
-    with kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
+    with rt.kernels():
         for pos, i in enumerate(todo):
             run = Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
                       label=_label(cfgs[i], cfgs), bar_position=pos)
@@ -107,17 +96,17 @@ def _reporter(callback, cfg: TrainConfig) -> Callable[[dict[str, float]], None]:
     return report
 
 
-def _run_fused(cfgs, todo, summaries, device, progress, callback) -> None:
+def _run_fused(cfgs, todo, summaries, rt, progress, callback) -> None:
     """The unfinished runs as one network (lambdapipe/fuse.py), started in turn on the
     process's RNG (each seeds its own model). A kill between the runs' checkpoints leaves
     them at different iterations: the runs behind first catch up alone, then all go fused."""
     from lambdapipe.fuse import train_fused
 
     device_data: dict = {}
-    with kernels(cfgs[0].deterministic, device, cfgs[0].recipe.on(device).tf32):
+    with rt.kernels():
         runs = []
         for pos, i in enumerate(todo):
-            runs.append(Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
+            runs.append(Run(cfgs[i], rt, progress, _reporter(callback, cfgs[i]),
                             label=_label(cfgs[i], cfgs), bar_position=pos,
                             device_data=device_data, pack_size=len(cfgs)))
             runs[-1].start()

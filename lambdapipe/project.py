@@ -5,7 +5,7 @@ Each distinct (dataset, model, model args, recipe) of the config is measured onc
 `bench.measure_slots` at every requested slot count, on synthetic data of the dataset's
 shape. One run then costs
 
-    launch (process start, imports, data to device) + start-up (build, compile, autotune)
+    launch (process start, imports, data to device) + start-up (build, compile, capture)
     + steps / rate  +  evaluations x (images scored / eval rate + one checkpoint write)
 
 where steps and evaluations follow from the recipe and the train/val split the config
@@ -41,6 +41,7 @@ from lambdapipe.reference import (
     depth_width,
     read_table,
 )
+from lambdapipe.runtime import resolve
 
 
 @dataclass
@@ -205,7 +206,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                          + (f"{pack} runs packed" if pack > 1 else f"{s} slot(s)"))
             base = {"dataset": cell.dataset, "model": cell.label,
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
-                    "compile": cell.recipe.on(device).compile_mode or False,
+                    "compile": resolve(cell.recipe, device).compile or False,
                     "runs": len(cell.runs), "steps": cell.steps,
                     "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
             kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,

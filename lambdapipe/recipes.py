@@ -32,9 +32,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # host issues one launch a step. CUDA only (off on a CPU); not with fp16, whose loss scaler
 # decides on the host whether a step is taken.
 STEP_GRAPH = "step-graph"
-# `compile: auto` (the default): CUDA graphs on a GPU, where they measured 3x eager for every
-# model (docs/performance.md); eager on a CPU, where compiling costs minutes and gains little.
-AUTO_COMPILE = {"cuda": "reduce-overhead"}
 # Fields that change speed, not the experiment: a run directory resumes across them.
 SPEED_FIELDS = ("compile", "channels_last", "tf32")
 # The data protocol (lambdapipe/protocol.py): which split chooses best.ckpt, what is trained on,
@@ -77,6 +74,7 @@ class Recipe:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop: area fraction range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop: aspect w/h range
     flip: bool = True  # random horizontal flip (with any augment but none)
+    # speed requests, resolved on the device by runtime.resolve
     channels_last: bool | str = "auto"  # auto: on CUDA, off on CPU
     compile: bool | str = "auto"  # auto, false, true (= "default") or one of COMPILE_MODES
     tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (CUDA only)
@@ -102,30 +100,6 @@ class Recipe:
         if self.augment != "random-resized-crop":
             return None
         return self.crop_scale, self.crop_ratio
-
-    def on(self, device: str) -> Recipe:
-        """The recipe as it runs on `device`, every `auto` resolved. channels_last is a GPU
-        layout; on CPU, oneDNN's 1x1-convolution weight-gradient kernel (torch 2.14, one
-        thread) writes past its buffer with it and corrupts the heap, so CPU runs keep NCHW.
-        TF32 exists on CUDA only."""
-        kind = str(device).split(":")[0]
-        on_cuda = kind == "cuda"
-        compile_ = self.compile
-        if compile_ == "auto":
-            compile_ = AUTO_COMPILE.get(kind, False)
-        if compile_ == STEP_GRAPH and not on_cuda:
-            compile_ = False
-        return dataclasses.replace(
-            self, compile=compile_, channels_last=on_cuda and self.channels_last is not False,
-            tf32=on_cuda and self.tf32 and self.precision == "fp32")
-
-    @property
-    def compile_mode(self) -> str | None:
-        """The torch.compile mode, or None when the step runs eagerly (`auto` means what
-        `on(device)` resolves it to; unresolved it is None)."""
-        if self.compile is False or self.compile == "auto":
-            return None
-        return "default" if self.compile is True else self.compile
 
     def steps_per_epoch(self, train_size: int) -> int:
         """Optimizer steps in one pass over `train_size` images: floor with drop_last, ceil

@@ -3,10 +3,9 @@
 Training draws the data order from generators seeded by (seed, epoch) (augment.py); what
 remains global is what PyTorch itself draws from (model initialisation, dropout) and, for
 library users, Python's and numpy's generators. A checkpoint stores a `snapshot` so a
-resumed run continues the streams exactly; runs sharing a process (pack.py, fuse.py) and
-the lambda-implementation probe (models/autotune.py) `keep` the streams around work that
-must not move them. Snapshots hold tensors and plain types only: checkpoints load with
-`torch.load(weights_only=True)`.
+resumed run continues the streams exactly; runs sharing a process (pack.py, fuse.py) `keep`
+the streams around work that must not move them. Snapshots hold tensors and plain types
+only: checkpoints load with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,27 @@
-"""Where a run's messages go, and the process-wide kernel settings it runs under."""
+"""Every speed decision of a run, made once: `resolve` turns (recipe, device, model) into one
+frozen `Runtime` (device, precision with its autocast dtype, loss scaler and optimizer kernels,
+compile mode, channels_last, TF32, kernel determinism, each lambda layer's implementation).
+config.json records it (`runtime`); step, fuse, evaluate, bench and project take it as given.
+Also where a run's messages go."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from lambdapipe.recipes import Recipe
+from lambdapipe.recipes import STEP_GRAPH, Recipe
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# `compile: auto` (the default): CUDA graphs on a GPU, where they measured 3x eager for every
+# model (docs/performance.md); eager on a CPU, where compiling costs minutes and gains little.
+AUTO_COMPILE = {"cuda": "reduce-overhead"}
 
 
 def log(msg: str) -> None:
@@ -18,45 +29,111 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def kernels(deterministic: bool, device: str, tf32: bool = False) -> Iterator[None]:
-    """Deterministic kernels and the TF32 setting for the duration of a run (restored
-    after, for library users)."""
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-            torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
-    if deterministic and torch.device(device).type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0])
-        torch.backends.cudnn.benchmark = prev[1]
-        torch.set_float32_matmul_precision(prev[2])
-        torch.backends.cudnn.allow_tf32 = prev[3]
+@dataclass(frozen=True)
+class Runtime:
+    """How a run runs on its device, every `auto` resolved (`resolve`)."""
+
+    device: str
+    precision: str = "fp32"
+    compile: str | None = None  # a torch.compile mode, STEP_GRAPH, or None: eager
+    channels_last: bool = False
+    tf32: bool = False
+    fused_optimizer: bool = False  # one launch for all parameters (CUDA)
+    deterministic: bool = False
+    lambda_impls: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scaler(self) -> bool:
+        """fp16's loss scaler (bf16 and fp32 need none)."""
+        return self.precision == "fp16"
+
+    @property
+    def why_not_fused(self) -> str | None:
+        """Why seeds cannot train as one network here (None when they can)."""
+        if self.scaler:
+            return "fp16 loss scaling: one scale for all runs would skip every run's step " \
+                   "when one run overflows"
+        return None
+
+    def autocast(self, cache: bool = True):
+        """Mixed precision; `cache=False` inside a captured CUDA graph, where autocast's
+        cache of cast weights must not outlive the capture."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type,
+                              dtype=AMP_DTYPES[self.precision], cache_enabled=cache)
+
+    @contextlib.contextmanager
+    def kernels(self) -> Iterator[None]:
+        """Deterministic kernels and TF32 for the duration of a run (restored after, for
+        library users)."""
+        prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        if self.deterministic and torch.device(self.device).type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(self.deterministic)
+        torch.backends.cudnn.benchmark = not self.deterministic
+        torch.set_float32_matmul_precision("high" if self.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(prev[0])
+            torch.backends.cudnn.benchmark = prev[1]
+            torch.set_float32_matmul_precision(prev[2])
+            torch.backends.cudnn.allow_tf32 = prev[3]
+
+    def with_model(self, model: torch.nn.Module, image_size: int,
+                   recorded: dict[str, Any] | None = None) -> Runtime:
+        """This runtime with `model`'s lambda layers set to their implementation: the ones a
+        resumed run's config.json `recorded`, else this device's rule (lambda_layer.py)."""
+        from lambdapipe.models.lambda_layer import choose_impls
+
+        impls = choose_impls(model, image_size, self.device,
+                             (recorded or {}).get("lambda_impls"))
+        return dataclasses.replace(self, lambda_impls=impls)
+
+    def record(self) -> dict[str, Any]:
+        """config.json's `runtime`."""
+        return {"compile": self.compile or "eager", "channels_last": self.channels_last,
+                "tf32": self.tf32, "precision": self.precision,
+                "fused_optimizer": self.fused_optimizer, "lambda_impls": dict(self.lambda_impls)}
 
 
-def runtime_settings(model: torch.nn.Module, r: Recipe, image_size: int, device: str,
-                     recorded: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The speed settings a run resolved on `device` (config.json's `runtime`), after
-    choosing each 'auto' lambda layer's implementation (timed on CUDA, cached on disk;
-    models/autotune.py). `r` is the recipe as it runs there (`Recipe.on`). A resumed run
-    passes the `runtime` its config.json `recorded`: its layers run the recorded choice,
-    never a new one (a new measurement could choose otherwise)."""
-    from lambdapipe.evaluate import AMP_DTYPES
-    from lambdapipe.models.autotune import apply_impls, choose_impls, default_cache
+def resolve(r: Recipe, device: str, deterministic: bool = False) -> Runtime:
+    """The one place a recipe's speed settings meet the device. channels_last is a GPU layout:
+    on CPU, oneDNN's 1x1-convolution weight-gradient kernel (torch 2.14, one thread) writes
+    past its buffer with it and corrupts the heap. TF32 exists on CUDA only. CUDA's fused
+    optimizer kernels, but never fused SGD under fp16 loss scaling: a step the scaler skips
+    still runs its kernel, after which it trains differently from plain SGD
+    (test_fused_sgd_under_loss_scaling_is_what_we_avoid; docs/performance.md)."""
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    mode = AUTO_COMPILE.get(kind) if r.compile == "auto" else r.compile
+    mode = "default" if mode is True else (mode or None)
+    if mode == STEP_GRAPH and not cuda:
+        mode = None
+    return Runtime(device=str(device), precision=r.precision, compile=mode,
+                   channels_last=cuda and r.channels_last is not False,
+                   tf32=cuda and r.tf32 and r.precision == "fp32",
+                   fused_optimizer=cuda and not (r.optimizer == "sgd" and r.precision == "fp16"),
+                   deterministic=deterministic)
 
-    if recorded is not None and isinstance(recorded.get("lambda_impls"), dict):
-        apply_impls(model, image_size, recorded["lambda_impls"])
-        impls, how = dict(recorded["lambda_impls"]), list(recorded.get("lambda_impls_how", []))
-    else:
-        chosen = choose_impls(model, image_size, r.batch_size, device,
-                              AMP_DTYPES.get(r.precision), r.channels_last,
-                              cache=default_cache(), log=log, tf32=r.tf32)
-        impls = {name: c["impl"] for name, c in chosen.items()}
-        how = sorted({c["how"] for c in chosen.values()})
-    return {"compile": r.compile_mode or "eager", "channels_last": r.channels_last,
-            "tf32": r.tf32, "lambda_impls": impls, "lambda_impls_how": how}
+
+def of_run(config: dict[str, Any], device: str, model: torch.nn.Module | None = None
+           ) -> Runtime:
+    """The runtime of a saved run (config.json, a checkpoint's config) on `device`, with
+    `model`'s lambda layers set (`impls_of_run`)."""
+    from lambdapipe.recipes import get_recipe
+
+    saved = dict(config["recipe"])
+    rt = resolve(get_recipe(saved.pop("name"), saved), device)
+    return rt if model is None else impls_of_run(config, rt, model)
+
+
+def impls_of_run(config: dict[str, Any], rt: Runtime, model: torch.nn.Module) -> Runtime:
+    """`rt` with a saved run's `model` set to the lambda impls training recorded when it
+    trained on this kind of device, else to this device's rule."""
+    same = torch.device(rt.device).type == str(config.get("device", "")).split(":")[0]
+    return rt.with_model(model, config["data"]["image_size"],
+                         config.get("runtime") if same else None)

@@ -1,5 +1,6 @@
 """The training step: normalise -> forward (autocast) -> loss -> backward (scaled for fp16)
--> clip -> optimizer step, eager, compiled, or captured whole as one CUDA graph."""
+-> clip -> optimizer step, eager, compiled, or captured whole as one CUDA graph; and
+`build`, what train and bench build a run's step with."""
 
 from __future__ import annotations
 
@@ -12,27 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from lambdapipe.augment import normalize
-from lambdapipe.evaluate import autocast
 from lambdapipe.recipes import STEP_GRAPH, Recipe
-from lambdapipe.runtime import log
+from lambdapipe.runtime import Runtime, log
 from lambdapipe.validate import DEVICE_FLAGS
 
 
-def make_optimizer(model: torch.nn.Module | list[torch.Tensor], r: Recipe, device: str = "cpu",
-                   fused: bool | None = None) -> torch.optim.Optimizer:
-    """The recipe's optimizer. On CUDA the fused kernels (one launch for all parameters
-    instead of several per tensor: launch overhead is what bounds small models); they
-    compute the same update as the for-each path to float tolerance (tests/test_train.py).
-
-    Never fused SGD under fp16 loss scaling: a step the scaler skips still runs the fused
-    SGD kernel, after which fused SGD trains differently from plain SGD (its momentum buffer
-    is allocated but not written: test_fused_sgd_under_loss_scaling_is_what_we_avoid shows
-    it on torch 2.14 CPU; it is reported for CUDA fused SGD in torch 2.11). Fused Adam/AdamW
-    skip such steps cleanly."""
-    if fused is None:
-        fused = torch.device(device).type == "cuda"
-    if r.optimizer == "sgd" and r.precision == "fp16":
-        fused = False
+def make_optimizer(model: torch.nn.Module | list[torch.Tensor], r: Recipe,
+                   fused: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer; `fused` (Runtime.fused_optimizer) runs one launch for all
+    parameters instead of several per tensor (launch overhead is what bounds small models),
+    the same update as the for-each path to float tolerance (tests/test_train.py)."""
     params = model.parameters() if isinstance(model, torch.nn.Module) else model
     if r.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
@@ -106,27 +96,23 @@ def clip_per_run(params: Sequence[torch.Tensor], max_norm: float) -> None:
 
 
 class TrainStep:
-    """normalise -> forward (autocast) -> loss -> backward (scaled for fp16) -> clip -> step,
-    for one run or, with `runs` = K, for K runs as one network (lambdapipe/fuse.py: batches
-    (K, B, ...), one loss per run, their sum backward, clipping per run, one optimizer step;
-    never fp16, so no loss scaling, and no channels_last: vmap lays out the activations).
-
-    Eager, or compiled (torch.compile, the recipe's mode); a compile failure falls back to
-    eager (`fall_back`). Returns device tensors only; `tally` (`new_tally`) accumulates the
-    counts of `Tally`. The whole-step CUDA graph is a wrapper around this (`GraphedStep`,
-    built by `make_step`), which needs `graph_safe` (autocast's weight cache off)."""
+    """The step of one run or, with `runs` = K, of K runs as one network (fuse.py: batches
+    (K, B, ...), one loss per run, their sum backward, clipping per run; never fp16, no
+    channels_last). Eager or compiled (`rt.compile`; a failure falls back to eager). Returns
+    device tensors only; `tally` accumulates `Tally`. `graph_safe`: for `GraphedStep`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recipe,
-                 device: str, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
+                 rt: Runtime, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
                  graph_safe: bool = False):
-        self.model, self.optimizer, self.r, self.device = model, optimizer, r, device
+        self.model, self.optimizer, self.r, self.rt = model, optimizer, r, rt
+        self.device = device = rt.device
         self.mean, self.std, self.runs, self.graph_safe = mean, std, runs, graph_safe
-        mode = "default" if r.compile_mode == STEP_GRAPH else r.compile_mode
+        mode = "default" if rt.compile == STEP_GRAPH else rt.compile
         self.forward = torch.compile(model, mode=mode) if mode else model
         # what the step runs: "eager", a compile mode, "step-graph", "eager (fallback: reason)"
-        self.path = r.compile_mode or "eager"
+        self.path = rt.compile or "eager"
         self.scaler = torch.amp.GradScaler(torch.device(device).type,
-                                           enabled=r.precision == "fp16" and runs is None)
+                                           enabled=rt.scaler and runs is None)
         self.tally = new_tally(device, runs)
 
     def reset_tally(self) -> None:
@@ -143,16 +129,13 @@ class TrainStep:
         return self._step(x, y, y_clean, lr, step)
 
     def fall_back(self, exc: BaseException) -> None:
-        """Continue eagerly after the compiled step failed (compilation, or a step graph's
-        capture): one warning line, and the reason in `path` (summary.json's `compile`).
-        Failures surface in the forward or backward, before the optimizer step, or in a
-        capture, which runs nothing, so the step is simply taken again; a failure the eager
-        step repeats is raised from there. A failed replay is not retried (`GraphedStep`)."""
+        """Continue eagerly after compilation or a capture failed (both before the optimizer
+        step, so the step is simply taken again): one warning line, the reason in `path`."""
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         self.path = f"eager (fallback: {type(exc).__name__}: {reason})"
         self.forward = self.model
         self.optimizer.zero_grad(set_to_none=True)
-        log(f"warning: {self.r.compile_mode} compiled step failed, training continues "
+        log(f"warning: {self.rt.compile} compiled step failed, training continues "
             f"eagerly: {type(exc).__name__}: {reason}")
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
@@ -167,9 +150,9 @@ class TrainStep:
         """The step after the learning rate is set and the gradients cleared: what a
         step graph captures. `iteration` (step + 1) marks a first non-finite loss."""
         r, fused = self.r, self.runs is not None
-        with autocast(self.device, r.precision, cache=not self.graph_safe):
+        with self.rt.autocast(cache=not self.graph_safe):
             logits = self.forward(normalize(x, self.mean, self.std,
-                                            r.channels_last and not fused))
+                                            self.rt.channels_last and not fused))
             if fused:
                 losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
                                          reduction="none", label_smoothing=r.label_smoothing
@@ -198,14 +181,11 @@ STEP_GRAPH_WARMUP = 3  # real steps before capture: compilation, cuDNN's choices
 
 
 class GraphedStep:
-    """A `TrainStep` captured whole as one CUDA graph (`compile: step-graph`).
-
-    After STEP_GRAPH_WARMUP real steps on a side stream, the step's `body` is captured once:
-    each later step copies its batch into the graph's input buffers, writes the learning rate
-    and iteration into device scalars, and replays it (one launch). A failed warm-up or
-    capture falls back to the eager step; a failed replay stops the run (its optimizer step
-    may be half applied; last.ckpt is sound). `capture` replaces the CUDA capture (tests run
-    the same logic on a CPU with a stand-in)."""
+    """A `TrainStep` captured whole as one CUDA graph (`compile: step-graph`): after
+    STEP_GRAPH_WARMUP real steps its `body` is captured once, then each step copies its batch,
+    learning rate and iteration into the graph's buffers and replays it (one launch). A failed
+    warm-up or capture falls back to eager; a failed replay stops the run (its optimizer step
+    may be half applied). `capture`: a CPU stand-in in tests."""
 
     def __init__(self, step: TrainStep, capture: Any = None):
         self.step, self.capture = step, capture or CudaStepGraph
@@ -287,11 +267,9 @@ def run_optimizer_state(state: dict[str, Any], k: int, k_runs: int) -> dict[str,
 
 
 class Seat:
-    """What a run (train.Run) sees of the step that trains it: its tally, how the step runs
-    (summary.json's `compile`), its optimizer and scaler state for its checkpoint, and its
-    weights written into its own model before it evaluates. A run alone sits alone (`k`
-    None); in a fused step of K runs (fuse.py) run k sits in row k, and `pack_size` names the
-    job's seeds (`... (fused x3)`), also for a run of a fused job that trains alone."""
+    """What a run sees of the step that trains it: its tally, how the step runs (summary's
+    `compile`, `(fused xK)` for a fused job's runs), its optimizer and scaler state in the solo
+    format, its weights written into its own model. Alone `k` is None; fused, row k."""
 
     def __init__(self, step: TrainStep | GraphedStep, k: int | None = None,
                  pack_size: int | None = None):
@@ -326,22 +304,30 @@ class Seat:
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recipe,
-              device: str, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
+              rt: Runtime, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
               capture: Any = None) -> TrainStep | GraphedStep:
-    """The step a recipe runs: eager or compiled, or (`compile: step-graph`) that step
-    captured whole as one CUDA graph. `runs` = K: K runs as one network (fuse.py)."""
-    if r.compile_mode != STEP_GRAPH:
-        return TrainStep(model, optimizer, r, device, mean, std, runs)
-    return GraphedStep(TrainStep(model, optimizer, r, device, mean, std, runs, graph_safe=True),
+    """The step a run runs: eager or compiled, or (`compile: step-graph`) that step captured
+    whole as one CUDA graph. `runs` = K: K runs as one network (fuse.py)."""
+    if rt.compile != STEP_GRAPH:
+        return TrainStep(model, optimizer, r, rt, mean, std, runs)
+    return GraphedStep(TrainStep(model, optimizer, r, rt, mean, std, runs, graph_safe=True),
                        capture)
 
 
+def build(model: torch.nn.Module, r: Recipe, rt: Runtime, mean: torch.Tensor,
+          std: torch.Tensor) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                      TrainStep | GraphedStep]:
+    """A run's model on its device and layout, its optimizer and its step: what train and
+    bench build alike."""
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, r, rt.fused_optimizer)
+    return model, optimizer, make_step(model, optimizer, r, rt, mean, std)
 
 
 def _portable(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer's state dict as any device loads it: a float learning rate (a step
-    graph's is a device scalar) and none of the device-only flags (a CUDA run's capturable
-    Adam would refuse CPU parameters on resume)."""
+    """A state dict any device loads: a float lr, no device-only flags (capturable, fused)."""
     for group in state["param_groups"]:
         if isinstance(group.get("lr"), torch.Tensor):
             group["lr"] = float(group["lr"])
@@ -351,16 +337,15 @@ def _portable(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[s
 
 
 def _own_flags(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    """Loading keeps the loading optimizer's device-only flags, whatever the file holds
-    (checkpoints written before they were left out carry them)."""
+    """Loading keeps the loader's device-only flags (old checkpoints may carry others)."""
     groups = [{**saved, **{f: own[f] for f in DEVICE_FLAGS if f in own}}
               for saved, own in zip(state["param_groups"], optimizer.param_groups, strict=False)]
     return {**state, "param_groups": groups}
 
 
 class CudaStepGraph:
-    """A step captured once as a CUDA graph; `replay()` reruns its kernels on the same memory
-    and returns its (overwritten) output. Warm-up runs on a side stream, as capture needs."""
+    """A step captured once as a CUDA graph; `replay()` reruns it on the same memory. Warm-up
+    runs on a side stream, as capture needs."""
 
     def __init__(self, body: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer):
         self.graph = torch.cuda.CUDAGraph()

@@ -1,14 +1,9 @@
-"""The training loop: one loop, the step as a short class, evaluation shared with `evaluate`.
-
-The uint8 dataset lives on the device; each epoch's order, crop offsets and flips are drawn
-from a generator seeded by (seed, epoch) (see `augment.py`) and the learning rate is a pure
-function of the step (`Recipe.lr_at`), so a run resumed from `last.ckpt` replays exactly the
-batches and rates of an unbroken run. The test split is read once, after training, and
-scored on the checkpoint that val chose; it never takes part in selection (unless the recipe
-asks for the community fork's protocol, `select_on: test`: lambdapipe/protocol.py).
-
-The run directory and its checks are rundir.py's, the step step.py's.
-"""
+"""A run: start or resume, the loop, evaluation, checkpoints, summary (the run directory is
+rundir.py's, the step step.py's). Each epoch's order, crops and flips are drawn from a
+generator seeded by (seed, epoch) (augment.py) and the learning rate is a pure function of
+the step, so a run resumed from last.ckpt replays exactly the batches and rates of an unbroken
+run. The test split is read once, after training, on the checkpoint val chose
+(or test, under the community fork's protocol: protocol.py)."""
 
 from __future__ import annotations
 
@@ -48,13 +43,13 @@ from lambdapipe.rundir import (  # noqa: F401 - TrainConfig, METRIC_COLUMNS: the
     saved_config,
     write_metrics,
 )
-from lambdapipe.runtime import kernels, log, runtime_settings
+from lambdapipe.runtime import Runtime, log, resolve
 from lambdapipe.step import (  # noqa: F401 - TrainStep: the public API
     Seat,
     Tally,
     TrainStep,
+    build,
     make_optimizer,
-    make_step,
 )
 from lambdapipe.validate import check_resume
 
@@ -81,26 +76,24 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
         check_before_start(cfg)  # also refuses an --out that holds a different config
         if summary_path.exists():
             return atomic.read_json(summary_path, SMALL_FILE, "run summary")
-        with kernels(cfg.deterministic, device, cfg.recipe.on(device).tf32):
-            return Run(cfg, str(device), progress, callback).train()
+        rt = resolve(cfg.recipe, str(device), cfg.deterministic)
+        with rt.kernels():
+            return Run(cfg, rt, progress, callback).train()
 
 
 class Run:
-    """One run as an object, so that a fused pack can drive several (lambdapipe/fuse.py).
+    """One run as an object, so that a fused pack can drive several (fuse.py): `start`,
+    `advance` (`next_batch`, the step, `after_step`) until done, `finish`. `rt`: the runtime
+    its caller resolved (a device name: resolved here); `label` prefixes its log lines."""
 
-    `start()` builds the model, optimizer, step and device data and resumes from last.ckpt;
-    `advance()` is one training step (`next_batch`, the step, `after_step`) plus, when due,
-    the host sync, the evaluation, the checkpoints and the metrics row; `finish()` scores
-    best.ckpt on test and writes summary.json; `train()` drives one to its end. `label`
-    prefixes its log lines when several runs share one log.
-    """
-
-    def __init__(self, cfg: TrainConfig, device: str, progress: bool = False,
+    def __init__(self, cfg: TrainConfig, rt: Runtime | str, progress: bool = False,
                  callback: Callable[[dict[str, float]], None] | None = None,
                  label: str = "", bar_position: int | None = None,
                  device_data: dict[tuple, DeviceImages] | None = None,
                  pack_size: int | None = None):
-        self.cfg, self.device, self.progress, self.callback = cfg, str(device), progress, callback
+        self.rt = rt if isinstance(rt, Runtime) else resolve(cfg.recipe, rt, cfg.deterministic)
+        self.cfg, self.progress, self.callback = cfg, progress, callback
+        self.device = self.rt.device
         self.label, self.bar_position = label, bar_position
         self.diverged_at: int | None = None
         # runs of one cell in one process hold its splits on the device once
@@ -112,7 +105,7 @@ class Run:
 
     def start(self) -> None:
         cfg, device = self.cfg, self.device
-        r, out = cfg.recipe.on(device), cfg.out
+        r, out = cfg.recipe, cfg.out
         self.r, self.out = r, out
         self.started = time.perf_counter()
         train, val = load_splits(cfg, verify=False)  # checksums verified by check_before_start
@@ -130,15 +123,12 @@ class Run:
         torch.manual_seed(cfg.seed)
         model = build_model(config)
         recorded = saved_config(out) if (out / "last.ckpt").exists() else None
-        config["runtime"] = runtime_settings(model, r, config["data"]["image_size"], device,
-                                             (recorded or {}).get("runtime"))
-        model = model.to(device)
-        if r.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, r, device)
+        self.rt = rt = self.rt.with_model(model, config["data"]["image_size"],
+                                          (recorded or {}).get("runtime"))
+        config["runtime"] = rt.record()
         mean = torch.tensor(config["data"]["mean"], device=device)
         std = torch.tensor(config["data"]["std"], device=device)
-        step_fn = make_step(model, optimizer, r, device, mean, std)
+        model, optimizer, step_fn = build(model, r, rt, mean, std)
         state = RunState()
 
         last = out / "last.ckpt"
@@ -204,8 +194,7 @@ class Run:
         return self.it >= self.total or self.diverged_at is not None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The augmented batch of the current step (and its learning rate in `self.lr`);
-        the step itself is the caller's (a `TrainStep`, or a fused pack's, lambdapipe/fuse.py)."""
+        """The augmented batch of the current step (and its learning rate in `self.lr`)."""
         r, it = self.r, self.it
         epoch, step = divmod(it, self.steps_per_epoch)
         if epoch != self.plan_epoch_no:
@@ -217,8 +206,7 @@ class Run:
         return augmented_batch(self.train_data, self.plan, step, r.batch_size)
 
     def after_step(self) -> bool:
-        """Count the step taken; when due, the host sync, the divergence check and the
-        evaluation. False once nothing is left to train."""
+        """Count the step; when due, the host sync, divergence check and evaluation."""
         self.it = it = self.it + 1
         evaluate_now = it % self.eval_every == 0 or it == self.total
         if it % SYNC_EVERY and not evaluate_now:
@@ -236,9 +224,7 @@ class Run:
         return it < self.total
 
     def join(self, seat: Seat) -> None:
-        """Train on from here in `seat` of a shared (fused) step, which another loop drives
-        (`next_batch`, the step, `after_step`); checkpoints then take this run's state from
-        it and evaluations its weights."""
+        """Train on in `seat` of a fused step that another loop drives."""
         self.seat = seat
 
     def _evaluate(self, tally: Tally) -> None:
@@ -246,7 +232,7 @@ class Run:
         r, it, lr, state, model, out = self.r, self.it, self.lr, self.state, self.model, self.out
         mean, std = self.mean, self.std
         train_seconds = time.perf_counter() - self.window_start
-        logits = predict(model, self.val_data.images, mean, std, r.precision, r.channels_last)
+        logits = predict(model, self.val_data.images, mean, std, self.rt)
         val_metrics = classification_metrics(logits, self.val_data.labels)
         row = {"iteration": it, "epoch": round(it / self.steps_per_epoch, 4), "lr": lr,
                "train_loss": tally.loss_sum / tally.images,
@@ -257,8 +243,7 @@ class Run:
                "images_per_s": (it - self.window_it) * r.batch_size / max(train_seconds, 1e-9),
                "elapsed_s": time.perf_counter() - self.session_start}
         if self.test_data is not None:
-            logits = predict(model, self.test_data.images, mean, std, r.precision,
-                             r.channels_last)
+            logits = predict(model, self.test_data.images, mean, std, self.rt)
             row["tst_acc"] = classification_metrics(logits, self.test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
@@ -292,22 +277,21 @@ class Run:
             self.state.skipped_steps += int(self.seat.counts().skipped)
             self.log(f"diverged: non-finite loss at iteration {self.diverged_at}")
         runlock.check_still_owned(self.out)
-        summary = _summarize(self.cfg, self.device, self.r, self.out, self.model, self.seat.path,
+        summary = _summarize(self.cfg, self.rt, self.r, self.out, self.model, self.seat.path,
                              self.state, self.it, self.diverged_at, self.session_start,
                              self.started, self.config)
         self.train_data = self.val_data = self.test_data = None
         return summary
 
 
-def _summarize(cfg: TrainConfig, device: str, r: Recipe, out: Path, model: torch.nn.Module,
+def _summarize(cfg: TrainConfig, rt: Runtime, r: Recipe, out: Path, model: torch.nn.Module,
                path: str, state: RunState, it: int, diverged_at: int | None,
                session_start: float, started: float,
                config: dict[str, Any]) -> dict[str, Any]:
-    """summary.json, in one function so that a field added here (say, how the step ran)
-    reaches solo and packed runs alike."""
+    """summary.json, for solo and packed runs alike."""
     from lambdapipe.models import count_params
 
-    test = _test_on_best(cfg, device)  # the only time the test split is read
+    test = _test_on_best(cfg, rt)  # the only time the test split is read
     rows = state.rows
     summary = {
         "model": cfg.model, "model_args": cfg.model_args, "dataset": cfg.dataset,
@@ -350,13 +334,14 @@ def _status(diverged_at: int | None, rows: list[dict[str, float]],
     return run_status.OK if all(math.isfinite(v) for v in finals) else run_status.NON_FINITE
 
 
-def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:
+def _test_on_best(cfg: TrainConfig, rt: Runtime) -> dict[str, Any] | None:
     """Test metrics of best.ckpt (None when no evaluation happened before divergence)."""
     from lambdapipe.data import load_split
 
     best = cfg.out / "best.ckpt"
     if not best.exists():
         return None
+    device = rt.device
     ckpt = load_checkpoint(best, map_location=device)
     config = ckpt["config"]
     model = build_model(config, device).to(device)
@@ -365,8 +350,7 @@ def _test_on_best(cfg: TrainConfig, device: str) -> dict[str, Any] | None:
     images = DeviceImages(test.images, test.labels, test.clean_labels, device)
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
-    r = cfg.recipe.on(device)
-    logits = predict(model, images.images, mean, std, r.precision, r.channels_last)
+    logits = predict(model, images.images, mean, std, rt)
     return classification_metrics(logits, images.labels)
 
 

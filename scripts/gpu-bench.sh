@@ -3,8 +3,8 @@
 #
 #   bash scripts/gpu-bench.sh                 # all parts
 #   bash scripts/gpu-bench.sh default         # the default path, under 8 minutes (below)
-#   bash scripts/gpu-bench.sh step slots      # some parts: default step compile slots data
-#                                             #   cifar10 pack fused step-graph lambda
+#   bash scripts/gpu-bench.sh step slots      # some parts: default impls step compile slots
+#                                             #   data cifar10 pack fused step-graph lambda
 #                                             #   imagenette
 #
 # Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(default step compile slots data cifar10 pack fused step-graph lambda imagenette)
+[ ${#parts[@]} -gt 0 ] || parts=(default impls step compile slots data cifar10 pack fused step-graph lambda imagenette)
 device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
 lp=${LAMBDAPIPE_CMD:-python -m lambdapipe}
 if [ "$device" = cuda ]; then
@@ -48,6 +48,10 @@ for part in "${parts[@]}"; do
             measure default --models "$models,lr34_l3_lc" --batch-size 256 --precision bf16
             measure cifar10-default --config config/resnet_baselines.yaml --datasets cifar10 \
                 --seeds 0 ;;
+        impls)  # every lambda layer's implementations timed: the check of the fixed rule
+                # `auto` follows on CUDA (a GEMM order, never conv; docs/performance.md)
+            measure impls --models lr18_l3_lc,lr18_l3_rpe,lr18_l2_lc,lr18_l2_rpe,lr34_l3_lc \
+                --batch-size 256 --precision bf16 --impls ;;
         step) measure step --models "$models,resnet34,lr34_l3_lc,lr34_l3_rpe,lr34_l2_lc" \
                   --batch-size 256 \
                   --precision bf16 ;;
@@ -91,7 +95,7 @@ for part in "${parts[@]}"; do
         lambda) measure lambda-cifar10 --config config/lambda_cifar10.yaml --seeds 0 ;;
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;
-        *) echo "gpu-bench: unknown part '$part': expected default step compile slots" \
+        *) echo "gpu-bench: unknown part '$part': expected default impls step compile slots" \
                 "data cifar10 pack fused step-graph lambda imagenette" >&2; exit 2 ;;
     esac
 done

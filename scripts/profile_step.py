@@ -19,14 +19,15 @@ from torch.profiler import ProfilerActivity, profile
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
 from lambdapipe.models import create_model
 from lambdapipe.recipes import get_recipe
-from lambdapipe.runtime import kernels, runtime_settings
-from lambdapipe.step import make_optimizer, make_step
+from lambdapipe.runtime import resolve
+from lambdapipe.step import build
 
 name, pack, compile_ = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 D = os.environ.get("DEV", "cuda")
 dev = torch.device(D) if D == "cuda" else None
 r = get_recipe("sgdm", {"batch_size": 256, "precision": "bf16",
-                        "compile": False if compile_ == "off" else compile_}).on(D)
+                        "compile": False if compile_ == "off" else compile_})
+rt = resolve(r, D)
 rng = np.random.default_rng(0)
 imgs = rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
 labels = rng.integers(0, 10, 4096)
@@ -42,10 +43,7 @@ for seed in range(pack):
         mean, std = (torch.tensor(v, device=D) for v in channel_stats(imgs))
         torch.manual_seed(seed)
         m = create_model(name, num_classes=10, image_size=32)
-        runtime_settings(m, r, 32, D)
-        layout = torch.channels_last if dev is not None else torch.contiguous_format
-        m = m.to(D).to(memory_format=layout)
-        step = make_step(m, make_optimizer(m, r, D), r, D, mean, std)
+        m, _, step = build(m, r, rt.with_model(m, 32), mean, std)
         plan = plan_epoch(len(data), seed, 0, 4, True, D)
     runs.append((lane, data, step, plan))
 
@@ -57,7 +55,7 @@ def round_(i):
             step(x, y, yc, 0.1, i)
 
 
-with kernels(False, D, r.tf32):
+with rt.kernels():
     for i in range(int(os.environ.get("WARM", 25))):
         round_(i)
     (torch.cuda.synchronize() if dev is not None else None)

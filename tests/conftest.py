@@ -88,7 +88,6 @@ def _no_state_shared_between_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("machine-state")  # per worker under xdist
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAMBDAPIPE_GPU_LOCK_DIR", str(root / "gpu-locks"))
-        mp.setenv("LAMBDAPIPE_CACHE_DIR", str(root / "cache"))
         yield
 
 

@@ -72,8 +72,10 @@ def test_shared_constants_are_leaves():
 def test_only_the_cli_is_the_face():
     users = [mod for mod, deps in _imports().items() if "lambdapipe.cli" in deps]
     assert users == ["lambdapipe.__main__"]  # `python -m lambdapipe`, the CLI itself
-    # the verbs' shared options are the CLI's own part
-    assert [m for m, deps in _imports().items() if "lambdapipe.cli_options" in deps] == [
+    # the verbs' shared options are the CLI's own part (cli.py and the verbs split from it)
+    assert sorted(m for m, deps in _imports().items() if "lambdapipe.cli_options" in deps) == [
+        "lambdapipe.cli", "lambdapipe.cli_bench"]
+    assert [m for m, deps in _imports().items() if "lambdapipe.cli_bench" in deps] == [
         "lambdapipe.cli"]
 
 
@@ -133,7 +135,7 @@ def test_no_module_imports_another_modules_private_names():
 MAX_LINES = 500
 # Modules still over MAX_LINES, each capped at its present size so that it can only shrink
 # (issue 23 splits them; a module leaves this table when it is under the limit).
-OVER_LIMIT = {"lambdapipe.cli": 528}
+OVER_LIMIT: dict[str, int] = {}
 
 
 def test_modules_stay_small():

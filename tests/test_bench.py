@@ -69,6 +69,25 @@ def test_table_json_and_cli(tmp_path):
     assert "resnet20x1" in result.output and json.loads(out.read_text())["rows"]
 
 
+def test_impls_times_every_implementation_of_each_lambda_layer(tmp_path):
+    """`bench --impls`: each lambda layer alone under every implementation that fits, with
+    `*` on the one the device's rule runs (the check of the rule on a GPU)."""
+    out = tmp_path / "impls.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--models", "lr18_l3_lc,resnet20x1", "--impls", "--dataset", "digits",
+        "--batch-size", "2", "--precision", "fp32", "--warmup", "0", "--steps", "1",
+        "--model-arg", "base_width=4", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["conv", "lambda", "logit"]  # resnet20x1: no layer
+    assert all(r["model"] == "lr18_l3_lc" and r["ms"] > 0 for r in rows)
+    picked = [line for line in result.output.splitlines() if line.endswith("*")]
+    assert len(picked) == 1 and rows[0]["rule"] in picked[0].split()
+    refused = CliRunner().invoke(main, ["bench", "--models", "lr18_l3_lc", "--impls",
+                                        "--pack", "2", "--device", "cpu"])
+    assert refused.exit_code == 2 and "--impls times each lambda layer" in refused.output
+
+
 def test_real_data_uses_the_prepared_split(tmp_path):
     data.prepare("digits", tmp_path)
     rows = bench.run(["resnet20x1"], dataset="digits", data_dir=tmp_path, real_data=True,
@@ -196,7 +215,8 @@ if "--out" in args:
     fake.chmod(0o755)
     env = {**os.environ, "LAMBDAPIPE_CMD": str(fake),
            "LAMBDAPIPE_BENCH_DEVICE": "cpu", "LAMBDAPIPE_BENCH_OUT": str(tmp_path / "out")}
-    done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "default", "step",
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "default", "impls",
+                           "step",
                            "slots", "data", "cifar10", "pack", "fused", "step-graph"],
                           env=env,
                           capture_output=True,
@@ -206,8 +226,9 @@ if "--out" in args:
     assert sorted(p.stem for p in out.glob("*.json")) == [
         "cifar10-baselines", "cifar10-baselines-fused", "cifar10-baselines-graphs",
         "cifar10-baselines-packed", "cifar10-default", "cifar10-step-graph", "data-real",
-        "data-synthetic", "default", "fused4", "fused4-step-graph", "pack4", "slots2", "step",
-        "step-graph"]
+        "data-synthetic", "default", "fused4", "fused4-step-graph", "impls", "pack4", "slots2",
+        "step", "step-graph"]
+    assert "--impls" in (out / "impls.cmd").read_text()
     assert ("--models resnet18,resnet20x1,lr18_l3_lc,lr18_l3_rpe,lr18_l2_lc,lr18_l2_rpe,"
             "lr34_l3_lc --batch-size 256 --precision bf16") in (out / "default.cmd").read_text()
     assert "--pack 3 --compile reduce-overhead" in (out / "cifar10-baselines-packed.cmd"

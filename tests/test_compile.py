@@ -1,20 +1,18 @@
 """The fast path's CPU-checkable half: lambda layers safe under torch.compile and CUDA graphs
-(no state stored by a forward, no graph breaks, compiled = eager), the measured choice of each
-lambda layer's implementation (with a stand-in timer), and the eager fallback of a compiled
+(no state stored by a forward, no graph breaks, compiled = eager), the fixed rule choosing each
+lambda layer's implementation per device kind, and the eager fallback of a compiled
 step that fails."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from lambdapipe import train
 from lambdapipe.models import create_model, list_models
-from lambdapipe.models.autotune import choose_impls, lambda_layers
-from lambdapipe.models.lambda_layer import LambdaLayer
+from lambdapipe.models.lambda_layer import LambdaLayer, choose_impls, lambda_layers
 from lambdapipe.recipes import get_recipe
+from lambdapipe.runtime import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 IMPLS = ["conv", "lambda", "logit"]
@@ -122,114 +120,58 @@ def test_models_fullgraph_equal_eager(name, impl):
     compiled_equals_eager(model, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-9, 1e-9)
 
 
-# --------------------------------------------------------------------------- autotune
-class StandInTimer:
-    """Seconds per impl from a table; runs each candidate once, so it must work."""
-
-    def __init__(self, seconds: dict[str, float]):
-        self.seconds, self.calls = seconds, []
-
-    def __call__(self, fn) -> float:
-        fn()
-        self.calls.append(fn.impl)
-        return self.seconds[fn.impl]
-
-
-def test_auto_takes_the_measured_fastest_and_caches_it(tmp_path):
+# --------------------------------------------------------------------------- impl rule
+def test_auto_follows_the_fixed_rule_of_the_device_kind():
+    """On CUDA a GEMM order (the lambda order where its table fits, else the logit order),
+    never the conv order while a GEMM order fits; on a CPU the fewest MACs; `impl=` wins on
+    both. The choice is set per layer and map; another map size falls back to the CPU rule."""
     model = tiny("lr18_l2_lc", lambda_blocks="all")  # two lambda layers: 32x32 and 16x16
-    cache = tmp_path / "impls.json"
-    timer = StandInTimer({"conv": 3.0, "lambda": 1.0, "logit": 2.0})
-    chosen = choose_impls(model, 32, 8, "cpu", cache=cache, timer=timer)
     big, small = (name for name, _ in lambda_layers(model))
-    # the 32x32 layer's logits exceed LOGIT_MAX_NM: conv and lambda only; 16x16: all three
-    assert timer.calls == ["conv", "lambda", "conv", "lambda", "logit"]
-    assert chosen == {big: {"impl": "lambda", "how": "measured"},
-                      small: {"impl": "lambda", "how": "measured"}}
     layers = dict(lambda_layers(model))
-    assert layers[big].tuned == (32, 32, "lambda") and layers[small].tuned == (16, 16, "lambda")
+    assert choose_impls(model, 32, "cuda:0") == {big: "lambda", small: "lambda"}
+    assert layers[big].chosen == (32, 32, "lambda") and layers[small].chosen == (16, 16, "lambda")
     assert layers[big].resolve_impl(32, 32) == "lambda"
     assert layers[big].resolve_impl(16, 16) == layers[big].rule_impl(16, 16)  # another map
-    entries = json.loads(cache.read_text())["entries"]
-    assert len(entries) == 2
-    assert all(k.startswith(f"cpu|torch {torch.__version__}|") for k in entries)
-
-    # the same shapes again (a fresh model): read from the cache, nothing timed
-    again = tiny("lr18_l2_lc", lambda_blocks="all")
-    never = StandInTimer({})
-    assert {c["how"] for c in choose_impls(again, 32, 8, "cpu", cache=cache,
-                                           timer=never).values()} == {"cached"}
-    assert never.calls == []
-    # another batch size is another shape: measured again
-    timer = StandInTimer({"conv": 1.0, "lambda": 2.0, "logit": 0.5})
-    chosen = choose_impls(again, 32, 16, "cpu", cache=cache, timer=timer)
-    assert [c["impl"] for c in chosen.values()] == ["conv", "logit"]
-    assert len(json.loads(cache.read_text())["entries"]) == 4
-    # TF32 changes the timing too: its own entries
-    choose_impls(again, 32, 16, "cpu", cache=cache, timer=timer, tf32=True)
-    entries = json.loads(cache.read_text())["entries"]
-    assert len(entries) == 6 and sum("|tf32|" in k for k in entries) == 2
-
-
-def test_measuring_leaves_the_rng_streams_alone(tmp_path):
-    """A run's initialisation and dropout draw the same numbers whether its lambda layers
-    were measured now or read from the cache."""
-    model = tiny("lr18_l3_lc")
-    torch.manual_seed(0)
-    timer = StandInTimer({"conv": 1.0, "lambda": 2.0, "logit": 3.0})
-    choose_impls(model, 32, 8, "cpu", timer=timer)
-    assert timer.calls  # measured: the probe drew its random inputs
-    after = torch.rand(3)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(3))
-
-
-def test_auto_measures_only_what_fits_the_memory_budget(tmp_path):
-    model = tiny("lr18_l3_rpe")
-    timer = StandInTimer({"conv": 3.0, "lambda": 1.0, "logit": 2.0})
-    chosen = choose_impls(model, 32, 8, "cpu", timer=timer, free_bytes=1)
-    assert timer.calls == ["conv"] and [c["impl"] for c in chosen.values()] == ["conv"]
-
-
-def test_without_a_timer_the_fixed_rule_stands(tmp_path):
-    """On a CPU nothing is timed: the MAC rule, recorded as such, and no cache is written."""
-    model = tiny("lr18_l2_lc", lambda_blocks="all")
-    chosen = choose_impls(model, 32, 8, "cpu", cache=tmp_path / "c.json")
-    layers = dict(lambda_layers(model))
-    assert {n: c["impl"] for n, c in chosen.items()} == {
-        n: layer.rule_impl(*( (32, 32) if i == 0 else (16, 16)))
-        for i, (n, layer) in enumerate(layers.items())}
-    assert {c["how"] for c in chosen.values()} == {"rule"}
-    assert all(layer.tuned is None for layer in layers.values())
-    assert not (tmp_path / "c.json").exists()
+    on_cpu = choose_impls(model, 32, "cpu")
+    assert on_cpu == {big: layers[big].rule_impl(32, 32), small: layers[small].rule_impl(16, 16)}
+    assert on_cpu[big] == "conv"  # the MAC rule's large-kernel conv at 32x32 (lc, r=23)
+    # the lambda order's table too large: the logit order on CUDA, never conv
+    wide = LambdaLayer(64, 64, query_depth=32, intra_depth=32, scope=None, context_size=(16, 16))
+    assert wide.candidate_impls(16, 16) == ["conv", "logit"]
+    assert wide.rule_impl(16, 16, "cuda") == "logit"
+    # neither GEMM order fits: conv is all there is
+    huge = LambdaLayer(64, 64, intra_depth=4, scope=7)
+    assert huge.candidate_impls(32, 32) == ["conv"] and huge.rule_impl(32, 32, "cuda") == "conv"
     fixed = tiny("lr18_l2_lc", impl="logit")
-    assert [c for c in choose_impls(fixed, 32, 8, "cpu", timer=StandInTimer({})).values()] \
-        == [{"impl": "logit", "how": "requested"}]
+    for device in ("cpu", "cuda"):
+        assert set(choose_impls(fixed, 32, device).values()) == {"logit"}
+        assert all(layer.chosen is None for _, layer in lambda_layers(fixed))
 
 
-def test_a_resume_runs_the_recorded_impls_and_chooses_nothing(monkeypatch):
-    """config.json's runtime.lambda_impls is what a resumed run runs (issue 23, point 4)."""
-    from lambdapipe.models import autotune
-    from lambdapipe.recipes import get_recipe
-    from lambdapipe.runtime import runtime_settings
+def test_choosing_leaves_the_rng_streams_alone():
+    """A run's initialisation and dropout draw the same numbers whatever was chosen."""
+    torch.manual_seed(0)
+    choose_impls(tiny("lr18_l3_lc"), 32, "cuda")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    choose_impls(tiny("lr18_l3_lc"), 32, "cuda")
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), expected)
 
-    monkeypatch.setattr(autotune, "choose_impls", lambda *a, **k: pytest.fail("chose again"))
+
+def test_a_resume_runs_the_recorded_impls():
+    """config.json's runtime.lambda_impls is what a resumed run runs (issue 23, point 4),
+    whatever the rule would choose now; a name it lacks (or an unknown impl) gets the rule."""
     model = tiny("lr18_l2_lc", lambda_blocks="all")
     (big, _), (small, _) = lambda_layers(model)
-    recorded = {"lambda_impls": {big: "lambda", small: "logit"},
-                "lambda_impls_how": ["measured"]}
-    runtime = runtime_settings(model, get_recipe("demo"), 32, "cpu", recorded)
-    assert runtime["lambda_impls"] == recorded["lambda_impls"]
-    assert runtime["lambda_impls_how"] == ["measured"]
+    recorded = {"lambda_impls": {big: "lambda", small: "logit"}}
+    rt = resolve(get_recipe("demo"), "cpu").with_model(model, 32, recorded)
+    assert rt.record()["lambda_impls"] == recorded["lambda_impls"]
     layers = dict(lambda_layers(model))
-    assert layers[big].tuned == (32, 32, "lambda") and layers[small].tuned == (16, 16, "logit")
-
-
-def test_a_damaged_cache_is_measured_again(tmp_path):
-    cache = tmp_path / "impls.json"
-    cache.write_text("{not json")
-    timer = StandInTimer({"conv": 1.0, "lambda": 2.0, "logit": 3.0})
-    choose_impls(tiny("lr18_l3_lc"), 32, 8, "cpu", cache=cache, timer=timer)
-    assert timer.calls and json.loads(cache.read_text())["version"] == 1
+    assert layers[big].chosen == (32, 32, "lambda") and layers[small].chosen == (16, 16, "logit")
+    partial = choose_impls(model, 32, "cpu", {big: "bogus"})
+    assert partial == {big: "conv", small: layers[small].rule_impl(16, 16)}
 
 
 # --------------------------------------------------------------------------- fallback
@@ -257,7 +199,7 @@ def test_a_failing_compiled_step_falls_back_to_eager(monkeypatch, capsys):
         r = get_recipe("demo", {"compile": mode})
         torch.manual_seed(0)
         model = create_model("resnet20x1", 10, 16, base_width=4)
-        step = train.TrainStep(model, train.make_optimizer(model, r, "cpu"), r, "cpu",
+        step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
                                torch.zeros(3), torch.ones(3))
         losses.append([step(x, y, y, r.lr, i).item() for i in range(3)])
         if mode:
@@ -274,7 +216,7 @@ def test_an_eager_failure_is_not_swallowed(monkeypatch):
     r = get_recipe("demo", {"compile": "default"})
     model = create_model("resnet20x1", 10, 16, base_width=4)
     monkeypatch.setattr(torch, "compile", lambda m, mode=None: m)  # "compiled" = eager
-    step = train.TrainStep(model, train.make_optimizer(model, r, "cpu"), r, "cpu",
+    step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
                            torch.zeros(3), torch.ones(3))
 
     def broken(x):

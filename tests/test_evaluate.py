@@ -189,27 +189,26 @@ def test_checkpoint_survives_a_crash_between_any_two_writes(tmp_path, monkeypatc
         load_checkpoint(path, check=False)
 
 
-def test_on_the_device_it_trained_on_a_model_runs_the_lambda_impls_training_timed():
-    """Evaluation (evaluate, explain, the final test pass) on CUDA of a run trained on CUDA
-    runs each lambda layer as training measured it fastest; on another kind of device, or
-    for an older checkpoint without the record, the fixed rule stands."""
-    from lambdapipe.models.autotune import lambda_layers
+def test_on_the_device_it_trained_on_a_model_runs_the_lambda_impls_training_ran():
+    """Evaluation (evaluate, explain, the final test pass) on the kind of device a run
+    trained on runs each lambda layer as training recorded it; on another kind of device,
+    or for an older checkpoint without the record, the rule of the device at hand."""
+    from lambdapipe.models.lambda_layer import lambda_layers
 
     config = {"model": "lr18_l2_lc", "model_args": {"base_width": 4, "lambda_blocks": "all"},
               "data": {"num_classes": 10, "image_size": 32}, "device": "cuda:0",
               "runtime": {"lambda_impls": {"layer2.0.conv1.0": "logit",
-                                           "layer2.1.conv1": "lambda"}}}
+                                           "layer2.1.conv1": "logit"}}}
 
     def chosen(cfg, device):
         model = build_model(cfg, device)
-        return {name: layer.tuned for name, layer in lambda_layers(model)}
+        return {name: layer.chosen for name, layer in lambda_layers(model)}
 
     on_cuda = chosen(config, "cuda")
-    assert on_cuda == {"layer2.0.conv1.0": (32, 32, "logit"), "layer2.1.conv1": (16, 16, "lambda")}
-    # the rule would pick the large-kernel conv order at 32x32 (issue 14's slow evaluation)
-    rule = build_model(config, "cpu")
-    assert dict(lambda_layers(rule))["layer2.0.conv1.0"].resolve_impl(32, 32) == "conv"
-    assert set(chosen(config, "cpu").values()) == {None}
-    assert set(chosen({**config, "device": "cpu"}, "cuda").values()) == {None}
-    assert set(chosen({k: v for k, v in config.items() if k != "runtime"}, "cuda").values()) \
-        == {None}
+    assert on_cuda == {"layer2.0.conv1.0": (32, 32, "logit"), "layer2.1.conv1": (16, 16, "logit")}
+    # on a CPU the MAC rule: the large-kernel conv order at 32x32
+    assert chosen(config, "cpu")["layer2.0.conv1.0"] == (32, 32, "conv")
+    rule = {"layer2.0.conv1.0": (32, 32, "lambda"), "layer2.1.conv1": (16, 16, "lambda")}
+    assert chosen({**config, "device": "cpu"}, "cuda") == rule
+    assert chosen({k: v for k, v in config.items() if k != "runtime"}, "cuda") == rule
+    assert set(chosen(config, None).values()) == {None}  # no device: nothing chosen

@@ -32,7 +32,7 @@ from lambdapipe.evaluate import load_checkpoint
 from lambdapipe.models import create_model
 from lambdapipe.pack import run_packed
 from lambdapipe.recipes import get_recipe
-from lambdapipe.runtime import kernels
+from lambdapipe.runtime import Runtime, resolve
 from lambdapipe.step import TrainStep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
@@ -115,8 +115,8 @@ def test_one_optimizer_over_stacked_tensors_is_each_runs_own(optimizer):
     r = get_recipe("sgdm", {"optimizer": optimizer, "lr": 0.01, "weight_decay": 5e-4})
     alone = models("resnet20x1", 3)
     fused = fuse.FusedModel(copy.deepcopy(alone))
-    solo_opts = [train.make_optimizer(m, r, "cpu") for m in alone]
-    opt = train.make_optimizer(fused.parameters(), r, "cpu")
+    solo_opts = [train.make_optimizer(m, r) for m in alone]
+    opt = train.make_optimizer(fused.parameters(), r)
     for _ in range(3):
         for p in fused.parameters():
             p.grad = torch.randn_like(p)
@@ -169,10 +169,10 @@ def test_a_fused_pack_is_the_fused_step_over_each_runs_own_batches(data_dir, fus
     own run directory (with its slice of the optimizer state, in the solo format). That the
     fused step computes each run's own step is the float64 tests above."""
     runs = [train.Run(config(data_dir, tmp_path / str(s), s), "cpu") for s in SEEDS]
-    with kernels(True, "cpu"):
+    with Runtime("cpu", deterministic=True).kernels():
         for run in runs:  # fresh, in order: the process RNG then stands where the pack's did
             run.start()
-        step = fuse.fused_step([run.model for run in runs], runs[0].r, "cpu", runs[0].mean,
+        step = fuse.fused_step([run.model for run in runs], runs[0].r, runs[0].rt, runs[0].mean,
                                runs[0].std)
         for i in range(runs[0].total):
             parts = [run.next_batch() for run in runs]
@@ -283,10 +283,11 @@ def test_runs_that_cannot_fuse_train_one_after_another_and_say_why(data_dir, tmp
     from lambdapipe.fuse import why_not
 
     half = [config(data_dir, tmp_path / str(s), s, precision="fp16") for s in (0, 1)]
-    assert "fp16" in why_not(half)
+    assert "fp16" in why_not(half, resolve(half[0].recipe, "cpu"))
     mixed = [config(data_dir, tmp_path / "a", 0), config(data_dir, tmp_path / "b", 1, lr=0.01)]
-    assert "not of the same grid cell" in why_not(mixed)
-    assert why_not(mixed[:1]) == "a single run"
+    rt = resolve(mixed[0].recipe, "cpu")
+    assert "not of the same grid cell" in why_not(mixed, rt)
+    assert why_not(mixed[:1], rt) == "a single run"
     summaries = run_packed(mixed, fuse=True)
     assert "not fused (" in capfd.readouterr().err
     assert [s["compile"] for s in summaries] == ["eager", "eager"]
@@ -298,8 +299,9 @@ def test_cli_fuse_needs_seeds(data_dir, tmp_path):
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "x"), "--fuse"])
     assert result.exit_code == 2 and "--fuse trains several seeds" in result.output
     assert not list(tmp_path.iterdir())
+    # `--seeds` fuses by default (where it can: not fp16, tests below)
     ok = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "{seed}"), "--seeds", "0,1",
-                                   "--fuse", "--set", "iterations=8", "--set", "eval_every=8",
+                                   "--set", "iterations=8", "--set", "eval_every=8",
                                    "--set", "batch_size=32", "--no-progress"])
     assert ok.exit_code == 0, ok.output
     assert all(summary(tmp_path / str(s))["compile"] == "eager (fused x2)" for s in (0, 1))

@@ -183,8 +183,10 @@ SEEDS = (0, 1, 2)
 
 
 def packed_cmd(data_dir: Path, root: Path) -> list[str]:
-    """Three seeds in one `lambdapipe train --seeds` process, --out a template."""
-    return [*train_cmd(data_dir, root / "{seed}"), "--seeds", ",".join(map(str, SEEDS))]
+    """Three seeds in one `lambdapipe train --seeds --no-fuse` process (one after another),
+    --out a template; the fused loops add --fuse (the last flag counts)."""
+    return [*train_cmd(data_dir, root / "{seed}"), "--seeds", ",".join(map(str, SEEDS)),
+            "--no-fuse"]
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def cli_args(data_dir: Path, out: str, *extra: str) -> list[str]:
 
 def test_cli_trains_seeds_together_into_an_out_template(data_dir, alone, tmp_path):
     result = CliRunner().invoke(main, cli_args(data_dir, str(tmp_path / "{seed}"),
-                                               "--seeds", "2,0"))
+                                               "--seeds", "2,0", "--no-fuse"))
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert [line.split(" -> ")[1] for line in lines if " -> " in line] == [

@@ -13,6 +13,7 @@ from lambdapipe import project
 from lambdapipe.cli import main
 from lambdapipe.config import load_config, load_configs
 from lambdapipe.errors import UserError
+from lambdapipe.runtime import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def test_compile_prices_every_cell_compiled(monkeypatch):
     seen = []
 
     def fake(slots, **kw):
-        seen.append(kw["recipe"].compile_mode)
+        seen.append(resolve(kw["recipe"], "cpu").compile)
         return {"data_s": 1.0, "startup_s": 30.0, "iter_per_min": 6000.0,
                 "iter_per_min_per_slot": 6000.0, "eval_images_per_s": 1e4, "ckpt_s": 0.1,
                 "peak_mem_gib": None, "device_name": "fake"}

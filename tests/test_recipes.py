@@ -10,6 +10,7 @@ import pytest
 from lambdapipe import recipes
 from lambdapipe.errors import UserError
 from lambdapipe.recipes import PROVENANCE_KINDS, get_recipe, list_recipes, recipe_provenance
+from lambdapipe.runtime import resolve
 
 
 def test_every_recipe_loads_with_explicit_units():
@@ -108,11 +109,13 @@ def test_bad_recipe_input_is_one_line(name, overrides, needle):
 
 
 def test_compile_takes_a_flag_or_a_mode():
-    assert get_recipe("sgdm").compile == "auto" and get_recipe("sgdm").compile_mode is None
-    assert get_recipe("sgdm", {"compile": True}).compile_mode == "default"
-    assert get_recipe("sgdm", {"compile": "true"}).compile_mode == "default"
-    assert get_recipe("sgdm", {"compile": "false"}).compile_mode is None
-    assert get_recipe("sgdm", {"compile": "reduce-overhead"}).compile_mode == "reduce-overhead"
+    def mode(value):
+        return resolve(get_recipe("sgdm", {"compile": value}), "cpu").compile
+
+    assert get_recipe("sgdm").compile == "auto" and mode("auto") is None  # eager on a CPU
+    assert mode(True) == "default" and mode("true") == "default"
+    assert mode("false") is None
+    assert mode("reduce-overhead") == "reduce-overhead"
 
 
 def test_auto_is_the_fast_path_on_cuda_and_eager_on_cpu():
@@ -120,23 +123,37 @@ def test_auto_is_the_fast_path_on_cuda_and_eager_on_cpu():
     CPU. Explicit settings stand, except channels_last on CPU (below) and TF32 off CUDA."""
     r = get_recipe("sgdm")
     assert (r.compile, r.channels_last, r.tf32) == ("auto", "auto", True)
-    gpu, cpu = r.on("cuda:0"), r.on("cpu")
-    assert (gpu.compile_mode, gpu.channels_last, gpu.tf32) == ("reduce-overhead", True, True)
-    assert (cpu.compile_mode, cpu.channels_last, cpu.tf32) == (None, False, False)
-    assert r.on("cuda").on("cuda") == r.on("cuda")  # resolving twice changes nothing
-    bf16 = get_recipe("sgdm", {"precision": "bf16"}).on("cuda")
+    gpu, cpu = resolve(r, "cuda:0"), resolve(r, "cpu")
+    assert (gpu.compile, gpu.channels_last, gpu.tf32) == ("reduce-overhead", True, True)
+    assert (cpu.compile, cpu.channels_last, cpu.tf32) == (None, False, False)
+    assert resolve(r, "cuda") == resolve(r, "cuda")  # one answer, whoever asks
+    bf16 = resolve(get_recipe("sgdm", {"precision": "bf16"}), "cuda")
     assert bf16.tf32 is False  # autocast runs the matmuls in bf16: TF32 does not apply
-    off = get_recipe("sgdm", {"compile": False, "channels_last": False, "tf32": False})
-    assert (off.on("cuda").compile_mode, off.on("cuda").channels_last,
-            off.on("cuda").tf32) == (None, False, False)
-    assert get_recipe("demo", {"compile": "default"}).on("cpu").compile_mode == "default"
+    off = resolve(get_recipe("sgdm", {"compile": False, "channels_last": False, "tf32": False}),
+                  "cuda")
+    assert (off.compile, off.channels_last, off.tf32) == (None, False, False)
+    assert resolve(get_recipe("demo", {"compile": "default"}), "cpu").compile == "default"
+
+
+def test_the_runtime_decides_what_fp16_forbids_and_the_optimizer_kernels():
+    """fp16: a loss scaler, no fused seeds, no fused SGD kernels (skipped steps corrupt its
+    momentum); bf16 and fp32 none of these. Fused kernels on CUDA only."""
+    fp16 = resolve(get_recipe("sgdm", {"precision": "fp16"}), "cuda")
+    assert fp16.scaler and "fp16" in fp16.why_not_fused and not fp16.fused_optimizer
+    adam16 = resolve(get_recipe("adam-restarts", {"precision": "fp16"}), "cuda")
+    assert adam16.fused_optimizer and adam16.scaler
+    bf16 = resolve(get_recipe("sgdm", {"precision": "bf16"}), "cuda")
+    assert not bf16.scaler and bf16.why_not_fused is None and bf16.fused_optimizer
+    assert not resolve(get_recipe("sgdm"), "cpu").fused_optimizer
+    assert resolve(get_recipe("sgdm"), "cuda").record()["compile"] == "reduce-overhead"
+    assert resolve(get_recipe("sgdm"), "cpu").record()["compile"] == "eager"
 
 
 def test_channels_last_stays_off_on_cpu():
     """oneDNN's CPU 1x1 weight-gradient kernel corrupts the heap with channels_last."""
     r = get_recipe("demo", {"channels_last": True})
-    assert r.on("cpu").channels_last is False
-    assert r.on("cuda:1").channels_last is True
+    assert resolve(r, "cpu").channels_last is False
+    assert resolve(r, "cuda:1").channels_last is True
 
 
 @pytest.mark.parametrize("name", list_recipes())

@@ -8,6 +8,7 @@ on a GPU (marked `gpu`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from lambdapipe import data, train
 from lambdapipe.models import create_model
 from lambdapipe.recipes import get_recipe
+from lambdapipe.runtime import Runtime, resolve
 from lambdapipe.step import COLUMN, STEP_GRAPH_WARMUP, make_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
@@ -52,15 +54,22 @@ def batches(n: int):
              torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
 
 
+def on_cpu(r) -> Runtime:
+    """`r` resolved on CUDA (its step graph, fused optimizer kernels), run on the CPU: the
+    graph's logic with the stand-in captures above."""
+    return dataclasses.replace(resolve(r, "cuda"), device="cpu", channels_last=False,
+                               tf32=False, fused_optimizer=True)
+
+
 def train_steps(overrides: dict, capture=None, steps: int = 8):
     """`steps` steps of a tiny ResNet-18 (dropout) with fused optimizer kernels, the learning
     rate changing every step; returns the weights, the tally and the step."""
     r = get_recipe("demo", overrides)
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
-    optimizer = train.make_optimizer(model, r, "cpu", fused=True)
-    step = make_step(model, optimizer, r, "cpu", torch.full((3,), 0.5), torch.full((3,), 0.25),
-                     capture=capture)
+    optimizer = train.make_optimizer(model, r, fused=True)
+    step = make_step(model, optimizer, r, on_cpu(r), torch.full((3,), 0.5),
+                     torch.full((3,), 0.25), capture=capture)
     for i, (x, y) in enumerate(batches(steps)):
         step(x, y, (y + 1) % 10, 0.05 / (1 + i), i)
     return [p.detach().clone() for p in model.parameters()], step.tally.clone(), step
@@ -102,8 +111,8 @@ def test_a_fused_pack_replays_its_step_as_one_graph(no_inductor):
             torch.manual_seed(seed)
             models.append(create_model("resnet18", 10, 16, **TINY))
         torch.manual_seed(0)
-        step = fuse.fused_step(models, r, "cpu", torch.full((3,), 0.5), torch.full((3,), 0.25),
-                               fused_kernels=True, capture=capture)
+        step = fuse.fused_step(models, r, on_cpu(r), torch.full((3,), 0.5),
+                               torch.full((3,), 0.25), capture=capture)
         for i, (x, y) in enumerate(batches(6)):
             xs, ys = x.expand(3, *x.shape).clone(), torch.stack([y, (y + 1) % 10, y])
             step(xs, ys, ys, 0.05 / (1 + i), i)
@@ -118,7 +127,7 @@ def test_the_first_non_finite_iteration_is_counted_inside_the_graph(no_inductor)
     r = get_recipe("demo", {"compile": "step-graph"})
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
-    step = make_step(model, train.make_optimizer(model, r, "cpu", fused=True), r, "cpu",
+    step = make_step(model, train.make_optimizer(model, r, fused=True), r, on_cpu(r),
                      torch.zeros(3), torch.ones(3), capture=RerunReplay)
     for i, (x, y) in enumerate(batches(7)):
         if i == 5:  # after the capture (step 3): the graph's iteration scalar marks it
@@ -161,7 +170,7 @@ def test_checkpoints_carry_no_device_only_optimizer_flags(no_inductor):
     r = get_recipe("demo", {"optimizer": "adamw", "lr": 1e-3, "nesterov": False})
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
-    plain = train.make_optimizer(model, r, "cpu", fused=False)
+    plain = train.make_optimizer(model, r, fused=False)
     plain.load_state_dict(state)
     assert not plain.param_groups[0]["capturable"] and not plain.param_groups[0]["fused"]
     model(torch.zeros(2, 3, 16, 16)).sum().backward()
@@ -175,8 +184,8 @@ def test_checkpoints_carry_no_device_only_optimizer_flags(no_inductor):
 
 def test_step_graph_is_a_cuda_setting():
     r = get_recipe("sgdm", {"compile": "step-graph", "precision": "bf16"})
-    assert r.on("cuda").compile_mode == "step-graph"
-    assert r.on("cpu").compile_mode is None  # eager on a CPU, as auto is
+    assert resolve(r, "cuda").compile == "step-graph"
+    assert resolve(r, "cpu").compile is None  # eager on a CPU, as auto is
     with pytest.raises(Exception, match="step-graph needs bf16 or fp32"):
         get_recipe("sgdm", {"compile": "step-graph", "precision": "fp16"})
 

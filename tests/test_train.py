@@ -18,6 +18,7 @@ from lambdapipe import data, train
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import load_checkpoint
+from lambdapipe.runtime import Runtime, resolve
 
 TINY = {"base_width": 8}
 SHORT = {"iterations": 30, "eval_every": 10}
@@ -282,7 +283,8 @@ def test_fp16_overflowing_steps_are_skipped_and_counted_not_diverged():
     r = get_recipe("demo", {"precision": "fp16", "channels_last": True, "grad_clip": 1.0})
     torch.manual_seed(0)
     model = create_model("resnet20x1", 10, 16, **TINY).to(memory_format=torch.channels_last)
-    step = train.TrainStep(model, train.make_optimizer(model, r), r, "cpu",
+    rt = Runtime("cpu", "fp16", channels_last=True)  # the CUDA layout, here on a CPU
+    step = train.TrainStep(model, train.make_optimizer(model, r), r, rt,
                            torch.zeros(3), torch.ones(3))
     step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # fp16 grads overflow
     before = [p.detach().clone() for p in model.parameters()]
@@ -313,7 +315,8 @@ def _eight_steps(r, optimizer_for) -> tuple[list[torch.Tensor], list[torch.Tenso
     torch.manual_seed(0)
     model = create_model("resnet20x1", 10, 16, **TINY)
     start = [p.detach().clone() for p in model.parameters()]
-    step = train.TrainStep(model, optimizer_for(model), r, "cpu", torch.zeros(3), torch.ones(3))
+    step = train.TrainStep(model, optimizer_for(model), r, resolve(r, "cpu"), torch.zeros(3),
+                           torch.ones(3))
     if r.precision == "fp16":
         step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
     for i in range(8):
@@ -334,10 +337,11 @@ def test_fused_optimizer_matches_the_foreach_path(recipe, precision, one_thread)
     r = get_recipe(recipe, {"precision": precision, "grad_clip": 1.0, "lr": lr})
     # SGD under fp16 loss scaling is never fused (its skipped steps corrupt momentum)
     expect_fused = not (r.optimizer == "sgd" and precision == "fp16")
+    assert resolve(r, "cuda").fused_optimizer is expect_fused
     params, skipped = [], []
     for fused in (False, True):
-        def optimizer_for(model, fused=fused):
-            opt = train.make_optimizer(model, r, "cpu", fused=fused)
+        def optimizer_for(model, fused=fused):  # the kernels a CUDA run would take
+            opt = train.make_optimizer(model, r, fused and resolve(r, "cuda").fused_optimizer)
             assert opt.defaults["fused"] is (True if fused and expect_fused else None)
             return opt
 
@@ -390,7 +394,7 @@ def test_compiled_step_matches_eager(one_thread):
         r = get_recipe("demo", {"compile": mode, "lr": 0.05})
         torch.manual_seed(0)
         model = create_model("lr18_l3_lc", 10, 16, **TINY)
-        step = train.TrainStep(model, train.make_optimizer(model, r, "cpu"), r, "cpu",
+        step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
                                torch.zeros(3), torch.ones(3))
         assert (step.forward is model) is (mode is False)
         losses.append([step(x, y, y, r.lr, i).item() for i in range(2)])

@@ -19,9 +19,12 @@ The position term has three implementations that compute the same function (`imp
             outside the scope) times V as one GEMM; n*m*k*u*v MACs, table n*m*k*u floats.
 - 'logit':  a_nm = q_n . e_nm per head, then a @ V; n*m*h*u*(k+v) MACs, but it stores a
             (b, h, u, n, m) tensor.
-'auto' runs what `models/autotune.py` measured fastest for the layer's map size on the
-device at hand (`tuned`, set before training, never inside forward); without a measurement
-it picks the cheapest in MACs among those whose dense tensors fit the limits below.
+'auto' follows a fixed rule per device kind (`rule_impl`), chosen before training by
+`choose_impls` (`chosen`, never inside forward): on CUDA a GEMM order, the lambda order where
+its table fits the limits below, else the logit order (measured on an H200 the two GEMM orders
+were within 10 % of each other and the conv order 1.3-11x slower: docs/performance.md); on a
+CPU the fewest MACs. A run records each layer's choice (config.json's runtime.lambda_impls)
+and a resume runs the recorded one.
 
 The forward is a pure function of its input and parameters: it stores nothing on the module
 (torch.compile and CUDA graphs replay it; a tensor kept from one replay is overwritten by the
@@ -30,6 +33,7 @@ next), and e_nm is cut from the padded R by `unfold`, with no index table to cac
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -43,7 +47,6 @@ IMPLS = ("auto", "conv", "lambda", "logit")
 # 67M elements at batch 256, h=4), lambda order when its table n*m*k*u <= 2**25 elements.
 LOGIT_MAX_NM = 2**16
 LAMBDA_MAX_TABLE = 2**25
-
 
 
 class LambdaLayer(nn.Module):
@@ -89,9 +92,9 @@ class LambdaLayer(nn.Module):
                                        nn.BatchNorm2d(v * u))
         # R: one k x u embedding per relative offset; std k^-1/2 gives q_n . e_nm unit variance.
         self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape) / math.sqrt(k))
-        # (height, width, impl) measured fastest by models/autotune.py for 'auto'; plain
+        # (height, width, impl) chosen before training for 'auto' (`choose_impls`); plain
         # Python values, so torch.compile specialises on them instead of breaking the graph.
-        self.tuned: tuple[int, int, str] | None = None
+        self.chosen: tuple[int, int, str] | None = None
 
     def extra_repr(self) -> str:
         where = f"scope={self.scope}" if self.scope else f"context_size={self.context_size}"
@@ -126,11 +129,11 @@ class LambdaLayer(nn.Module):
 
     def resolve_impl(self, height: int, width: int) -> str:
         """The implementation this layer runs for an H x W map: the requested one, else the
-        measured fastest (`tuned`), else `rule_impl`."""
+        one chosen before training (`chosen`), else the CPU `rule_impl`."""
         if self.impl != "auto":
             return self.impl
-        if self.tuned is not None and self.tuned[:2] == (height, width):
-            return self.tuned[2]
+        if self.chosen is not None and self.chosen[:2] == (height, width):
+            return self.chosen[2]
         return self.rule_impl(height, width)
 
     def candidate_impls(self, height: int, width: int) -> list[str]:
@@ -143,8 +146,12 @@ class LambdaLayer(nn.Module):
             candidates.append("logit")
         return candidates
 
-    def rule_impl(self, height: int, width: int) -> str:
-        """The fixed rule (CPU, or no measurement): the fewest MACs among the candidates."""
+    def rule_impl(self, height: int, width: int, device: str = "cpu") -> str:
+        """The fixed rule for `device`'s kind: on CUDA the first GEMM order that fits (MACs
+        are not time there: docs/performance.md), elsewhere the fewest MACs."""
+        candidates = self.candidate_impls(height, width)
+        if torch.device(device).type == "cuda":
+            return "lambda" if "lambda" in candidates else candidates[-1]
         best, best_macs = "conv", self.position_macs(height, width, "conv")
         for impl in self.candidate_impls(height, width)[1:]:
             macs = self.position_macs(height, width, impl)
@@ -220,3 +227,46 @@ class LambdaLayer(nn.Module):
         logits = torch.einsum("bhkn,kunm->bhnum", queries, self.dense_embeddings(height, width))
         out = logits.reshape(b, h, n, u * n) @ values.permute(0, 1, 3, 2).reshape(b, 1, u * n, v)
         return out.transpose(2, 3)
+
+
+# ---------------------------------------------------------------------- a model's choice
+def lambda_layers(model: nn.Module) -> list[tuple[str, LambdaLayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LambdaLayer)]
+
+
+def map_sizes(model: nn.Module, image_size: int) -> dict[str, tuple[int, int]]:
+    """Each lambda layer's input map (height, width) for `image_size` px images, read from
+    one forward pass on the meta device (no memory, no arithmetic, no random draw)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    if not lambda_layers(model):
+        return sizes
+    shadow = copy.deepcopy(model).to("meta")
+    hooks = [layer.register_forward_pre_hook(
+        lambda _m, args, name=name: sizes.__setitem__(name, tuple(args[0].shape[2:])))
+        for name, layer in lambda_layers(shadow)]
+    try:
+        with torch.no_grad():
+            shadow.eval()(torch.empty(1, 3, image_size, image_size, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+def choose_impls(model: nn.Module, image_size: int, device: str,
+                 recorded: dict[str, str] | None = None) -> dict[str, str]:
+    """Set `chosen` on every 'auto' lambda layer of `model` and return, per layer name, the
+    implementation it runs: `recorded` (a resumed run's config.json) where it names one,
+    else `device`'s rule."""
+    sizes, impls = map_sizes(model, image_size), {}
+    for name, layer in lambda_layers(model):
+        height, width = sizes[name]
+        impl = (recorded or {}).get(name)
+        if layer.impl != "auto":
+            impls[name] = layer.impl
+            continue
+        if impl not in IMPLS[1:]:
+            impl = layer.rule_impl(height, width, device)
+        layer.chosen = (height, width, impl)
+        impls[name] = impl
+    return impls

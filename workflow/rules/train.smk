@@ -76,7 +76,7 @@ else:
                 model_args=pack_option(_seeds, "model_args"),
                 device=config["train"]["device"],
                 deterministic="--deterministic" if config["train"]["deterministic"] else "",
-                fuse="--fuse" if config["train"]["pack"] == "fused" else "",
+                fuse="--fuse" if config["train"]["pack"] == "fused" else "--no-fuse",
             shell:
                 "lambdapipe train --model {params.model} {params.model_args}"
                 " --dataset {params.dataset} --data-dir data {params.noise}"
