@@ -49,7 +49,11 @@ from lambdapipe.noise import (
 )
 
 SPLITS = ("train", "val", "test")
-FORMAT_VERSION = 1
+# 2: Imagenette keeps training images whole (train_whole*.npy) and evaluates on resize then
+# centre crop; its params gained `train_images` and `resize`, so a format-1 directory is
+# refused with one line (`_check_existing`) and every run on it gets a new identity.
+FORMAT_VERSION = 2
+WHOLE_ARRAYS = ("train_whole.npy", "train_whole_index.npy")
 DEFAULT_VAL_FRACTION = 0.1
 
 
@@ -62,13 +66,24 @@ def split_sizes(info: DatasetInfo, val_fraction: float | None = None,
                 val_size: int | None = None) -> tuple[int, int]:
     """(train, val) image counts that `prepare` will make with these options."""
     val, _ = _resolve_val_count(info, val_fraction, val_size)
-    return info.num_train - val, val
+    return (info.num_train if info.val_is_val_folder else info.num_train - val), val
+
+
+def prepare_params(info: DatasetInfo, image_size: int, split_seed: int, val_count: int) -> dict:
+    """manifest.json `params`: what makes the prepared arrays, part of every run's identity."""
+    return {"val_count": val_count, "split_seed": split_seed, "image_size": image_size,
+            **info.layout_params(image_size)}
 
 
 def _resolve_val_count(info: DatasetInfo, val_fraction: float | None,
                        val_size: int | None) -> tuple[int, dict]:
     if val_fraction is not None and val_size is not None:
         raise UserError("give --val-fraction or --val-size, not both")
+    if info.val_is_val_folder:
+        if val_fraction is not None or val_size is not None:
+            raise bad_value(f"val split of {info.name}", val_fraction or val_size,
+                            "none: it validates on the official val folder")
+        return info.num_test, {"val": "official val folder"}
     n = info.num_train
     if val_size is not None:
         if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
@@ -98,7 +113,7 @@ def prepare(dataset: str, data_dir: Path, *, mirror: Path | None = None,
     size = info.check_image_size(image_size)
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise bad_value("split seed", split_seed, "an integer >= 0")
-    params = {"val_count": val_count, "split_seed": split_seed, "image_size": size}
+    params = prepare_params(info, size, split_seed, val_count)
 
     target = prepared_dir(data_dir, dataset)
     if target.exists():
@@ -214,6 +229,11 @@ def _check_existing(target: Path, dataset: str, params: dict) -> None:
                         f"prepare`?): remove it and run `lambdapipe prepare --dataset {dataset}`")
     manifest = read_manifest(manifest_path)
     old = manifest["params"]
+    if manifest.get("format_version", 1) < FORMAT_VERSION and old != params:
+        raise UserError(f"{target} was prepared by an older lambdapipe (data format "
+                        f"{manifest.get('format_version', 1)}, now {FORMAT_VERSION}: "
+                        "Imagenette training crops now come from whole images): remove the "
+                        "directory and run `lambdapipe prepare` again")
     if old != params:
         diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in params.items()
                          if old.get(k) != v)
@@ -234,14 +254,22 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
     n_train = len(official.train_labels)
     if params["val_count"] >= n_train:
         raise bad_value(f"val size for {info.name}", params["val_count"], f"< {n_train}")
-    val_idx = stratified_holdout(official.train_labels, params["val_count"],
-                                 _split_seed(info.name, params["split_seed"]))
-    train_idx = np.setdiff1d(np.arange(n_train), val_idx)
-    parts = {
-        "train": (official.train_images, official.train_labels, train_idx),
-        "val": (official.train_images, official.train_labels, val_idx),
-        "test": (official.test_images, official.test_labels, None),
-    }
+    if info.val_is_val_folder:  # the report's split: val is the val folder, test the same
+        train_idx = np.arange(n_train)
+        parts = {
+            "train": (official.train_images, official.train_labels, train_idx),
+            "val": (official.test_images, official.test_labels, None),
+            "test": (official.test_images, official.test_labels, None),
+        }
+    else:
+        val_idx = stratified_holdout(official.train_labels, params["val_count"],
+                                     _split_seed(info.name, params["split_seed"]))
+        train_idx = np.setdiff1d(np.arange(n_train), val_idx)
+        parts = {
+            "train": (official.train_images, official.train_labels, train_idx),
+            "val": (official.train_images, official.train_labels, val_idx),
+            "test": (official.test_images, official.test_labels, None),
+        }
     arrays: dict[str, dict] = {}
     counts: dict[str, list[int]] = {}
     for split, (images, labels, idx) in parts.items():
@@ -251,6 +279,8 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
         _save(out / f"{split}_images.npy", images, idx)
         _save(out / f"{split}_labels.npy", labels, None)
         counts[split] = np.bincount(labels, minlength=info.num_classes).tolist()
+    if official.train_whole is not None:
+        _save_whole(out, official.train_whole, train_idx)
     extra_noise = {}
     for rate, noisy in official.noisy_train_labels.items():
         name = f"official_noise/{IMAGENETTE_NOISE_COLUMNS[rate]}.npy"
@@ -287,6 +317,21 @@ def _split_seed(dataset: str, split_seed: int) -> int:
     from lambdapipe.noise import stable_seed
 
     return stable_seed(dataset, "val-split", split_seed)
+
+
+def _save_whole(out: Path, whole: sources.WholeImages, idx: np.ndarray) -> None:
+    """train_whole.npy (P, 3) and train_whole_index.npy (N, 3) of the images `idx`, in that
+    order, with offsets into the new pixel array."""
+    sizes = whole.index[idx, 1] * whole.index[idx, 2]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    pixels = reserved_memmap(out / WHOLE_ARRAYS[0], np.uint8, (int(sizes.sum()), 3))
+    for start, i in zip(starts, idx, strict=True):
+        offset, height, width = (int(v) for v in whole.index[i])
+        pixels[start:start + height * width] = whole.pixels[offset:offset + height * width]
+    pixels.flush()
+    del pixels
+    index = np.stack([starts, whole.index[idx, 1], whole.index[idx, 2]], axis=1)
+    write_with(out / WHOLE_ARRAYS[1], lambda fh: np.save(fh, index.astype(np.int64)))
 
 
 def _save(path: Path, source: np.ndarray, idx: np.ndarray | None, chunk: int = 4096) -> None:
@@ -398,6 +443,8 @@ class Split:
     clean_labels: np.ndarray  # int64
     num_classes: int
     classes: list[str]
+    # train of a dataset kept whole (Imagenette): the images before any crop, memory-mapped
+    whole: sources.WholeImages | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -416,9 +463,14 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
     manifest = load_manifest(data_dir, dataset)
     root = prepared_dir(data_dir, dataset)
     names = [f"{split}_images.npy", f"{split}_labels.npy"]
+    whole_kept = split == "train" and WHOLE_ARRAYS[0] in manifest["arrays"]
+    if whole_kept:
+        names += list(WHOLE_ARRAYS)
     if verify:
         _verify_arrays(root, manifest, names)
     images = np.load(root / names[0], mmap_mode="r")
+    whole = (sources.WholeImages(np.load(root / WHOLE_ARRAYS[0], mmap_mode="r"),
+                                 np.load(root / WHOLE_ARRAYS[1])) if whole_kept else None)
     clean = np.load(root / names[1])
     labels = clean
     if split == "train" and not spec.is_clean:
@@ -439,7 +491,8 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
         assert labels is clean  # noise never reaches val/test
     return Split(dataset=dataset, split=split, noise=spec.tag if split == "train" else "clean",
                  images=images, labels=labels, clean_labels=clean,
-                 num_classes=manifest["num_classes"], classes=list(manifest["classes"]))
+                 num_classes=manifest["num_classes"], classes=list(manifest["classes"]),
+                 whole=whole)
 
 
 # --------------------------------------------------------------------------- reporting

@@ -20,7 +20,12 @@ import numpy as np
 
 from lambdapipe.atomic import reserved_memmap
 from lambdapipe.data.download import check_tar_member, check_zip_member
-from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, IMAGENETTE_WNIDS, DatasetInfo
+from lambdapipe.data.registry import (
+    IMAGENETTE_NOISE_COLUMNS,
+    IMAGENETTE_WNIDS,
+    DatasetInfo,
+    resize_size,
+)
 from lambdapipe.errors import StateError, UserError
 
 DIGITS_TEST_FRACTION = 0.2
@@ -38,6 +43,23 @@ class Official:
     source: dict
     # Published noisy labels aligned with train_labels, by rate (Imagenette only).
     noisy_train_labels: dict[float, np.ndarray] = field(default_factory=dict)
+    # The training images kept whole (Imagenette): `WholeImages` aligned with train_labels.
+    train_whole: WholeImages | None = None
+
+
+@dataclass
+class WholeImages:
+    """Images of varying shape in one memory-mappable pair: `pixels` (P, 3) uint8, every
+    image's rows one after another, and `index` (N, 3) int64 (offset in pixels, height,
+    width). One flat array wastes nothing on padding (a fixed canvas big enough for the widest
+    image would be about twice the pixels) and needs no cap on the aspect ratio."""
+
+    pixels: np.ndarray
+    index: np.ndarray
+
+    def image(self, i: int) -> np.ndarray:
+        offset, height, width = (int(v) for v in self.index[i])
+        return np.asarray(self.pixels[offset:offset + height * width]).reshape(height, width, 3)
 
 
 def read(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int,
@@ -178,6 +200,29 @@ def read_cifar(info: DatasetInfo, archive: Path | None, scratch: Path, image_siz
 
 
 # --------------------------------------------------------------------------- image folders
+def decode_shorter_side(data: bytes, short: int) -> np.ndarray:
+    """JPEG bytes -> RGB with the shorter side resized to `short`, aspect kept (bicubic,
+    antialiased when shrinking, as torchvision's Resize(int) on a PIL image)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = short / min(w, h)
+        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The centre size x size square of an H x W x C image (offsets rounded down, as
+    torchvision's CenterCrop rounds them)."""
+    height, width = image.shape[:2]
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[top:top + size, left:left + size]
+
+
 def _decode(data: bytes, size: int, crop: bool) -> np.ndarray:
     """JPEG bytes -> size x size RGB; `crop`: shorter side to `size`, then the center square."""
     from PIL import Image
@@ -267,7 +312,9 @@ def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, imag
     """imagenette2-*/{train,val}/<wnid>/*.JPEG + noisy_imagenette.csv (official val = test).
 
     The CSV's noisy label columns are kept, aligned with the official train images, so the
-    published noise variants can be used as they are.
+    published noise variants can be used as they are. Every image gets its evaluation view
+    (shorter side to resize_size, centre crop); training images are also kept whole (shorter
+    side resize_size) when `info.whole_images`, so training crops can reach every border.
     """
     assert archive is not None
     wnids = [w for w, _ in IMAGENETTE_WNIDS]
@@ -306,19 +353,35 @@ def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, imag
                                             (len(keys), image_size, image_size, 3))
         slot = {name: (split, i) for split, keys in split_keys.items()
                 for i, name in enumerate(keys)}
+        short = resize_size(image_size)
+        # Whole training images are appended to one raw file as they come; `whole_index`
+        # (offset, height, width) puts each at its slot.
+        whole_index = np.zeros((len(split_keys["train"]), 3), dtype=np.int64)
         from tqdm import tqdm
 
-        for m in tqdm([m for m in members if m.name in slot], desc=info.name,
-                      disable=not progress, leave=False):
-            split, i = slot[m.name]
-            arrays[split][i] = _decode(fetch(m.name), image_size, crop=True)
+        with open(scratch / "train_whole.raw", "wb") as raw:
+            offset = 0
+            for m in tqdm([m for m in members if m.name in slot], desc=info.name,
+                          disable=not progress, leave=False):
+                split, i = slot[m.name]
+                image = decode_shorter_side(fetch(m.name), short)
+                arrays[split][i] = centre_crop(image, image_size)
+                if split == "train" and info.whole_images:
+                    raw.write(np.ascontiguousarray(image).tobytes())
+                    whole_index[i] = (offset, *image.shape[:2])
+                    offset += image.shape[0] * image.shape[1]
+        whole = None
+        if info.whole_images:
+            pixels = (np.memmap(scratch / "train_whole.raw", np.uint8, "r", shape=(offset, 3))
+                      if offset else np.zeros((0, 3), np.uint8))
+            whole = WholeImages(pixels, whole_index)
         rows = list(csv.DictReader(io.StringIO(fetch(csv_names[0]).decode())))
     labels = {s: np.asarray([index[PurePosixPath(k).parts[-2]] for k in keys], dtype=np.int64)
               for s, keys in split_keys.items()}
     _check_clean_column(info, archive, rows, root, split_keys)
     noisy = _imagenette_noise(info, archive, rows, root, split_keys["train"], index)
     return Official(arrays["train"], labels["train"], arrays["val"], labels["val"],
-                    [n for _, n in IMAGENETTE_WNIDS], {"wnids": wnids}, noisy)
+                    [n for _, n in IMAGENETTE_WNIDS], {"wnids": wnids}, noisy, whole)
 
 
 def _check_clean_column(info: DatasetInfo, archive: Path, rows: list[dict],
