@@ -269,3 +269,52 @@ def test_the_reports_split_trains_on_all_and_validates_on_the_val_folder(
     with pytest.raises(UserError, match="official val folder"):
         _prepare(monkeypatch, nette_archive, tmp_path / "x", dataset="imagenette_valfolder",
                  val_size=10)
+
+
+# --------------------------------------------------------------------------- the variants
+# The report's split and the 224 px grid: 10 models x 4 rates x 1 seed = 40 runs each; 3 noise
+# variants (5, 25, 50 %; clean is prepare's own); one explain per model and condition.
+VARIANT_CONFIGS = {"imagenette_noisy_valfolder": "imagenette_valfolder",
+                   "imagenette_noisy_224": "imagenette320"}
+VARIANT_JOBS = {"download": 1, "prepare": 1, "noise": 3, "train": 40, "evaluate": 40,
+                "explain": 40, "report": 1, "all": 1, "total": 127}
+
+
+@pytest.mark.parametrize("name", VARIANT_CONFIGS)
+def test_variant_configs_check(name):
+    from click.testing import CliRunner
+    from test_workflow import ROOT
+
+    from lambdapipe.cli import main
+    from lambdapipe.config import expand_runs, load_configs
+
+    path = ROOT / "config" / f"{name}.yaml"
+    res = CliRunner().invoke(main, ["check-config", "--configfile", str(path)])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[-1] == f"{path}: ok, 40 runs"
+    runs = expand_runs(load_configs([path]))
+    assert {r.dataset for r in runs} == {VARIANT_CONFIGS[name]}
+    lc = [r for r in runs if r.model.endswith("_lc")]
+    assert len(lc) == 16 and all(r.run_settings["model_args"] == {"pos_init": "torch_default"}
+                                 for r in lc)
+
+
+@pytest.mark.slow  # a Snakemake DAG of each grid
+@pytest.mark.parametrize("name", VARIANT_CONFIGS)
+def test_variant_configs_dry_run(tmp_path, name):
+    from test_workflow import ROOT, job_counts, snakemake
+
+    res = snakemake("-n", "--configfile", str(ROOT / "config" / f"{name}.yaml"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert job_counts(res.stdout + res.stderr) == VARIANT_JOBS
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_tables_split_names_agree_with_the_data_registry():
+    """The report may not import data/: its name of the report's split is pinned here."""
+    from lambdapipe.data.registry import DATASETS
+    from lambdapipe.report.published_tables import REPORT_SPLIT_DATASET, VAL_FOLDER_DATASETS
+
+    assert set(VAL_FOLDER_DATASETS) == {n for n, i in DATASETS.items() if i.val_is_val_folder}
+    assert REPORT_SPLIT_DATASET in VAL_FOLDER_DATASETS
+    assert DATASETS[REPORT_SPLIT_DATASET].archive == DATASETS["imagenette"].archive
