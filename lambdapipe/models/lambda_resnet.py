@@ -9,6 +9,7 @@ resolution and then downsamples with 3x3 average pooling (stride 2, padding 1), 
   in the second and third layer"; docs/models.md says why this conv). `lambda_blocks=first`
   puts it in the first (strided) block, `all` in every block (the cost reference's layout).
   `lc` is a lambda convolution of scope r=23, `rpe` uses global relative position embeddings.
+  `lc` takes `pos_init` (normal | torch_default: started as the report's lucidrains code).
 - `lambda_resnet{18,50,152,200}*` (LambdaNetworks paper, and its community CIFAR table):
   bottleneck ResNets whose every 3x3 conv is a lambda convolution (k=16, h=4, u=1, r=23 by
   default; the `_u4_r7`/`_u4_r5` variants set u and r).
