@@ -288,9 +288,10 @@ def data_settings(cfg: dict, dataset: str) -> dict[str, Any]:
 
     info = dataset_info(dataset)
     opts = cfg["datasets"][dataset].get("prepare") or {}
-    return prepare_params(info, info.check_image_size(opts.get("image_size")),
-                          int(opts.get("split_seed", 0)),
-                          split_sizes(info, None, opts.get("val_size"))[1])
+    params = prepare_params(info, info.check_image_size(opts.get("image_size")),
+                            int(opts.get("split_seed", 0)),
+                            split_sizes(info, None, opts.get("val_size"))[1])
+    return dict(sorted(params.items()))
 
 
 def stale_prepared(cfg: dict, data_dir: Path) -> list[str]:

@@ -38,6 +38,8 @@ from lambdapipe.data.download import ensure_archive
 from lambdapipe.data.manifest import read_manifest
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
 from lambdapipe.data.sources import stratified_holdout
+from lambdapipe.data.whole import ARRAYS as WHOLE_ARRAYS
+from lambdapipe.data.whole import WholeImages, load_whole, save_whole
 from lambdapipe.errors import StateError, UserError, bad_value
 from lambdapipe.noise import (
     CLEAN,
@@ -49,11 +51,9 @@ from lambdapipe.noise import (
 )
 
 SPLITS = ("train", "val", "test")
-# 2: Imagenette keeps training images whole (train_whole*.npy) and evaluates on resize then
-# centre crop; its params gained `train_images` and `resize`, so a format-1 directory is
-# refused with one line (`_check_existing`) and every run on it gets a new identity.
+# 2: Imagenette keeps training images whole (data/whole.py), its params gained `train_images`
+# and `resize`: a format-1 directory is refused in one line, its runs get new identities.
 FORMAT_VERSION = 2
-WHOLE_ARRAYS = ("train_whole.npy", "train_whole_index.npy")
 DEFAULT_VAL_FRACTION = 0.1
 
 
@@ -256,20 +256,17 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
         raise bad_value(f"val size for {info.name}", params["val_count"], f"< {n_train}")
     if info.val_is_val_folder:  # the report's split: val is the val folder, test the same
         train_idx = np.arange(n_train)
-        parts = {
-            "train": (official.train_images, official.train_labels, train_idx),
-            "val": (official.test_images, official.test_labels, None),
-            "test": (official.test_images, official.test_labels, None),
-        }
+        val_part = (official.test_images, official.test_labels, None)
     else:
         val_idx = stratified_holdout(official.train_labels, params["val_count"],
                                      _split_seed(info.name, params["split_seed"]))
         train_idx = np.setdiff1d(np.arange(n_train), val_idx)
-        parts = {
-            "train": (official.train_images, official.train_labels, train_idx),
-            "val": (official.train_images, official.train_labels, val_idx),
-            "test": (official.test_images, official.test_labels, None),
-        }
+        val_part = (official.train_images, official.train_labels, val_idx)
+    parts = {
+        "train": (official.train_images, official.train_labels, train_idx),
+        "val": val_part,
+        "test": (official.test_images, official.test_labels, None),
+    }
     arrays: dict[str, dict] = {}
     counts: dict[str, list[int]] = {}
     for split, (images, labels, idx) in parts.items():
@@ -280,7 +277,7 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
         _save(out / f"{split}_labels.npy", labels, None)
         counts[split] = np.bincount(labels, minlength=info.num_classes).tolist()
     if official.train_whole is not None:
-        _save_whole(out, official.train_whole, train_idx)
+        save_whole(out, official.train_whole, train_idx)
     extra_noise = {}
     for rate, noisy in official.noisy_train_labels.items():
         name = f"official_noise/{IMAGENETTE_NOISE_COLUMNS[rate]}.npy"
@@ -317,21 +314,6 @@ def _split_seed(dataset: str, split_seed: int) -> int:
     from lambdapipe.noise import stable_seed
 
     return stable_seed(dataset, "val-split", split_seed)
-
-
-def _save_whole(out: Path, whole: sources.WholeImages, idx: np.ndarray) -> None:
-    """train_whole.npy (P, 3) and train_whole_index.npy (N, 3) of the images `idx`, in that
-    order, with offsets into the new pixel array."""
-    sizes = whole.index[idx, 1] * whole.index[idx, 2]
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    pixels = reserved_memmap(out / WHOLE_ARRAYS[0], np.uint8, (int(sizes.sum()), 3))
-    for start, i in zip(starts, idx, strict=True):
-        offset, height, width = (int(v) for v in whole.index[i])
-        pixels[start:start + height * width] = whole.pixels[offset:offset + height * width]
-    pixels.flush()
-    del pixels
-    index = np.stack([starts, whole.index[idx, 1], whole.index[idx, 2]], axis=1)
-    write_with(out / WHOLE_ARRAYS[1], lambda fh: np.save(fh, index.astype(np.int64)))
 
 
 def _save(path: Path, source: np.ndarray, idx: np.ndarray | None, chunk: int = 4096) -> None:
@@ -444,7 +426,7 @@ class Split:
     num_classes: int
     classes: list[str]
     # train of a dataset kept whole (Imagenette): the images before any crop, memory-mapped
-    whole: sources.WholeImages | None = None
+    whole: WholeImages | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -464,13 +446,11 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
     root = prepared_dir(data_dir, dataset)
     names = [f"{split}_images.npy", f"{split}_labels.npy"]
     whole_kept = split == "train" and WHOLE_ARRAYS[0] in manifest["arrays"]
-    if whole_kept:
-        names += list(WHOLE_ARRAYS)
+    names += list(WHOLE_ARRAYS) if whole_kept else []
     if verify:
         _verify_arrays(root, manifest, names)
     images = np.load(root / names[0], mmap_mode="r")
-    whole = (sources.WholeImages(np.load(root / WHOLE_ARRAYS[0], mmap_mode="r"),
-                                 np.load(root / WHOLE_ARRAYS[1])) if whole_kept else None)
+    whole = load_whole(root) if whole_kept else None
     clean = np.load(root / names[1])
     labels = clean
     if split == "train" and not spec.is_clean:

@@ -26,6 +26,7 @@ from lambdapipe.data.registry import (
     DatasetInfo,
     resize_size,
 )
+from lambdapipe.data.whole import WholeImages, centre_crop, decode_shorter_side
 from lambdapipe.errors import StateError, UserError
 
 DIGITS_TEST_FRACTION = 0.2
@@ -45,22 +46,6 @@ class Official:
     noisy_train_labels: dict[float, np.ndarray] = field(default_factory=dict)
     # The training images kept whole (Imagenette): `WholeImages` aligned with train_labels.
     train_whole: WholeImages | None = None
-
-
-@dataclass
-class WholeImages:
-    """Images of varying shape in one memory-mappable pair: `pixels` (P, 3) uint8, every
-    image's rows one after another, and `index` (N, 3) int64 (offset in pixels, height,
-    width). One flat array wastes nothing on padding (a fixed canvas big enough for the widest
-    image would be about twice the pixels) and needs no cap on the aspect ratio."""
-
-    pixels: np.ndarray
-    index: np.ndarray
-
-    def image(self, i: int) -> np.ndarray:
-        offset, height, width = (int(v) for v in self.index[i])
-        return np.asarray(self.pixels[offset:offset + height * width]).reshape(height, width, 3)
-
 
 def read(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int,
          progress: bool) -> Official:
@@ -200,29 +185,6 @@ def read_cifar(info: DatasetInfo, archive: Path | None, scratch: Path, image_siz
 
 
 # --------------------------------------------------------------------------- image folders
-def decode_shorter_side(data: bytes, short: int) -> np.ndarray:
-    """JPEG bytes -> RGB with the shorter side resized to `short`, aspect kept (bicubic,
-    antialiased when shrinking, as torchvision's Resize(int) on a PIL image)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = short / min(w, h)
-        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
-
-
-def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The centre size x size square of an H x W x C image (offsets rounded down, as
-    torchvision's CenterCrop rounds them)."""
-    height, width = image.shape[:2]
-    top, left = (height - size) // 2, (width - size) // 2
-    return image[top:top + size, left:left + size]
-
-
 def _decode(data: bytes, size: int, crop: bool) -> np.ndarray:
     """JPEG bytes -> size x size RGB; `crop`: shorter side to `size`, then the center square."""
     from PIL import Image
