@@ -318,3 +318,14 @@ def test_the_tables_split_names_agree_with_the_data_registry():
     assert set(VAL_FOLDER_DATASETS) == {n for n, i in DATASETS.items() if i.val_is_val_folder}
     assert REPORT_SPLIT_DATASET in VAL_FOLDER_DATASETS
     assert DATASETS[REPORT_SPLIT_DATASET].archive == DATASETS["imagenette"].archive
+
+
+def test_the_reports_lc_init_adds_the_convolutions_bias():
+    """pos_init torch_default: lucidrains' Conv3d bias, k = 16 values per lambda convolution
+    (the default-init counts are tests/test_models.py's)."""
+    from lambdapipe.models import count_params, create_model
+
+    for name, lambda_layers in (("lr18_l3_lc", 1), ("lr34_l2_lc", 1)):
+        ours = count_params(create_model(name, 10, 128))
+        theirs = count_params(create_model(name, 10, 128, pos_init="torch_default"))
+        assert theirs - ours == 16 * lambda_layers
