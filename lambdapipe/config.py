@@ -284,7 +284,7 @@ def data_settings(cfg: dict, dataset: str) -> dict[str, Any]:
     """The `params` that `lambdapipe prepare` will record in the dataset's manifest.json for
     its `prepare:` block (image size, split seed, val count): part of every run's identity."""
     from lambdapipe.data import dataset_info
-    from lambdapipe.data.prepared import prepare_params, split_sizes
+    from lambdapipe.data.splits import prepare_params, split_sizes
 
     info = dataset_info(dataset)
     opts = cfg["datasets"][dataset].get("prepare") or {}

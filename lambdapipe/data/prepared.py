@@ -38,6 +38,8 @@ from lambdapipe.data.download import ensure_archive
 from lambdapipe.data.manifest import read_manifest
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
 from lambdapipe.data.sources import stratified_holdout
+from lambdapipe.data.splits import prepare_params, resolve_val_count
+from lambdapipe.data.splits import split_sizes as split_sizes  # project, config read it here
 from lambdapipe.data.whole import ARRAYS as WHOLE_ARRAYS
 from lambdapipe.data.whole import WholeImages, load_whole, save_whole
 from lambdapipe.errors import StateError, UserError, bad_value
@@ -54,49 +56,10 @@ SPLITS = ("train", "val", "test")
 # 2: Imagenette keeps training images whole (data/whole.py), its params gained `train_images`
 # and `resize`: a format-1 directory is refused in one line, its runs get new identities.
 FORMAT_VERSION = 2
-DEFAULT_VAL_FRACTION = 0.1
 
 
 def prepared_dir(data_dir: Path, dataset: str) -> Path:
     return Path(data_dir) / "prepared" / dataset
-
-
-# --------------------------------------------------------------------------- splits
-def split_sizes(info: DatasetInfo, val_fraction: float | None = None,
-                val_size: int | None = None) -> tuple[int, int]:
-    """(train, val) image counts that `prepare` will make with these options."""
-    val, _ = _resolve_val_count(info, val_fraction, val_size)
-    return (info.num_train if info.val_is_val_folder else info.num_train - val), val
-
-
-def prepare_params(info: DatasetInfo, image_size: int, split_seed: int, val_count: int) -> dict:
-    """manifest.json `params`: what makes the prepared arrays, part of every run's identity."""
-    return {"val_count": val_count, "split_seed": split_seed, "image_size": image_size,
-            **info.layout_params(image_size)}
-
-
-def _resolve_val_count(info: DatasetInfo, val_fraction: float | None,
-                       val_size: int | None) -> tuple[int, dict]:
-    if val_fraction is not None and val_size is not None:
-        raise UserError("give --val-fraction or --val-size, not both")
-    if info.val_is_val_folder:
-        if val_fraction is not None or val_size is not None:
-            raise bad_value(f"val split of {info.name}", val_fraction or val_size,
-                            "none: it validates on the official val folder")
-        return info.num_test, {"val": "official val folder"}
-    n = info.num_train
-    if val_size is not None:
-        if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
-            raise bad_value(f"val size for {info.name}", val_size, f"an integer in [1, {n})")
-        return val_size, {"val_size": val_size}
-    frac = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-    if not isinstance(frac, int | float) or not 0.0 < frac < 1.0:
-        raise bad_value("val fraction", val_fraction, "a number in (0, 1)")
-    count = round(frac * n)
-    if not 0 < count < n:
-        raise bad_value(f"val fraction for {info.name}", frac,
-                        f"a share leaving at least one image in train and in val ({n} images)")
-    return count, {"val_fraction": float(frac)}
 
 
 # --------------------------------------------------------------------------- prepare
@@ -109,7 +72,7 @@ def prepare(dataset: str, data_dir: Path, *, mirror: Path | None = None,
     `split_seed` only, so it is the same for every noise variant and training seed.
     """
     info = dataset_info(dataset)
-    val_count, val_request = _resolve_val_count(info, val_fraction, val_size)
+    val_count, val_request = resolve_val_count(info, val_fraction, val_size)
     size = info.check_image_size(image_size)
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise bad_value("split seed", split_seed, "an integer >= 0")
