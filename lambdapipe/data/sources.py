@@ -343,7 +343,8 @@ def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, imag
     _check_clean_column(info, archive, rows, root, split_keys)
     noisy = _imagenette_noise(info, archive, rows, root, split_keys["train"], index)
     return Official(arrays["train"], labels["train"], arrays["val"], labels["val"],
-                    [n for _, n in IMAGENETTE_WNIDS], {"wnids": wnids}, noisy, whole)
+                    [n for _, n in IMAGENETTE_WNIDS], {"wnids": wnids}, noisy,
+                    train_whole=whole)
 
 
 def _check_clean_column(info: DatasetInfo, archive: Path, rows: list[dict],
