@@ -18,20 +18,38 @@ import torch
 import torch.nn.functional as F
 
 
+def _owned(array: np.ndarray) -> np.ndarray:
+    """A read-only memory map copied (torch wants to own its memory), contiguous."""
+    return np.ascontiguousarray(array if array.flags.writeable else np.array(array))
+
+
 class DeviceImages:
-    """A split on `device`: uint8 NCHW images zero-padded by `pad`, labels, clean labels."""
+    """A split on `device`: uint8 NCHW images zero-padded by `pad`, labels, clean labels.
+
+    `whole` (pixels (P, C), index (N, 3): offset, height, width; data.sources.WholeImages):
+    the same images before any crop, each at its own shape, for random-resized crops drawn
+    over the whole image (`extents` then holds each image's (height, width) on the CPU).
+    """
 
     def __init__(self, images_nhwc: np.ndarray, labels: np.ndarray, clean_labels: np.ndarray,
-                 device: str | torch.device, pad: int = 0):
-        if not images_nhwc.flags.writeable:  # a read-only memory map: torch wants to own it
-            images_nhwc = np.array(images_nhwc)
-        x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).to(device)
+                 device: str | torch.device, pad: int = 0,
+                 whole: tuple[np.ndarray, np.ndarray] | None = None):
+        x = torch.from_numpy(_owned(images_nhwc)).to(device)
         x = x.permute(0, 3, 1, 2).contiguous()
         self.size = x.shape[-1]
         self.pad = pad
         self.images = F.pad(x, (pad, pad, pad, pad)) if pad else x
         self.labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
         self.clean_labels = torch.as_tensor(clean_labels, dtype=torch.int64, device=device)
+        self.whole_pixels = self.whole_index = self.extents = None
+        if whole is not None:
+            pixels, index = whole
+            if len(index) != len(labels):
+                raise ValueError(f"{len(index)} whole images for {len(labels)} labels")
+            self.whole_pixels = torch.from_numpy(_owned(pixels)).to(device)
+            index = torch.as_tensor(np.asarray(index), dtype=torch.int64)
+            self.extents = index[:, 1:].clone()  # the plan is drawn on the CPU
+            self.whole_index = index.to(device)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -65,18 +83,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def plan_epoch(n: int, seed: int, epoch: int, pad: int, flip: bool,
                device: str | torch.device, *,
                resized_crop: tuple[tuple[float, float], tuple[float, float]] | None = None,
-               size: int | None = None) -> EpochPlan:
+               size: int | None = None, extents: torch.Tensor | None = None) -> EpochPlan:
     """Drawn on the CPU (identical on every device), moved to the device once per epoch.
 
     `resized_crop` = ((scale_min, scale_max), (ratio_min, ratio_max)) draws a random-resized
-    crop box per image of `size` x `size` pixels instead of pad-and-crop offsets.
+    crop box per image of `size` x `size` pixels instead of pad-and-crop offsets, or, with
+    `extents` ((n, 2) heights and widths: `DeviceImages.extents`), one inside each whole image.
     """
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=g)
     if resized_crop is not None:
         if not size:
             raise ValueError("a random-resized crop needs the image size")
-        top, left, h, w = resized_crop_boxes(n, size, *resized_crop, g)
+        top, left, h, w = resized_crop_boxes(n, size, *resized_crop, g, extents)
         flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
         return EpochPlan(*(t.to(device, non_blocking=True)
                            for t in (order, top, left, flips, h, w)))
@@ -89,17 +108,26 @@ def plan_epoch(n: int, seed: int, epoch: int, pad: int, flip: bool,
 
 
 def resized_crop_boxes(n: int, size: int, scale: tuple[float, float],
-                       ratio: tuple[float, float], g: torch.Generator):
-    """(top, left, h, w) int64 boxes inside a `size` x `size` image, one per image.
+                       ratio: tuple[float, float], g: torch.Generator,
+                       extents: torch.Tensor | None = None):
+    """(top, left, h, w) int64 boxes inside a `size` x `size` image, one per image, or
+    inside each image's own (height, width) of `extents` (n, 2).
 
     Inception-style sampling, as torchvision's RandomResizedCrop draws it: area a fraction
     U(scale) of the image, aspect ratio log-uniform in `ratio`; of RESIZED_CROP_ATTEMPTS
-    draws the first that fits is taken, and an image none fits gets the centre crop at the
-    ratio clamped into `ratio`. All attempts are drawn for every image (a fixed number of
-    draws per epoch), so the stream never depends on which attempts fitted.
+    draws the first that fits is taken, and an image none fits gets the centre crop at its
+    own aspect ratio clamped into `ratio`. All attempts are drawn for every image (a fixed
+    number of draws per epoch), so the stream never depends on which attempts fitted, and
+    square images of `size` draw exactly what they drew before `extents` existed.
     """
     k = RESIZED_CROP_ATTEMPTS
-    area = size * size * torch.empty(n, k, dtype=torch.float64).uniform_(*scale, generator=g)
+    if extents is None:
+        extents = torch.full((n, 2), size, dtype=torch.int64)
+    if extents.shape != (n, 2):
+        raise ValueError(f"extents of shape {tuple(extents.shape)}: expected ({n}, 2)")
+    height, width = (e.to(torch.int64)[:, None] for e in extents.unbind(1))  # (n, 1) each
+    area = (height * width).double() * torch.empty(n, k, dtype=torch.float64).uniform_(
+        *scale, generator=g)
     log_r = torch.empty(n, k, dtype=torch.float64).uniform_(
         math.log(ratio[0]), math.log(ratio[1]), generator=g)
     aspect = torch.exp(log_r)
@@ -107,26 +135,25 @@ def resized_crop_boxes(n: int, size: int, scale: tuple[float, float],
     h = torch.round(torch.sqrt(area / aspect)).long()
     u_top = torch.rand(n, k, generator=g, dtype=torch.float64)
     u_left = torch.rand(n, k, generator=g, dtype=torch.float64)
-    fits = (w >= 1) & (w <= size) & (h >= 1) & (h <= size)
-    # Uniform integer offsets in [0, size - h] (inclusive), as randint would give.
-    top = torch.minimum((u_top * (size - h + 1)).long(), (size - h).clamp(min=0))
-    left = torch.minimum((u_left * (size - w + 1)).long(), (size - w).clamp(min=0))
+    fits = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
+    # Uniform integer offsets in [0, height - h] (inclusive), as randint would give.
+    top = torch.minimum((u_top * (height - h + 1)).long(), (height - h).clamp(min=0))
+    left = torch.minimum((u_left * (width - w + 1)).long(), (width - w).clamp(min=0))
     first = torch.argmax(fits.long(), dim=1)  # the first fitting attempt (0 if none fits)
     pick = first[:, None]
     top, left, h, w = (t.gather(1, pick)[:, 0] for t in (top, left, h, w))
-    # Fallback: the largest centred box whose ratio lies in `ratio`.
+    # Fallback: the largest centred box whose ratio lies in `ratio` (torchvision's rule).
     none_fit = ~fits.any(dim=1)
     if none_fit.any():
-        if ratio[0] > 1.0:
-            fw, fh = size, round(size / ratio[0])
-        elif ratio[1] < 1.0:
-            fw, fh = round(size * ratio[1]), size
-        else:
-            fw, fh = size, size
+        height, width = height[:, 0], width[:, 0]
+        image_ratio = width.double() / height.double()
+        narrow, wide = image_ratio < ratio[0], image_ratio > ratio[1]
+        fw = torch.where(wide, torch.round(height * ratio[1]).long(), width)
+        fh = torch.where(narrow, torch.round(width / ratio[0]).long(), height)
         h = torch.where(none_fit, fh, h)
         w = torch.where(none_fit, fw, w)
-        top = torch.where(none_fit, (size - fh) // 2, top)
-        left = torch.where(none_fit, (size - fw) // 2, left)
+        top = torch.where(none_fit, (height - fh) // 2, top)
+        left = torch.where(none_fit, (width - fw) // 2, left)
     return top, left, h, w
 
 
@@ -136,6 +163,10 @@ def augmented_batch(data: DeviceImages, plan: EpochPlan, step: int, batch_size: 
     sl = slice(step * batch_size, (step + 1) * batch_size)
     idx, dy, dx, flip = plan.order[sl], plan.dy[sl], plan.dx[sl], plan.flip[sl]
     s = data.size
+    if plan.h is not None and data.whole_pixels is not None:
+        x = whole_crop(data.whole_pixels, data.whole_index[idx], dy, dx, plan.h[sl],
+                       plan.w[sl], flip, s)
+        return x, data.labels[idx], data.clean_labels[idx]
     if plan.h is not None:
         x = resized_crop(data.unpadded()[idx], dy, dx, plan.h[sl], plan.w[sl], flip)
         return x, data.labels[idx], data.clean_labels[idx]
@@ -171,6 +202,42 @@ def resized_crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torc
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
                         align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def whole_crop(pixels: torch.Tensor, index: torch.Tensor, top: torch.Tensor,
+               left: torch.Tensor, h: torch.Tensor, w: torch.Tensor, flip: torch.Tensor,
+               size: int) -> torch.Tensor:
+    """Each image's box (top, left, h, w), cut from images of varying shape (flat `pixels`
+    (P, C) uint8, `index` (B, 3): offset, height, width) and resized bilinearly to
+    size x size, mirrored where `flip`: uint8 (B, C, size, size).
+
+    The same sampling as `resized_crop` (grid_sample, align_corners=False, border padding):
+    output pixel j reads x = left + (j + 1/2) w / size - 1/2, clamped into the image. It is
+    written out as four gathers because grid_sample needs one rectangular tensor, and the
+    images here are ragged (padding them to one canvas would double the memory).
+    """
+    offset, height, width = index.unbind(1)
+    steps = (torch.arange(size, device=pixels.device, dtype=torch.float32) + 0.5) / size
+    along_x = torch.where(flip[:, None], steps.flip(0)[None], steps[None])  # (B, size)
+
+    def axis(start, extent, limit, frac):
+        pos = (start[:, None].float() + frac * extent[:, None].float() - 0.5)
+        pos = torch.minimum(pos.clamp(min=0), (limit[:, None] - 1).float())
+        lo = pos.floor().long()
+        hi = torch.minimum(lo + 1, limit[:, None] - 1)
+        return lo, hi, pos - lo.float()
+
+    y0, y1, wy = axis(top, h, height, steps[None])
+    x0, x1, wx = axis(left, w, width, along_x)
+    rows = offset[:, None, None] + width[:, None, None] * torch.stack([y0, y1])[..., None]
+    # (2, B, size, 1) row starts + (2, B, 1, size) columns -> corners (2, 2, B, size, size)
+    corner = rows[:, None] + torch.stack([x0, x1])[None, :, :, None, :]
+    p = pixels[corner].float()  # (2, 2, B, size, size, C)
+    wx, wy = wx[:, None, :, None], wy[:, :, None, None]
+    top_row = p[0, 0] * (1 - wx) + p[0, 1] * wx
+    bottom_row = p[1, 0] * (1 - wx) + p[1, 1] * wx
+    out = top_row * (1 - wy) + bottom_row * wy
+    return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2).contiguous()
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -280,17 +280,18 @@ def _matches_any(cfg: dict, pattern: dict) -> bool:
     return any(all(getattr(r, k) == v for k, v in pattern.items()) for r in expand_runs(probe))
 
 
-def data_settings(cfg: dict, dataset: str) -> dict[str, int]:
+def data_settings(cfg: dict, dataset: str) -> dict[str, Any]:
     """The `params` that `lambdapipe prepare` will record in the dataset's manifest.json for
     its `prepare:` block (image size, split seed, val count): part of every run's identity."""
     from lambdapipe.data import dataset_info
-    from lambdapipe.data.prepared import split_sizes
+    from lambdapipe.data.splits import prepare_params, split_sizes
 
     info = dataset_info(dataset)
     opts = cfg["datasets"][dataset].get("prepare") or {}
-    return {"image_size": info.check_image_size(opts.get("image_size")),
-            "split_seed": int(opts.get("split_seed", 0)),
-            "val_count": split_sizes(info, None, opts.get("val_size"))[1]}
+    params = prepare_params(info, info.check_image_size(opts.get("image_size")),
+                            int(opts.get("split_seed", 0)),
+                            split_sizes(info, None, opts.get("val_size"))[1])
+    return dict(sorted(params.items()))
 
 
 def stale_prepared(cfg: dict, data_dir: Path) -> list[str]:

@@ -84,7 +84,7 @@ def baseline_recipe(published_dataset: str, notes: str = "") -> str | None:
 # The Imagenette sizes whose archives ship noisy_imagenette.csv (exact names, never a prefix):
 # symmetric noise at one of its columns' rates with noise seed 0 is that column's labels
 # (data.prepared; data.registry.IMAGENETTE_NOISE_COLUMNS, pinned by tests/test_reference.py).
-IMAGENETTE_DATASETS = ("imagenette", "imagenette320", "imagenettefull")
+IMAGENETTE_DATASETS = ("imagenette", "imagenette_valfolder", "imagenette320", "imagenettefull")
 OFFICIAL_NOISE_RATES = (0.01, 0.05, 0.25, 0.5)
 # The paper's Lambda-ResNet defaults, by the model factories' argument names: query depth
 # k=16, heads h=4, intra-depth u=1, scope r=23 (pinned by tests/test_report_compare.py).

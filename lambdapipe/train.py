@@ -154,14 +154,16 @@ class Run:
         self.seat = Seat(step_fn, pack_size=self.pack_size)
         self.mean, self.std = mean, std
 
-        def on_device(split: str, images, pad: int = 0) -> DeviceImages:
-            key = (str(cfg.data_dir), cfg.dataset, cfg.noise, split, pad)
+        def on_device(split: str, images, pad: int = 0, whole: bool = False) -> DeviceImages:
+            whole = whole and images.whole is not None  # crops from whole images (Imagenette)
+            key = (str(cfg.data_dir), cfg.dataset, cfg.noise, split, pad, whole)
             if key not in self.device_data:
-                self.device_data[key] = DeviceImages(images.images, images.labels,
-                                                     images.clean_labels, device, pad=pad)
+                self.device_data[key] = DeviceImages(
+                    images.images, images.labels, images.clean_labels, device, pad=pad,
+                    whole=(images.whole.pixels, images.whole.index) if whole else None)
             return self.device_data[key]
 
-        self.train_data = on_device(train_name, train, r.crop_padding)
+        self.train_data = on_device(train_name, train, r.crop_padding, r.resized_crop is not None)
         self.val_data = on_device("val", val)
         del train, val
         self.test_data = None
@@ -200,7 +202,7 @@ class Run:
         if epoch != self.plan_epoch_no:
             self.plan = plan_epoch(len(self.train_data), self.cfg.seed, epoch, r.crop_padding,
                                    r.flip, self.device, resized_crop=r.resized_crop,
-                                   size=self.train_data.size)
+                                   size=self.train_data.size, extents=self.train_data.extents)
             self.plan_epoch_no = epoch
         self.lr = r.lr_at(it, self.total, self.steps_per_epoch)
         return augmented_batch(self.train_data, self.plan, step, r.batch_size)

@@ -160,3 +160,62 @@ def test_bad_hyperparameters(kwargs, needle):
     with pytest.raises(UserError) as err:
         LambdaLayer(8, 8, **kwargs)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- pos_init
+def conv3d_reference(layer: LambdaLayer, x: torch.Tensor) -> torch.Tensor:
+    """The lambda convolution as a biased Conv3d(u, k, (1, r, r)) over the values, the form
+    of lucidrains/lambda-networks (the report's lc code), with our R and bias as its weights."""
+    b, _, height, width = x.shape
+    h, k, u, v = layer.heads, layer.query_depth, layer.intra_depth, layer.value_depth
+    n = height * width
+    q = layer.to_queries(x).reshape(b, h, k, n)
+    keys = torch.softmax(layer.to_keys(x).reshape(b, u, k, n), dim=-1)
+    vals = layer.to_values(x).reshape(b, u, v, n)
+    r = layer.scope
+    weight = layer.rel_embedding[:, :, None]  # (k, u, 1, r, r)
+    lam_p = torch.nn.functional.conv3d(vals.reshape(b, u, v, height, width), weight,
+                                       layer.position_bias, padding=(0, r // 2, r // 2))
+    content = torch.einsum("bukm,buvm->bkv", keys, vals)
+    y = (torch.einsum("bhkn,bkv->bhvn", q, content)
+         + torch.einsum("bhkn,bkvn->bhvn", q, lam_p.reshape(b, k, v, n)))
+    return y.reshape(b, h * v, height, width)
+
+
+def test_torch_default_init_is_conv3d_default():
+    """The weight and bias of a default-initialised Conv3d(u, k, (1, r, r)): U(+-1/sqrt(u r^2))."""
+    torch.manual_seed(0)
+    layer = LambdaLayer(8, 8, query_depth=16, heads=2, intra_depth=2, scope=23,
+                        pos_init="torch_default")
+    bound = 1 / (2 * 23 * 23) ** 0.5
+    w, bias = layer.rel_embedding.detach(), layer.position_bias.detach()
+    assert w.shape == (16, 2, 23, 23) and bias.shape == (16,)
+    assert w.abs().max() <= bound and bias.abs().max() <= bound
+    assert w.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)  # uniform's std
+    normal = LambdaLayer(8, 8, query_depth=16, heads=2, intra_depth=2, scope=23)
+    assert normal.position_bias is None
+    assert normal.rel_embedding.std().item() == pytest.approx(16 ** -0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("u", "scope", "size"), [(1, 3, (5, 7)), (2, 5, (4, 6)),
+                                                  (1, 23, (4, 5))])
+def test_torch_default_equals_conv3d_reference(impl, u, scope, size):
+    torch.manual_seed(1)
+    layer = LambdaLayer(6, 8, query_depth=3, heads=2, intra_depth=u, scope=scope, impl=impl,
+                        pos_init="torch_default").double().eval()
+    with torch.no_grad():
+        layer.position_bias.normal_()  # a bias large enough to see
+        x = torch.randn(2, 6, *size, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), conv3d_reference(layer, x), rtol=1e-10,
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"pos_init": "xavier"}, "pos_init 'xavier'"),
+    ({"pos_init": "torch_default", "scope": None, "context_size": (4, 4)}, "scope None"),
+])
+def test_bad_pos_init(kwargs, needle):
+    with pytest.raises(UserError) as err:
+        LambdaLayer(8, 8, **kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -23,7 +23,8 @@ from lambdapipe.report.load import parse_noise_tag
 
 R20_CLEAN_TST = [0.921, 0.925, 0.926]
 R20_NOISY_TST = [0.850, 0.862]
-IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenette": 128}
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenette": 128, "imagenette_valfolder": 128}
+REPORT_LC = "lr18_l3_lc (pos_init=torch_default)"  # the md label of the report's LR18_L3(lc)
 
 
 def write_run(root: Path, dataset: str, noise: str, model: str, seed: int, *,
@@ -84,9 +85,10 @@ def make_runs(root: Path) -> Path:
     # ResNet-18 under the community recipe: beside the community table, not the baselines.
     write_run(root, "cifar10", "clean", "resnet18", 1, params=11_173_962, tst_acc=0.940,
               recipe="sgd-restarts")
-    write_run(root, "imagenette", "symmetric-0.25", "lr18_l3_lc", 0, params=8_010_000,
-              best_train_loss=1.8, best_val_loss=2.4, wall_time_s=15000.0, tst_acc=0.61,
-              recipe="adam-restarts")
+    # on the report's split, its lambda convolution started as the report's code does
+    write_run(root, "imagenette_valfolder", "symmetric-0.25", "lr18_l3_lc", 0,
+              params=8_010_000, best_train_loss=1.8, best_val_loss=2.4, wall_time_s=15000.0,
+              tst_acc=0.61, recipe="adam-restarts", model_args={"pos_init": "torch_default"})
     return root
 
 
@@ -224,15 +226,17 @@ def test_lambda_and_imagenette_tables(report):
     # ResNet-18 under sgdm is in the table (ours), but not beside the community value.
     assert pick(lam, model="resnet18", recipe="sgdm")["published test acc (%)"] == "—"
     assert {r["model"] for r in lam} == {"lambda_resnet18_u4_r7", "resnet18"}
-    img = pick(md_rows(out / "tables" / "imagenette_noisy.md"), model="lr18_l3_lc")
+    img = pick(md_rows(out / "tables" / "imagenette_noisy.md"), model=REPORT_LC)
     loss = "best train loss (CE on the training labels)"
     assert img[f"published {loss}"] == "1.904"  # LR18_L3(lc) at 25 %
     assert img[loss] == "1.800" and "training time (h:mm:ss)" not in img
     # 15000 s beside the report's 4 h 56 min 32 s, in one form, in the speed table.
-    speed = pick(md_rows(out / "tables" / "speed_imagenette.md"), model="lr18_l3_lc")
+    assert img["val loss on"] == "val folder (= test)"
+    speed = pick(md_rows(out / "tables" / "speed_imagenette_valfolder.md"), model=REPORT_LC)
     assert speed["training time (h:mm:ss)"] == "4:10:00"
     assert speed["published training time (h:mm:ss)"] == "4:56:32"
-    assert float(pick(csv_rows(out / "tables" / "speed_imagenette.csv"), model="lr18_l3_lc")
+    assert float(pick(csv_rows(out / "tables" / "speed_imagenette_valfolder.csv"),
+                      model="lr18_l3_lc")
                  ["training_time_s_published"]) == 17792
 
 
@@ -271,10 +275,10 @@ def test_a_published_value_stands_only_beside_like_runs(tmp_path, case):
 @pytest.mark.parametrize("recipe, published", [("adam-restarts", "2.363"), ("sgdm", "—")])
 def test_imagenette_published_only_under_the_report_recipe(tmp_path, recipe, published):
     runs = tmp_path / "runs"
-    write_run(runs, "imagenette", "symmetric-0.25", "lr18_l3_lc", 0, recipe=recipe,
-              best_val_loss=2.4)
+    write_run(runs, "imagenette_valfolder", "symmetric-0.25", "lr18_l3_lc", 0, recipe=recipe,
+              best_val_loss=2.4, model_args={"pos_init": "torch_default"})
     build_report(runs, tmp_path / "out")
-    row = pick(md_rows(tmp_path / "out" / "tables" / "imagenette_noisy.md"), model="lr18_l3_lc")
+    row = pick(md_rows(tmp_path / "out" / "tables" / "imagenette_noisy.md"), model=REPORT_LC)
     assert row.get("published best val loss (CE)", "—") == published
     assert row["best val loss (CE)"] == "2.400"
 
@@ -288,11 +292,12 @@ def test_figures_written_readable_and_skips_noted(report):
     with Image.open(out / "figures" / "acc_vs_noise_cifar10.png") as im:
         width, height = im.size
     assert 600 < width < 4000 and 300 < height < 3000 and width > height
-    # imagenette has one noise rate and one model: those figures are skipped, and said so.
-    assert not (out / "figures" / "acc_vs_noise_imagenette.png").exists()
-    assert any("acc_vs_noise_imagenette" in n for n in written.notes)
+    # imagenette_valfolder has one noise rate and one model: those figures are skipped, and
+    # said so.
+    assert not (out / "figures" / "acc_vs_noise_imagenette_valfolder.png").exists()
+    assert any("acc_vs_noise_imagenette_valfolder" in n for n in written.notes)
     assert not list((out / "figures").glob(".*tmp"))
-    assert "acc_vs_noise_imagenette" in (out / "report.md").read_text()
+    assert "acc_vs_noise_imagenette_valfolder" in (out / "report.md").read_text()
 
 
 def test_report_imports_no_training_code(report, tmp_path):

@@ -40,6 +40,10 @@ from lambdapipe.data.imagenet2012 import read_ilsvrc2012
 from lambdapipe.data.manifest import read_manifest
 from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, DatasetInfo, dataset_info
 from lambdapipe.data.sources import stratified_holdout
+from lambdapipe.data.splits import prepare_params, resolve_val_count
+from lambdapipe.data.splits import split_sizes as split_sizes  # project, config read it here
+from lambdapipe.data.whole import ARRAYS as WHOLE_ARRAYS
+from lambdapipe.data.whole import WholeImages, load_whole, save_whole
 from lambdapipe.errors import StateError, UserError, bad_value
 from lambdapipe.noise import (
     CLEAN,
@@ -54,39 +58,13 @@ SPLITS = ("train", "val", "test")
 # Sets made of several archives that users download themselves (data/imagenet.py).
 IMAGENET_READERS = {"imagenet-downsampled": imagenet.read_downsampled,
                     "ilsvrc2012": read_ilsvrc2012}
-FORMAT_VERSION = 1
-DEFAULT_VAL_FRACTION = 0.1
+# 2: Imagenette keeps training images whole (data/whole.py), its params gained `train_images`
+# and `resize`: a format-1 directory is refused in one line, its runs get new identities.
+FORMAT_VERSION = 2
 
 
 def prepared_dir(data_dir: Path, dataset: str) -> Path:
     return Path(data_dir) / "prepared" / dataset
-
-
-# --------------------------------------------------------------------------- splits
-def split_sizes(info: DatasetInfo, val_fraction: float | None = None,
-                val_size: int | None = None) -> tuple[int, int]:
-    """(train, val) image counts that `prepare` will make with these options."""
-    val, _ = _resolve_val_count(info, val_fraction, val_size)
-    return info.num_train - val, val
-
-
-def _resolve_val_count(info: DatasetInfo, val_fraction: float | None,
-                       val_size: int | None) -> tuple[int, dict]:
-    if val_fraction is not None and val_size is not None:
-        raise UserError("give --val-fraction or --val-size, not both")
-    n = info.num_train
-    if val_size is not None:
-        if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 < val_size < n:
-            raise bad_value(f"val size for {info.name}", val_size, f"an integer in [1, {n})")
-        return val_size, {"val_size": val_size}
-    frac = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-    if not isinstance(frac, int | float) or not 0.0 < frac < 1.0:
-        raise bad_value("val fraction", val_fraction, "a number in (0, 1)")
-    count = round(frac * n)
-    if not 0 < count < n:
-        raise bad_value(f"val fraction for {info.name}", frac,
-                        f"a share leaving at least one image in train and in val ({n} images)")
-    return count, {"val_fraction": float(frac)}
 
 
 # --------------------------------------------------------------------------- prepare
@@ -99,11 +77,11 @@ def prepare(dataset: str, data_dir: Path, *, mirror: Path | None = None,
     `split_seed` only, so it is the same for every noise variant and training seed.
     """
     info = dataset_info(dataset)
-    val_count, val_request = _resolve_val_count(info, val_fraction, val_size)
+    val_count, val_request = resolve_val_count(info, val_fraction, val_size)
     size = info.check_image_size(image_size)
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
         raise bad_value("split seed", split_seed, "an integer >= 0")
-    params = {"val_count": val_count, "split_seed": split_seed, "image_size": size}
+    params = prepare_params(info, size, split_seed, val_count)
 
     target = prepared_dir(data_dir, dataset)
     if target.exists():
@@ -221,6 +199,11 @@ def _check_existing(target: Path, dataset: str, params: dict) -> None:
                         f"prepare`?): remove it and run `lambdapipe prepare --dataset {dataset}`")
     manifest = read_manifest(manifest_path)
     old = manifest["params"]
+    if manifest.get("format_version", 1) < FORMAT_VERSION and old != params:
+        raise UserError(f"{target} was prepared by an older lambdapipe (data format "
+                        f"{manifest.get('format_version', 1)}, now {FORMAT_VERSION}: "
+                        "Imagenette training crops now come from whole images): remove the "
+                        "directory and run `lambdapipe prepare` again")
     if old != params:
         diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in params.items()
                          if old.get(k) != v)
@@ -242,12 +225,17 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
     n_train = len(official.train_labels)
     if params["val_count"] >= n_train:
         raise bad_value(f"val size for {info.name}", params["val_count"], f"< {n_train}")
-    val_idx = stratified_holdout(official.train_labels, params["val_count"],
-                                 _split_seed(info.name, params["split_seed"]))
-    train_idx = np.setdiff1d(np.arange(n_train), val_idx)
+    if info.val_is_val_folder:  # the report's split: val is the val folder, test the same
+        train_idx = np.arange(n_train)
+        val_part = (official.test_images, official.test_labels, None)
+    else:
+        val_idx = stratified_holdout(official.train_labels, params["val_count"],
+                                     _split_seed(info.name, params["split_seed"]))
+        train_idx = np.setdiff1d(np.arange(n_train), val_idx)
+        val_part = (official.train_images, official.train_labels, val_idx)
     parts = {
         "train": (official.train_images, official.train_labels, train_idx),
-        "val": (official.train_images, official.train_labels, val_idx),
+        "val": val_part,
         "test": (official.test_images, official.test_labels, None),
     }
     arrays: dict[str, dict] = {}
@@ -264,6 +252,8 @@ def _build(info: DatasetInfo, archive: Path | None, out: Path, params: dict, val
         _save(out / f"{split}_images.npy", images, None)
         _save(out / f"{split}_labels.npy", labels, None)
         counts[split] = np.bincount(labels, minlength=info.num_classes).tolist()
+    if official.train_whole is not None:
+        save_whole(out, official.train_whole, train_idx)
     extra_noise = {}
     for rate, noisy in official.noisy_train_labels.items():
         name = f"official_noise/{IMAGENETTE_NOISE_COLUMNS[rate]}.npy"
@@ -412,6 +402,8 @@ class Split:
     clean_labels: np.ndarray  # int64
     num_classes: int
     classes: list[str]
+    # train of a dataset kept whole (Imagenette): the images before any crop, memory-mapped
+    whole: WholeImages | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -438,9 +430,12 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
                         "yet (it awaits the one training step, issue 23)")
     root = prepared_dir(data_dir, dataset)
     names = [f"{split}_images.npy", f"{split}_labels.npy"]
+    whole_kept = split == "train" and WHOLE_ARRAYS[0] in manifest["arrays"]
+    names += list(WHOLE_ARRAYS) if whole_kept else []
     if verify:
         _verify_arrays(root, manifest, names)
     images = np.load(root / names[0], mmap_mode="r")
+    whole = load_whole(root) if whole_kept else None
     clean = np.load(root / names[1])
     labels = clean
     if split == "train" and not spec.is_clean:
@@ -461,7 +456,8 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
         assert labels is clean  # noise never reaches val/test
     return Split(dataset=dataset, split=split, noise=spec.tag if split == "train" else "clean",
                  images=images, labels=labels, clean_labels=clean,
-                 num_classes=manifest["num_classes"], classes=list(manifest["classes"]))
+                 num_classes=manifest["num_classes"], classes=list(manifest["classes"]),
+                 whole=whole)
 
 
 # --------------------------------------------------------------------------- reporting

@@ -24,6 +24,17 @@ IMAGENETTE_NOISE_COLUMNS = {0.01: "noisy_labels_1", 0.05: "noisy_labels_5",
                             0.25: "noisy_labels_25", 0.5: "noisy_labels_50"}
 
 
+# Evaluation's usual resize-then-centre-crop (torchvision's ImageNet recipe: 256 -> 224): the
+# shorter side goes to image_size / 0.875, then the centre image_size square is cut.
+EVAL_CROP_FRACTION = 0.875
+VAL_FOLDER = "official val folder"  # `val` of a dataset that validates on it (no test apart)
+
+
+def resize_size(image_size: int) -> int:
+    """The shorter side an image is resized to before its centre crop (146 for 128 px)."""
+    return round(image_size / EVAL_CROP_FRACTION)
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """One dataset: `source` picks the reader of its official layout (see sources.py)."""
@@ -42,6 +53,22 @@ class DatasetInfo:
     sizes: tuple[int, ...] | None = None  # allowed --image-size values; None: any >= 8
     default_val_fraction: float = 0.1
     note: str = ""
+    # Imagenette: keep each training image whole (shorter side resize_size) for crops drawn
+    # at training time; every split also gets its resize-then-centre-crop evaluation view.
+    whole_images: bool = False
+    # Validate on the official val folder (and train on every official training image);
+    # there is then no separate test: test holds the same images as val.
+    val_is_val_folder: bool = False
+
+    def layout_params(self, image_size: int) -> dict:
+        """What `prepare` records beyond split and size, so data laid out otherwise is another
+        run identity (provenance) and an old prepared directory is refused (prepared.py)."""
+        out: dict = {}
+        if self.whole_images:
+            out |= {"train_images": "whole", "resize": resize_size(image_size)}
+        if self.val_is_val_folder:
+            out["val"] = VAL_FOLDER
+        return out
 
     def check_image_size(self, image_size: int | None) -> int:
         """Resolve `--image-size` (None = default); refuse what this dataset cannot give."""
@@ -61,8 +88,19 @@ _TINY = dict(num_classes=200, classes=None, source="tinyimagenet",
              size=248100043, num_train=100_000, num_test=10_000,
              note="labelled official val set used as test")
 _NETTE = dict(num_classes=10, image_size=128, classes=tuple(n for _, n in IMAGENETTE_WNIDS),
-              source="imagenette", num_train=9469, num_test=3925,
-              note="official val set used as test; resize shorter side + center crop")
+              source="imagenette", num_train=9469, num_test=3925, whole_images=True,
+              note="official val set used as test; train images kept whole (shorter side "
+                   "size/0.875) for crops at training time; evaluation: resize shorter side "
+                   "to size/0.875, centre crop")
+_NETTE_160 = dict(url="https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
+                  archive="imagenette2-160.tgz", md5="e793b78cc4c9e9a4ccc0c1155377a412",
+                  size=99003388)
+# The Imagenette report's split (its "best val loss" is most likely on the val folder): all
+# 9,469 training images trained on, the val folder validates, and nothing is left for test.
+_REPORT_SPLIT = dict(_NETTE, val_is_val_folder=True,
+                     note="the report's split: trains on all official training images, "
+                          "validates on the official val folder; test = the same val folder "
+                          "(no separate test)")
 
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
@@ -79,10 +117,8 @@ DATASETS: dict[str, DatasetInfo] = {
                     num_test=10_000),
         DatasetInfo("tinyimagenet32", image_size=32, sizes=(32,), **_TINY),
         DatasetInfo("tinyimagenet64", image_size=64, sizes=(64,), **_TINY),
-        DatasetInfo("imagenette", **_NETTE,
-                    url="https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
-                    archive="imagenette2-160.tgz", md5="e793b78cc4c9e9a4ccc0c1155377a412",
-                    size=99003388),
+        DatasetInfo("imagenette", **_NETTE, **_NETTE_160),
+        DatasetInfo("imagenette_valfolder", **_REPORT_SPLIT, **_NETTE_160),
         DatasetInfo("imagenette320", **_NETTE,
                     url="https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
                     archive="imagenette2-320.tgz", md5="3df6f0d01a2c9592104656642f5e78a3"),

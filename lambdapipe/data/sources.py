@@ -20,7 +20,13 @@ import numpy as np
 
 from lambdapipe.atomic import reserved_memmap
 from lambdapipe.data.download import check_tar_member, check_zip_member
-from lambdapipe.data.registry import IMAGENETTE_NOISE_COLUMNS, IMAGENETTE_WNIDS, DatasetInfo
+from lambdapipe.data.registry import (
+    IMAGENETTE_NOISE_COLUMNS,
+    IMAGENETTE_WNIDS,
+    DatasetInfo,
+    resize_size,
+)
+from lambdapipe.data.whole import WholeImages, centre_crop, decode_shorter_side
 from lambdapipe.errors import StateError, UserError
 
 DIGITS_TEST_FRACTION = 0.2
@@ -40,6 +46,8 @@ class Official:
     noisy_train_labels: dict[float, np.ndarray] = field(default_factory=dict)
     # Further test sets, by split name: (images, labels) (ImageNet-V2 beside ImageNet-2012).
     extra_tests: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # The training images kept whole (Imagenette): `WholeImages` aligned with train_labels.
+    train_whole: WholeImages | None = None
 
 
 def read(info: DatasetInfo, archive: Path | None, scratch: Path, image_size: int,
@@ -274,7 +282,9 @@ def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, imag
     """imagenette2-*/{train,val}/<wnid>/*.JPEG + noisy_imagenette.csv (official val = test).
 
     The CSV's noisy label columns are kept, aligned with the official train images, so the
-    published noise variants can be used as they are.
+    published noise variants can be used as they are. Every image gets its evaluation view
+    (shorter side to resize_size, centre crop); training images are also kept whole (shorter
+    side resize_size) when `info.whole_images`, so training crops can reach every border.
     """
     assert archive is not None
     wnids = [w for w, _ in IMAGENETTE_WNIDS]
@@ -313,19 +323,36 @@ def read_imagenette(info: DatasetInfo, archive: Path | None, scratch: Path, imag
                                             (len(keys), image_size, image_size, 3))
         slot = {name: (split, i) for split, keys in split_keys.items()
                 for i, name in enumerate(keys)}
+        short = resize_size(image_size)
+        # Whole training images are appended to one raw file as they come; `whole_index`
+        # (offset, height, width) puts each at its slot.
+        whole_index = np.zeros((len(split_keys["train"]), 3), dtype=np.int64)
         from tqdm import tqdm
 
-        for m in tqdm([m for m in members if m.name in slot], desc=info.name,
-                      disable=not progress, leave=False):
-            split, i = slot[m.name]
-            arrays[split][i] = _decode(fetch(m.name), image_size, crop=True)
+        with open(scratch / "train_whole.raw", "wb") as raw:
+            offset = 0
+            for m in tqdm([m for m in members if m.name in slot], desc=info.name,
+                          disable=not progress, leave=False):
+                split, i = slot[m.name]
+                image = decode_shorter_side(fetch(m.name), short)
+                arrays[split][i] = centre_crop(image, image_size)
+                if split == "train" and info.whole_images:
+                    raw.write(np.ascontiguousarray(image).tobytes())
+                    whole_index[i] = (offset, *image.shape[:2])
+                    offset += image.shape[0] * image.shape[1]
+        whole = None
+        if info.whole_images:
+            pixels = (np.memmap(scratch / "train_whole.raw", np.uint8, "r", shape=(offset, 3))
+                      if offset else np.zeros((0, 3), np.uint8))
+            whole = WholeImages(pixels, whole_index)
         rows = list(csv.DictReader(io.StringIO(fetch(csv_names[0]).decode())))
     labels = {s: np.asarray([index[PurePosixPath(k).parts[-2]] for k in keys], dtype=np.int64)
               for s, keys in split_keys.items()}
     _check_clean_column(info, archive, rows, root, split_keys)
     noisy = _imagenette_noise(info, archive, rows, root, split_keys["train"], index)
     return Official(arrays["train"], labels["train"], arrays["val"], labels["val"],
-                    [n for _, n in IMAGENETTE_WNIDS], {"wnids": wnids}, noisy)
+                    [n for _, n in IMAGENETTE_WNIDS], {"wnids": wnids}, noisy,
+                    train_whole=whole)
 
 
 def _check_clean_column(info: DatasetInfo, archive: Path, rows: list[dict],

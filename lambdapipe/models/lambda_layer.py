@@ -43,6 +43,13 @@ from torch import Tensor, nn
 from lambdapipe.models.registry import ModelError, check_int
 
 IMPLS = ("auto", "conv", "lambda", "logit")
+# How R starts (`pos_init`): 'normal' draws N(0, 1/k), so q_n . e_nm has unit variance;
+# 'torch_default' starts a lambda convolution as lucidrains/lambda-networks does (the
+# Imagenette report's lambda convolution code): there R is an nn.Conv3d(u, k, (1, r, r)) left
+# at PyTorch's default init, kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(u r^2)), and the
+# convolution has a bias of k values drawn from the same range (docs/models.md, "Position
+# init").
+POS_INITS = ("normal", "torch_default")
 # 'auto' limits: logit order when n*m <= 2**16 (a 16x16 map: the (b, h, u, n, m) logits are
 # 67M elements at batch 256, h=4), lambda order when its table n*m*k*u <= 2**25 elements.
 LOGIT_MAX_NM = 2**16
@@ -58,7 +65,8 @@ class LambdaLayer(nn.Module):
 
     def __init__(self, dim: int, dim_out: int, query_depth: int = 16, heads: int = 4,
                  intra_depth: int = 1, scope: int | None = 23,
-                 context_size: tuple[int, int] | None = None, impl: str = "auto"):
+                 context_size: tuple[int, int] | None = None, impl: str = "auto",
+                 pos_init: str = "normal"):
         super().__init__()
         check_int("input channels", dim)
         check_int("query depth k", query_depth)
@@ -69,6 +77,13 @@ class LambdaLayer(nn.Module):
                              "output channels")
         if impl not in IMPLS:
             raise ModelError(f"invalid impl {impl!r}: expected one of {', '.join(IMPLS)}")
+        if pos_init not in POS_INITS:
+            raise ModelError(f"invalid pos_init {pos_init!r}: expected one of "
+                             f"{', '.join(POS_INITS)}")
+        if pos_init == "torch_default" and scope is None:
+            raise ModelError("invalid pos_init 'torch_default' with scope None: it is the "
+                             "lambda convolution's init (scope r); global embeddings start "
+                             "normal")
         if scope is None:
             if context_size is None:
                 raise ModelError("invalid scope None: global relative position embeddings "
@@ -83,7 +98,7 @@ class LambdaLayer(nn.Module):
             self.context_size = None
         self.query_depth, self.heads, self.intra_depth = query_depth, heads, intra_depth
         self.value_depth = dim_out // heads
-        self.scope, self.impl = scope, impl
+        self.scope, self.impl, self.pos_init = scope, impl, pos_init
         k, u, v = query_depth, intra_depth, self.value_depth
         self.to_queries = nn.Sequential(nn.Conv2d(dim, k * heads, 1, bias=False),
                                         nn.BatchNorm2d(k * heads))
@@ -92,6 +107,13 @@ class LambdaLayer(nn.Module):
                                        nn.BatchNorm2d(v * u))
         # R: one k x u embedding per relative offset; std k^-1/2 gives q_n . e_nm unit variance.
         self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape) / math.sqrt(k))
+        self.position_bias: nn.Parameter | None = None
+        if pos_init == "torch_default":
+            # nn.Conv3d(u, k, (1, r, r)).reset_parameters() on a (k, u, r, r) weight: the fan-in
+            # u * r^2 is the same, so these are that layer's two draws (weight, then bias).
+            nn.init.kaiming_uniform_(self.rel_embedding, a=math.sqrt(5))
+            bound = 1 / math.sqrt(u * shape[0] * shape[1])
+            self.position_bias = nn.Parameter(torch.empty(k).uniform_(-bound, bound))
         # (height, width, impl) chosen before training for 'auto' (`choose_impls`); plain
         # Python values, so torch.compile specialises on them instead of breaking the graph.
         self.chosen: tuple[int, int, str] | None = None
@@ -99,7 +121,8 @@ class LambdaLayer(nn.Module):
     def extra_repr(self) -> str:
         where = f"scope={self.scope}" if self.scope else f"context_size={self.context_size}"
         return (f"query_depth={self.query_depth}, heads={self.heads}, "
-                f"intra_depth={self.intra_depth}, {where}, impl={self.impl!r}")
+                f"intra_depth={self.intra_depth}, {where}, impl={self.impl!r}, "
+                f"pos_init={self.pos_init!r}")
 
     # ------------------------------------------------------------------ geometry and cost
     def kernel_size(self, height: int, width: int) -> tuple[int, int]:
@@ -200,6 +223,11 @@ class LambdaLayer(nn.Module):
             out = out + self._position_lambda_order(queries, values, height, width)
         else:
             out = out + self._position_logit_order(queries, values, height, width)
+        if self.position_bias is not None:
+            # The convolution's bias adds b_k to every entry of lambda^p_n, so q_n adds
+            # sum_k q_nk b_k to each of its v outputs, whichever order computed the rest.
+            out = out + torch.einsum("bhkn,k->bhn", queries,
+                                     self.position_bias.to(queries.dtype))[:, :, None]
         return out.reshape(b, h * v, height, width)
 
     def _position_conv(self, queries: Tensor, values: Tensor, height: int, width: int) -> Tensor:

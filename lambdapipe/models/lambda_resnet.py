@@ -9,6 +9,7 @@ resolution and then downsamples with 3x3 average pooling (stride 2, padding 1), 
   in the second and third layer"; docs/models.md says why this conv). `lambda_blocks=first`
   puts it in the first (strided) block, `all` in every block (the cost reference's layout).
   `lc` is a lambda convolution of scope r=23, `rpe` uses global relative position embeddings.
+  `lc` takes `pos_init` (normal | torch_default: started as the report's lucidrains code).
 - `lambda_resnet{18,50,152,200}*` (LambdaNetworks paper, and its community CIFAR table):
   bottleneck ResNets whose every 3x3 conv is a lambda convolution (k=16, h=4, u=1, r=23 by
   default; the `_u4_r7`/`_u4_r5` variants set u and r).
@@ -30,12 +31,14 @@ from lambdapipe.models.resnet import (
 )
 
 
-def lambda_spatial(k: int, heads: int, u: int, r: int | None, impl: str) -> SpatialFactory:
+def lambda_spatial(k: int, heads: int, u: int, r: int | None, impl: str,
+                   pos_init: str = "normal") -> SpatialFactory:
     """A factory of lambda layers (then 3x3/2 average pooling where the block strides)."""
 
     def factory(in_ch: int, out_ch: int, stride: int, size: int) -> nn.Module:
         layer = LambdaLayer(in_ch, out_ch, query_depth=k, heads=heads, intra_depth=u, scope=r,
-                            context_size=(size, size) if r is None else None, impl=impl)
+                            context_size=(size, size) if r is None else None, impl=impl,
+                            pos_init=pos_init)
         if stride == 1:
             return layer
         return nn.Sequential(layer, nn.AvgPool2d(3, stride=stride, padding=1))
@@ -51,12 +54,12 @@ def _study_model(depth: int, stage: int, position: str):
     kind = "lambda convolution (scope r)" if position == "lc" else "global relative positions"
 
     def build(num_classes, image_size, base_width, stem, k, heads, u, r, impl, drop_rate,
-              lambda_blocks, zero_init_residual):
+              lambda_blocks, zero_init_residual, pos_init="normal"):
         if lambda_blocks not in LAMBDA_BLOCKS:
             raise ModelError(f"invalid lambda_blocks {lambda_blocks!r}: expected one of "
                              f"{', '.join(LAMBDA_BLOCKS)}")
         n = layers[stage - 1]
-        lam = lambda_spatial(k, heads, u, r, impl)
+        lam = lambda_spatial(k, heads, u, r, impl, pos_init)
         per_block = {"last": [conv3x3] * (n - 1) + [lam], "first": [lam] + [conv3x3] * (n - 1),
                      "all": [lam] * n}[lambda_blocks]
         spatial: list = [conv3x3] * 4
@@ -69,9 +72,10 @@ def _study_model(depth: int, stage: int, position: str):
         def factory(num_classes: int, image_size: int, base_width: int = 64,
                     stem: str | None = None, k: int = 16, heads: int = 4, u: int = 1,
                     r: int = 23, impl: str = "auto", drop_rate: float = 0.0,
-                    lambda_blocks: str = "last", zero_init_residual: bool = False) -> nn.Module:
+                    lambda_blocks: str = "last", zero_init_residual: bool = False,
+                    pos_init: str = "normal") -> nn.Module:
             return build(num_classes, image_size, base_width, stem, k, heads, u, r, impl,
-                         drop_rate, lambda_blocks, zero_init_residual)
+                         drop_rate, lambda_blocks, zero_init_residual, pos_init)
     else:
         def factory(num_classes: int, image_size: int, base_width: int = 64,
                     stem: str | None = None, k: int = 16, heads: int = 4, u: int = 1,
