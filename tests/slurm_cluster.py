@@ -50,10 +50,27 @@ def _sbin(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
+def _installed() -> bool:
+    return all(_sbin(d) for d in DAEMONS) and bool(shutil.which("sbatch"))
+
+
 def ensure_installed(timeout_s: float = 600) -> float:
     """Install SLURM and munge from Debian if missing; return the seconds it took (0 if
-    already there). Raises ClusterUnavailable when that is impossible on this machine."""
-    if all(_sbin(d) for d in DAEMONS) and shutil.which("sbatch"):
+    already there). Raises ClusterUnavailable when that is impossible on this machine.
+
+    Once per machine: two pytest-xdist workers starting clusters at the same time would
+    otherwise both run apt-get, and the second would fail on dpkg's lock. The first
+    installs under a file lock; the other waits for it and finds the packages there."""
+    if _installed():
+        return 0.0
+    from filelock import FileLock
+
+    with FileLock(Path(tempfile.gettempdir()) / "lambdapipe-slurm-install.lock"):
+        return _install(timeout_s)
+
+
+def _install(timeout_s: float) -> float:
+    if _installed():
         return 0.0
     if os.geteuid() != 0:
         raise ClusterUnavailable("SLURM is not installed and we are not root to apt-get it")
@@ -71,7 +88,7 @@ def ensure_installed(timeout_s: float = 600) -> float:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
             raise ClusterUnavailable(f"{' '.join(cmd)} failed: {tail[0]}")
-    if not (all(_sbin(d) for d in DAEMONS) and shutil.which("sbatch")):
+    if not _installed():
         raise ClusterUnavailable(f"apt-get installed {PACKAGES} but the daemons are missing")
     return time.monotonic() - start
 
