@@ -404,8 +404,9 @@ class SlurmCluster:
 REQUIRE_ENV = "LAMBDAPIPE_REQUIRE_SLURM"
 
 
-def start_or_skip(root: Path, gpus: int = 1) -> SlurmCluster:
-    """Install if needed and start a cluster in ROOT, or pytest.skip with the reason.
+def start_or_skip(root: Path | None, gpus: int = 1) -> SlurmCluster | None:
+    """Install if needed and start a cluster in ROOT, or pytest.skip with the reason (ROOT
+    None: install only, for a test that needs SLURM installable but no cluster).
 
     With $LAMBDAPIPE_REQUIRE_SLURM=1 (CI on a machine known to support it) a cluster that
     cannot be had fails the test instead, so a broken harness is never a silent skip."""
@@ -413,7 +414,7 @@ def start_or_skip(root: Path, gpus: int = 1) -> SlurmCluster:
 
     try:
         ensure_installed()
-        return SlurmCluster(root=root, gpus=gpus).start()
+        return None if root is None else SlurmCluster(root=root, gpus=gpus).start()
     except ClusterUnavailable as exc:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"no local SLURM cluster although ${REQUIRE_ENV}=1: {exc}")

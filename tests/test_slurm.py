@@ -243,7 +243,9 @@ def _run_locally(path: Path) -> None:
 def local_grid(shared_dir) -> Path:
     """The local reference run, built once per test run by whichever pytest-xdist worker
     asks first: TestTheGridRunLocally on the other worker while this one drives SLURM, or
-    the comparison below if it comes first (or runs alone)."""
+    the comparison below if it comes first (or runs alone). Skipped, like the SLURM tests,
+    where SLURM cannot be installed: nothing would compare with it."""
+    start_or_skip(None)
     return shared_dir("slurm-local-grid", _run_locally)
 
 
@@ -346,10 +348,11 @@ class TestTheGridThroughSlurm:
 
 class TestTheGridRunLocally:
     """The reference for TestTheGridThroughSlurm, built here when this work unit comes first
-    (on the other pytest-xdist worker): the grid, device auto, runs on a machine without a
-    GPU or SLURM, every run ok."""
+    (on the other pytest-xdist worker): the grid, device auto, runs without a GPU or SLURM,
+    every run ok. Skipped with the SLURM tests where SLURM cannot be installed: nothing would
+    compare with it."""
 
-    pytestmark = [pytest.mark.slow, pytest.mark.cost(90)]
+    pytestmark = [pytest.mark.slurm, pytest.mark.cost(90)]
 
     def test_every_run_of_the_grid_run_locally_is_ok(self, local_grid):
         summaries = _summaries(local_grid / "work")
