@@ -7,8 +7,9 @@ PYTHON ?= $(if $(VIRTUAL_ENV)$(CONDA_PREFIX),python3,$(if $(wildcard .venv/bin/p
 PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 CORES ?= 2
-# pytest-xdist workers: one per core (0: one process). A module's tests run on one worker,
-# which builds its module-scoped fixtures once; tests/conftest.py orders the modules.
+# pytest-xdist workers: one per core (0: one process). A module's tests (or a test class's)
+# run on one worker, which builds their fixtures once; tests/conftest.py starts the longest
+# first.
 TEST_WORKERS ?= auto
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
@@ -28,12 +29,14 @@ test: setup
 	$(PYTHON) -m pytest $(PYTEST_PARALLEL) --durations=15
 
 # Everything but `slow` (unit and property tests, the float64 equality tests, the CPU
-# stand-ins of the GPU paths, a dry run of the demo DAG, a 3-point kill loop); a test
+# stand-ins of the GPU paths, a dry run of the demo DAG, a 3-point kill loop); property
+# tests with fewer examples each (Hypothesis profile `fast`, tests/conftest.py); a test
 # running past --timeout seconds fails instead of stalling the tier.
 test-fast:
 	@$(PYTHON) -c "import torch, snakemake, xdist, pytest_timeout, hypothesis" 2>/dev/null \
 		|| $(MAKE) setup
-	$(PYTHON) -m pytest $(PYTEST_PARALLEL) -m "not slow" --timeout 900 --durations=10
+	$(PYTHON) -m pytest $(PYTEST_PARALLEL) -m "not slow" --hypothesis-profile fast \
+		--timeout 900 --durations=10
 
 lint:
 	$(PYTHON) -m ruff check .

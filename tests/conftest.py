@@ -8,17 +8,26 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import uuid
 import warnings
+from pathlib import Path
 
 import psutil
 import pytest
+from filelock import FileLock
+from hypothesis import settings
 
 # torch.compile on CPU (inductor) compiles in this process instead of a pool of worker
 # processes that would outlive the test that started it (and be killed at its teardown,
 # below); with one or two cores per worker a pool gains nothing. Read when torch's inductor
 # is first imported, so set before any test imports it.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+# `make test-fast` runs every property test with fewer examples (`--hypothesis-profile
+# fast`); `make test`, and pytest without the option, with each test's own count. A test
+# that sets its own count takes the smaller: `min(60, settings().max_examples)`.
+settings.register_profile("fast", max_examples=15)
 
 
 @functools.cache
@@ -30,30 +39,50 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _module(item) -> str:
-    return item.nodeid.split("::")[0]
+def _scope(item) -> str:
+    """pytest-xdist's `--dist loadscope` work unit of a test: its class if it has one, else
+    its module (xdist splits the node id at its last `::` the same way)."""
+    return item.nodeid.rsplit("::", 1)[0]
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+# Rough seconds of a test on a 2-core machine, only to start the longest work first under
+# pytest-xdist: `@pytest.mark.cost(seconds)` where a test is much longer than its mark says.
+DEFAULT_COST = {"slow": 10.0, "fast": 1.0}
+
+
+def _cost(item) -> float:
+    mark = item.get_closest_marker("cost")
+    if mark:
+        return float(mark.args[0])
+    return DEFAULT_COST["slow" if item.get_closest_marker("slow") else "fast"]
+
+
+@pytest.hookimpl(wrapper=True)  # around `-m`'s deselection
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests skip without CUDA; `killloop` and `slurm` tests are `slow` too (so
     `-m "not slow"` leaves them out without each file saying so twice).
 
-    Under pytest-xdist, `make test` hands out whole modules (`--dist loadscope`): the tests
-    of a module share its module-scoped fixtures (a trained run, a Snakemake grid, a SLURM
-    cluster), built once on one worker. The modules with slow tests come first, so that
-    the longest ones do not start last and leave one worker running alone at the end
-    (`--no-loadscope-reorder` keeps this order; every worker sorts the same way)."""
+    Under pytest-xdist, `make test` hands out whole work units (`--dist loadscope`: a
+    module, or a class of one): the tests of a unit share its module- and class-scoped
+    fixtures (a trained run, a Snakemake grid, a SLURM cluster), built once on one worker.
+    The units go out longest first (their tests' `cost`), so that two long ones run side
+    by side on the two workers and the short ones fill in around them, instead of a long
+    one starting last and running alone at the end (`--no-loadscope-reorder` keeps this
+    order; every worker sorts the same way)."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if item.get_closest_marker("gpu") and not _has_cuda():  # not a param id "gpu"
             item.add_marker(skip)
         if item.get_closest_marker("killloop") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+    result = yield  # `-m` deselects: the costs below are those of what runs
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        slow = {_module(item) for item in items if item.get_closest_marker("slow")}
-        order = {m: k for k, m in enumerate(dict.fromkeys(map(_module, items)))}
-        items.sort(key=lambda item: (_module(item) not in slow, order[_module(item)]))
+        cost: dict[str, float] = {}
+        for item in items:
+            cost[_scope(item)] = cost.get(_scope(item), 0.0) + _cost(item)
+        order = {s: k for k, s in enumerate(cost)}
+        items.sort(key=lambda item: (-cost[_scope(item)], order[_scope(item)]))
+    return result
 
 
 def pytest_collection_finish(session):
@@ -89,6 +118,36 @@ def _no_state_shared_between_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LAMBDAPIPE_GPU_LOCK_DIR", str(root / "gpu-locks"))
         yield
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory):
+    """`shared_dir(name, build)`: the directory `name`, built by `build(path)` once per test
+    run and shared by every pytest-xdist worker, for what several modules or work units
+    need and is costly to make (a trained reference run, a finished grid). The first worker
+    to ask builds it under a file lock; the others wait for it and read it. Its users only
+    read it: what a test writes goes to its own tmp_path.
+
+    Under xdist each worker's basetemp is `<run's basetemp>/popen-gwN`, so their parent is
+    the run's own directory, and the next run never sees this one's builds. A build that
+    raised leaves no `.done`: the next asker builds again (and fails in its own test)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    root = root / "shared"
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, build) -> Path:
+        path = root / name
+        with FileLock(root / f"{name}.lock"):
+            if not (root / f"{name}.done").exists():
+                if path.exists():
+                    shutil.rmtree(path)
+                build(path)
+                (root / f"{name}.done").touch()
+        return path
+
+    return get
 
 
 @pytest.fixture

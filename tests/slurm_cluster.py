@@ -50,10 +50,27 @@ def _sbin(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
+def _installed() -> bool:
+    return all(_sbin(d) for d in DAEMONS) and bool(shutil.which("sbatch"))
+
+
 def ensure_installed(timeout_s: float = 600) -> float:
     """Install SLURM and munge from Debian if missing; return the seconds it took (0 if
-    already there). Raises ClusterUnavailable when that is impossible on this machine."""
-    if all(_sbin(d) for d in DAEMONS) and shutil.which("sbatch"):
+    already there). Raises ClusterUnavailable when that is impossible on this machine.
+
+    Once per machine: two pytest-xdist workers starting clusters at the same time would
+    otherwise both run apt-get, and the second would fail on dpkg's lock. The first
+    installs under a file lock; the other waits for it and finds the packages there."""
+    if _installed():
+        return 0.0
+    from filelock import FileLock
+
+    with FileLock(Path(tempfile.gettempdir()) / "lambdapipe-slurm-install.lock"):
+        return _install(timeout_s)
+
+
+def _install(timeout_s: float) -> float:
+    if _installed():
         return 0.0
     if os.geteuid() != 0:
         raise ClusterUnavailable("SLURM is not installed and we are not root to apt-get it")
@@ -71,7 +88,7 @@ def ensure_installed(timeout_s: float = 600) -> float:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
             raise ClusterUnavailable(f"{' '.join(cmd)} failed: {tail[0]}")
-    if not (all(_sbin(d) for d in DAEMONS) and shutil.which("sbatch")):
+    if not _installed():
         raise ClusterUnavailable(f"apt-get installed {PACKAGES} but the daemons are missing")
     return time.monotonic() - start
 
@@ -387,8 +404,9 @@ class SlurmCluster:
 REQUIRE_ENV = "LAMBDAPIPE_REQUIRE_SLURM"
 
 
-def start_or_skip(root: Path, gpus: int = 1) -> SlurmCluster:
-    """Install if needed and start a cluster in ROOT, or pytest.skip with the reason.
+def start_or_skip(root: Path | None, gpus: int = 1) -> SlurmCluster | None:
+    """Install if needed and start a cluster in ROOT, or pytest.skip with the reason (ROOT
+    None: install only, for a test that needs SLURM installable but no cluster).
 
     With $LAMBDAPIPE_REQUIRE_SLURM=1 (CI on a machine known to support it) a cluster that
     cannot be had fails the test instead, so a broken harness is never a silent skip."""
@@ -396,7 +414,7 @@ def start_or_skip(root: Path, gpus: int = 1) -> SlurmCluster:
 
     try:
         ensure_installed()
-        return SlurmCluster(root=root, gpus=gpus).start()
+        return None if root is None else SlurmCluster(root=root, gpus=gpus).start()
     except ClusterUnavailable as exc:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"no local SLURM cluster although ${REQUIRE_ENV}=1: {exc}")

@@ -66,9 +66,10 @@ def test_a_forward_stores_nothing_on_a_model():
 # The fast tier (-m "not slow") traces one model of each kind of block: basic and
 # bottleneck ResNet blocks, and each lambda-layer variant. The other models repeat those
 # blocks wider (x2, x4) or deeper, at up to ten times the tracing time: `make test` traces
-# every registered model.
-FAST_TRACE = {"resnet20x1", "resnet18", "resnet50", "lambda_resnet18", "lambda_resnet18_u4_r5",
-              "lr18_l2_lc", "lr18_l2_rpe", "lr18_l3_lc", "lr18_l3_rpe"}
+# every registered model. Not here either: the models test_models_fullgraph_equal_eager
+# compiles with fullgraph=True (which fails on any graph break), and lambda_resnet18_u4_r5,
+# whose block kind (u=4, a local scope) that test compiles in lambda_resnet18_u4_r7.
+FAST_TRACE = {"resnet18", "resnet50", "lambda_resnet18", "lr18_l2_rpe", "lr18_l3_lc"}
 
 
 @pytest.mark.parametrize("name", [

@@ -23,7 +23,8 @@ from lambdapipe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-EXAMPLES = int(os.environ.get("LAMBDAPIPE_FUZZ_EXAMPLES", "60"))
+# 60, or fewer under a Hypothesis profile of fewer (`make test-fast`: tests/conftest.py)
+EXAMPLES = int(os.environ.get("LAMBDAPIPE_FUZZ_EXAMPLES", min(60, settings().max_examples)))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])

@@ -109,19 +109,26 @@ def assert_no_torn_file(out: Path) -> list[str]:
     return present
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
+def _reference_run(root: Path) -> None:
+    """The unbroken run every kill point is compared with (`shared_dir`'s build), and how
+    many file-system operations and seconds it took."""
     data.prepare("digits", root / "data", progress=False)
-    out = root / "reference"
     start = time.monotonic()
-    res = run(train_cmd(root / "data", out), KILL_COUNT_FILE=str(root / "ops"))
-    seconds = time.monotonic() - start
+    res = run(train_cmd(root / "data", root / "reference"), KILL_COUNT_FILE=str(root / "ops"))
+    (root / "seconds").write_text(repr(time.monotonic() - start))
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(shared_dir):
+    """(root, summary, metrics rows, file-system operations, seconds) of the unbroken run in
+    root/reference, on the data in root/data: one per test run, shared by this module's
+    work units (pytest-xdist), which write their own runs under their tmp_path."""
+    root = shared_dir("kill-reference", _reference_run)
+    summary = json.loads((root / "reference" / "summary.json").read_text())
     ops = int((root / "ops").read_text())
     assert ops > 12 * 4  # 4 evaluations x (2-3 checkpoint writes + metrics) x 2-3 ops each
-    return root, summary, metrics(out), ops, seconds
+    return root, summary, metrics(root / "reference"), ops, float((root / "seconds").read_text())
 
 
 def kill_at(cmd: list[str], kind: str, at: float) -> bool:
@@ -140,12 +147,31 @@ def kill_at(cmd: list[str], kind: str, at: float) -> bool:
 
 # The fast tier's three points come from their own seed, so they add to the full loop's
 # points instead of repeating its first three.
-@pytest.mark.parametrize("n_points, seed_offset", [
-    pytest.param(3, 1000, id="3-points"),
-    pytest.param(int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "20")), 0, id="full",
-                 marks=pytest.mark.killloop)])
-def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_property,
+@pytest.mark.cost(35)
+@pytest.mark.parametrize("n_points, seed_offset", [pytest.param(3, 1000, id="3-points")])
+def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_property, tmp_path,
                                                             n_points, seed_offset):
+    kill_loop(reference, record_property, tmp_path, n_points, seed_offset)
+
+
+class TestTheFullKillLoop:
+    """The full loop (LAMBDAPIPE_KILL_POINTS points): a pytest-xdist work unit of its own (a
+    class), beside the packed and fused loops of this module on the other worker."""
+
+    @pytest.mark.killloop
+    @pytest.mark.cost(210)
+    @pytest.mark.parametrize("n_points, seed_offset", [
+        pytest.param(int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "20")), 0, id="full")])
+    def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(self, reference,
+                                                                record_property, tmp_path,
+                                                                n_points, seed_offset):
+        kill_loop(reference, record_property, tmp_path, n_points, seed_offset)
+
+
+def kill_loop(reference, record_property, tmp_path: Path, n_points: int,
+              seed_offset: int) -> None:
+    """N_POINTS kills of `lambdapipe train`, each run then to its end and compared with the
+    unbroken reference."""
     root, summary, rows, ops, seconds = reference
     rng = random.Random(int(os.environ.get("LAMBDAPIPE_KILL_SEED", "0")) + seed_offset)
     # Half the points kill at a file-system operation (inside the atomic writes), half after
@@ -155,7 +181,7 @@ def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_pr
     tally = {"killed": 0, "finished_before_kill": 0, "resumed_from_checkpoint": 0,
              "kills_inside_checkpoint_writes": 0}
     for i, (kind, at) in enumerate(points):
-        out = root / f"point{i}-of-{n_points}-{seed_offset}"
+        out = tmp_path / f"point{i}"
         cmd = train_cmd(root / "data", out)
         killed = kill_at(cmd, kind, at)
         tally["killed" if killed else "finished_before_kill"] += 1
@@ -190,16 +216,16 @@ def packed_cmd(data_dir: Path, root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def packed_reference(reference):
-    root = reference[0]
-    out = root / "packed-reference"
-    renames = root / "packed-renames"
+def packed_reference(reference, tmp_path_factory):
+    root, work = reference[0], tmp_path_factory.mktemp("packed")
+    out = work / "packed-reference"
+    renames = work / "packed-renames"
     start = time.monotonic()
-    res = run(packed_cmd(root / "data", out), KILL_COUNT_FILE=str(root / "packed-ops"),
+    res = run(packed_cmd(root / "data", out), KILL_COUNT_FILE=str(work / "packed-ops"),
               KILL_RENAME_LOG=str(renames))
     seconds = time.monotonic() - start
     assert res.returncode == 0, res.stderr[-3000:]
-    ops = int((root / "packed-ops").read_text())
+    ops = int((work / "packed-ops").read_text())
     # the operation right after seed 0's summary.json took its name: seed 0 finished,
     # seeds 1 and 2 one step from their end
     first_done = next(int(line.split()[0]) + 1 for line in renames.read_text().splitlines()
@@ -213,8 +239,9 @@ def strip_timing(summary: dict) -> dict:
 
 
 @pytest.mark.killloop
+@pytest.mark.cost(40)
 def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_reference,
-                                                          record_property):
+                                                          record_property, tmp_path):
     root, solo_summary, solo_rows = reference[:3]
     summaries, rows, ops, seconds, first_done = packed_reference
     # Packing changes nothing: seed 0 of the pack is the run trained alone.
@@ -226,7 +253,7 @@ def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_ref
         for i in range(1, n_points)]
     tally = {"killed": 0, "seeds_finished_before_rerun": 0, "seeds_resumed": 0}
     for i, (kind, at) in enumerate(points):
-        out = root / f"packed{i}"
+        out = tmp_path / f"packed{i}"
         cmd = packed_cmd(root / "data", out)
         killed = kill_at(cmd, kind, at)
         tally["killed"] += killed
@@ -259,23 +286,24 @@ def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_ref
 
 # --------------------------------------------------------------------------- fused packs
 @pytest.fixture(scope="module")
-def fused_reference(reference):
-    root = reference[0]
-    out = root / "fused-reference"
+def fused_reference(reference, tmp_path_factory):
+    root, work = reference[0], tmp_path_factory.mktemp("fused")
+    out = work / "fused-reference"
     start = time.monotonic()
     res = run([*packed_cmd(root / "data", out), "--fuse"],
-              KILL_COUNT_FILE=str(root / "fused-ops"))
+              KILL_COUNT_FILE=str(work / "fused-ops"))
     seconds = time.monotonic() - start
     assert res.returncode == 0, res.stderr[-3000:]
-    ops = int((root / "fused-ops").read_text())
+    ops = int((work / "fused-ops").read_text())
     summaries = {s: json.loads((out / str(s) / "summary.json").read_text()) for s in SEEDS}
     assert all(s["compile"] == "eager (fused x3)" for s in summaries.values())
     return summaries, {s: metrics(out / str(s)) for s in SEEDS}, ops, seconds
 
 
 @pytest.mark.killloop
+@pytest.mark.cost(40)
 def test_sigkill_a_fused_job_then_rerun_finishes_every_seed(reference, fused_ref_points,
-                                                            record_property):
+                                                            record_property, tmp_path):
     """A killed `train --seeds --fuse` job rerun: finished seeds untouched, every other seed
     resumed to the end; bitwise equal to the unbroken job when the kill left the unfinished
     seeds at one iteration (the runs behind otherwise catch up alone: float tolerance)."""
@@ -283,7 +311,7 @@ def test_sigkill_a_fused_job_then_rerun_finishes_every_seed(reference, fused_ref
     (summaries, rows, ops, seconds), points = fused_ref_points
     tally = {"killed": 0, "bitwise": 0, "caught_up": 0}
     for i, (kind, at) in enumerate(points):
-        out = root / f"fused{i}"
+        out = tmp_path / f"fused{i}"
         cmd = [*packed_cmd(root / "data", out), "--fuse"]
         tally["killed"] += kill_at(cmd, kind, at)
         finished, at_iteration = {}, set()

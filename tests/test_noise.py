@@ -130,7 +130,7 @@ def test_bad_tags(tag):
         parse_noise_tag(tag)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=min(60, settings().max_examples), deadline=None)  # conftest
 @given(n=st.integers(1, 400), c=st.integers(2, 12), rate=st.floats(0.0, 0.99),
        kind=st.sampled_from(["symmetric", "pairflip"]), seed=st.integers(0, 5))
 def test_exact_counts_property(n, c, rate, kind, seed):

@@ -109,15 +109,21 @@ def expected_counts(cfg: dict) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- the full grids
-@pytest.mark.slow  # a Snakemake DAG of each whole published grid
-@pytest.mark.parametrize("name", CONFIGS)
-def test_dry_run_counts(tmp_path, name):
-    res = snakemake("-n", "--configfile", str(ROOT / "config" / f"{name}.yaml"), cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = job_counts(res.stdout + res.stderr)
-    assert counts == expected_counts(load(name))
-    assert counts == PINNED[name]
-    assert not (tmp_path / "data").exists()  # a dry run touches nothing
+class TestTheWholeGrids:
+    """A Snakemake DAG of each whole published grid (a minute each): a pytest-xdist work unit
+    of its own (a class), beside this module's stand-in runs."""
+
+    pytestmark = [pytest.mark.slow, pytest.mark.cost(60)]
+
+    @pytest.mark.parametrize("name", CONFIGS)
+    def test_dry_run_counts(self, tmp_path, name):
+        res = snakemake("-n", "--configfile", str(ROOT / "config" / f"{name}.yaml"),
+                        cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        counts = job_counts(res.stdout + res.stderr)
+        assert counts == expected_counts(load(name))
+        assert counts == PINNED[name]
+        assert not (tmp_path / "data").exists()  # a dry run touches nothing
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -240,6 +246,7 @@ def _without_fingerprint(path: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.cost(60)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_standin_end_to_end(tmp_path, name):
     res = snakemake("--cores", "2", "--configfile", str(ROOT / "config" / f"{name}.yaml"),

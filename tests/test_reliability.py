@@ -311,6 +311,7 @@ def summaries(work: Path) -> dict[str, tuple[bytes, int, bool]]:
 
 
 @pytest.mark.slow
+@pytest.mark.cost(70)
 @pytest.mark.parametrize("sig", [signal.SIGKILL])
 def test_interrupted_grid_reruns_only_missing_jobs_and_a_second_snakemake_is_refused(
         tmp_path, sig, record_property):

@@ -22,7 +22,8 @@ from lambdapipe.errors import UserError
 from lambdapipe.evaluate import load_checkpoint, save_checkpoint
 from lambdapipe.validate import sidecar_digests
 
-EXAMPLES = int(os.environ.get("LAMBDAPIPE_FUZZ_EXAMPLES", "60"))
+# 60, or fewer under a Hypothesis profile of fewer (`make test-fast`: tests/conftest.py)
+EXAMPLES = int(os.environ.get("LAMBDAPIPE_FUZZ_EXAMPLES", min(60, settings().max_examples)))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
 TALLY: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -67,6 +67,8 @@ def train_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- learning
+@pytest.mark.slow  # two whole demo runs (400 steps each): make test, not the fast tier
+@pytest.mark.cost(40)
 def test_demo_recipe_learns_digits_and_label_noise_hurts(data_dir, tmp_path, monkeypatch):
     clean = train.run(config(data_dir, tmp_path / "clean"))
     noisy = train.run(config(data_dir, tmp_path / "noisy", noise="symmetric-0.5"))

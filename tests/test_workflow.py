@@ -64,6 +64,7 @@ def expected_counts(cfg: dict) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.cost(65)
 def test_dry_run_of_the_full_grid_has_one_job_per_run(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     res = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), cwd=tmp_path)
@@ -74,6 +75,7 @@ def test_dry_run_of_the_full_grid_has_one_job_per_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cost(65)
 def test_dry_run_with_packing_has_one_train_job_per_cell(tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     res = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), "--config",
@@ -203,67 +205,68 @@ def demo_run(tmp_path_factory):
     return work, log, env
 
 
-@pytest.mark.slow
-def test_demo_end_to_end(demo_run):
-    work, _, _ = demo_run
-    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    summaries = sorted((work / "results" / "runs").glob("*/*/*/*/summary.json"))
-    assert len(summaries) == expected_counts(cfg)["train"] == 8
-    for path in summaries:
-        summary = json.loads(path.read_text())
-        assert summary["status"] == "ok" and 0.5 < summary["tst_acc"] <= 1.0
-        assert not path.stat().st_mode & stat.S_IWUSR  # protected: never retrained
-        assert (path.parent / "eval_test.json").is_file()
-    explained = sorted((work / "results" / "runs").glob("*/*/*/*/explain_test.npz"))
-    assert [p.parts[-2] for p in explained] == ["0"] * 4  # one seed per model and noise
-    assert (work / "results" / "figures" / "attention_digits.png").is_file()
-    assert sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
-    assert (work / "results" / "tables" / "runs.csv").is_file()
-    assert json.loads((work / "results" / "metrics.json").read_text())
-    # dvc metrics' compact rows (one per model) and every run's DVCLive-format curves.
-    rows = sorted((work / "results" / "metrics" / "digits").glob("*.json"))
-    assert len(rows) == 2
-    assert all(set(json.loads(p.read_text())["test_acc_pct"]) == {"clean", "symmetric-0.25"}
-               for p in rows)
-    assert all((p.parent / "dvclive" / "metrics.json").is_file() for p in summaries)
-    # Snakemake benchmarks of every train, evaluate and explain job.
-    for rule, n in (("train", 8), ("evaluate", 8), ("explain", 4)):
-        assert len(list((work / "benchmarks" / rule).rglob("*.tsv"))) == n, rule
-    again = snakemake("-n", *DEMO_ARGS, cwd=work)
-    assert "Nothing to be done" in again.stdout + again.stderr
+class TestTheDemoGrid:
+    """The demo grid for real, read by three tests: one pytest-xdist work unit of its own
+    (a class), so that it runs beside this module's other slow tests instead of after them."""
 
+    pytestmark = [pytest.mark.slow, pytest.mark.cost(95)]
 
-@pytest.mark.slow
-def test_gpu_claims_under_contention(demo_run):
-    _, log, _ = demo_run
-    claims = [json.loads(line) for line in log.read_text().splitlines()]
-    # 8 train + 8 evaluate + 4 explain jobs, more jobs than the 2 devices
-    assert len(claims) == 20
-    spans = defaultdict(list)
-    for c in claims:
-        spans[c["index"]].append((c["acquired"], c["released"]))
-    assert set(spans) == {0, 1}
-    for index, s in spans.items():
-        s.sort()
-        assert all(b[0] >= a[1] for a, b in itertools.pairwise(s)), f"gpu{index} shared"
+    def test_demo_end_to_end(self, demo_run):
+        work, _, _ = demo_run
+        cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+        summaries = sorted((work / "results" / "runs").glob("*/*/*/*/summary.json"))
+        assert len(summaries) == expected_counts(cfg)["train"] == 8
+        for path in summaries:
+            summary = json.loads(path.read_text())
+            assert summary["status"] == "ok" and 0.5 < summary["tst_acc"] <= 1.0
+            assert not path.stat().st_mode & stat.S_IWUSR  # protected: never retrained
+            assert (path.parent / "eval_test.json").is_file()
+        explained = sorted((work / "results" / "runs").glob("*/*/*/*/explain_test.npz"))
+        assert [p.parts[-2] for p in explained] == ["0"] * 4  # one seed per model and noise
+        assert (work / "results" / "figures" / "attention_digits.png").is_file()
+        assert sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
+        assert (work / "results" / "tables" / "runs.csv").is_file()
+        assert json.loads((work / "results" / "metrics.json").read_text())
+        # dvc metrics' compact rows (one per model) and every run's DVCLive-format curves.
+        rows = sorted((work / "results" / "metrics" / "digits").glob("*.json"))
+        assert len(rows) == 2
+        assert all(set(json.loads(p.read_text())["test_acc_pct"]) == {"clean", "symmetric-0.25"}
+                   for p in rows)
+        assert all((p.parent / "dvclive" / "metrics.json").is_file() for p in summaries)
+        # Snakemake benchmarks of every train, evaluate and explain job.
+        for rule, n in (("train", 8), ("evaluate", 8), ("explain", 4)):
+            assert len(list((work / "benchmarks" / rule).rglob("*.tsv"))) == n, rule
+        again = snakemake("-n", *DEMO_ARGS, cwd=work)
+        assert "Nothing to be done" in again.stdout + again.stderr
 
+    def test_gpu_claims_under_contention(self, demo_run):
+        _, log, _ = demo_run
+        claims = [json.loads(line) for line in log.read_text().splitlines()]
+        # 8 train + 8 evaluate + 4 explain jobs, more jobs than the 2 devices
+        assert len(claims) == 20
+        spans = defaultdict(list)
+        for c in claims:
+            spans[c["index"]].append((c["acquired"], c["released"]))
+        assert set(spans) == {0, 1}
+        for index, s in spans.items():
+            s.sort()
+            assert all(b[0] >= a[1] for a, b in itertools.pairwise(s)), f"gpu{index} shared"
 
-@pytest.mark.slow
-def test_html_report(demo_run):
-    work, _, _ = demo_run
-    out = work / "report.html"
-    res = snakemake(*DEMO_ARGS, "--report", str(out), cwd=work)
-    assert res.returncode == 0, res.stderr[-3000:]
-    html = out.read_text(errors="replace")
-    assert "acc_vs_noise_digits.png" in html and "runs.csv" in html
-    # The workflow's description and a caption of its own for each kind of figure.
-    assert "LambdaNetworks (Bello, ICLR 2021)" in html
-    for caption in ("Memorisation of noisy labels on digits",
-                    "Test accuracy on digits against the share of corrupted",
-                    "FullGrad and Grad-CAM saliency maps on the first test images of digits",
-                    "The learned position embeddings of a lambda layer of one run on digits",
-                    "Training loss (on the noisy labels, solid)"):
-        assert caption in html, caption
+    def test_html_report(self, demo_run):
+        work, _, _ = demo_run
+        out = work / "report.html"
+        res = snakemake(*DEMO_ARGS, "--report", str(out), cwd=work)
+        assert res.returncode == 0, res.stderr[-3000:]
+        html = out.read_text(errors="replace")
+        assert "acc_vs_noise_digits.png" in html and "runs.csv" in html
+        # The workflow's description and a caption of its own for each kind of figure.
+        assert "LambdaNetworks (Bello, ICLR 2021)" in html
+        for caption in ("Memorisation of noisy labels on digits",
+                        "Test accuracy on digits against the share of corrupted",
+                        "FullGrad and Grad-CAM saliency maps on the first test images of digits",
+                        "The learned position embeddings of a lambda layer of one run on digits",
+                        "Training loss (on the noisy labels, solid)"):
+            assert caption in html, caption
 
 
 @pytest.mark.slow
@@ -305,6 +308,8 @@ def test_rules_run_the_package_of_their_own_checkout(tmp_path):
     assert all(re.match(r"(rm -rf \S+ && )?lambdapipe \w+ ", ln) for ln in shell), shell
 
 
+@pytest.mark.slow  # a real run of prepare and noise, then four dry runs
+@pytest.mark.cost(45)
 def test_a_changed_setting_retrains_exactly_its_runs_in_a_clone_without_metadata(tmp_path):
     """The issue's measurement, as a clone after `dvc pull` has it (results, no
     .snakemake/metadata): base_width 8 -> 4 plans the 8 retrainings, a change to one model's
@@ -354,6 +359,7 @@ def test_a_changed_setting_retrains_exactly_its_runs_in_a_clone_without_metadata
         "'val_count': 144}: delete data/prepared/digits" in res.stdout + res.stderr
 
 
+@pytest.mark.slow  # a dry run and a real prepare through a Snakemake module
 def test_the_workflow_as_a_module_from_outside_the_checkout(tmp_path):
     """`module lambdapipe: snakefile: <clone>/workflow/Snakefile` + `use rule * from
     lambdapipe` in a directory of the user's own: the clone's package is imported and run
