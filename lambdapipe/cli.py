@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from lambdapipe import logs
 from lambdapipe.cli_options import (
     DATASET_CHOICE,
     RegistryChoice,
@@ -34,7 +35,10 @@ from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH  # the reci
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lambdapipe")
-def main() -> None:
+@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+              default="info", show_default=True, envvar=logs.LEVEL_ENV, show_envvar=True,
+              help="Least severe messages written to stderr, each line with its time.")
+def main(log_level: str) -> None:
     """Reproducible LambdaNetworks vs ResNet experiments on small, noisy-label datasets.
 
     \b
@@ -42,6 +46,7 @@ def main() -> None:
       lambdapipe prepare --dataset digits --noise 0.25
       lambdapipe train --model resnet20x1 --dataset digits --noise 0.25 --out runs/r20
     """
+    logs.configure(log_level)
 
 
 # --------------------------------------------------------------------------- models

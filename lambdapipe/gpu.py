@@ -53,6 +53,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from lambdapipe import logs
 from lambdapipe.errors import StateError, UserError, bad_value
 
 LOCK_DIR_ENV = "LAMBDAPIPE_GPU_LOCK_DIR"
@@ -361,7 +362,6 @@ def claim(device: str = "auto", lock_dir: Path | None = None, slots: int | None 
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"no free GPU slot in {lock_dir} after {timeout_s:g} s")
         if not waited:
-            print(f"lambdapipe: all {len(order)} GPU slot(s) busy, waiting (locks in "
-                  f"{lock_dir})", file=sys.stderr, flush=True)
+            logs.emit(f"all {len(order)} GPU slot(s) busy, waiting (locks in {lock_dir})")
             waited = True
         time.sleep(poll_s)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,9 +12,12 @@ import torch
 from lambdapipe.recipes import Recipe
 
 
-def log(msg: str) -> None:
-    """One line on stderr (stdout carries the commands' results)."""
-    print(msg, file=sys.stderr, flush=True)
+def log(msg: str, level: str = "info") -> None:
+    """A message of the run on the `lambdapipe` logger: stderr, each line with a timestamp
+    and `level` (info, warning, error), so a job's log file says when it happened."""
+    from lambdapipe import logs  # logging's setup lives there; the CLI sets the level
+
+    logs.emit(msg, level)
 
 
 @contextlib.contextmanager
