@@ -15,7 +15,6 @@ from pathlib import Path
 
 import click
 
-from lambdapipe import logs
 from lambdapipe.cli_options import (
     DATASET_CHOICE,
     RegistryChoice,
@@ -35,10 +34,7 @@ from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH  # the reci
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lambdapipe")
-@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
-              default="info", show_default=True, envvar=logs.LEVEL_ENV, show_envvar=True,
-              help="Least severe messages written to stderr, each line with its time.")
-def main(log_level: str) -> None:
+def main() -> None:
     """Reproducible LambdaNetworks vs ResNet experiments on small, noisy-label datasets.
 
     \b
@@ -46,7 +42,6 @@ def main(log_level: str) -> None:
       lambdapipe prepare --dataset digits --noise 0.25
       lambdapipe train --model resnet20x1 --dataset digits --noise 0.25 --out runs/r20
     """
-    logs.configure(log_level)
 
 
 # --------------------------------------------------------------------------- models

@@ -2,10 +2,11 @@
 line per record with a timestamp and a level name, on stderr (stdout carries the commands'
 results). Snakemake's per-job log files then say when each line happened.
 
-The CLI sets the level once per command (`--log-level`, or $LAMBDAPIPE_LOG_LEVEL, which a
-workflow can export for every job). Used as a library, the first message installs the same
-stderr handler unless the `lambdapipe` logger already has one of its caller's: then the
-caller's configuration decides where the lines go.
+The CLI sets the level once per command, before the command runs, from
+$LAMBDAPIPE_LOG_LEVEL (debug, info, warning, error; info by default), which a workflow
+exports for every job (a bad value: one line, exit 2). Used as a library, the first message
+installs the same stderr handler unless the `lambdapipe` logger already has one of its
+caller's: then the caller's configuration decides where the lines go.
 """
 
 from __future__ import annotations

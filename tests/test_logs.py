@@ -62,14 +62,16 @@ def test_the_level_filters_and_a_callers_own_handler_wins(capsys, monkeypatch):
     assert "invalid $LAMBDAPIPE_LOG_LEVEL 'loud'" in err[0] and err[1].endswith(" still said")
 
 
-def test_the_cli_level_option_and_its_variable(tmp_path):
-    bad = CliRunner().invoke(main, ["--log-level", "loud", "models"])
-    assert bad.exit_code == 2 and "'loud' is not one of" in bad.output
-    bad = CliRunner(env={logs.LEVEL_ENV: "loud"}).invoke(main, ["models"])
-    assert bad.exit_code == 2 and "'loud' is not one of" in bad.output, bad.output
-    ok = CliRunner(env={logs.LEVEL_ENV: "WARNING"}).invoke(main, ["models", "--dataset",
-                                                                  "digits"])
-    assert ok.exit_code == 0, ok.output
+def test_the_cli_sets_the_level_from_its_variable_first():
+    args = ["models", "--dataset", "digits", "--pattern", "resnet20x1"]
+    bad = CliRunner(env={logs.LEVEL_ENV: "loud"}).invoke(main, args)
+    assert bad.exit_code == 2, bad.output
+    assert bad.output.strip().splitlines()[-1] == (
+        "Error: invalid $LAMBDAPIPE_LOG_LEVEL 'loud': expected one of debug, info, warning, "
+        "error")
+    assert "resnet20x1" not in bad.output  # refused before the command ran
+    ok = CliRunner(env={logs.LEVEL_ENV: "WARNING"}).invoke(main, args)
+    assert ok.exit_code == 0 and "resnet20x1" in ok.output, ok.output
     assert logs.LOGGER.level == logging.WARNING
 
 
