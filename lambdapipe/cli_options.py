@@ -18,14 +18,17 @@ MIRROR_ENV = "LAMBDAPIPE_MIRROR"
 
 def user_errors(fn):
     """Bad input (`UserError`) becomes a click usage error (exit 2); a `StateError` or a
-    failed artefact write (disk full) one `Error:` line with exit 1 and no usage block."""
+    failed artefact write (disk full) one `Error:` line with exit 1 and no usage block.
+    Every command's messages are logged at $LAMBDAPIPE_LOG_LEVEL (checked here, first)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from lambdapipe import logs
         from lambdapipe.atomic import WriteError
         from lambdapipe.errors import StateError
 
         try:
+            logs.configure()
             return fn(*args, **kwargs)
         except StateError as exc:  # not the command line's fault: no "Usage:" block
             raise click.ClickException(str(exc)) from None

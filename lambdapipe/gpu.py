@@ -17,11 +17,13 @@ claimed GPU and no context is ever opened on another one - as SLURM does for a w
 A CUDA_VISIBLE_DEVICES already set (by SLURM or by hand) is indexed into, never replaced by
 host numbering: `cuda:N` means the N-th device the job was given.
 
+The lock is `filelock.FileLock` (flock, tried without blocking; it opens with O_NOFOLLOW,
+so a symbolic link planted at `gpu0.slot0.lock` is never followed, and it never truncates).
 The temp dir is shared with every local user, so a lock file is input from a possible
-attacker: the lock directory is created private to its user (0700) and refused, in one
-line, when another user owns it (they could plant files in it); a lock file is opened with
-O_NOFOLLOW and must be a regular file, so a symbolic link planted at `gpu0.slot0.lock`
-cannot make a job truncate the file it points to.
+attacker, and we add what filelock does not check: the lock directory is created private to
+its user (0700) and refused, in one line, when another user owns it (they could plant files
+in it; `lock_dir_ready`), and a lock file must be a regular file (a FIFO opens and locks
+like one; `_stamp`, which also writes the holder's name into it).
 
 Under SLURM the scheduler has already given the job its GPUs (CUDA_VISIBLE_DEVICES), so
 `auto` uses the first visible device and takes no lock.
@@ -38,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import re
@@ -50,6 +51,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
+from lambdapipe import logs
 from lambdapipe.errors import StateError, UserError, bad_value
 
 LOCK_DIR_ENV = "LAMBDAPIPE_GPU_LOCK_DIR"
@@ -225,30 +229,34 @@ def lock_dir_ready(lock_dir: Path | None) -> Path:
     return path
 
 
-def _try_lock(path: Path) -> int | None:
-    try:  # O_NOFOLLOW: a planted link must not make us truncate its target
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
+def _stamp(path: Path):
+    """filelock's on_acquired hook (a raise there releases the lock again): refuse what is
+    not a regular file, then write the holder's identity, for a human looking at a busy
+    machine (not used for locking)."""
+    def stamp(fd: int) -> None:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device someone put there
+            raise UserError(f"refusing GPU lock file {path}: not a regular file (remove it)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode(), 0)
+    return stamp
+
+
+def _try_lock(path: Path) -> FileLock | None:
+    """The lock of one (device, slot), held; None if another job holds it."""
+    # fallback_to_soft=False: a marker file a SIGKILLed job leaves behind would hold the GPU
+    # for ever; where flock is missing, fail instead.
+    lock = FileLock(path, mode=0o600, blocking=False, thread_local=False,
+                    fallback_to_soft=False, on_acquired=_stamp(path))
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    except OSError as exc:  # O_NOFOLLOW refused a link (ELOOP), or a directory is there
         kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory"}.get(
             exc.errno, exc.strerror or str(exc))
         raise UserError(f"refusing GPU lock file {path}: {kind}; expected a regular file "
                         "(remove it)") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device someone put there
-        os.close(fd)
-        raise UserError(f"refusing GPU lock file {path}: not a regular file (remove it)")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    # The holder's identity, for a human looking at a busy machine; not used for locking.
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode())
-    return fd
+    return lock
 
 
 def _log(claim: Claim, acquired: float, released: float) -> None:
@@ -267,7 +275,7 @@ def _log(claim: Claim, acquired: float, released: float) -> None:
 
 
 @contextlib.contextmanager
-def _hold(claim: Claim, fd: int | None) -> Iterator[str]:
+def _hold(claim: Claim, lock: FileLock | None) -> Iterator[str]:
     global _current
     acquired = time.time()
     previous, _current = _current, claim
@@ -275,8 +283,8 @@ def _hold(claim: Claim, fd: int | None) -> Iterator[str]:
         yield claim.device
     finally:
         _current = previous
-        if fd is not None:
-            os.close(fd)  # closing the last descriptor releases the flock
+        if lock is not None:
+            lock.release()
         _log(claim, acquired, time.time())
 
 
@@ -344,17 +352,16 @@ def claim(device: str = "auto", lock_dir: Path | None = None, slots: int | None 
         for i, j in order:
             phys = _physical_index(i)
             path = lock_dir / f"gpu{phys}.slot{j}.lock"
-            fd = _try_lock(path)
-            if fd is not None:
+            lock = _try_lock(path)
+            if lock is not None:
                 c = held(i, slot=j, lock_path=path)
                 # _hold first: it releases the lock if narrowing the devices fails
-                with _hold(c, fd) as dev, _only(c, fake is not None):
+                with _hold(c, lock) as dev, _only(c, fake is not None):
                     yield dev
                 return
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"no free GPU slot in {lock_dir} after {timeout_s:g} s")
         if not waited:
-            print(f"lambdapipe: all {len(order)} GPU slot(s) busy, waiting (locks in "
-                  f"{lock_dir})", file=sys.stderr, flush=True)
+            logs.emit(f"all {len(order)} GPU slot(s) busy, waiting (locks in {lock_dir})")
             waited = True
         time.sleep(poll_s)

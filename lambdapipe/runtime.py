@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +23,12 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTO_COMPILE = {"cuda": "reduce-overhead"}
 
 
-def log(msg: str) -> None:
-    """One line on stderr (stdout carries the commands' results)."""
-    print(msg, file=sys.stderr, flush=True)
+def log(msg: str, level: str = "info") -> None:
+    """A message of the run on the `lambdapipe` logger: stderr, each line with a timestamp
+    and `level` (info, warning, error), so a job's log file says when it happened."""
+    from lambdapipe import logs  # logging's setup lives there; the CLI sets the level
+
+    logs.emit(msg, level)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -420,3 +421,18 @@ def test_cli_dangling_gpu_lock_dir_is_one_line(tmp_path, fake_env):
                            str(tmp_path / "x.ckpt"), "--device", "auto", "--gpu-lock-dir",
                            str(dangling)], capture_output=True, text=True, env=env(1))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_a_held_lock_file_names_its_holder_and_is_private(tmp_path, fake_env):
+    env, _ = fake_env
+    env(1)
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "gpu0.slot0.lock").write_text("a dead job's name, longer than ours\n" * 10)
+    with gpu.claim("auto", lock_dir=locks):
+        path = gpu.current().lock_path
+        pid, host, _ = path.read_text().split()
+        assert int(pid) == os.getpid() and host == socket.gethostname()
+    fresh = tmp_path / "fresh"
+    with gpu.claim("auto", lock_dir=fresh):
+        assert gpu.current().lock_path.stat().st_mode & 0o777 == 0o600

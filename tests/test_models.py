@@ -12,6 +12,7 @@ from lambdapipe.models import (
     estimate_flops,
     estimate_macs,
     list_models,
+    model_hyperparameters,
 )
 
 torch.set_num_threads(2)
@@ -146,6 +147,33 @@ def test_list_models_glob():
     assert list_models("resnet20x*") == ["resnet20x1", "resnet20x2", "resnet20x4"]
     assert list_models() == sorted(list_models())
     assert list_models("nothing*") == []
+
+
+def _tiny(name: str) -> list[dict]:
+    """The smallest build of `name` for each lambda implementation it has (4 px wide stages,
+    k 4, 2 heads, every block a lambda block where it has the choice)."""
+    hp = model_hyperparameters(name)
+    if "impl" not in hp:
+        return [{"base_width": 4}]
+    extra = {"lambda_blocks": "all"} if "lambda_blocks" in hp else {}
+    return [{"base_width": 4, "k": 4, "heads": 2, "impl": impl, **extra}
+            for impl in ("lambda", "logit")]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_models_mac_count_equals_torch_flop_counter(name, request):
+    """The check above for every registered model (a model added later is covered without
+    being named), at a tiny width and 16 px so the whole registry costs seconds on a CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads would only wait for each other
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    for kwargs in _tiny(name):
+        model = create_model(name, num_classes=10, image_size=16, **kwargs).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 3, 16, 16))
+        assert counter.get_total_flops() == 2 * estimate_macs(model, 16), kwargs
 
 
 @pytest.mark.parametrize(("name", "args", "needle"), [

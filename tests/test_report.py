@@ -532,3 +532,37 @@ def test_figures_say_what_they_show(tmp_path):
     heads = [ax.title for ax in fig.axes[1:5]]
     assert ["noise: clean" in h.get_text() for h in heads] == [True, True, False, False]
     assert all(h.get_fontsize() >= 10 for h in heads)
+
+
+def test_acc_vs_params_draws_only_like_published_points_as_like(tmp_path):
+    """The tables' like-for-like rule holds in the figure too: a published ResNet trained like
+    one of our runs (resnet20x1, fp32, sgdm, 32 px CIFAR-10) is drawn dark; the others (our
+    resnet56x1 ran bf16; the rest have no run of ours) faint and dotted, the legend says so."""
+    from matplotlib.colors import to_rgba
+
+    from lambdapipe.report import figures, tables
+    from lambdapipe.report.load import collect_runs, read_published
+
+    write_run(tmp_path, "cifar10", "clean", "resnet20x1", 0, params=272_474, tst_acc=0.92)
+    write_run(tmp_path, "cifar10", "clean", "resnet56x1", 0, params=855_770, tst_acc=0.93,
+              precision="bf16")
+    df = tables.runs_frame(collect_runs(tmp_path), None)
+    pub = read_published(None)["resnet"]
+    pub = pub[(pub["dataset"] == "CIFAR10_x32") & pub["test_acc"].notna()]
+    fig = figures.acc_vs_params("cifar10", df, figures.palette(list(df["series"])), pub,
+                                "cifar10")
+    ax = fig.axes[0]
+    dark, faint = (to_rgba(c) for c in ("dimgrey", "silver"))
+    drawn = {}
+    for coll in ax.collections:
+        edge = tuple(coll.get_edgecolor()[0]) if len(coll.get_edgecolor()) else None
+        if edge in (dark, faint):
+            drawn[edge] = drawn.get(edge, 0) + len(coll.get_offsets())
+    assert drawn == {dark: 1, faint: len(pub) - 1}, drawn
+    labels = {t.get_text(): to_rgba(t.get_color()) for t in ax.texts}
+    assert labels.pop("R20x1 fp32") == dark
+    assert labels.pop("R56x1 fp32") == faint and set(labels.values()) == {faint}
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "published ResNet, trained like ours" in legend
+    assert "published ResNet, not like ours (tables say why)" in legend
+    fig.savefig(tmp_path / "acc_vs_params.png")

@@ -28,6 +28,7 @@ from lambdapipe.atomic import (
     WriteError,
     no_space,
     pid_alive,
+    read_json,
     reserved_memmap,
     sha256_file,
     write_json,
@@ -341,6 +342,9 @@ def load_manifest(data_dir: Path, dataset: str) -> dict:
 
 
 # --------------------------------------------------------------------------- noise variants
+VARIANT_MAX = 64 << 20  # noise/<tag>.json, read bounded: its c x c matrix, ~10 bytes a cell
+
+
 def _variant_paths(prepared: Path, spec: NoiseSpec) -> tuple[Path, Path]:
     return prepared / "noise" / f"{spec.tag}.npy", prepared / "noise" / f"{spec.tag}.json"
 
@@ -351,8 +355,8 @@ def make_noise(prepared: Path, spec: NoiseSpec) -> Path:
     manifest = read_manifest(prepared / "manifest.json")
     npy, meta = _variant_paths(prepared, spec)
     if npy.exists() and meta.exists():
-        with contextlib.suppress(ValueError, KeyError):
-            if json.loads(meta.read_text())["sha256"] == sha256_file(npy):
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # else: written anew
+            if read_json(meta, VARIANT_MAX, "noise variant")["sha256"] == sha256_file(npy):
                 return npy
     _verify_arrays(prepared, manifest, ["train_labels.npy"])
     return _write_variant(prepared, manifest, spec)
@@ -445,7 +449,7 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
                 f"noise variant {spec.tag!r} of {dataset} is not prepared: run `lambdapipe "
                 f"prepare --dataset {dataset} --noise {spec.rate:g} --noise-kind {spec.kind}"
                 + (f" --noise-seed {spec.seed}`" if spec.seed else "`"))
-        info = json.loads(meta.read_text())
+        info = read_json(meta, VARIANT_MAX, "noise variant")
         if verify:
             _verify_file(npy, info["sha256"])
         labels = np.load(npy)
@@ -464,7 +468,7 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
 def describe(prepared: Path, spec: NoiseSpec) -> list[str]:
     """What `prepare` wrote, for the terminal: arrays, split sizes, realised noise."""
     prepared = Path(prepared)
-    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest = read_manifest(prepared / "manifest.json")
     req = manifest["requested"]
     val = (f"val_size {req['val_size']}" if "val_size" in req
            else f"val_fraction {req['val_fraction']:g}")
@@ -478,7 +482,7 @@ def describe(prepared: Path, spec: NoiseSpec) -> list[str]:
                  f"(stratified val, {val}, split seed {manifest['params']['split_seed']})")
     npy, meta = _variant_paths(prepared, spec)
     if meta.exists():
-        info = json.loads(meta.read_text())
+        info = read_json(meta, VARIANT_MAX, "noise variant")
         lines.append(f"noise {spec.tag}: {info['num_flipped']} of {info['num_train']} train "
                      f"labels changed (realised rate {info['realised_rate']:.4f}; "
                      f"{info['source']}) -> {npy.relative_to(prepared)}")

@@ -248,9 +248,24 @@ def acc_vs_noise(dataset: str, runs: pd.DataFrame, colours: dict) -> Figure | No
     return fig
 
 
+def _published_alike(runs: pd.DataFrame, published: pd.DataFrame, source: str) -> np.ndarray:
+    """Which published ResNet rows some run of ours trained alike, by the tables' one rule
+    (`reference.differences`, through compare.match): only those are a like-for-like point
+    beside ours; the others are drawn apart (the tables say what differs)."""
+    from lambdapipe.report.compare import match, setting_of
+    from lambdapipe.report.published_tables import resnet_settings
+
+    settings = resnet_settings(published, source)
+    stand_in = bool(runs["stand_in"].any()) if "stand_in" in runs.columns else False
+    alike = {hit.name for _, row in runs.iterrows()
+             if (hit := match(setting_of(row), settings, stand_in)[0]) is not None}
+    return published.index.isin(list(alike))
+
+
 def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
-                  published: pd.DataFrame | None) -> Figure | None:
-    """Test accuracy against parameter count (log x), per noise rate; published ResNets grey."""
+                  published: pd.DataFrame | None, source: str | None = None) -> Figure | None:
+    """Test accuracy against parameter count (log x), per noise rate; published ResNets grey:
+    dark where trained like ours (`source`: the dataset they stand for), faint otherwise."""
     ok = runs[(runs["status"] == OK) & runs["tst_acc"].map(_finite)
               & runs["params"].map(_finite)]
     conds = [c for c in _conditions(ok)
@@ -267,12 +282,16 @@ def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
                         yerr=acc.std(ddof=1) if len(g) > 1 else None, fmt="o", ms=7,
                         capsize=3, color=colours[name])
         if cond == "clean" and published is not None and not published.empty:
-            ax.scatter(published["params_m"], 100 * published["test_acc"], marker="D",
-                       facecolor="none", edgecolor="dimgrey", s=36, zorder=1)
-            for row in published.itertuples():
-                ax.annotate(f"R{row.depth}x{row.width} {row.precision}",
-                            (row.params_m, 100 * row.test_acc), xytext=(4, -3),
-                            textcoords="offset points", fontsize=6, color="dimgrey")
+            alike = _published_alike(sub, published, source or dataset)
+            for rows, colour, style in ((published[alike], "dimgrey", "solid"),
+                                        (published[~alike], "silver", "dotted")):
+                ax.scatter(rows["params_m"], 100 * rows["test_acc"], marker="D",
+                           facecolor="none", edgecolor=colour, linestyle=style, s=36,
+                           zorder=1)
+                for row in rows.itertuples():
+                    ax.annotate(f"R{row.depth}x{row.width} {row.precision}",
+                                (row.params_m, 100 * row.test_acc), xytext=(4, -3),
+                                textcoords="offset points", fontsize=6, color=colour)
         ax.margins(x=0.12)  # no mean on the frame's edge
         low, high = ax.dataLim.x0, ax.dataLim.x1
         if low > 0 and high / low >= 3:  # a log scale only where sizes differ by factors
@@ -290,8 +309,10 @@ def acc_vs_params(dataset: str, runs: pd.DataFrame, colours: dict,
     handles = _series_handles(colours, ok["series"]) + [
         Line2D([], [], color="grey", marker="o", ls="", label="ours: mean ± sd over seeds")]
     if published is not None and not published.empty:
-        handles.append(Line2D([], [], marker="D", ls="", markerfacecolor="none",
-                              markeredgecolor="dimgrey", label="published ResNet baselines"))
+        handles += [Line2D([], [], marker="D", ls="", markerfacecolor="none",
+                           markeredgecolor=colour, label=label) for colour, label in (
+            ("dimgrey", "published ResNet, trained like ours"),
+            ("silver", "published ResNet, not like ours (tables say why)"))]
     _legend(fig, handles)
     return fig
 

@@ -7,6 +7,7 @@ run-directory contract (docs/architecture.md) is relied on; no training code is 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lambdapipe.atomic import keep_read_only
+from lambdapipe.atomic import keep_read_only, read_small_bytes
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DIR
 from lambdapipe.status import STATUSES
@@ -117,13 +118,25 @@ def _malformed(path: Path, why: str) -> UserError:
     return UserError(f"malformed {path}: {why}")
 
 
+# Every file the report reads is input (a pulled or copied run directory): read bounded, as
+# a regular file (a FIFO would hang the report, a link to /dev/zero never end it).
+JSON_MAX = 16 << 20  # a run's summary.json or config.json is a few KB
+CSV_MAX = 512 << 20  # a long run's metrics.csv is a few MB
+
+
+def _csv(path: Path) -> io.BytesIO:
+    return io.BytesIO(read_small_bytes(path, CSV_MAX, "CSV table"))
+
+
 def read_json_object(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(read_small_bytes(path, JSON_MAX, "run file").decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise _malformed(path, f"not JSON ({exc.msg} at line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise _malformed(path, f"unreadable ({exc})") from None
+    except RecursionError:
+        raise _malformed(path, "JSON nested too deep") from None
     if not isinstance(obj, dict):
         raise _malformed(path, f"expected a JSON object, found {type(obj).__name__}")
     return obj
@@ -157,7 +170,7 @@ def read_summary(path: Path) -> tuple[dict, Noise]:
 def read_metrics(path: Path) -> pd.DataFrame:
     """metrics.csv as numbers; unknown extra columns are kept, non-numeric known ones refused."""
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(_csv(path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _malformed(path, f"not a CSV table ({reason})") from None
@@ -260,7 +273,7 @@ def read_published(directory: Path | None) -> dict[str, pd.DataFrame]:
             raise UserError(f"published directory {directory} lacks {name}: expected "
                             + ", ".join(n for n, _ in PUBLISHED_FILES.values()))
         try:
-            df = pd.read_csv(path)
+            df = pd.read_csv(_csv(path))
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise _malformed(path, f"not a CSV table ({type(exc).__name__})") from None
         missing = [c for c in columns if c not in df.columns]
