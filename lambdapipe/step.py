@@ -135,8 +135,8 @@ class TrainStep:
         self.path = f"eager (fallback: {type(exc).__name__}: {reason})"
         self.forward = self.model
         self.optimizer.zero_grad(set_to_none=True)
-        log(f"warning: {self.rt.compile} compiled step failed, training continues "
-            f"eagerly: {type(exc).__name__}: {reason}")
+        log(f"{self.rt.compile} compiled step failed, training continues "
+            f"eagerly: {type(exc).__name__}: {reason}", level="warning")
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
               step: int) -> torch.Tensor:
