@@ -208,35 +208,33 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
                     "compile": resolve(cell.recipe, device).compile or False,
                     "runs": len(cell.runs), "steps": cell.steps,
-                    "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
+                    "evaluations": cell.evaluations, "slots": s, "pack": pack,
+                    "published_run_s": pub}
             kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,
                       "image_size": cell.image_size, "data_dir": data_dir,
                       "real_data": real_data, "warmup": warmup, "steps": steps,
                       "eval_images": cell.val_size, "model_args": cell.model_args,
                       "device": device}
-            if pack > 1:
-                one, row = measure_packed(pack, fuse=fuse, **kwargs)
-                parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
-                totals[s] += cell_s / gpus
-                rows.append({**base, "pack": pack, "iter_per_min": row["iter_per_min"],
-                             "iter_per_min_per_slot": row["iter_per_min_per_run"],
-                             "vs_one_run": row["vs_one_run"],
-                             "peak_mem_gib": row["peak_mem_gib"], **parts,
-                             "device_name": row["device_name"], "path": row.get("path")})
-                continue
             try:
-                row = measure_slots(s, **kwargs)
+                if pack > 1:
+                    one, row = measure_packed(pack, fuse=fuse, **kwargs)
+                    parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
+                else:
+                    row = measure_slots(s, **kwargs)
+                    parts = run_seconds(cell, row, launch_s)
+                    cell_s = parts["run_s"] * len(cell.runs) / s
             except (UserError, RuntimeError) as exc:  # e.g. two copies do not fit in memory
                 if s == 1:
                     raise
                 totals[s] = None
                 rows.append({**base, "error": str(exc).splitlines()[0]})
                 continue
-            parts = run_seconds(cell, row, launch_s)
             if totals[s] is not None:
-                totals[s] += parts["run_s"] * len(cell.runs) / (s * gpus)
+                totals[s] += cell_s / gpus
+            per_process = "iter_per_min_per_run" if pack > 1 else "iter_per_min_per_slot"
             rows.append({**base, "iter_per_min": row["iter_per_min"],
-                         "iter_per_min_per_slot": row["iter_per_min_per_slot"],
+                         "iter_per_min_per_slot": row[per_process],
+                         "vs_one_run": row.get("vs_one_run"),
                          "peak_mem_gib": row["peak_mem_gib"], **parts,
                          "device_name": row["device_name"], "path": row.get("path")})
     best = min((s for s in totals if totals[s] is not None), key=totals.get)
