@@ -59,11 +59,6 @@ def new_tally(device: str, runs: int | None = None) -> torch.Tensor:
     return t
 
 
-def reset_tally(t: torch.Tensor) -> None:
-    """Zero every count but the first non-finite iteration (the last column)."""
-    t[..., :COLUMN.first_nonfinite] = 0
-
-
 @torch.no_grad()
 def _count(t: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
            y_clean: torch.Tensor, iteration: float | torch.Tensor,
@@ -114,9 +109,6 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(torch.device(device).type,
                                            enabled=rt.scaler and runs is None)
         self.tally = new_tally(device, runs)
-
-    def reset_tally(self) -> None:
-        reset_tally(self.tally)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
                  step: int) -> torch.Tensor:
@@ -207,9 +199,6 @@ class GraphedStep:
     def path(self) -> str:
         return self.step.path
 
-    def reset_tally(self) -> None:
-        self.step.reset_tally()
-
     def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
                  step: int) -> torch.Tensor:
         if self.failed:
@@ -284,7 +273,8 @@ class Seat:
         return self.step.path + (f" (fused x{self.pack_size})" if self.pack_size else "")
 
     def reset_tally(self) -> None:
-        reset_tally(self.tally)
+        """Zero every count but the first non-finite iteration (the last column)."""
+        self.tally[..., :COLUMN.first_nonfinite] = 0
 
     def counts(self) -> Tally:
         return Tally(*self.tally.tolist())  # a host sync
