@@ -1,10 +1,9 @@
-"""`lambdapipe bench`: what one training step costs, timed on the step train runs (built
-by `step.build` under the same `Runtime`, fed by `augment` as in training) after `warmup`
-steps, between CUDA events on a GPU. MFU = model FLOP/s / the device's dense peak, a step
-counted as 3x the forward FLOPs. Beside the step, what else a run pays (for project.py):
-start-up (build, compilation, capture: the warm-up's excess over steady steps), one
-evaluation pass and one checkpoint write. With `slots` > 1 the same measurement runs in that
-many processes at once on the device, and the row holds their sum.
+"""`lambdapipe bench`: what one training step costs, timed on the step train runs (`step.build`
+or `fuse.fused_step` under the same `Runtime`, fed as in training) after `warmup` steps.
+MFU = model FLOP/s (a step: 3x the forward FLOPs) / the device's dense peak. Beside the step,
+what else a run pays (for project.py): start-up (the warm-up's excess over steady steps), one
+evaluation pass and one checkpoint write. With `slots` > 1 the measurement runs in that many
+processes at once on the device, and the row holds their sum.
 """
 
 from __future__ import annotations
@@ -109,8 +108,7 @@ def _sync(device: str) -> None:
 
 
 def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
-    """One model under `recipe` on `device`, resolved as a training run resolves it
-    (`runtime.resolve`), with a training run's kernel settings."""
+    """One model under `recipe` on `device`, resolved and with kernels set as a run's."""
     rt = resolve(recipe, kwargs.get("device", "cpu"))
     with rt.kernels():
         return _measure(name, recipe, rt, **kwargs)
@@ -144,9 +142,9 @@ def batches(data: DeviceImages, recipe: Recipe, seed: int, device: str):
 
 def timed(one, step, warmup: int, steps: int, device: str, t_build: float,
            barrier: Any = None) -> tuple[float, float]:
-    """`one(i)` for `warmup` steps, then `steps` timed (CUDA events on a GPU, after every
-    queued op has run); returns (seconds from `t_build` to the end of the warm-up, timed
-    seconds). `step.tally` (when there is a step) is read to wait for the device."""
+    """`one(i)` for `warmup` steps, then `steps` timed (between CUDA events on a GPU); returns
+    (seconds from `t_build` to the end of the warm-up, timed seconds). Reading `step.tally`
+    waits for every queued op."""
     for i in range(warmup):
         one(i)
     _sync(device) if step is None else step.tally.tolist()  # every queued op has run
@@ -184,15 +182,6 @@ def _data(recipe: Recipe, dataset: str, image_size: int | None, data_dir: Path,
     return info, size, data, mean, std
 
 
-def _model(name: str, info: Any, size: int, model_args: dict[str, Any] | None,
-           seed: int) -> torch.nn.Module:
-    from lambdapipe.models import create_model
-
-    torch.manual_seed(seed)
-    return create_model(name, num_classes=info.num_classes, image_size=size,
-                        **(model_args or {}))
-
-
 def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
              dataset: str = "cifar10", image_size: int | None = None,
              data_dir: Path = Path("data"), real_data: bool = False, warmup: int = 20,
@@ -203,7 +192,7 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
     --fuse` builds it (fuse.py; rates count every run); evaluation and checkpoint costs are
     measured for one run only (a fused run evaluates and saves as one run does)."""
     from lambdapipe.fuse import fused_step
-    from lambdapipe.models import count_params, estimate_flops
+    from lambdapipe.models import count_params, create_model, estimate_flops
 
     t_data = time.perf_counter()
     info, size, data, mean, std = _data(recipe, dataset, image_size, data_dir, real_data,
@@ -213,7 +202,11 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
     cuda = torch.device(device).type == "cuda"
 
     t_build = time.perf_counter()
-    models = [_model(name, info, size, model_args, seed) for seed in range(pack)]
+    models = []
+    for seed in range(pack):  # each run's model as its run builds it
+        torch.manual_seed(seed)
+        models.append(create_model(name, num_classes=info.num_classes, image_size=size,
+                                   **(model_args or {})))
     rt = [rt.with_model(model, size) for model in models][0]  # the lambda impls train runs
     if cuda:  # peak from here: CUDA graphs take their memory pool at capture, in the warm-up
         torch.cuda.synchronize(device)
@@ -296,8 +289,8 @@ def _slot(kwargs: dict[str, Any], barrier: Any, queue: Any) -> None:
 
 def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
     """`measure` in `slots` processes at once on the same device; the row sums their rates
-    (images/s, iter/min: the device's aggregate) and memory, averages their per-process
-    costs, and keeps the per-process iteration rate as `iter_per_min_per_slot`."""
+    and memory (the device's aggregate), averages their per-process costs, and keeps the
+    per-process iteration rate as `iter_per_min_per_slot`."""
     if slots == 1:
         row = measure(**kwargs)
         release(kwargs.get("device", "cpu"))
@@ -375,11 +368,9 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
         model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
         eval_images: int = EVAL_IMAGES, recipe: str = "sgdm", pack: int = 1,
         fuse: bool = False, on_row: Any = None) -> list[dict[str, Any]]:
-    """One row per model: iter/min, images/s, step time, peak memory, FLOP/s, MFU, start-up,
-    evaluation and checkpoint costs, and the throughput relative to ResNet-18 when it is
-    among `names`; with `pack` > 1 two rows per model, one run and `pack` runs in one process
-    (`measure_packed`), each compared with the ResNet row of the same pack. `on_row(row)` is
-    called as each row is measured (a time limit then loses only the rows not yet measured)."""
+    """One row per model (`measure`), compared with the ResNets among `names`; with `pack` > 1
+    two (`measure_packed`). `on_row(row)` is called as each row is measured (a time limit
+    then loses only the rows not yet measured)."""
     check_args(names, batch_size, precision, warmup, steps, slots)
     r = get_recipe(recipe, {"batch_size": batch_size, "precision": precision,
                             "compile": compile})

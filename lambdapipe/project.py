@@ -1,20 +1,14 @@
 """A config's wall time on this device, projected from measured costs (`lambdapipe bench
---config`).
-
-Each distinct (dataset, model, model args, recipe) of the config is measured once with
-`bench.measure_slots` at every requested slot count, on synthetic data of the dataset's
-shape. One run then costs
+--config`). Each (dataset, model, model args, recipe) cell is measured once per slot count
+(`bench.measure_slots`, synthetic data of the dataset's shape); one run then costs
 
     launch (process start, imports, data to device) + start-up (build, compile, capture)
     + steps / rate  +  evaluations x (images scored / eval rate + one checkpoint write)
 
-where steps and evaluations follow from the recipe and the train/val split the config
-prepares, images scored are val (plus test where the recipe tracks it at every evaluation),
-and rate is the per-process rate with `slots` runs sharing the device. The test pass at the
-end (one forward pass) is not counted. Runs are packed perfectly onto `gpus` x `slots`
-processes, so the totals are lower bounds of the grid's wall time.
-The published figure beside each cell is training only: steps / the published iter/min
-(ResNet baselines, on an RTX 3090) or the reported training time (Imagenette study).
+with steps, evaluations and images scored (val, plus test where tracked) from the recipe
+and the config's split, and the per-process rate with `slots` runs sharing the device. The
+final test pass is not counted and runs pack perfectly onto `gpus` x `slots` processes: the
+totals are lower bounds. The published figure beside each cell is training only.
 """
 
 from __future__ import annotations
@@ -46,8 +40,7 @@ from lambdapipe.runtime import resolve
 
 @dataclass
 class Cell:
-    """Runs that cost the same: one dataset, model, model args and recipe (seeds and noise
-    rates differ)."""
+    """Runs that cost the same: one dataset, model, model args and recipe."""
 
     dataset: str
     model: str
@@ -174,11 +167,9 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
             steps: int = 50, data_dir: Any = "data", real_data: bool = False,
             compile: bool | str | None = None, progress: Any = None,
             pack: int = 1, fuse: bool = False) -> dict[str, Any]:
-    """Measure every cell at every slot count and project the config's wall time;
-    `compile` (a mode) replaces every cell's recipe setting, to price a compiled grid;
-    `pack` > 1 prices the grid with each cell's seeds packed into processes of that many
-    runs (`packed_seconds`), one process per GPU at a time; with `fuse` the runs of a
-    process train as one network where `train --fuse` would (`bench.measure_packed`)."""
+    """Measure every cell at every slot count and project the config's wall time; `compile`
+    (a mode) replaces every cell's recipe setting; `pack` > 1 packs each cell's seeds into
+    processes of that many runs (`packed_seconds`), fused with `fuse` where training fuses."""
     if gpus < 1:
         raise UserError(f"invalid gpus {gpus!r}: expected an integer >= 1")
     if not slots or any(s < 1 for s in slots):
