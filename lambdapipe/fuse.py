@@ -117,13 +117,14 @@ def fused_step(models: Sequence[torch.nn.Module], r: Recipe, rt: Runtime, mean: 
 
 def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None],
                 pack_size: int | None = None) -> None:
-    """Train started runs (all at one iteration) as one network until each is finished;
-    `on_finish(k, summary)` as run k ends. `pack_size`: the job's seeds (`(fused x3)`)."""
+    """Train started runs (all at one iteration) as one network until each is finished (a
+    lone run alone); `on_finish(k, summary)` as run k ends. `pack_size`: the job's seeds."""
     first = runs[0]
     states = [run.seat.optimizer_state() for run in runs]
-    reason = why_not_states(states) if states[0]["state"] else None
+    reason = why_not_states(states) if len(runs) > 1 and states[0]["state"] else None
     if reason is not None:
         first.log(f"not fused ({reason}): the runs train one after another")
+    if reason is not None or len(runs) == 1:
         for k, run in enumerate(runs):
             while run.advance():
                 pass

@@ -1,8 +1,6 @@
 """Every speed decision of a run, made once: `resolve` turns (recipe, device, model) into one
-frozen `Runtime` (device, precision with its autocast dtype, loss scaler and optimizer kernels,
-compile mode, channels_last, TF32, kernel determinism, each lambda layer's implementation).
-config.json records it (`runtime`); step, fuse, evaluate, bench and project take it as given.
-Also where a run's messages go."""
+frozen `Runtime`, which config.json records (`runtime`) and step, fuse, evaluate, bench and
+project take as given. Also where a run's messages go."""
 
 from __future__ import annotations
 
@@ -95,8 +93,7 @@ class Runtime:
                              (recorded or {}).get("lambda_impls"))
         return dataclasses.replace(self, lambda_impls=impls)
 
-    def record(self) -> dict[str, Any]:
-        """config.json's `runtime`."""
+    def record(self) -> dict[str, Any]:  # config.json's `runtime`
         return {"compile": self.compile or "eager", "channels_last": self.channels_last,
                 "tf32": self.tf32, "precision": self.precision,
                 "fused_optimizer": self.fused_optimizer, "lambda_impls": dict(self.lambda_impls)}
