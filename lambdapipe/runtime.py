@@ -93,7 +93,8 @@ class Runtime:
                              (recorded or {}).get("lambda_impls"))
         return dataclasses.replace(self, lambda_impls=impls)
 
-    def record(self) -> dict[str, Any]:  # config.json's `runtime`
+    def record(self) -> dict[str, Any]:
+        """config.json's `runtime`."""
         return {"compile": self.compile or "eager", "channels_last": self.channels_last,
                 "tf32": self.tf32, "precision": self.precision,
                 "fused_optimizer": self.fused_optimizer, "lambda_impls": dict(self.lambda_impls)}

@@ -304,7 +304,8 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recip
 def build(model: torch.nn.Module, r: Recipe, rt: Runtime, mean: torch.Tensor,
           std: torch.Tensor) -> tuple[torch.nn.Module, torch.optim.Optimizer,
                                       TrainStep | GraphedStep]:
-    """A run's model on its device and layout, its optimizer and its step (train and bench)."""
+    """A run's model on its device and layout, its optimizer and its step: what train and
+    bench build alike."""
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
