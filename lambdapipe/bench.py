@@ -1,10 +1,9 @@
-"""`lambdapipe bench`: what one training step costs, timed on the step train runs (built
-by `step.build` under the same `Runtime`, fed by `augment` as in training) after `warmup`
-steps, between CUDA events on a GPU. MFU = model FLOP/s / the device's dense peak, a step
-counted as 3x the forward FLOPs. Beside the step, what else a run pays (for project.py):
-start-up (build, compilation, capture: the warm-up's excess over steady steps), one
-evaluation pass and one checkpoint write. With `slots` > 1 the same measurement runs in that
-many processes at once on the device, and the row holds their sum.
+"""`lambdapipe bench`: what one training step costs, timed on the step train runs (`step.build`
+or `fuse.fused_step` under the same `Runtime`, fed as in training) after `warmup` steps.
+MFU = model FLOP/s (a step: 3x the forward FLOPs) / the device's dense peak. Beside the step,
+what else a run pays (for project.py): start-up (the warm-up's excess over steady steps), one
+evaluation pass and one checkpoint write. With `slots` > 1 the measurement runs in that many
+processes at once on the device, and the row holds their sum.
 """
 
 from __future__ import annotations
@@ -21,12 +20,6 @@ import numpy as np
 import torch
 
 from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
-from lambdapipe.bench_table import (  # noqa: F401 - the rows as `lambdapipe bench` prints them
-    HEAD,
-    format_row,
-    format_rows,
-    write_rows,
-)
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
@@ -58,16 +51,6 @@ def device_peak(device: str, precision: str) -> float | None:
                 return None
             return peaks.get(precision)
     return None
-
-
-def _forward_flops(model: torch.nn.Module, image_size: int) -> float | None:
-    """Forward FLOPs per image from the model registry, when it can count them."""
-    from lambdapipe import models
-
-    estimate = getattr(models, "estimate_flops", None)
-    if estimate is None:
-        return None
-    return float(estimate(model, image_size))
 
 
 def _images(dataset: str, data_dir: Path, real_data: bool, image_size: int,
@@ -125,22 +108,22 @@ def _sync(device: str) -> None:
 
 
 def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
-    """One model under `recipe` on `device`, resolved as a training run resolves it
-    (`runtime.resolve`), with a training run's kernel settings."""
+    """One model under `recipe` on `device`, resolved and with kernels set as a run's."""
     rt = resolve(recipe, kwargs.get("device", "cpu"))
     with rt.kernels():
         return _measure(name, recipe, rt, **kwargs)
 
 
-def path_label(path: str, rt: Runtime, channels_last: bool | None = None) -> str:
-    """What a row ran: eager / compiled / graphs, channels_last, each lambda impl."""
+def path_label(path: str, rt: Runtime, fused: bool = False) -> str:
+    """What a row ran: eager / compiled / graphs, channels_last (never fused: the stacked
+    activations' layout is vmap's), each lambda impl."""
     kind = {"eager": "eager", "reduce-overhead": "graphs", "max-autotune": "graphs+autotune",
             "step-graph": "step-graph"}
     label = kind.get(path, "compiled" if not path.startswith("eager") else "eager-fallback")
-    if rt.channels_last if channels_last is None else channels_last:
+    if rt.channels_last and not fused:
         label += "/cl"
     impls = sorted(set(rt.lambda_impls.values()))
-    return label + (" " + "+".join(impls) if impls else "")
+    return label + (" " + "+".join(impls) if impls else "") + (", fused" if fused else "")
 
 
 def batches(data: DeviceImages, recipe: Recipe, seed: int, device: str):
@@ -159,9 +142,9 @@ def batches(data: DeviceImages, recipe: Recipe, seed: int, device: str):
 
 def timed(one, step, warmup: int, steps: int, device: str, t_build: float,
            barrier: Any = None) -> tuple[float, float]:
-    """`one(i)` for `warmup` steps, then `steps` timed (CUDA events on a GPU, after every
-    queued op has run); returns (seconds from `t_build` to the end of the warm-up, timed
-    seconds). `step.tally` (when there is a step) is read to wait for the device."""
+    """`one(i)` for `warmup` steps, then `steps` timed (between CUDA events on a GPU); returns
+    (seconds from `t_build` to the end of the warm-up, timed seconds). Reading `step.tally`
+    waits for every queued op."""
     for i in range(warmup):
         one(i)
     _sync(device) if step is None else step.tally.tolist()  # every queued op has run
@@ -199,46 +182,79 @@ def _data(recipe: Recipe, dataset: str, image_size: int | None, data_dir: Path,
     return info, size, data, mean, std
 
 
-def _model(name: str, info: Any, size: int, model_args: dict[str, Any] | None,
-           seed: int) -> torch.nn.Module:
-    from lambdapipe.models import create_model
-
-    torch.manual_seed(seed)
-    return create_model(name, num_classes=info.num_classes, image_size=size,
-                        **(model_args or {}))
-
-
-def _measure(name: str, recipe: Recipe, rt: Runtime, *, dataset: str = "cifar10",
-             image_size: int | None = None, data_dir: Path = Path("data"),
-             real_data: bool = False, warmup: int = 20,
+def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
+             dataset: str = "cifar10", image_size: int | None = None,
+             data_dir: Path = Path("data"), real_data: bool = False, warmup: int = 20,
              steps: int = 50, eval_images: int = EVAL_IMAGES,
              model_args: dict[str, Any] | None = None, device: str = "cpu",
              barrier: Any = None) -> dict[str, Any]:
-    from lambdapipe.models import count_params
+    """One run's step, or with `pack` > 1 the fused step of that many seeds as `train --seeds
+    --fuse` builds it (fuse.py; rates count every run); evaluation and checkpoint costs are
+    measured for one run only (a fused run evaluates and saves as one run does)."""
+    from lambdapipe.fuse import fused_step
+    from lambdapipe.models import count_params, create_model, estimate_flops
 
     t_data = time.perf_counter()
     info, size, data, mean, std = _data(recipe, dataset, image_size, data_dir, real_data,
                                         device)
-    batch_size = recipe.batch_size
     _sync(device)
     data_s = time.perf_counter() - t_data
     cuda = torch.device(device).type == "cuda"
 
     t_build = time.perf_counter()
-    model = _model(name, info, size, model_args, 0)
-    rt = rt.with_model(model, size)  # the lambda impls `train` runs
+    models = []
+    for seed in range(pack):  # each run's model as its run builds it
+        torch.manual_seed(seed)
+        models.append(create_model(name, num_classes=info.num_classes, image_size=size,
+                                   **(model_args or {})))
+    rt = [rt.with_model(model, size) for model in models][0]  # the lambda impls train runs
     if cuda:  # peak from here: CUDA graphs take their memory pool at capture, in the warm-up
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    model, optimizer, step = build(model, recipe, rt, mean, std)  # as `train` builds it
-    batch = batches(data, recipe, 0, device)
+    sources = [batches(data, recipe, seed, device) for seed in range(pack)]
+    if pack == 1:
+        model, optimizer, step = build(models[0], recipe, rt, mean, std)  # as train builds it
 
-    warm_s, seconds = timed(lambda i: step(*batch(i), recipe.lr, i), step, warmup, steps,
-                             device, t_build, barrier)
-    step_s = seconds / steps
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        def one(i: int) -> None:
+            step(*sources[0](i), recipe.lr, i)
+    else:
+        step = fused_step([model.to(device) for model in models], recipe, rt, mean, std)
 
-    # One evaluation pass as training runs it (the eager model in eval mode), after a warm one.
+        def one(i: int) -> None:
+            parts = [batch(i) for batch in sources]
+            step(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
+
+    warm_s, seconds = timed(one, step, warmup, steps, device, t_build, barrier)
+    round_s = seconds / steps
+    fwd = float(estimate_flops(models[0], size))
+    peak = device_peak(device, rt.precision)
+    flops_per_s = 3 * fwd * pack * recipe.batch_size / round_s
+    row = {
+        "model": name, "params": count_params(models[0]), "dataset": dataset,
+        "real_data": real_data, "batch_size": recipe.batch_size, "precision": rt.precision,
+        "compile": rt.compile or False, "path": path_label(step.path, rt, fused=pack > 1),
+        "channels_last": rt.channels_last, "tf32": rt.tf32,
+        "lambda_impls": rt.lambda_impls, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "warmup": warmup, "steps": steps, "slots": 1, "pack": pack, "fused": pack > 1,
+        "step_ms": 1000 * round_s, "iter_per_min": pack * 60 / round_s,
+        "iter_per_min_per_run": 60 / round_s, "images_per_s": pack * recipe.batch_size / round_s,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        "forward_flops_per_image": fwd, "model_tflops_per_s": flops_per_s / 1e12,
+        "mfu": flops_per_s / peak if peak else None,
+        "startup_s": max(warm_s - warmup * round_s, 0.0), "data_s": data_s,
+        "diverged": bool((step.tally[..., COLUMN.first_nonfinite] >= 0).any()),
+    }
+    if pack == 1:
+        row.update(_eval_costs(model, optimizer, data, mean, std, rt, eval_images, device))
+    return row
+
+
+def _eval_costs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: DeviceImages,
+                mean: torch.Tensor, std: torch.Tensor, rt: Runtime, eval_images: int,
+                device: str) -> dict[str, Any]:
+    """One evaluation pass as training runs it (the eager model in eval mode, after a warm
+    one) and the checkpoint write every evaluation makes (last.ckpt)."""
     val = data.unpadded()[:eval_images]
     predict(model, val[:min(len(val), 500)], mean, std, rt)
     _sync(device)
@@ -246,32 +262,13 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, dataset: str = "cifar10"
     predict(model, val, mean, std, rt)
     _sync(device)
     eval_s = time.perf_counter() - t_eval
-    with tempfile.TemporaryDirectory() as tmp:  # what every evaluation writes: last.ckpt
+    with tempfile.TemporaryDirectory() as tmp:
         t_ckpt = time.perf_counter()
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
                         Path(tmp) / "last.ckpt")
         ckpt_s = time.perf_counter() - t_ckpt
-
-    fwd = _forward_flops(model, size)
-    peak = device_peak(device, rt.precision)
-    flops_per_s = 3 * fwd * batch_size / step_s if fwd else None
-    row = {
-        "model": name, "params": count_params(model), "dataset": dataset,
-        "real_data": real_data, "batch_size": batch_size, "precision": rt.precision,
-        "compile": rt.compile or False, "path": path_label(step.path, rt),
-        "channels_last": rt.channels_last, "tf32": rt.tf32,
-        "lambda_impls": rt.lambda_impls, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "warmup": warmup, "steps": steps, "slots": 1, "step_ms": 1000 * step_s,
-        "iter_per_min": 60 / step_s, "images_per_s": batch_size / step_s,
-        "peak_mem_gib": peak_mem, "forward_flops_per_image": fwd,
-        "model_tflops_per_s": flops_per_s / 1e12 if flops_per_s else None,
-        "mfu": flops_per_s / peak if flops_per_s and peak else None,
-        "startup_s": max(warm_s - warmup * step_s, 0.0), "data_s": data_s,
-        "eval_images": len(val), "eval_images_per_s": len(val) / max(eval_s, 1e-9),
-        "ckpt_s": ckpt_s, "diverged": step.tally[COLUMN.first_nonfinite].item() >= 0,
-    }
-    return row
+    return {"eval_images": len(val), "eval_images_per_s": len(val) / max(eval_s, 1e-9),
+            "ckpt_s": ckpt_s}
 
 
 def release(device: str) -> None:
@@ -292,8 +289,8 @@ def _slot(kwargs: dict[str, Any], barrier: Any, queue: Any) -> None:
 
 def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
     """`measure` in `slots` processes at once on the same device; the row sums their rates
-    (images/s, iter/min: the device's aggregate) and memory, averages their per-process
-    costs, and keeps the per-process iteration rate as `iter_per_min_per_slot`."""
+    and memory (the device's aggregate), averages their per-process costs, and keeps the
+    per-process iteration rate as `iter_per_min_per_slot`."""
     if slots == 1:
         row = measure(**kwargs)
         release(kwargs.get("device", "cpu"))
@@ -354,65 +351,15 @@ def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[st
     `train --seeds` trains them: with `fuse` (where training fuses) the fused step timed,
     else one run after another, the one run's rate shared. Rates are summed over the runs;
     `iter_per_min_per_run` is each run's share, `vs_one_run` aggregate / one run's."""
-    device = kwargs.get("device", "cpu")
-    one = {**measure(**kwargs), "pack": 1}
-    release(device)
-    one.update(iter_per_min_per_run=one["iter_per_min"], iter_per_min_per_slot=one["iter_per_min"],
-               vs_one_run=1.0)
+    one = {**measure_slots(1, **kwargs), "vs_one_run": 1.0}
     if pack == 1:
         return [one]
-    rt = resolve(kwargs["recipe"], device)
-    if not fuse or rt.why_not_fused:  # as train: such seeds train one after another
+    if not fuse or resolve(kwargs["recipe"], kwargs.get("device", "cpu")).why_not_fused:
         return [one, {**one, "pack": pack, "step_ms": pack * one["step_ms"],
-                      "iter_per_min_per_run": one["iter_per_min"] / pack, "fused": False}]
-    row = _measure_fused(pack, one, rt, **kwargs)
-    release(device)  # the pack's models, optimizer and device data went with its frame
-    return [one, row]
-
-
-def _measure_fused(pack: int, one: dict[str, Any], rt: Runtime, *, recipe: Recipe,
-                   **kwargs: Any) -> dict[str, Any]:
-    from lambdapipe.fuse import fused_step
-
-    device = kwargs.get("device", "cpu")
-    warmup, steps = kwargs.get("warmup", 20), kwargs.get("steps", 50)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t_build = time.perf_counter()  # a fused pack holds the dataset on the device once
-    info, size, data, mean, std = _data(recipe, kwargs.get("dataset", "cifar10"),
-                                        kwargs.get("image_size"),
-                                        kwargs.get("data_dir", "data"),
-                                        kwargs.get("real_data", False), device)
-    models = [_model(kwargs["name"], info, size, kwargs.get("model_args"), seed)
-              for seed in range(pack)]
-    run_rt = [rt.with_model(model, size) for model in models][0]  # the impls train runs
-    models = [model.to(device) for model in models]
-    fused = fused_step(models, recipe, run_rt, mean, std)
-    sources = [batches(data, recipe, seed, device) for seed in range(pack)]
-
-    def round_(i: int) -> None:
-        parts = [batch(i) for batch in sources]
-        fused(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
-
-    with rt.kernels():
-        warm_s, seconds = timed(round_, fused, warmup, steps, device, t_build)
-    round_s = seconds / steps
-    scale = pack * one["step_ms"] / (1000 * round_s)  # packed work per second / one run's
-    row = {**one, "pack": pack, "step_ms": 1000 * round_s,
-           "iter_per_min": pack * 60 / round_s, "iter_per_min_per_run": 60 / round_s,
-           "images_per_s": pack * recipe.batch_size / round_s,
-           "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-           "model_tflops_per_s": one["model_tflops_per_s"] * scale
-           if one["model_tflops_per_s"] else None,
-           "mfu": one["mfu"] * scale if one["mfu"] else None,
-           "startup_s": max(warm_s - warmup * round_s, 0.0),
-           "vs_one_run": scale, "fused": True,
-           # fused, the stacked activations' layout is vmap's: no channels_last
-           "path": path_label(fused.path, run_rt, channels_last=False) + ", fused",
-           "diverged": bool((fused.tally[..., COLUMN.first_nonfinite] >= 0).any())}
-    return row
+                      "iter_per_min_per_run": one["iter_per_min"] / pack}]
+    row = measure(pack=pack, **kwargs)
+    release(kwargs.get("device", "cpu"))  # the pack's models, optimizer and device data
+    return [one, {**one, **row, "vs_one_run": row["iter_per_min"] / one["iter_per_min"]}]
 
 
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
@@ -421,11 +368,9 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
         model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
         eval_images: int = EVAL_IMAGES, recipe: str = "sgdm", pack: int = 1,
         fuse: bool = False, on_row: Any = None) -> list[dict[str, Any]]:
-    """One row per model: iter/min, images/s, step time, peak memory, FLOP/s, MFU, start-up,
-    evaluation and checkpoint costs, and the throughput relative to ResNet-18 when it is
-    among `names`; with `pack` > 1 two rows per model, one run and `pack` runs in one process
-    (`measure_packed`), each compared with the ResNet row of the same pack. `on_row(row)` is
-    called as each row is measured (a time limit then loses only the rows not yet measured)."""
+    """One row per model (`measure`), compared with the ResNets among `names`; with `pack` > 1
+    two (`measure_packed`). `on_row(row)` is called as each row is measured (a time limit
+    then loses only the rows not yet measured)."""
     check_args(names, batch_size, precision, warmup, steps, slots)
     r = get_recipe(recipe, {"batch_size": batch_size, "precision": precision,
                             "compile": compile})

@@ -16,9 +16,8 @@ from lambdapipe.runtime import resolve
 def time_impls(names: list[str], recipe: Recipe, device: str = "cpu", dataset: str = "cifar10",
                model_args: dict[str, Any] | None = None, warmup: int = 2,
                steps: int = 5) -> list[dict[str, Any]]:
-    """Every implementation of each lambda layer that fits (`candidate_impls`), forward +
-    backward of the layer alone at the recipe's batch, precision and layout: the check of
-    the fixed rule `auto` follows on this device kind (`LambdaLayer.rule_impl`)."""
+    """Forward + backward of each lambda layer alone, in every implementation that fits
+    (`candidate_impls`), at the recipe's batch, precision and layout."""
     from lambdapipe.data import dataset_info
     from lambdapipe.models import create_model
     from lambdapipe.models.lambda_layer import lambda_layers, map_sizes

@@ -84,7 +84,7 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
       lambdapipe bench --models resnet20x1 --pack 4 --fuse
     """
     from lambdapipe import bench as benchmark
-    from lambdapipe import gpu
+    from lambdapipe import bench_table, gpu
 
     slot_counts = int_list(slots, "--slots", minimum=1, example="1,2")
     if pack < 1:
@@ -123,29 +123,29 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
                               min(steps, 20))
         click.echo(format_impl_rows(rows))
         if out is not None:
-            benchmark.write_rows(rows, out)
+            bench_table.write_rows(rows, out)
         return
     done: list[dict] = []
 
     def on_row(row: dict) -> None:  # printed and saved as measured: a kill loses no row
         done.append(row)
-        click.echo(benchmark.format_row(row))
+        click.echo(bench_table.format_row(row))
         if out is not None:
-            benchmark.write_rows(done, out)
+            bench_table.write_rows(done, out)
 
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:  # timings need the GPU to itself
-        click.echo(benchmark.HEAD + "\n" + "-" * len(benchmark.HEAD))
+        click.echo(bench_table.HEAD + "\n" + "-" * len(bench_table.HEAD))
         rows = benchmark.run(names, dataset=dataset, data_dir=data_dir, real_data=real_data,
                              batch_size=batch_size, precision=precision, compile=compile_mode,
                              warmup=warmup, steps=steps, model_args=parsed_args,
                              device=dev, slots=slot_counts[0], pack=pack, fuse=fuse,
                              on_row=on_row)
     if len(rows) > 1:  # ratios to rows measured later: the whole table once more
-        click.echo(benchmark.format_rows(rows))
+        click.echo(bench_table.format_rows(rows))
     else:
-        click.echo(benchmark.format_rows(rows, head=False))
+        click.echo(bench_table.format_rows(rows, head=False))
     if out is not None:
-        benchmark.write_rows(rows, out)
+        bench_table.write_rows(rows, out)
 
 
 def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: str | None,
@@ -154,8 +154,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
                   gpu_lock_dir: Path | None, out: Path | None, pack: int = 1,
                   fuse: bool = False) -> None:
     """`bench --config`: every argument checked before the GPU is claimed."""
-    from lambdapipe import bench as benchmark
-    from lambdapipe import gpu, project
+    from lambdapipe import bench_table, gpu, project
     from lambdapipe.config import load_configs
 
     cfg = load_configs(configfiles)
@@ -177,4 +176,4 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
                                  progress=lambda m: click.echo(m, err=True))
     click.echo(project.format_projection(result))
     if out is not None:
-        benchmark.write_rows(result.pop("rows"), out, config=named, **result)
+        bench_table.write_rows(result.pop("rows"), out, config=named, **result)

@@ -1,10 +1,7 @@
-"""Evaluation of a model on a split, and the checkpoint format it is read from.
-
-`predict` + `classification_metrics` are the only evaluation loop in the package: training
-calls them for val (and once, at the end, for test), `lambdapipe evaluate` for any split.
-A checkpoint is a `torch.save`d dict of tensors and primitives only, so it loads with
-`torch.load(weights_only=True)` (no pickled code runs), plus a `<name>.sha256` sidecar in
-`sha256sum` format that is checked before every load.
+"""Evaluation of a model on a split (`predict` + `classification_metrics`: the only
+evaluation loop, for training's val and test passes and `lambdapipe evaluate`), and the
+checkpoint format: tensors and primitives only, so it loads with
+`torch.load(weights_only=True)`, beside a `<name>.sha256` sidecar checked before every load.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from lambdapipe import atomic
 from lambdapipe.augment import normalize
 from lambdapipe.errors import StateError, UserError
 from lambdapipe.runtime import Runtime, impls_of_run, of_run
-from lambdapipe.validate import sidecar_digests
+from lambdapipe.validate import check_model, check_run_config, sidecar_digests
 
 ECE_BINS = 15
 
@@ -54,9 +51,7 @@ def sidecar(path: Path) -> Path:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
                     check: bool = True) -> dict[str, Any]:
     """Verify the sha256 sidecar, load with weights_only=True, then (with `check`) validate
-    what it holds: a matching sidecar proves the file is intact, not that its contents are
-    sane, and a config asking for base_width 4096 would allocate ~70 GB when built.
-    `check=False` is for tests of the file format itself."""
+    what it holds: an intact file may still hold a config that allocates ~70 GB when built."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist" if not path.exists() else
@@ -88,12 +83,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu",
 
 
 def check_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
-    """The embedded run config passes the validators `train` applies to its input, and the
-    model it names, built on the meta device (shapes only, no memory), has exactly the
-    parameter and buffer names and shapes of the state dict; only then is anything built
-    for real (`build_model`), at the size the file itself proves."""
-    from lambdapipe.validate import check_run_config
-
+    """The embedded config passes `train`'s validators and its model, built on the meta device
+    (no memory), has exactly the state dict's names and shapes: only then is anything built
+    for real, at the size the file itself proves."""
     config = check_run_config(ckpt["config"], f"checkpoint {path}")
     state = ckpt["model"]
     if not isinstance(state, dict) or not all(
@@ -101,8 +93,6 @@ def check_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
         raise UserError(f"checkpoint {path} does not fit its model: its weights are not a "
                         "mapping of names to tensors")
     data = config["data"]
-    from lambdapipe.validate import check_model
-
     meta = check_model(config["model"], data["num_classes"], data["image_size"],
                        config["model_args"], copies=1)
     wanted = {k: tuple(v.shape) for k, v in meta.state_dict().items()}

@@ -1,19 +1,14 @@
-"""The seeds of one grid cell as one network: K runs in one set of kernels.
+"""The seeds of one grid cell as one network: a small model's step is hundreds of tiny
+kernels, so the K models are stacked (`torch.func.stack_module_state`) and run under `vmap`,
+each kernel doing the work of K runs (PyTorch's model-ensembling recipe). The K losses are
+summed (no run's gradient reaches another's slice); SGD and Adam(W) are elementwise, so one
+optimizer over stacked tensors is K optimizers; clipping is per run.
 
-A small model's step is hundreds of tiny kernels. Fused, the K models of a cell are stacked
-parameter by parameter (`torch.func.stack_module_state`) and run under `torch.func.vmap`: a
-convolution over K stacked weights becomes one grouped convolution, so each kernel does the
-work of K runs (PyTorch's model-ensembling recipe, used for training). The K losses are
-summed (d sum / d loss_k = 1: no run's gradient reaches another's slice); SGD and Adam(W) are
-elementwise, so one optimizer over stacked tensors is K optimizers; clipping is per run.
-
-Each run keeps its own `train.Run` (data order, metrics, checkpoints, run directory); before
-each evaluation its slice is written into its own model, saved as a solo run's, so a fused
-run's checkpoint resumes alone and the other way round. Each step equals the run's own to
-float tolerance, which training amplifies: a fused run equals the run alone statistically,
-not numerically (tests/test_fuse.py, tests/test_fused_claim.py). Dropout draws come from one
-stream for the K runs; no channels_last (vmap lays out the activations). A diverged run is
-finished at once, its slice rides along unread.
+Each run keeps its own `train.Run`; before each evaluation its slice is written into its own
+model and saved as a solo run's, so checkpoints resume fused or alone. A step equals the
+run's own to float tolerance, which training amplifies: fused equals alone statistically, not
+numerically (tests/test_fuse.py, tests/test_fused_claim.py). A diverged run is finished at
+once, its slice rides along unread.
 """
 
 from __future__ import annotations
@@ -29,15 +24,7 @@ from lambdapipe import rng
 from lambdapipe.recipes import Recipe
 from lambdapipe.rundir import TrainConfig
 from lambdapipe.runtime import Runtime
-from lambdapipe.step import (  # noqa: F401 - clip_per_run, run_optimizer_state: fuse's API
-    GraphedStep,
-    Seat,
-    TrainStep,
-    clip_per_run,
-    make_optimizer,
-    make_step,
-    run_optimizer_state,
-)
+from lambdapipe.step import GraphedStep, Seat, TrainStep, make_optimizer, make_step
 from lambdapipe.train import Run
 
 
@@ -54,11 +41,9 @@ def why_not(cfgs: Sequence[TrainConfig], rt: Runtime) -> str | None:
 
 
 class FusedModel(torch.nn.Module):
-    """K models of one architecture as one module: (K, B, C, H, W) -> (K, B, classes).
-
-    The stacks are this module's own parameters and buffers (in the models' order), so that
-    torch.compile's CUDA graphs treat them as static, as they treat a single model's, rather
-    than copying them in at every replay; `params` and `stats` name them as the models do."""
+    """K models of one architecture as one module: (K, B, C, H, W) -> (K, B, classes). The
+    stacks are the module's own parameters and buffers so that CUDA graphs treat them as
+    static rather than copying them in at every replay."""
 
     def __init__(self, models: Sequence[torch.nn.Module]):
         super().__init__()
@@ -68,10 +53,8 @@ class FusedModel(torch.nn.Module):
         self.stacked = torch.nn.ParameterList(torch.nn.Parameter(t) for t in params.values())
         for i, t in enumerate(buffers.values()):
             self.register_buffer(f"stat{i}", t)
-        # The architecture without storage, every tensor taken from the stacks (kept out of
-        # the module's own tree: its meta tensors are no parameters of this module).
-        template = copy.deepcopy(models[0]).to("meta").train()
-        self.__dict__["template"] = template
+        # the architecture without storage, kept out of the module's tree (no parameters)
+        self.__dict__["template"] = copy.deepcopy(models[0]).to("meta").train()
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -100,8 +83,7 @@ class FusedModel(torch.nn.Module):
 
 def why_not_states(states: Sequence[dict[str, Any]]) -> str | None:
     """Why the runs' optimizer states cannot be stacked (None when they can): one optimizer
-    keeps one `step` counter per parameter (Adam's bias correction), so the runs' counters
-    must agree; a run resumed with a different count trains alone."""
+    keeps one `step` counter per parameter (Adam's bias correction), so the runs' must agree."""
     for i, first in states[0]["state"].items():
         for s in states[1:]:
             for key, v in first.items():
@@ -125,8 +107,7 @@ def stacked_optimizer_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def fused_step(models: Sequence[torch.nn.Module], r: Recipe, rt: Runtime, mean: torch.Tensor,
                std: torch.Tensor, states: Sequence[dict[str, Any]] | None = None,
                capture: Any = None) -> TrainStep | GraphedStep:
-    """The fused step of `models` (each already on the device, as its run built it), its
-    optimizer holding `states` (the runs' optimizer state dicts) when they have any."""
+    """The fused step of `models` (on the device), its optimizer holding the runs' `states`."""
     fused = FusedModel(models)
     optimizer = make_optimizer(list(fused.parameters()), r, rt.fused_optimizer)
     if states and states[0]["state"]:
@@ -136,14 +117,14 @@ def fused_step(models: Sequence[torch.nn.Module], r: Recipe, rt: Runtime, mean: 
 
 def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None],
                 pack_size: int | None = None) -> None:
-    """Train started runs (`Run.start` done, all at one iteration) as one network until each
-    is finished; `on_finish(k, summary)` as run k ends. `pack_size` (default: the runs) is
-    the job's number of seeds, which summary.json's `compile` names (`... (fused x3)`)."""
+    """Train started runs (all at one iteration) as one network until each is finished (a
+    lone run alone); `on_finish(k, summary)` as run k ends. `pack_size`: the job's seeds."""
     first = runs[0]
     states = [run.seat.optimizer_state() for run in runs]
-    reason = why_not_states(states) if states[0]["state"] else None
+    reason = why_not_states(states) if len(runs) > 1 and states[0]["state"] else None
     if reason is not None:
         first.log(f"not fused ({reason}): the runs train one after another")
+    if reason is not None or len(runs) == 1:
         for k, run in enumerate(runs):
             while run.advance():
                 pass

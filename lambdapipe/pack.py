@@ -1,10 +1,9 @@
 """The seeds of one grid cell in one process (`lambdapipe train --seeds`): one process start
-and data load for all. The unfinished runs train as one network where they can (fuse.py,
-`fuse.why_not`), otherwise one after another, each exactly as `train --seed N` trains it
-(bitwise: tests/test_pack.py). Every run keeps its own run directory; a finished run is read,
-never touched; a killed job rerun resumes each unfinished run from its own last.ckpt
-(tests/test_killloop.py). (The streams pack, runs stepping in turn on their own CUDA
-streams, measured 1.01x one run on an H200 and was dropped in issue 23.)
+and data load for all. The unfinished runs train as one network where they can (fuse.py),
+otherwise one after another, each exactly as `train --seed N` trains it (bitwise:
+tests/test_pack.py). A killed job rerun resumes each run from its own last.ckpt
+(tests/test_killloop.py). (Runs stepping in turn on their own CUDA streams measured 1.01x
+one run on an H200: dropped in issue 23.)
 """
 
 from __future__ import annotations
@@ -123,12 +122,7 @@ def _run_fused(cfgs, todo, summaries, rt, progress, callback) -> None:
                 summaries[todo[k]] = run.finish()
             else:
                 live.append(k)
-        if len(live) == 1:
-            run = runs[live[0]]
-            while run.advance():
-                pass
-            summaries[todo[live[0]]] = run.finish()
-        elif live:
+        if live:
             def done(k: int, summary: dict[str, Any]) -> None:
                 summaries[todo[live[k]]] = summary
 

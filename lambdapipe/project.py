@@ -1,20 +1,14 @@
 """A config's wall time on this device, projected from measured costs (`lambdapipe bench
---config`).
-
-Each distinct (dataset, model, model args, recipe) of the config is measured once with
-`bench.measure_slots` at every requested slot count, on synthetic data of the dataset's
-shape. One run then costs
+--config`). Each (dataset, model, model args, recipe) cell is measured once per slot count
+(`bench.measure_slots`, synthetic data of the dataset's shape); one run then costs
 
     launch (process start, imports, data to device) + start-up (build, compile, capture)
     + steps / rate  +  evaluations x (images scored / eval rate + one checkpoint write)
 
-where steps and evaluations follow from the recipe and the train/val split the config
-prepares, images scored are val (plus test where the recipe tracks it at every evaluation),
-and rate is the per-process rate with `slots` runs sharing the device. The test pass at the
-end (one forward pass) is not counted. Runs are packed perfectly onto `gpus` x `slots`
-processes, so the totals are lower bounds of the grid's wall time.
-The published figure beside each cell is training only: steps / the published iter/min
-(ResNet baselines, on an RTX 3090) or the reported training time (Imagenette study).
+with steps, evaluations and images scored (val, plus test where tracked) from the recipe
+and the config's split, and the per-process rate with `slots` runs sharing the device. The
+final test pass is not counted and runs pack perfectly onto `gpus` x `slots` processes: the
+totals are lower bounds. The published figure beside each cell is training only.
 """
 
 from __future__ import annotations
@@ -46,8 +40,7 @@ from lambdapipe.runtime import resolve
 
 @dataclass
 class Cell:
-    """Runs that cost the same: one dataset, model, model args and recipe (seeds and noise
-    rates differ)."""
+    """Runs that cost the same: one dataset, model, model args and recipe."""
 
     dataset: str
     model: str
@@ -174,11 +167,9 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
             steps: int = 50, data_dir: Any = "data", real_data: bool = False,
             compile: bool | str | None = None, progress: Any = None,
             pack: int = 1, fuse: bool = False) -> dict[str, Any]:
-    """Measure every cell at every slot count and project the config's wall time;
-    `compile` (a mode) replaces every cell's recipe setting, to price a compiled grid;
-    `pack` > 1 prices the grid with each cell's seeds packed into processes of that many
-    runs (`packed_seconds`), one process per GPU at a time; with `fuse` the runs of a
-    process train as one network where `train --fuse` would (`bench.measure_packed`)."""
+    """Measure every cell at every slot count and project the config's wall time; `compile`
+    (a mode) replaces every cell's recipe setting; `pack` > 1 packs each cell's seeds into
+    processes of that many runs (`packed_seconds`), fused with `fuse` where training fuses."""
     if gpus < 1:
         raise UserError(f"invalid gpus {gpus!r}: expected an integer >= 1")
     if not slots or any(s < 1 for s in slots):
@@ -208,35 +199,33 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
                     "compile": resolve(cell.recipe, device).compile or False,
                     "runs": len(cell.runs), "steps": cell.steps,
-                    "evaluations": cell.evaluations, "slots": s, "published_run_s": pub}
+                    "evaluations": cell.evaluations, "slots": s, "pack": pack,
+                    "published_run_s": pub}
             kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,
                       "image_size": cell.image_size, "data_dir": data_dir,
                       "real_data": real_data, "warmup": warmup, "steps": steps,
                       "eval_images": cell.val_size, "model_args": cell.model_args,
                       "device": device}
-            if pack > 1:
-                one, row = measure_packed(pack, fuse=fuse, **kwargs)
-                parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
-                totals[s] += cell_s / gpus
-                rows.append({**base, "pack": pack, "iter_per_min": row["iter_per_min"],
-                             "iter_per_min_per_slot": row["iter_per_min_per_run"],
-                             "vs_one_run": row["vs_one_run"],
-                             "peak_mem_gib": row["peak_mem_gib"], **parts,
-                             "device_name": row["device_name"], "path": row.get("path")})
-                continue
             try:
-                row = measure_slots(s, **kwargs)
+                if pack > 1:
+                    one, row = measure_packed(pack, fuse=fuse, **kwargs)
+                    parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
+                else:
+                    row = measure_slots(s, **kwargs)
+                    parts = run_seconds(cell, row, launch_s)
+                    cell_s = parts["run_s"] * len(cell.runs) / s
             except (UserError, RuntimeError) as exc:  # e.g. two copies do not fit in memory
                 if s == 1:
                     raise
                 totals[s] = None
                 rows.append({**base, "error": str(exc).splitlines()[0]})
                 continue
-            parts = run_seconds(cell, row, launch_s)
             if totals[s] is not None:
-                totals[s] += parts["run_s"] * len(cell.runs) / (s * gpus)
+                totals[s] += cell_s / gpus
+            per_process = "iter_per_min_per_run" if pack > 1 else "iter_per_min_per_slot"
             rows.append({**base, "iter_per_min": row["iter_per_min"],
-                         "iter_per_min_per_slot": row["iter_per_min_per_slot"],
+                         "iter_per_min_per_slot": row[per_process],
+                         "vs_one_run": row.get("vs_one_run"),
                          "peak_mem_gib": row["peak_mem_gib"], **parts,
                          "device_name": row["device_name"], "path": row.get("path")})
     best = min((s for s in totals if totals[s] is not None), key=totals.get)

@@ -1,11 +1,7 @@
-"""The process's random generators: one snapshot format, one restore, one "kept" block.
-
-Training draws the data order from generators seeded by (seed, epoch) (augment.py); what
-remains global is what PyTorch itself draws from (model initialisation, dropout) and, for
-library users, Python's and numpy's generators. A checkpoint stores a `snapshot` so a
-resumed run continues the streams exactly; runs sharing a process (pack.py, fuse.py) `keep`
-the streams around work that must not move them. Snapshots hold tensors and plain types
-only: checkpoints load with `torch.load(weights_only=True)`.
+"""The process's random generators (PyTorch's for initialisation and dropout; Python's and
+numpy's for library users; the data order has its own, augment.py): a checkpoint stores a
+`snapshot` so a resumed run continues them exactly; runs sharing a process keep them around
+work that must not move them. Tensors and plain types only (`weights_only=True` loads).
 """
 
 from __future__ import annotations
@@ -55,8 +51,7 @@ def restore(state: dict[str, Any], device: str | torch.device = "cpu") -> None:
 
 @contextlib.contextmanager
 def kept(device: str | torch.device = "cpu") -> Iterator[None]:
-    """Every generator as it was before the block, whatever the block drew. Torch's part is
-    PyTorch's own `fork_rng`; Python's and numpy's are put back beside it."""
+    """Every generator as it was before the block (torch's through its own `fork_rng`)."""
     cuda = _cuda(device)
     py, npy = random.getstate(), np.random.get_state()
     try:

@@ -1,8 +1,6 @@
 """Every speed decision of a run, made once: `resolve` turns (recipe, device, model) into one
-frozen `Runtime` (device, precision with its autocast dtype, loss scaler and optimizer kernels,
-compile mode, channels_last, TF32, kernel determinism, each lambda layer's implementation).
-config.json records it (`runtime`); step, fuse, evaluate, bench and project take it as given.
-Also where a run's messages go."""
+frozen `Runtime`, which config.json records (`runtime`) and step, fuse, evaluate, bench and
+project take as given. Also where a run's messages go."""
 
 from __future__ import annotations
 

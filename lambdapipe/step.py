@@ -59,11 +59,6 @@ def new_tally(device: str, runs: int | None = None) -> torch.Tensor:
     return t
 
 
-def reset_tally(t: torch.Tensor) -> None:
-    """Zero every count but the first non-finite iteration (the last column)."""
-    t[..., :COLUMN.first_nonfinite] = 0
-
-
 @torch.no_grad()
 def _count(t: torch.Tensor, losses: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
            y_clean: torch.Tensor, iteration: float | torch.Tensor,
@@ -97,9 +92,8 @@ def clip_per_run(params: Sequence[torch.Tensor], max_norm: float) -> None:
 
 class TrainStep:
     """The step of one run or, with `runs` = K, of K runs as one network (fuse.py: batches
-    (K, B, ...), one loss per run, their sum backward, clipping per run; never fp16, no
-    channels_last). Eager or compiled (`rt.compile`; a failure falls back to eager). Returns
-    device tensors only; `tally` accumulates `Tally`. `graph_safe`: for `GraphedStep`."""
+    (K, B, ...), one loss per run, clipping per run). Eager or compiled (a failure falls back
+    to eager). Returns device tensors only; `tally` accumulates `Tally`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recipe,
                  rt: Runtime, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
@@ -114,9 +108,6 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(torch.device(device).type,
                                            enabled=rt.scaler and runs is None)
         self.tally = new_tally(device, runs)
-
-    def reset_tally(self) -> None:
-        reset_tally(self.tally)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
                  step: int) -> torch.Tensor:
@@ -181,11 +172,10 @@ STEP_GRAPH_WARMUP = 3  # real steps before capture: compilation, cuDNN's choices
 
 
 class GraphedStep:
-    """A `TrainStep` captured whole as one CUDA graph (`compile: step-graph`): after
-    STEP_GRAPH_WARMUP real steps its `body` is captured once, then each step copies its batch,
-    learning rate and iteration into the graph's buffers and replays it (one launch). A failed
-    warm-up or capture falls back to eager; a failed replay stops the run (its optimizer step
-    may be half applied). `capture`: a CPU stand-in in tests."""
+    """A `TrainStep` captured whole as one CUDA graph (`compile: step-graph`) after
+    STEP_GRAPH_WARMUP real steps; each step then copies its batch, learning rate and iteration
+    into the graph's buffers and replays it (one launch). A failed warm-up or capture falls
+    back to eager. `capture`: a CPU stand-in in tests."""
 
     def __init__(self, step: TrainStep, capture: Any = None):
         self.step, self.capture = step, capture or CudaStepGraph
@@ -206,9 +196,6 @@ class GraphedStep:
     @property
     def path(self) -> str:
         return self.step.path
-
-    def reset_tally(self) -> None:
-        self.step.reset_tally()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
                  step: int) -> torch.Tensor:
@@ -284,7 +271,8 @@ class Seat:
         return self.step.path + (f" (fused x{self.pack_size})" if self.pack_size else "")
 
     def reset_tally(self) -> None:
-        reset_tally(self.tally)
+        """Zero every count but the first non-finite iteration (the last column)."""
+        self.tally[..., :COLUMN.first_nonfinite] = 0
 
     def counts(self) -> Tally:
         return Tally(*self.tally.tolist())  # a host sync
@@ -306,8 +294,7 @@ class Seat:
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recipe,
               rt: Runtime, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
               capture: Any = None) -> TrainStep | GraphedStep:
-    """The step a run runs: eager or compiled, or (`compile: step-graph`) that step captured
-    whole as one CUDA graph. `runs` = K: K runs as one network (fuse.py)."""
+    """The step a run runs: a `TrainStep`, captured whole (`GraphedStep`) under step-graph."""
     if rt.compile != STEP_GRAPH:
         return TrainStep(model, optimizer, r, rt, mean, std, runs)
     return GraphedStep(TrainStep(model, optimizer, r, rt, mean, std, runs, graph_safe=True),

@@ -23,6 +23,7 @@ from lambdapipe.augment import DeviceImages, augmented_batch, plan_epoch
 from lambdapipe.evaluate import (
     build_model,
     classification_metrics,
+    evaluate_checkpoint,
     load_checkpoint,
     load_weights,
     predict,
@@ -338,22 +339,9 @@ def _status(diverged_at: int | None, rows: list[dict[str, float]],
 
 def _test_on_best(cfg: TrainConfig, rt: Runtime) -> dict[str, Any] | None:
     """Test metrics of best.ckpt (None when no evaluation happened before divergence)."""
-    from lambdapipe.data import load_split
-
     best = cfg.out / "best.ckpt"
-    if not best.exists():
-        return None
-    device = rt.device
-    ckpt = load_checkpoint(best, map_location=device)
-    config = ckpt["config"]
-    model = build_model(config, device).to(device)
-    load_weights(model, ckpt["model"], str(best))
-    test = load_split(cfg.data_dir, cfg.dataset, "test")
-    images = DeviceImages(test.images, test.labels, test.clean_labels, device)
-    mean = torch.tensor(config["data"]["mean"], device=device)
-    std = torch.tensor(config["data"]["std"], device=device)
-    logits = predict(model, images.images, mean, std, rt)
-    return classification_metrics(logits, images.labels)
+    return evaluate_checkpoint(best, "test", cfg.data_dir, rt.device, None) if best.exists() \
+        else None
 
 
 def _progress_bar(total: int, initial: int, enabled: bool, position: int | None = None,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lambdapipe import bench, data, train
+from lambdapipe import bench, bench_table, data, train
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 from lambdapipe.step import TrainStep
@@ -52,10 +52,10 @@ def test_table_json_and_cli(tmp_path):
     rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="bf16",
                      warmup=0, steps=1, model_args=TINY, device="cpu")
     assert rows[0]["vs_resnet18"] is None  # no ResNet-18 in this run
-    table = bench.format_rows(rows).splitlines()
+    table = bench_table.format_rows(rows).splitlines()
     assert table[0].split()[:3] == ["model", "params(M)", "iter/min"]
     assert table[2].startswith("resnet20x1") and "bf16" in table[-1]
-    bench.write_rows(rows, tmp_path / "b.json")
+    bench_table.write_rows(rows, tmp_path / "b.json")
     written = json.loads((tmp_path / "b.json").read_text())
     assert written["rows"][0]["model"] == "resnet20x1"
     assert written["torch"] == torch.__version__ and written["date"].startswith("20")
@@ -140,7 +140,7 @@ def test_an_unfused_pack_is_one_run_after_another_beside_one_run(monkeypatch):
     assert packed["vs_one_run"] == pytest.approx(packed["iter_per_min"] / one["iter_per_min"])
     assert packed["step_ms"] == pytest.approx(60_000 / packed["iter_per_min_per_run"])
     assert not packed["diverged"] and packed["startup_s"] >= 0
-    table = bench.format_rows(rows).splitlines()
+    table = bench_table.format_rows(rows).splitlines()
     assert table[2].split()[0] == "resnet20x1" and table[3].startswith("resnet20x1 x3")
     assert "'x3': that many runs in one process" in table[-1]
     assert packed["vs_one_run"] == 1.0 and not packed["fused"]
@@ -169,7 +169,7 @@ def test_fused_pack_times_one_step_for_all_runs(monkeypatch):
     one, packed = rows
     assert packed["fused"] and packed["path"] == "eager, fused" and not packed["diverged"]
     assert packed["iter_per_min"] == pytest.approx(3 * packed["iter_per_min_per_run"])
-    assert bench.format_rows(rows).splitlines()[3].startswith("resnet20x1 x3 fused")
+    assert bench_table.format_rows(rows).splitlines()[3].startswith("resnet20x1 x3 fused")
     # fp16 is not fused in training (fuse.why_not), so not in the bench either
     half = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp16",
                      warmup=1, steps=1, model_args=TINY, device="cpu", pack=2, fuse=True)
@@ -256,4 +256,4 @@ def test_lambda_resnets_are_compared_with_the_resnet_of_their_depth():
     assert lr18["vs_resnet"] == pytest.approx(lr18["images_per_s"] / r18["images_per_s"])
     assert lr34["vs_resnet"] is None  # no resnet34 measured in this run
     assert lr18["mem_vs_resnet"] is None  # CPU: no peak memory
-    assert "vs base" in bench.format_rows(rows)
+    assert "vs base" in bench_table.format_rows(rows)

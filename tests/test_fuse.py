@@ -33,7 +33,7 @@ from lambdapipe.models import create_model
 from lambdapipe.pack import run_packed
 from lambdapipe.recipes import get_recipe
 from lambdapipe.runtime import Runtime, resolve
-from lambdapipe.step import TrainStep
+from lambdapipe.step import TrainStep, clip_per_run, run_optimizer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 rows = metrics_text
@@ -101,7 +101,7 @@ def test_clipping_is_each_runs_own():
     for k, model in enumerate(alone):
         for n, p in model.named_parameters():
             p.grad = fused.params[n].grad[k].clone()
-    fuse.clip_per_run(fused.parameters(), 1.0)
+    clip_per_run(fused.parameters(), 1.0)
     norms = []
     for k, model in enumerate(alone):
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item())
@@ -129,7 +129,7 @@ def test_one_optimizer_over_stacked_tensors_is_each_runs_own(optimizer):
         for n, p in model.named_parameters():
             assert rel(fused.params[n][k], p) < 1e-12, n
         # the run's slice of the state is its own optimizer's state dict, format included
-        mine, theirs = fuse.run_optimizer_state(opt.state_dict(), k, 3), o.state_dict()
+        mine, theirs = run_optimizer_state(opt.state_dict(), k, 3), o.state_dict()
         assert mine["param_groups"] == theirs["param_groups"]
         assert mine["state"].keys() == theirs["state"].keys()
         for i, entry in theirs["state"].items():
@@ -186,7 +186,7 @@ def test_a_fused_pack_is_the_fused_step_over_each_runs_own_batches(data_dir, fus
         for name, t in ckpt["model"].items():
             ref = step.model.params.get(name, step.model.stats.get(name))
             assert torch.equal(t, ref[k]), (s, name)
-        mine = fuse.run_optimizer_state(step.optimizer.state_dict(), k, 3)
+        mine = run_optimizer_state(step.optimizer.state_dict(), k, 3)
         assert ckpt["optimizer"]["param_groups"] == mine["param_groups"]
         assert ckpt["optimizer"]["state"].keys() == mine["state"].keys()
         for i, entry in mine["state"].items():

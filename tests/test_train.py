@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lambdapipe import data, train
+from lambdapipe import data, evaluate, train
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import load_checkpoint
@@ -207,7 +207,8 @@ def test_test_split_is_read_once_after_training_on_the_val_chosen_checkpoint(
         return real_score(logits, labels, **kw)
 
     monkeypatch.setattr(data, "load_split", spy_load)
-    monkeypatch.setattr(train, "classification_metrics", spy_score)
+    monkeypatch.setattr(train, "classification_metrics", spy_score)  # val, in the loop
+    monkeypatch.setattr(evaluate, "classification_metrics", spy_score)  # test, on best.ckpt
     out = tmp_path / "run"
     summary = train.run(config(data_dir, out, iterations=60, eval_every=10))
 
