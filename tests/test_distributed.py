@@ -212,3 +212,15 @@ def test_torchrun_starts_the_cli_train_command(data_dir, tmp_path):
     bad = subprocess.run([*cmd[:-len(SHORT)], "--set=batch_size=15"], capture_output=True,
                          text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "invalid batch_size 15 on 2 processes" in bad.stderr
+
+
+def test_gpu_bench_multi_gpu_part_is_skipped_without_two_gpus(tmp_path):
+    """scripts/gpu-bench.sh's multi-GPU part must not fail on a machine with fewer GPUs."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "LAMBDAPIPE_BENCH_DEVICE": "cpu",
+           "LAMBDAPIPE_BENCH_OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu-bench.sh"), "multi-gpu"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "multi-gpu skipped: 0 CUDA GPUs here" in done.stderr
+    assert not (tmp_path / "out" / "multi-gpu.json").exists()
