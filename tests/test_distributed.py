@@ -12,11 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from torch import nn
@@ -212,6 +215,49 @@ def test_torchrun_starts_the_cli_train_command(data_dir, tmp_path):
     bad = subprocess.run([*cmd[:-len(SHORT)], "--set=batch_size=15"], capture_output=True,
                          text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "invalid batch_size 15 on 2 processes" in bad.stderr
+
+
+def torchrun(out: Path, data_dir: Path, *sets: str) -> list[str]:
+    """`lambdapipe train` on 2 gloo ranks under torchrun (resnet20x1: batch-norm per rank)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(free_port()), "-m", "lambdapipe.cli", "train",
+            "--model", "resnet20x1", "--model-arg", "base_width=4", "--dataset", "digits",
+            "--data-dir", str(data_dir), "--out", str(out), "--recipe", "demo",
+            "--device", "cpu", "--no-progress", *[f"--set={s}" for s in sets]]
+
+
+@pytest.mark.slow  # three torchrun runs
+def test_torchrun_run_killed_with_sigkill_resumes_exactly(data_dir, tmp_path):
+    """The kill loop's case on several processes: SIGKILL to torchrun and both ranks once the
+    first evaluation is on disk; the same command resumes and ends as the unbroken run."""
+    sets = ("iterations=120", "eval_every=4", "batch_size=16", "warmup=0.0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(torchrun(whole, data_dir, *sets), check=True, capture_output=True,
+                   timeout=300, env=env)
+    proc = subprocess.Popen(torchrun(broken, data_dir, *sets),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (broken / "metrics.csv").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # torchrun starts each rank in a session of its own: kill the whole tree at once
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            p.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        psutil.wait_procs(tree, timeout=60)
+    assert (broken / "last.ckpt").exists() and not (broken / "summary.json").exists()
+    done = subprocess.run(torchrun(broken, data_dir, *sets), capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = rows(whole), rows(broken)
+    assert len(a) == len(b) == 30
+    for x, y in zip(a, b, strict=True):
+        for key in COMPARED:
+            assert x[key] == pytest.approx(y[key], abs=2e-4), (key, x, y)
 
 
 def test_gpu_bench_multi_gpu_part_is_skipped_without_two_gpus(tmp_path):
