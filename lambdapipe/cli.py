@@ -206,7 +206,8 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
         distributed.check(world, r.batch_size, r.drop_last, r.compile, len(cfgs))
         if not world.lead:  # one rank speaks: rank 0 (warnings and errors still show)
             logs.configure("warning")
-        with distributed.joined(world, device) as dev:  # rank 0 checks and owns --out
+        with gpu.claim(distributed.rank_device(world, device), lock_dir=gpu_lock_dir) as dev, \
+                distributed.joined(world, dev):  # rank 0 checks and owns --out
             summaries = [training.run(cfgs[0], device=dev, progress=progress and world.lead)]
         if not world.lead:
             return

@@ -86,32 +86,38 @@ def check(world: World, batch_size: int, drop_last: bool, compile_mode: Any,
                         "seed; start one torchrun per seed")
 
 
+def rank_device(world: World, device: str, env: Mapping[str, str] = os.environ) -> str:
+    """What this rank asks `gpu.claim` for: `cpu`; else a free GPU through the lock files
+    (`cuda`, narrowed to it, so several jobs on one machine never share a GPU), except under
+    SLURM where the job's visible GPUs are indexed by SLURM_LOCALID when a task sees several
+    (`--gpus-per-node`) and the one it sees otherwise (`--gpus-per-task=1`)."""
+    kind = device.split(":")[0]
+    if ":" in device:
+        raise UserError(f"invalid --device {device} on {world.size} processes: expected auto, "
+                        "cuda (each rank claims a free GPU) or cpu")
+    if kind == "cpu":
+        return "cpu"
+    visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if env.get("SLURM_JOB_ID") and len(visible) > 1:
+        return f"cuda:{world.local_rank}"
+    return device
+
+
 @contextlib.contextmanager
 def joined(world: World, device: str) -> Iterator[str]:
-    """The process group for the block (NCCL on GPUs, gloo on the CPU); yields this rank's
-    device: `cuda:LOCAL_RANK` for `cuda` or `auto` with GPUs, else `cpu`."""
-    kind = device.split(":")[0]
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and ":" in device:
-        raise UserError(f"invalid --device {device} on {world.size} processes: expected cuda "
-                        "(each rank takes GPU LOCAL_RANK of its node) or cpu")
-    if kind == "cuda":
-        if world.local_rank >= torch.cuda.device_count():
-            raise UserError(f"invalid LOCAL_RANK {world.local_rank}: this node has "
-                            f"{torch.cuda.device_count()} GPUs (one process per GPU)")
-        torch.cuda.set_device(world.local_rank)
-        dev = f"cuda:{world.local_rank}"
-    else:
-        dev = "cpu"
+    """The process group for the block on `device`, this rank's claimed device (NCCL on a
+    GPU, gloo on the CPU); yields `device`."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise UserError(f"{key} is not set: torchrun sets it; under srun export "
                             "MASTER_ADDR (the first node) and MASTER_PORT (docs/distributed.md)")
-    dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=world.rank,
+    dist.init_process_group("nccl" if cuda else "gloo", rank=world.rank,
                             world_size=world.size, timeout=TIMEOUT)
     try:
-        yield dev
+        yield device
     finally:
         dist.destroy_process_group()
 

@@ -128,6 +128,19 @@ def test_world_from_torchrun_and_srun_variables():
         distributed.from_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
+def test_each_rank_claims_a_free_gpu_or_its_slurm_gpu():
+    w = distributed.World(1, 4, 1)
+    assert distributed.rank_device(w, "cpu", {}) == "cpu"
+    assert distributed.rank_device(w, "cuda", {}) == "cuda"  # a free one, by the lock files
+    assert distributed.rank_device(w, "auto", {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == "auto"
+    slurm = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    assert distributed.rank_device(w, "cuda", slurm) == "cuda:1"  # --gpus-per-node
+    one = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "2"}
+    assert distributed.rank_device(w, "cuda", one) == "cuda"  # --gpus-per-task=1
+    with pytest.raises(UserError, match="invalid --device cuda:1 on 4 processes"):
+        distributed.rank_device(w, "cuda:1", {})
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"batch_size": 30}, "invalid batch_size 30 on 4 processes"),
     ({"drop_last": False}, "invalid drop_last false on 4 processes"),
@@ -198,20 +211,24 @@ def test_killed_run_resumes_on_another_number_of_processes(data_dir, tmp_path):
 @pytest.mark.slow  # torchrun: two fresh interpreters
 def test_torchrun_starts_the_cli_train_command(data_dir, tmp_path):
     """The standard start: torchrun runs `python -m lambdapipe.cli train` on 2 gloo ranks;
-    rank 0 alone prints the result; batch-norm (resnet20x1) runs with per-rank statistics."""
-    out = tmp_path / "run"
+    rank 0 alone prints the result; batch-norm (resnet20x1) runs with per-rank statistics;
+    each rank claims its own GPU through the lock files (2 fake GPUs: locks real, device cpu)."""
+    out, claims = tmp_path / "run", tmp_path / "claims.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_port()), "-m", "lambdapipe.cli", "train",
            "--model", "resnet20x1", "--model-arg", "base_width=4", "--dataset", "digits",
            "--data-dir", str(data_dir), "--out", str(out), "--recipe", "demo",
-           "--device", "cpu", "--no-progress",
+           "--device", "auto", "--gpu-lock-dir", str(tmp_path / "locks"), "--no-progress",
            *[f"--set={k}={v}" for k, v in SHORT.items()]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAMBDAPIPE_FAKE_GPUS": "2",
+           "LAMBDAPIPE_GPU_LOG": str(claims)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ok: val_acc=") == 1, proc.stdout
     assert json.loads((out / "config.json").read_text())["runtime"]["world_size"] == 2
     assert json.loads((out / "summary.json").read_text())["iterations"] == 12
+    held = [json.loads(line) for line in claims.read_text().splitlines()]
+    assert sorted(c["index"] for c in held) == [0, 1]  # two ranks, two GPUs
     bad = subprocess.run([*cmd[:-len(SHORT)], "--set=batch_size=15"], capture_output=True,
                          text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "invalid batch_size 15 on 2 processes" in bad.stderr
