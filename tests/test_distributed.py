@@ -287,3 +287,50 @@ def test_gpu_bench_multi_gpu_part_is_skipped_without_two_gpus(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "multi-gpu skipped: 0 CUDA GPUs here" in done.stderr
     assert not (tmp_path / "out" / "multi-gpu.json").exists()
+
+
+# --------------------------------------------------------------------------- the workflow
+def demo_config(**train_fields) -> dict:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "config" / "demo.yaml").read_text())
+    cfg["train"] = {**cfg["train"], **train_fields}
+    return cfg
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"gpus": 3}, "grids\\[0\\].set: invalid batch_size 64 on 3 processes"),
+    ({"gpus": 2, "pack": "seeds"}, "train.gpus 2 with train.pack seeds"),
+])
+def test_config_refuses_what_runs_on_several_gpus_cannot_do(fields, match):
+    from lambdapipe.config import check_config, expand_runs
+
+    with pytest.raises(UserError, match=match):
+        expand_runs(check_config(demo_config(**fields)))
+    assert len(expand_runs(check_config(demo_config(gpus=2)))) == 8
+
+
+@pytest.mark.slow  # two Snakemake dry runs
+def test_workflow_starts_runs_on_several_gpus_with_torchrun(tmp_path):
+    """`train: {gpus: 2}`: each train job takes 2 gpu tokens and runs under torchrun; a
+    machine given fewer tokens than a run's GPUs stops the workflow in one line."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(demo_config(gpus=2, device="auto")))
+    base = [sys.executable, "-m", "snakemake", "-s", str(root / "workflow" / "Snakefile"),
+            "-d", str(tmp_path), "-n", "-p", "--configfile", str(path)]
+    dry = subprocess.run([*base, "--resources", "gpu=2"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    trains = [ln for ln in dry.stdout.splitlines()
+              if ln.startswith("Shell command: lambdapipe_torchrun 2 train ")]
+    assert len(trains) == 8
+    assert dry.stdout.count("resources: tmpdir=/tmp, gpu=2,") == 8
+    few = subprocess.run([*base, "--resources", "gpu=1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert few.returncode != 0
+    assert "config train.gpus 2 needs --resources gpu=2 or more (given gpu=1)" in (
+        few.stdout + few.stderr)
