@@ -103,6 +103,15 @@ def rank_device(world: World, device: str, env: Mapping[str, str] = os.environ) 
     return device
 
 
+def check_train(train: Mapping[str, Any]) -> World:
+    """The world of a config's `train: {gpus: N}` runs (lambdapipe.config), refusing `pack`."""
+    gpus, pack = train.get("gpus", 1), train.get("pack", "none")
+    if gpus > 1 and pack != "none":
+        raise UserError(f"config train.gpus {gpus} with train.pack {pack}: a run on several "
+                        "GPUs trains one seed; set pack: none")
+    return World(0, gpus)
+
+
 @contextlib.contextmanager
 def joined(world: World, device: str) -> Iterator[str]:
     """The process group for the block on `device`, this rank's claimed device (NCCL on a
