@@ -37,6 +37,8 @@ if "dist_tiny" not in list_models():
                              nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                              nn.Linear(4 * width, num_classes))
 
+# a hung collective would wait 30 minutes (distributed.TIMEOUT): fail long before that
+pytestmark = pytest.mark.timeout(480)
 SHORT = {"iterations": 12, "eval_every": 4, "batch_size": 16, "warmup": 0.0}
 COMPARED = ("iteration", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
 
