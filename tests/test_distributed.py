@@ -217,7 +217,7 @@ def test_torchrun_starts_the_cli_train_command(data_dir, tmp_path):
     each rank claims its own GPU through the lock files (2 fake GPUs: locks real, device cpu)."""
     out, claims = tmp_path / "run", tmp_path / "claims.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), "-m", "lambdapipe.cli", "train",
+           "--standalone", "-m", "lambdapipe.cli", "train",
            "--model", "resnet20x1", "--model-arg", "base_width=4", "--dataset", "digits",
            "--data-dir", str(data_dir), "--out", str(out), "--recipe", "demo",
            "--device", "auto", "--gpu-lock-dir", str(tmp_path / "locks"), "--no-progress",
@@ -239,7 +239,7 @@ def test_torchrun_starts_the_cli_train_command(data_dir, tmp_path):
 def torchrun(out: Path, data_dir: Path, *sets: str) -> list[str]:
     """`lambdapipe train` on 2 gloo ranks under torchrun (resnet20x1: batch-norm per rank)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", str(free_port()), "-m", "lambdapipe.cli", "train",
+            "--standalone", "-m", "lambdapipe.cli", "train",
             "--model", "resnet20x1", "--model-arg", "base_width=4", "--dataset", "digits",
             "--data-dir", str(data_dir), "--out", str(out), "--recipe", "demo",
             "--device", "cpu", "--no-progress", *[f"--set={s}" for s in sets]]
