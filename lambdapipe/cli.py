@@ -181,7 +181,7 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
       lambdapipe train --model resnet20x1 --dataset cifar10 --seeds 0,1,2 \\
           --out 'results/runs/cifar10/clean/resnet20x1/{seed}'
     """
-    from lambdapipe import data, gpu, runlock
+    from lambdapipe import data, distributed, gpu, logs, runlock
     from lambdapipe import train as training
 
     seed_list = _seed_list(ctx, seed, seeds, out)
@@ -200,7 +200,18 @@ def train(ctx: click.Context, model: str, model_args: tuple[str, ...], dataset: 
     ) for s in seed_list]
     if progress is None:
         progress = sys.stderr.isatty()
-    if len(cfgs) == 1:
+    world = distributed.from_env()  # torchrun's or srun's ranks (docs/distributed.md)
+    if world.size > 1:
+        r = cfgs[0].recipe
+        distributed.check(world, r.batch_size, r.drop_last, r.compile, len(cfgs))
+        if not world.lead:  # one rank speaks: rank 0 (warnings and errors still show)
+            logs.configure("warning")
+        with gpu.claim(distributed.rank_device(world, device), lock_dir=gpu_lock_dir) as dev, \
+                distributed.joined(world, dev):  # rank 0 checks and owns --out
+            summaries = [training.run(cfgs[0], device=dev, progress=progress and world.lead)]
+        if not world.lead:
+            return
+    elif len(cfgs) == 1:
         training.check_before_start(cfgs[0])  # bad input fails here, before anything is written
         # --out's owner before a GPU: a second command on the same --out refuses without one.
         with runlock.own(cfgs[0].out), gpu.claim(device, lock_dir=gpu_lock_dir) as dev:

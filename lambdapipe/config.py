@@ -379,11 +379,13 @@ def _variants(grid: dict) -> list[tuple[str, dict]]:
 
 def expand_runs(cfg: dict) -> list[Run]:
     """Every run of the grid, minus exclusions, each once (in config order)."""
+    from lambdapipe.distributed import check, check_train
     from lambdapipe.noise import noise_spec
     from lambdapipe.protocol import check_noise
     from lambdapipe.recipes import get_recipe
     from lambdapipe.validate import check_seed
 
+    world = check_train(cfg.get("train") or {})  # train.gpus
     runs: dict[str, Run] = {}
     model_where: dict[str, str] = {}
     data: dict[str, tuple] = {}
@@ -397,6 +399,7 @@ def expand_runs(cfg: dict) -> list[Run]:
                 try:
                     recipe = get_recipe(grid["recipe"], {**(grid.get("set") or {}),
                                                          **extra.get("set", {})})
+                    check(world, recipe.batch_size, recipe.drop_last, recipe.compile)
                     for entry in grid["noise"]:  # before any job: train+val needs clean labels
                         for rate in entry["rates"]:
                             check_noise(recipe, noise_spec(entry["kind"], rate,

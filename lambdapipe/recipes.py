@@ -86,6 +86,7 @@ class Recipe:
     train_on: str = "train"  # train+val: the whole official training set (no hold-out)
     drop_last: bool = True  # false: an epoch ends with its partial batch (ceil steps)
     lr_step: str = "step"  # epoch: the rate changes once an epoch (a scheduler stepped per epoch)
+    sync_bn: bool = False  # several processes: batch-norm statistics over the global batch
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -149,7 +150,7 @@ class Recipe:
 # Fields added after run directories existed: a saved config may lack them, and
 # `field_default` then gives the behaviour from before they existed.
 ADDED_FIELDS = ("augment", "crop_scale", "crop_ratio", "tf32", "select_on", "train_on",
-                "drop_last", "lr_step")
+                "drop_last", "lr_step", "sync_bn")
 
 
 def field_default(key: str) -> Any:
@@ -172,7 +173,7 @@ _FIELDS = {f.name: f for f in fields(Recipe)}
 _DEFAULTS = Recipe(name="").to_dict()
 _INT = {"batch_size", "iterations", "eval_every", "crop_padding"}
 _OPTIONAL = {"iterations", "epochs", "eval_every", "eval_every_epochs", "grad_clip"}
-_BOOL = {"nesterov", "flip", "tf32", "track_test_every_eval", "drop_last"}
+_BOOL = {"nesterov", "flip", "tf32", "track_test_every_eval", "drop_last", "sync_bn"}
 _STR = {"name", "description", "optimizer", "schedule", "precision", "augment", "select_on",
         "train_on", "lr_step"}
 _PAIRS = {"betas", "step_milestones", "crop_scale", "crop_ratio"}

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lambdapipe.distributed import World
 from lambdapipe.recipes import STEP_GRAPH, Recipe
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,6 +42,12 @@ class Runtime:
     fused_optimizer: bool = False  # one launch for all parameters (CUDA)
     deterministic: bool = False
     lambda_impls: dict[str, str] = field(default_factory=dict)
+    world: World | None = None  # several processes (distributed.py); None: one
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process writes the run directory (rank 0, or the only one)."""
+        return self.world is None or self.world.lead
 
     @property
     def scaler(self) -> bool:
@@ -97,19 +104,23 @@ class Runtime:
         """config.json's `runtime`."""
         return {"compile": self.compile or "eager", "channels_last": self.channels_last,
                 "tf32": self.tf32, "precision": self.precision,
-                "fused_optimizer": self.fused_optimizer, "lambda_impls": dict(self.lambda_impls)}
+                "fused_optimizer": self.fused_optimizer, "lambda_impls": dict(self.lambda_impls),
+                "world_size": self.world.size if self.world else 1}
 
 
-def resolve(r: Recipe, device: str, deterministic: bool = False) -> Runtime:
+def resolve(r: Recipe, device: str, deterministic: bool = False,
+            world: World | None = None) -> Runtime:
     """The one place a recipe's speed settings meet the device. channels_last is a GPU layout:
     on CPU, oneDNN's 1x1-convolution weight-gradient kernel (torch 2.14, one thread) writes
     past its buffer with it and corrupts the heap. TF32 exists on CUDA only. CUDA's fused
     optimizer kernels, but never fused SGD under fp16 loss scaling: a step the scaler skips
     still runs its kernel, after which it trains differently from plain SGD
-    (test_fused_sgd_under_loss_scaling_is_what_we_avoid; docs/performance.md)."""
+    (test_fused_sgd_under_loss_scaling_is_what_we_avoid; docs/performance.md). On several
+    processes (`world`) auto is eager: CUDA graphs cannot hold DDP's all-reduce."""
     kind = torch.device(device).type
     cuda = kind == "cuda"
-    mode = AUTO_COMPILE.get(kind) if r.compile == "auto" else r.compile
+    mode = AUTO_COMPILE.get(kind) if r.compile == "auto" and world is None else r.compile
+    mode = None if mode == "auto" else mode
     mode = "default" if mode is True else (mode or None)
     if mode == STEP_GRAPH and not cuda:
         mode = None
@@ -117,7 +128,7 @@ def resolve(r: Recipe, device: str, deterministic: bool = False) -> Runtime:
                    channels_last=cuda and r.channels_last is not False,
                    tf32=cuda and r.tf32 and r.precision == "fp32",
                    fused_optimizer=cuda and not (r.optimizer == "sgd" and r.precision == "fp16"),
-                   deterministic=deterministic)
+                   deterministic=deterministic, world=world)
 
 
 def of_run(config: dict[str, Any], device: str, model: torch.nn.Module | None = None

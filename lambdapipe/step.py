@@ -275,7 +275,18 @@ class Seat:
         self.tally[..., :COLUMN.first_nonfinite] = 0
 
     def counts(self) -> Tally:
-        return Tally(*self.tally.tolist())  # a host sync
+        """The tally, a host sync; on several processes every rank's, combined."""
+        world = self.step.rt.world if isinstance(self.step, TrainStep) else None
+        if world is None:
+            return Tally(*self.tally.tolist())
+        from lambdapipe.distributed import gathered
+
+        ranks, c = gathered(self.tally), COLUMN  # (ranks, fields): a collective
+        first = ranks[:, c.first_nonfinite]
+        first = first[first >= 0].min() if (first >= 0).any() else first[0]
+        # one averaged gradient: a skipped step is skipped on every rank, counted once
+        return Tally(*ranks[:, :c.skipped].sum(0).tolist(), ranks[:, c.skipped].max().item(),
+                     first.item())
 
     def optimizer_state(self) -> dict[str, Any]:
         state = self.step.optimizer.state_dict()
@@ -305,12 +316,17 @@ def build(model: torch.nn.Module, r: Recipe, rt: Runtime, mean: torch.Tensor,
           std: torch.Tensor) -> tuple[torch.nn.Module, torch.optim.Optimizer,
                                       TrainStep | GraphedStep]:
     """A run's model on its device and layout, its optimizer and its step: what train and
-    bench build alike."""
+    bench build alike. On several processes the step runs the model wrapped in DDP."""
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    stepped = model
+    if rt.world is not None:
+        from lambdapipe.distributed import wrap
+
+        model, stepped = wrap(model, rt.device, r.sync_bn)
     optimizer = make_optimizer(model, r, rt.fused_optimizer)
-    return model, optimizer, make_step(model, optimizer, r, rt, mean, std)
+    return model, optimizer, make_step(stepped, optimizer, r, rt, mean, std)
 
 
 def _portable(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:

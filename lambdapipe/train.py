@@ -7,6 +7,7 @@ run. The test split is read once, after training, on the checkpoint val chose
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lambdapipe import atomic, rng, runlock
+from lambdapipe import atomic, distributed, rng, runlock
 from lambdapipe import status as run_status
 from lambdapipe.augment import DeviceImages, augmented_batch, plan_epoch
 from lambdapipe.evaluate import (
@@ -73,11 +74,22 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
     on disk (an exception from it interrupts the run exactly like a kill would).
     """
     summary_path = cfg.out / "summary.json"
-    with runlock.own(cfg.out):  # one owner per run directory (a refused run leaves nothing)
-        check_before_start(cfg)  # also refuses an --out that holds a different config
-        if summary_path.exists():
-            return atomic.read_json(summary_path, SMALL_FILE, "run summary")
-        rt = resolve(cfg.recipe, str(device), cfg.deterministic)
+    world = distributed.current()  # several processes: rank 0 owns and writes (distributed.py)
+    if world is not None:
+        r = cfg.recipe
+        distributed.check(world, r.batch_size, r.drop_last, r.compile)
+    with contextlib.ExitStack() as owned:
+        def lead() -> dict[str, Any] | None:
+            owned.enter_context(runlock.own(cfg.out))  # one owner (a refusal leaves nothing)
+            check_before_start(cfg)  # also refuses an --out that holds a different config
+            if summary_path.exists():
+                return atomic.read_json(summary_path, SMALL_FILE, "run summary")
+            return None
+
+        done = distributed.decided(world, lead)
+        if done is not None:
+            return done
+        rt = resolve(cfg.recipe, str(device), cfg.deterministic, world)
         with rt.kernels():
             return Run(cfg, rt, progress, callback).train()
 
@@ -129,11 +141,11 @@ class Run:
         config["runtime"] = rt.record()
         mean = torch.tensor(config["data"]["mean"], device=device)
         std = torch.tensor(config["data"]["std"], device=device)
-        model, optimizer, step_fn = build(model, r, rt, mean, std)
         state = RunState()
-
         last = out / "last.ckpt"
-        if last.exists():
+        resume = last.exists()  # before build: on several processes DDP's start syncs ranks
+        model, optimizer, step_fn = build(model, r, rt, mean, std)
+        if resume:
             ckpt = load_checkpoint(last, map_location=device)
             check_same_run(cfg, last, ckpt)
             check_resume(ckpt, last, optimizer=optimizer, scaler=step_fn.scaler, total=total,
@@ -145,9 +157,10 @@ class Run:
             state = RunState(**ckpt["state"])
             # The checkpoint is the truth: a kill between its rename and metrics.csv's left
             # the file one row short (or one ahead); rewrite it before anything else happens.
-            write_metrics(out, state.rows)
+            if rt.lead:
+                write_metrics(out, state.rows)
             self.log(f"resuming {out} at iteration {state.iteration} of {total}")
-        else:
+        elif rt.lead:
             out.mkdir(parents=True, exist_ok=True)
             atomic.write_json(out / "config.json", config)
         self.session_start = time.perf_counter() - state.elapsed_s  # spans all sessions
@@ -204,9 +217,13 @@ class Run:
             self.plan = plan_epoch(len(self.train_data), self.cfg.seed, epoch, r.crop_padding,
                                    r.flip, self.device, resized_crop=r.resized_crop,
                                    size=self.train_data.size, extents=self.train_data.extents)
+            if self.rt.world is not None:  # this rank's slice of every global batch
+                self.plan = distributed.shard_plan(self.plan, r.batch_size, self.rt.world)
             self.plan_epoch_no = epoch
         self.lr = r.lr_at(it, self.total, self.steps_per_epoch)
-        return augmented_batch(self.train_data, self.plan, step, r.batch_size)
+        world = self.rt.world
+        return augmented_batch(self.train_data, self.plan, step,
+                               r.batch_size // (world.size if world else 1))
 
     def after_step(self) -> bool:
         """Count the step; when due, the host sync, divergence check and evaluation."""
@@ -221,7 +238,9 @@ class Run:
         if tally.first_nonfinite >= 0:
             self.diverged_at = int(tally.first_nonfinite)
             return False
-        if evaluate_now:
+        if evaluate_now and not self.rt.lead:  # rank 0 evaluates and writes alone
+            self.seat.reset_tally()
+        elif evaluate_now:
             self.seat.sync_into(self.model)  # a fused step's weights of this run
             self._evaluate(tally)
         return it < self.total
@@ -279,10 +298,14 @@ class Run:
         if self.diverged_at is not None:
             self.state.skipped_steps += int(self.seat.counts().skipped)
             self.log(f"diverged: non-finite loss at iteration {self.diverged_at}")
-        runlock.check_still_owned(self.out)
-        summary = _summarize(self.cfg, self.rt, self.r, self.out, self.model, self.seat.path,
-                             self.state, self.it, self.diverged_at, self.session_start,
-                             self.started, self.config)
+
+        def lead() -> dict[str, Any]:
+            runlock.check_still_owned(self.out)
+            return _summarize(self.cfg, self.rt, self.r, self.out, self.model, self.seat.path,
+                              self.state, self.it, self.diverged_at, self.session_start,
+                              self.started, self.config)
+
+        summary = distributed.decided(self.rt.world, lead)  # rank 0's, on every rank
         self.train_data = self.val_data = self.test_data = None
         return summary
 

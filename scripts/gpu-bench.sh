@@ -5,7 +5,7 @@
 #   bash scripts/gpu-bench.sh default         # the default path, under 8 minutes (below)
 #   bash scripts/gpu-bench.sh step slots      # some parts: default impls step compile slots
 #                                             #   data cifar10 pack fused step-graph lambda
-#                                             #   imagenette
+#                                             #   imagenette multi-gpu
 #
 # Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
 # torch version, UTC date); OUT/index.md gathers them with the commands that made them.
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(default impls step compile slots data cifar10 pack fused step-graph lambda imagenette)
+[ ${#parts[@]} -gt 0 ] || parts=(default impls step compile slots data cifar10 pack fused step-graph lambda imagenette multi-gpu)
 device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
 lp=${LAMBDAPIPE_CMD:-python -m lambdapipe}
 if [ "$device" = cuda ]; then
@@ -95,8 +95,43 @@ for part in "${parts[@]}"; do
         lambda) measure lambda-cifar10 --config config/lambda_cifar10.yaml --seeds 0 ;;
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;
+        multi-gpu)  # one run on all N GPUs of this node (torchrun, DDP) against one GPU, the
+                    # same per-GPU batch (docs/distributed.md); skipped with fewer than 2 GPUs
+            n=0
+            [ "$device" != cuda ] || n=$(python -c 'import torch; print(torch.cuda.device_count())')
+            if [ "$n" -lt 2 ]; then
+                echo "gpu-bench: multi-gpu skipped: $n CUDA GPUs here, it needs 2 or more" >&2
+                continue
+            fi
+            $lp prepare --dataset digits > /dev/null
+            runs=$out/multi-gpu-runs
+            rm -rf "$runs"
+            for k in 1 "$n"; do
+                cmd="python -m torch.distributed.run --standalone --nproc-per-node $k -m lambdapipe.cli train --model resnet18 --dataset digits --recipe demo --device cuda --no-progress --set batch_size=$((128 * k)) --set iterations=300 --set eval_every=100 --set precision=bf16 --out $runs/$k"
+                echo "== multi-gpu: $cmd" >&2
+                $cmd > /dev/null
+                echo "$cmd" >> "$runs/cmds"
+            done
+            python - "$out" "$n" "$gpu" <<'EOF_MULTI'
+"""multi-gpu.{txt,json,cmd}: images/s of the last 100 steps, 1 GPU against N (weak scaling)."""
+import csv, datetime, json, sys
+from pathlib import Path
+import torch
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+speed = {k: float(list(csv.DictReader(open(out / "multi-gpu-runs" / str(k) / "metrics.csv")))[-1]["images_per_s"]) for k in (1, n)}
+rows = [{"device_name": sys.argv[3], "gpus": k, "batch_size": 128 * k,
+         "images_per_s": speed[k], "efficiency": speed[k] / (k * speed[1])} for k in (1, n)]
+text = "gpus  global batch  images/s  efficiency (images/s / (gpus x 1-GPU images/s))\n" + "".join(
+    f"{r['gpus']:>4}  {r['batch_size']:>12}  {r['images_per_s']:>8.0f}  {r['efficiency']:>10.2f}\n" for r in rows)
+print(text, end="")
+(out / "multi-gpu.txt").write_text(text)
+(out / "multi-gpu.cmd").write_text((out / "multi-gpu-runs" / "cmds").read_text().replace("\n", "; ").rstrip("; "))
+(out / "multi-gpu.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
+EOF_MULTI
+            ;;
         *) echo "gpu-bench: unknown part '$part': expected default impls step compile slots" \
-                "data cifar10 pack fused step-graph lambda imagenette" >&2; exit 2 ;;
+                "data cifar10 pack fused step-graph lambda imagenette multi-gpu" >&2; exit 2 ;;
     esac
 done
 

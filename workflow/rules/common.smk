@@ -44,6 +44,9 @@ def lambdapipe_function():
     return (
         f'lambdapipe() {{{{ PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" '
         f'{python} -m lambdapipe "$@"; }}}}; '
+        f"lambdapipe_torchrun() {{{{ n=$1; shift; "
+        f'PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" {python} -m torch.distributed.run '
+        f'--standalone --nproc-per-node "$n" -m lambdapipe "$@"; }}}}; '
     )
 
 
@@ -92,8 +95,33 @@ wildcard_constraints:
 
 
 def gpu_tokens(wildcards):
-    """A GPU token per job, unless the config pins jobs to the CPU."""
+    """A GPU token per job (evaluate, explain), unless the config pins jobs to the CPU."""
     return 0 if config["train"]["device"] == "cpu" else 1
+
+
+def train_gpu_tokens(wildcards):
+    """A token per GPU of a training run (`train.gpus`), unless the config pins it to the CPU."""
+    return gpu_tokens(wildcards) * config["train"]["gpus"]
+
+
+def check_gpu_tokens():
+    """A run on N GPUs needs N `gpu` tokens: Snakemake would quietly cap its request to the
+    machine's --resources gpu, and the run's extra ranks would wait for GPUs for ever."""
+    given = workflow.global_resources.get("gpu")
+    given = getattr(given, "value", given)  # a Snakemake Resource (9.x) or a number
+    need = train_gpu_tokens(None)
+    if need > 1 and given is not None and given < need:
+        raise WorkflowError(
+            f"config train.gpus {need} needs --resources gpu={need} or more "
+            f"(given gpu={given}): one token per GPU of a run"
+        )
+
+
+def train_launcher():
+    """`lambdapipe` for a run on one GPU; for `train: {gpus: N}` torchrun starting N ranks of
+    it on this node (docs/distributed.md), each rank claiming its own GPU."""
+    n = config["train"]["gpus"]
+    return "lambdapipe" if n == 1 else f"lambdapipe_torchrun {n}"
 
 
 def eval_mem_mb(wildcards):

@@ -1,3 +1,5 @@
+check_gpu_tokens()
+
 if not PACKED:
 
     rule train:
@@ -18,7 +20,7 @@ if not PACKED:
             "../envs/lambdapipe.yaml"
         threads: config["train"]["threads"]
         resources:
-            gpu=gpu_tokens,
+            gpu=train_gpu_tokens,
             mem_mb=config["train"]["mem_mb"],
             runtime=config["train"]["runtime"],
         params:
@@ -30,8 +32,8 @@ if not PACKED:
             model_args=train_option("model_args"),
             device=config["train"]["device"],
             deterministic="--deterministic" if config["train"]["deterministic"] else "",
-        shell:
-            "lambdapipe train --model {params.model} {params.model_args}"
+        shell:  # the launcher is no param: runs on one GPU keep their command as it was
+            train_launcher() + " train --model {params.model} {params.model_args}"
             " --dataset {wildcards.dataset} --data-dir data {params.noise}"
             " --seed {wildcards.seed} --out {params.run_dir} --recipe {params.recipe}"
             " {params.overrides} --device {params.device} {params.deterministic} --no-progress"
@@ -63,7 +65,7 @@ else:
                 "../envs/lambdapipe.yaml"
             threads: config["train"]["threads"]
             resources:
-                gpu=gpu_tokens,
+                gpu=train_gpu_tokens,
                 mem_mb=config["train"]["mem_mb"],
                 runtime=config["train"]["runtime"],
             params:
