@@ -29,13 +29,19 @@ from lambdapipe.augment import EpochPlan
 from lambdapipe.errors import UserError
 from lambdapipe.models.registry import list_models, register_model
 
-if "dist_tiny" not in list_models():
-    @register_model
-    def dist_tiny(num_classes: int, image_size: int, width: int = 8) -> nn.Module:
-        """A conv net without batch-norm: its step does not depend on how a batch is split."""
-        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                             nn.Linear(4 * width, num_classes))
+
+def dist_tiny(num_classes: int, image_size: int, width: int = 8) -> nn.Module:
+    """A conv net without batch-norm: its step does not depend on how a batch is split."""
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * width, num_classes))
+
+
+def ensure_dist_tiny() -> None:
+    """Registered when a test (or a spawned rank) needs it, never at import: collection would
+    otherwise put it in other modules' "every registered model" lists."""
+    if "dist_tiny" not in list_models():
+        register_model(dist_tiny)
 
 # a hung collective would wait 30 minutes (distributed.TIMEOUT): fail long before that
 pytestmark = pytest.mark.timeout(480)
@@ -51,6 +57,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def config(data_dir: Path, out: Path, model: str = "dist_tiny", **overrides):
+    ensure_dist_tiny()
     return train.TrainConfig.build(model=model, model_args={}, dataset="digits",
                                    data_dir=data_dir, noise="clean", seed=3, out=out,
                                    recipe="demo", overrides={**SHORT, **overrides})
@@ -66,6 +73,7 @@ def _rank(rank: int, size: int, port: int, cfg, stop_at: int | None) -> None:
     """One rank of a spawned run (torch.multiprocessing); `stop_at`: rank 0 dies after that
     iteration's checkpoint, as a kill would."""
     torch.set_num_threads(1)
+    ensure_dist_tiny()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
     if rank:  # rank 1 must write nothing: any atomic write fails its run
