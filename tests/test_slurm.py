@@ -464,7 +464,7 @@ class TestOneRunOnSeveralTasksThroughSlurm:
     several nodes are exercised here as nodes=1 x 2 tasks; what `nodes: 2` asks of sbatch is
     tested in tests/test_launch.py."""
 
-    pytestmark = [pytest.mark.slurm, pytest.mark.cost(150)]
+    pytestmark = [pytest.mark.slurm, pytest.mark.cost(130)]
 
     def test_the_job_asked_slurm_for_one_node_and_two_tasks(self, cluster, ranks_run):
         from lambdapipe.launch import job_record
