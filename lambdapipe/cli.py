@@ -248,6 +248,30 @@ def _seed_list(ctx: click.Context, seed: int, seeds: str | None, out: Path) -> l
     return seed_list
 
 
+@main.command(context_settings={"ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@click.option("--gpus", type=int, default=1, show_default=True, help="Ranks (GPUs) per node.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes (SLURM only).")
+@click.argument("args", nargs=-1, required=True, type=click.UNPROCESSED)
+@user_errors
+def launch(gpus: int, nodes: int, args: tuple[str, ...]) -> None:
+    """Run `lambdapipe ARGS` as GPUS ranks on each of NODES nodes: torchrun on this machine,
+    srun inside a SLURM job (what a workflow job of `train: {gpus, nodes}` runs).
+
+    \b
+    Example:
+      lambdapipe launch --gpus 4 train --model resnet50 --dataset imagenet32 ...
+    """
+    from lambdapipe.launch import command
+
+    argv, env = command(gpus, nodes, args)
+    rendezvous = " ".join(f"{k}={env[k]}" for k in ("MASTER_ADDR", "MASTER_PORT")
+                          if env.get(k) != os.environ.get(k))
+    click.echo(f"lambdapipe launch: {rendezvous} {' '.join(argv)}".replace("  ", " "), err=True)
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)
+
+
 @main.command()
 @click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Checkpoint written by `lambdapipe train`.")

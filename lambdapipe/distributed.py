@@ -104,12 +104,14 @@ def rank_device(world: World, device: str, env: Mapping[str, str] = os.environ) 
 
 
 def check_train(train: Mapping[str, Any]) -> World:
-    """The world of a config's `train: {gpus: N}` runs (lambdapipe.config), refusing `pack`."""
-    gpus, pack = train.get("gpus", 1), train.get("pack", "none")
-    if gpus > 1 and pack != "none":
-        raise UserError(f"config train.gpus {gpus} with train.pack {pack}: a run on several "
+    """The world of a config's `train: {gpus: G, nodes: M}` runs (lambdapipe.config): G ranks
+    on each of M nodes, G * M in all; refusing `pack`, which trains seeds in one process."""
+    gpus, nodes, pack = train.get("gpus", 1), train.get("nodes", 1), train.get("pack", "none")
+    if gpus * nodes > 1 and pack != "none":
+        what = f"train.gpus {gpus}" if nodes == 1 else f"train.nodes {nodes}"
+        raise UserError(f"config {what} with train.pack {pack}: a run on several "
                         "GPUs trains one seed; set pack: none")
-    return World(0, gpus)
+    return World(0, gpus * nodes)
 
 
 @contextlib.contextmanager

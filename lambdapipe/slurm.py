@@ -28,15 +28,37 @@ class Partition:
     default: bool
     up: bool
     max_gpus: int  # most GPUs any one node of the partition has
+    nodes: int = 1  # how many nodes it has
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What one job will ask sbatch for (`-p`, `--gpus`/`--gres=gpu:`)."""
+    """What one job will ask sbatch for (`-p`, GPUs per node from `--gpus`/`--gres=gpu:`,
+    `--nodes`)."""
 
     rule: str
     partition: str | None
-    gpus: int
+    gpus: int  # per node
+    nodes: int = 1
+
+
+def task_resources(gpus: int, nodes: int, on_gpus: bool) -> dict[str, object]:
+    """What a run of `gpus` ranks on each of `nodes` nodes asks of SLURM beyond its `gpu`
+    tokens (the job's --gpus, all nodes together), in snakemake-executor-plugin-slurm's own
+    resource names: `nodes` (--nodes=M); one task per GPU of each node (`tasks_per_node`:
+    --ntasks-per-node=G; the plugin takes it above 1 only, so G = 1 is `tasks`: --ntasks=M,
+    one per node, with `tasks_per_gpu`: --ntasks-per-gpu=1, which the plugin would otherwise
+    set to `tasks`); on GPUs `gres` (--gres=gpu:G, per node, so each node has its G); and
+    `mpi`, which makes the plugin run the job's command as it is (it then starts its tasks
+    itself with srun, `lambdapipe launch`) instead of inside its one-task `srun -n1`.
+    Nothing for a run on one GPU, whose job stays as it always was. Other executors ignore
+    these names."""
+    if gpus * nodes == 1:
+        return {}
+    tasks: dict[str, object] = ({"tasks_per_node": gpus} if gpus > 1
+                                else {"tasks": nodes, "tasks_per_gpu": 1})
+    gres = {"gres": f"gpu:{gpus}"} if on_gpus else {}
+    return {"nodes": nodes, "mpi": "srun", **tasks, **gres}
 
 
 def gres_gpus(gres: str | None) -> int:
@@ -65,7 +87,8 @@ def parse_sinfo(text: str) -> dict[str, Partition]:
             defaults.add(name)
         nodes.setdefault(name, []).append((avail.strip().lower() == "up", gres_gpus(gres)))
     return {name: Partition(name, name in defaults, any(up for up, _ in rows),
-                            max(g for _, g in rows)) for name, rows in nodes.items()}
+                            max(g for _, g in rows), len(rows))
+            for name, rows in nodes.items()}
 
 
 def cluster_partitions() -> dict[str, Partition]:
@@ -106,6 +129,10 @@ def check_requests(requests: Iterable[Request],
         if not part.up:
             raise UserError(f"partition {part.name!r} (rule {req.rule}) is not up: "
                             f"`sinfo -p {part.name}` says why; pick another of {names}")
+        if req.nodes > part.nodes:
+            raise UserError(f"rule {req.rule} asks for {req.nodes} nodes but partition "
+                            f"{part.name!r} has {part.nodes}: lower train.nodes or use a "
+                            f"larger partition")
         if req.gpus > part.max_gpus:
             have = f"at most {part.max_gpus} GPU(s) per node" if part.max_gpus else "no GPUs"
             with_gpus = [p.name for p in partitions.values() if p.max_gpus >= req.gpus]
@@ -115,11 +142,19 @@ def check_requests(requests: Iterable[Request],
                             f"{part.name!r} has {have} (gres): {hint}")
 
 
+def _job_nodes(resources) -> int:
+    try:
+        return max(1, int(resources.get("nodes") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 def _job_gpus(resources) -> int:
+    """GPUs per node: `--gres=gpu:N` is per node, `--gpus=N` for the whole job."""
     gpus = resources.get("gpu") or 0
     gres_count = gres_gpus(resources.get("gres"))
     try:
-        return max(int(gpus), gres_count)
+        return max(-(-int(gpus) // _job_nodes(resources)), gres_count)
     except (TypeError, ValueError):
         return max(1, gres_count)  # `gpu: a100`-like strings still ask for a GPU
 
@@ -132,15 +167,29 @@ def check_jobs(jobs: Iterable) -> None:
             continue
         res = job.resources
         partition = res.get("slurm_partition")
-        req = Request(job.rule.name, str(partition) if partition else None, _job_gpus(res))
+        req = Request(job.rule.name, str(partition) if partition else None, _job_gpus(res),
+                      _job_nodes(res))
         seen.add(req)
-    check_requests(sorted(seen, key=lambda r: (r.rule, r.partition or "", r.gpus)))
+    check_requests(sorted(seen, key=lambda r: (r.rule, r.partition or "", r.gpus, r.nodes)))
 
 
-def preflight(workflow) -> None:
-    """`onstart` hook: on the slurm executor, check every job to be submitted and exit with
-    one line (status 1) if the cluster cannot run it. A no-op for every other executor."""
+def check_executor(executor: str | None, nodes: int) -> None:
+    """A run on several nodes is started by srun in a SLURM job: refused on any other
+    executor (a local run's ranks are torchrun's, on this one machine)."""
+    if nodes > 1 and executor != "slurm":
+        raise UserError(f"config train.nodes {nodes} needs the slurm executor (snakemake "
+                        f"--profile profiles/slurm), not {executor or 'none'}: on one machine "
+                        "use nodes: 1 and train.gpus for its GPUs")
+
+
+def preflight(workflow, nodes: int = 1) -> None:
+    """`onstart` hook: `train.nodes` above 1 only on the slurm executor; on it, check every
+    job to be submitted. Exits with one line (status 1) if the cluster cannot run them."""
     plugin = getattr(workflow, "executor_plugin", None)
+    try:
+        check_executor(getattr(plugin, "name", None), nodes)
+    except UserError as exc:
+        raise SystemExit(f"lambdapipe: {exc}") from None
     if plugin is None or plugin.name != "slurm":
         return
     try:

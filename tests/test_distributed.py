@@ -336,9 +336,9 @@ def test_workflow_starts_runs_on_several_gpus_with_torchrun(tmp_path):
                          text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr[-3000:]
     trains = [ln for ln in dry.stdout.splitlines()
-              if ln.startswith("Shell command: lambdapipe_torchrun 2 train ")]
-    assert len(trains) == 8
-    assert dry.stdout.count("resources: tmpdir=/tmp, gpu=2,") == 8
+              if ln.startswith("Shell command: lambdapipe launch --gpus 2 --nodes 1 train ")]
+    assert len(trains) == 8  # lambdapipe launch: torchrun here (tests/test_launch.py)
+    assert dry.stdout.count("tasks_per_node=2, gres=gpu:2, gpu=2,") == 8
     few = subprocess.run([*base, "--resources", "gpu=1"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert few.returncode != 0

@@ -82,3 +82,36 @@ def test_demo_size_models_and_units_in_the_report(tmp_path):
     page = (out / "report.md").read_text()
     assert "tst/" not in page and "val/" not in page and "fraction" not in page
     assert "## digits: training speed" in page
+
+
+def test_fp16_runs_show_their_skipped_steps_beside_the_published_nan_grads_mark(tmp_path):
+    """The ImageNet 32 px rows were trained in fp16 with the source's `nan-grads` mark; our
+    fp16 runs count the steps the loss scaler skipped (summary.json skipped_steps). Both
+    stand in the baseline table for fp16 groups only (fp32 trains without a scaler)."""
+    runs = tmp_path / "runs"
+    for seed, skipped in ((0, 3), (1, 5)):
+        write_run(runs, "imagenet32", "clean", "resnet18", seed, config_size=32,
+                  params=11_681_832, precision="fp16", recipe="sgdm-imagenet32",
+                  skipped_steps=skipped, val_acc=..., tst_acc=0.55)
+        write_run(runs, "cifar10", "clean", "resnet18", seed, precision="fp16",
+                  recipe="sgdm", skipped_steps=2 * seed, params=11_173_962)
+        write_run(runs, "cifar10", "clean", "resnet20x1", seed)
+    out = tmp_path / "out"
+    build_report(runs, out)
+    row = pick(md_rows(out / "tables" / "baselines_imagenet32.md"), model="resnet18")
+    assert row["published test acc (%)"] == "54.60"  # the ImageNet1k_x32 ResNet-18 row
+    assert (row["skipped steps"], row["published nan-grads"]) == ("4 ± 1", "yes")
+    assert "'skipped steps' counts the steps the loss scaler skipped" in (
+        out / "tables" / "baselines_imagenet32.md").read_text()
+    cell = pick(csv_rows(out / "tables" / "baselines_imagenet32.csv"), model="resnet18")
+    assert float(cell["skipped_steps_mean"]) == 4.0 and cell["nan_grads_published"] == "True"
+    cifar = md_rows(out / "tables" / "baselines_cifar10.md")
+    r18 = pick(cifar, model="resnet18")  # the source's fp16 ResNet-18 had no inf/nan grads
+    assert (r18["skipped steps"], r18["published nan-grads"]) == ("1 ± 1", "no")
+    r20 = pick(cifar, model="resnet20x1")  # fp32: no scaler, nothing to count
+    assert (r20["skipped steps"], r20["published nan-grads"]) == ("—", "—")
+    fp32_only = tmp_path / "fp32"
+    write_run(fp32_only, "cifar10", "clean", "resnet20x1", 0)
+    build_report(fp32_only, tmp_path / "out32")
+    assert "skipped steps" not in md_rows(tmp_path / "out32" / "tables"
+                                          / "baselines_cifar10.md")[0]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -382,3 +384,118 @@ def test_bad_profile_fails_in_one_line_before_any_job(which, cluster, cpu_cluste
     assert last.startswith(expect), proc.stderr[-2000:]
     assert "submitted with SLURM jobid" not in proc.stdout + proc.stderr
     assert (len(target.finished_jobs()), target.run("squeue", "-h").stdout) == before
+
+
+# ---------------------------------------------------------------- one run on several tasks
+SITE = '''"""Test-only: registers dist_tiny in every Python process of the run (the workflow's own,
+the jobs', each rank) and records each rank srun starts (its SLURM task variables)."""
+import json
+import os
+import sys
+
+from torch import nn
+
+from lambdapipe.models.registry import register_model
+
+{source}
+
+register_model(dist_tiny)
+if "SLURM_PROCID" in os.environ and sys.orig_argv[1:4] == ["-m", "lambdapipe", "train"]:
+    _keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_LOCALID",
+             "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES", "RANK", "MASTER_ADDR")
+    _fd = os.open(os.environ["RANKS_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, (json.dumps({{k: os.environ.get(k) for k in _keys}}) + "\\n").encode())
+    os.close(_fd)
+'''
+
+
+@pytest.fixture(scope="class")
+def ranks_run(cluster, tmp_path_factory):
+    """`train: {device: cpu, gpus: 2, nodes: 1}` through the slurm profile up to the train
+    rule (one training job of 2 tasks on data prepared beforehand), then the same
+    `lambdapipe train` command on one process outside SLURM."""
+    import inspect
+
+    from test_distributed import SHORT, dist_tiny
+
+    base = tmp_path_factory.mktemp("ranks")
+    (base / "site").mkdir()
+    (base / "site" / "sitecustomize.py").write_text(
+        SITE.format(source=inspect.getsource(dist_tiny)))
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["train"].update(device="cpu", gpus=2, nodes=1)
+    grid = cfg["datasets"]["digits"]["grids"][0]
+    grid.pop("model_args")
+    grid.update(models=["dist_tiny"], seeds=[3], set=dict(SHORT),
+                noise=[{"kind": "symmetric", "rates": [0]}])
+    (base / "grid.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(cluster.env, PYTHONPATH=f"{REPO}{os.pathsep}{base / 'site'}",
+               RANKS_LOG=str(base / "ranks.jsonl"), OMP_NUM_THREADS="1")
+    work = base / "work"
+    # The data as the prepare rule makes it, made here: the one SLURM job is the run's.
+    subprocess.run([sys.executable, "-m", "lambdapipe", "prepare", "--dataset", "digits",
+                    "--data-dir", str(work / "data"), "--split-seed", "0"], env=env,
+                   check=True, capture_output=True, timeout=300)
+    t0 = time.monotonic()
+    proc = _snakemake(work, base / "grid.yaml", env, *_slurm_args(cluster.partition),
+                      "--until", "train")
+    seconds = {"slurm": time.monotonic() - t0}
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert len(re.findall(r"has been submitted with SLURM jobid", log)) == 1, log[-3000:]
+    shell = re.search(r"Shell command: lambdapipe launch --gpus 2 --nodes 1 (train .*?) > ", log)
+    assert shell, log[-3000:]
+    argv = shlex.split(shell.group(1))
+    out = argv.index("--out") + 1
+    run, argv[out] = work / argv[out], str(base / "one")
+    t0 = time.monotonic()
+    one = subprocess.run([sys.executable, "-m", "lambdapipe", *argv], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=600)
+    seconds["one process"] = time.monotonic() - t0
+    assert one.returncode == 0, one.stderr[-3000:]
+    return dict(log=log, work=work, run=run, one=base / "one", ranks=base / "ranks.jsonl",
+                job=_train_jobs(log), seconds=seconds)
+
+
+class TestOneRunOnSeveralTasksThroughSlurm:
+    """`train: {gpus: 2}` through the slurm profile on the CPU (gloo): the training job asks
+    SLURM for 1 node x 2 tasks, its command starts the 2 ranks with srun (one task each), and
+    the run equals the 1-process run of the same command. The test cluster has one node, so
+    several nodes are exercised here as nodes=1 x 2 tasks; what `nodes: 2` asks of sbatch is
+    tested in tests/test_launch.py."""
+
+    pytestmark = [pytest.mark.slurm, pytest.mark.cost(130)]
+
+    def test_the_job_asked_slurm_for_one_node_and_two_tasks(self, cluster, ranks_run):
+        from lambdapipe.launch import job_record
+
+        assert len(ranks_run["job"]) == 1
+        job = job_record(ranks_run["job"][0],
+                         scontrol=lambda *args: cluster.run("scontrol", *args).stdout)
+        assert job["JobState"] == "COMPLETED"
+        assert (job["NumNodes"], job["NumTasks"], job["CPUs/Task"]) == ("1", "2", "1")
+        assert job["NtasksPerN:B:S:C"].split(":")[0] == "2"  # --ntasks-per-node=2
+        print("seconds:", ranks_run["seconds"])
+
+    def test_each_rank_was_a_task_of_one_srun_step(self, cluster, ranks_run):
+        ranks = [json.loads(line) for line in ranks_run["ranks"].read_text().splitlines()]
+        assert sorted(r["SLURM_PROCID"] for r in ranks) == ["0", "1"]
+        assert {r["SLURM_JOB_ID"] for r in ranks} == set(ranks_run["job"])
+        assert len({r["SLURM_STEP_ID"] for r in ranks}) == 1  # one step, not the batch one
+        assert {(r["SLURM_STEP_NUM_TASKS"], r["SLURM_STEP_NUM_NODES"]) for r in ranks} == {
+            ("2", "1")}
+        assert {r["RANK"] for r in ranks} == {None}  # not torchrun's
+        assert {r["MASTER_ADDR"] for r in ranks} == {cluster.node}  # the job's first host
+        config = json.loads((ranks_run["run"] / "config.json").read_text())
+        assert config["runtime"]["world_size"] == 2
+        work = ranks_run["work"]
+        log = work / "logs" / "train" / ranks_run["run"].relative_to(work / "results" / "runs")
+        started = log.with_name(log.name + ".log").read_text().splitlines()[0]
+        assert started.startswith(f"lambdapipe launch: MASTER_ADDR={cluster.node} ")
+        assert " srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=2 " in started
+
+    def test_the_run_equals_the_one_process_run(self, ranks_run):
+        from test_distributed import assert_same
+
+        assert_same(ranks_run["run"], ranks_run["one"])
+

@@ -133,8 +133,8 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
             TEST_ACC: metric_cell(g, "tst_acc", 2, PCT), f"published {TEST_ACC}":
                 p("test_acc", 2, PCT),
             TEST_NLL: metric_cell(g, "tst_nll", 3), f"published {TEST_NLL}": p("test_nll", 3),
-            "precision": precision, "recipe": recipe, "status": status_cell(g),
-            "unlike published": why,
+            "precision": precision, **_skipped_cells(g, precision, pub),
+            "recipe": recipe, "status": status_cell(g), "unlike published": why,
         })
         rows.append({
             "model": first["model"], "model_args": first["model_args"], "variant": first["variant"],
@@ -146,6 +146,8 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
             **_with_pub(g, pub, [("val_acc", "val_acc", "val_acc_pct", PCT),
                                  ("tst_acc", "test_acc", "test_acc_pct", PCT),
                                  ("tst_nll", "test_nll", "test_nll", 1.0)]),
+            **metric_csv(g, "skipped_steps", "skipped_steps"),
+            "nan_grads_published": _nan_grads(pub),
             "status": status_cell(g), "unlike_published": why,
         })
     recipes = " / ".join(sorted({s.recipe for s, _ in candidates if s.recipe})
@@ -162,9 +164,32 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
     if pub_ds and stand_in:
         published_note += STAND_IN_NOTE.format(dataset=dataset, source=pub_ds)
     notes = ["Mean ± sample std over seeds (ok runs only); accuracies in percent. "
-             + published_note]
+             + published_note + (SKIPPED_NOTE if (df["precision"] == "fp16").any() else "")]
     return Table(f"baselines_{dataset}", f"{dataset}: results against the published ResNet "
                  "baselines", md, rows, notes)
+
+
+SKIPPED_NOTE = (" fp16 runs: 'skipped steps' counts the steps the loss scaler skipped on "
+                "inf/nan gradients (summary.json skipped_steps), beside the published row's "
+                "`nan-grads` mark ('published nan-grads': yes where the source's fp16 run "
+                "had inf/nan gradients).")
+
+
+def _nan_grads(pub) -> bool | float:
+    """The published row's nan_grads flag (the source's `nan-grads` mark), NaN without one."""
+    if pub is None or pd.isna(pub.get("nan_grads")):
+        return math.nan
+    return str(pub["nan_grads"]).strip().lower() == "true"
+
+
+def _skipped_cells(g: pd.DataFrame, precision: str, pub) -> dict[str, str]:
+    """fp16 only (bf16 and fp32 train without a loss scaler, so nothing is skipped): our
+    skipped steps per run, and the published fp16 row's `nan-grads` mark."""
+    if precision != "fp16":
+        return {"skipped steps": MISSING, "published nan-grads": MISSING}
+    flag = _nan_grads(pub) if pub is not None and pub.get("precision") == "fp16" else math.nan
+    return {"skipped steps": metric_cell(g, "skipped_steps", 0),
+            "published nan-grads": {True: "yes", False: "no"}.get(flag, MISSING)}
 
 
 def speed_table(dataset: str, df: pd.DataFrame, published: dict[str, pd.DataFrame]) -> Table:

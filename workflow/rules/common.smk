@@ -30,6 +30,7 @@ from lambdapipe.config import (
 )
 from lambdapipe.data.registry import dataset_info
 from lambdapipe.noise import parse_noise_tag
+from lambdapipe.slurm import task_resources
 
 
 def lambdapipe_function():
@@ -44,9 +45,6 @@ def lambdapipe_function():
     return (
         f'lambdapipe() {{{{ PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" '
         f'{python} -m lambdapipe "$@"; }}}}; '
-        f"lambdapipe_torchrun() {{{{ n=$1; shift; "
-        f'PYTHONPATH={path}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}" {python} -m torch.distributed.run '
-        f'--standalone --nproc-per-node "$n" -m lambdapipe "$@"; }}}}; '
     )
 
 
@@ -100,8 +98,16 @@ def gpu_tokens(wildcards):
 
 
 def train_gpu_tokens(wildcards):
-    """A token per GPU of a training run (`train.gpus`), unless the config pins it to the CPU."""
-    return gpu_tokens(wildcards) * config["train"]["gpus"]
+    """A token per GPU of a training run (`train.gpus` x `train.nodes`), unless the config
+    pins it to the CPU. Under SLURM: the job's --gpus (all nodes together)."""
+    return gpu_tokens(wildcards) * config["train"]["gpus"] * config["train"]["nodes"]
+
+
+def train_task_resources():
+    """Under the slurm profile: --nodes, one task per GPU, the GPUs of each node, and a
+    command that starts its own tasks (lambdapipe.slurm.task_resources); none for one GPU."""
+    train = config["train"]
+    return task_resources(train["gpus"], train["nodes"], bool(gpu_tokens(None)))
 
 
 def check_gpu_tokens():
@@ -111,17 +117,24 @@ def check_gpu_tokens():
     given = getattr(given, "value", given)  # a Snakemake Resource (9.x) or a number
     need = train_gpu_tokens(None)
     if need > 1 and given is not None and given < need:
+        nodes = config["train"]["nodes"]
+        what = f"train.gpus {config['train']['gpus']}" + (
+            f" x train.nodes {nodes}" if nodes > 1 else ""
+        )
         raise WorkflowError(
-            f"config train.gpus {need} needs --resources gpu={need} or more "
+            f"config {what} needs --resources gpu={need} or more "
             f"(given gpu={given}): one token per GPU of a run"
         )
 
 
 def train_launcher():
-    """`lambdapipe` for a run on one GPU; for `train: {gpus: N}` torchrun starting N ranks of
-    it on this node (docs/distributed.md), each rank claiming its own GPU."""
-    n = config["train"]["gpus"]
-    return "lambdapipe" if n == 1 else f"lambdapipe_torchrun {n}"
+    """`lambdapipe` for a run on one GPU; for `train: {gpus: G, nodes: M}` `lambdapipe launch`
+    starting G ranks of it on each of M nodes (lambdapipe/launch.py: torchrun on this machine,
+    srun in a SLURM job; docs/distributed.md), each rank on its own GPU."""
+    gpus, nodes = config["train"]["gpus"], config["train"]["nodes"]
+    if gpus * nodes == 1:
+        return "lambdapipe"
+    return f"lambdapipe launch --gpus {gpus} --nodes {nodes}"
 
 
 def eval_mem_mb(wildcards):

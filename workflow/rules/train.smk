@@ -20,6 +20,7 @@ if not PACKED:
             "../envs/lambdapipe.yaml"
         threads: config["train"]["threads"]
         resources:
+            **train_task_resources(),
             gpu=train_gpu_tokens,
             mem_mb=config["train"]["mem_mb"],
             runtime=config["train"]["runtime"],
