@@ -1,0 +1,168 @@
+"""Batches of a streamed split (ImageNet-2012's JPEG index, lambdapipe/data/stream.py) for the
+training loop and evaluation, decoded by CPU worker processes (torch DataLoader, one batch
+an item, pinned for the copy to a GPU).
+
+Why the CPU and not nvJPEG: (1) the pixels are then the same on every device, so a run
+resumed on another GPU, another number of GPUs or the CPU replays exactly the images of the
+unbroken run (nvJPEG's IDCT and the GPU's resampling differ from libjpeg-turbo's by a
+level here and there), and the CPU tests cover the path a GPU run takes; (2) workers decode
+the next batches while the GPU steps, where a decode on the GPU would take its time and
+memory from the model. scripts/gpu-bench.sh measures both decodes at 224 px, to show when a
+node's CPUs are too few for its GPUs (lambdapipe.data.stream still decodes on the GPU for
+whoever calls it with a CUDA device).
+
+Order: each epoch's order is the array path's (augment.plan_epoch from (seed, epoch)), cut to
+this rank's rows of every global batch by distributed.shard_plan; each image's crop and flip
+are drawn from (seed, epoch, image index) alone (stream.py), so a resumed run, a run on W
+ranks and a run with any number of workers all see the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lambdapipe import distributed
+from lambdapipe.augment import channel_stats, plan_epoch
+from lambdapipe.data.stream import MEAN, STD, JpegSplit, open_split, streamed
+from lambdapipe.errors import UserError
+from lambdapipe.recipes import Recipe
+
+EVAL_BATCH = 250  # images an evaluation batch decodes (logits of the split stay on the CPU)
+AUTO_WORKERS_MAX = 8  # `loader_workers: auto`: CPUs of this process less one, at most this
+
+
+def is_stream(split: Any) -> bool:
+    return isinstance(split, JpegSplit)
+
+
+def check_stream(r: Recipe, noise: str, dataset: str) -> None:
+    """What a streamed split does not train with yet, refused in one line before a run."""
+    what = ("noisy labels" if noise != "clean" else "train_on train+val"
+            if r.train_on != "train" else "augment crop with padding"
+            if r.augment == "crop" and r.crop_padding else None)
+    if what:
+        raise UserError(f"invalid {what} on {dataset}: a streamed JPEG set trains on its clean "
+                        "train split with random-resized crop, a resize or none (docs/imagenet.md)")
+
+
+def image_size(split: Any) -> int:
+    """Pixels a side of what the model sees: the prepared arrays', or the stream's crop."""
+    return split.size if is_stream(split) else int(split.images.shape[1])
+
+
+def split_stats(split: Any) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a split's pixels; a stream's are ImageNet's (stream.py)."""
+    return (list(MEAN), list(STD)) if is_stream(split) else channel_stats(split.images)
+
+
+def workers(setting: int | str) -> int:
+    """`loader_workers`: a count, or auto: this process's CPUs less one (the training loop
+    itself), divided among the ranks of this node, at most AUTO_WORKERS_MAX."""
+    if setting != "auto":
+        return int(setting)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(AUTO_WORKERS_MAX, (cpus or 1) // max(local, 1) - 1))
+
+
+class _Batches(Dataset):
+    """Item = one batch (a list of image indices) decoded: (uint8 images, int64 labels)."""
+
+    def __init__(self, split: JpegSplit, train: bool, seed: int = 0, epoch: int = 0,
+                 crop: Any = None, flip: bool = False):
+        self.split, self.train, self.seed, self.epoch = split, train, seed, epoch
+        self.crop, self.flip = crop, flip
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split.batch(indices, train=self.train, seed=self.seed, epoch=self.epoch,
+                                crop=self.crop, flip=self.flip)
+
+
+def _loader(batches: _Batches, plan: list[list[int]], n_workers: int,
+            device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    return iter(DataLoader(batches, sampler=plan, batch_size=None, num_workers=n_workers,
+                           pin_memory=torch.device(device).type == "cuda",
+                           prefetch_factor=4 if n_workers else None))
+
+
+class TrainStream:
+    """A streamed training split: `batch(epoch, step)` is step `step` of that epoch, this
+    rank's rows (uint8 images, labels, clean labels on the device). Consecutive steps come
+    from one DataLoader an epoch, decoded ahead by its workers; any other step (a resume)
+    opens the epoch's loader at it."""
+
+    def __init__(self, split: JpegSplit, r: Recipe, seed: int, world: distributed.World | None,
+                 device: str, steps_per_epoch: int):
+        self.split, self.r, self.seed, self.world = split, r, seed, world
+        self.device, self.steps_per_epoch = device, steps_per_epoch
+        self.size, self.extents = split.size, None
+        self.workers = workers(r.loader_workers)
+        self._next: tuple[int, int] | None = None
+        self._it: Iterator | None = None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def plan(self, epoch: int, step: int = 0) -> list[list[int]]:
+        """This rank's image indices of steps `step`.. of `epoch`, one list a step."""
+        r, world = self.r, self.world
+        plan = plan_epoch(len(self.split), self.seed, epoch, 0, False, "cpu")  # its order
+        if world is not None:
+            plan = distributed.shard_plan(plan, r.batch_size, world)
+        b = r.batch_size // (world.size if world else 1)
+        order = plan.order.tolist()
+        return [order[k * b:(k + 1) * b] for k in range(step, self.steps_per_epoch)]
+
+    def batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._next != (epoch, step):
+            self.close()
+            source = _Batches(self.split, True, self.seed, epoch, self.r.resized_crop,
+                              self.r.flip)
+            self._it = _loader(source, self.plan(epoch, step), self.workers, self.device)
+        assert self._it is not None
+        x, y = next(self._it)
+        self._next = (epoch, step + 1)
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        return x, y, y
+
+    def close(self) -> None:
+        """Let the workers of the current epoch go (they stop when their loader is freed)."""
+        self._it, self._next = None, None
+
+
+class EvalStream:
+    """A streamed evaluation split: `batches()` yields its images in order, resized and
+    centre-cropped, EVAL_BATCH at a time; `labels` on the CPU."""
+
+    def __init__(self, split: JpegSplit, device: str, n_workers: int | str = "auto"):
+        self.split, self.device = split, device
+        self.labels = torch.as_tensor(split.labels, dtype=torch.int64)
+        self.clean_labels = self.labels
+        self.workers = workers(n_workers)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        n = len(self.split)
+        plan = [list(range(i, min(i + EVAL_BATCH, n))) for i in range(0, n, EVAL_BATCH)]
+        for x, _ in _loader(_Batches(self.split, False), plan, self.workers, self.device):
+            yield x.to(self.device, non_blocking=True)
+
+
+def eval_split(data_dir: Path, dataset: str, split: str, device: str,
+               n_workers: int | str = "auto") -> EvalStream | None:
+    """`split` of `dataset` as an EvalStream when it is a JPEG index; None for arrays."""
+    if not streamed(Path(data_dir), dataset):
+        return None
+    return EvalStream(open_split(Path(data_dir), dataset, split), device, n_workers)
