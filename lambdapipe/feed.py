@@ -1,15 +1,19 @@
 """Batches of a streamed split (ImageNet-2012's JPEG index, lambdapipe/data/stream.py) for the
-training loop and evaluation, decoded by CPU worker processes (torch DataLoader, one batch
-an item, pinned for the copy to a GPU).
+training loop and evaluation: read (and by default decoded and cropped) by worker processes
+of a torch DataLoader, one batch an item, pinned for the copy to a GPU.
 
-Why the CPU and not nvJPEG: (1) the pixels are then the same on every device, so a run
-resumed on another GPU, another number of GPUs or the CPU replays exactly the images of the
-unbroken run (nvJPEG's IDCT and the GPU's resampling differ from libjpeg-turbo's by a
-level here and there), and the CPU tests cover the path a GPU run takes; (2) workers decode
-the next batches while the GPU steps, where a decode on the GPU would take its time and
-memory from the model. scripts/gpu-bench.sh measures both decodes at 224 px, to show when a
-node's CPUs are too few for its GPUs (lambdapipe.data.stream still decodes on the GPU for
-whoever calls it with a CUDA device).
+Where the JPEGs decode is the recipe's speed field `jpeg_decode`:
+* `cpu` (the default): in the workers (libjpeg-turbo). The pixels are then the same on every
+  device, so a run resumed on another GPU, another number of GPUs or the CPU replays exactly
+  the images of the unbroken run, and the CPU tests cover the path a GPU run takes; the
+  workers decode the next batches while the GPU steps. It needs CPUs: ~160 images/s a core
+  at 224 px (measured, docs/imagenet.md), so a GPU stepping 2,000 images/s wants ~12.
+* `gpu`: the workers read the bytes only; the training process decodes each batch with
+  nvJPEG (torchvision.io.decode_jpeg on the CUDA device) and crops it there. For nodes with
+  too few CPUs per GPU; its pixels differ from the CPU decoder's by a level here and there
+  (a resume is exact on the same kind of device only). On a CPU device this decodes in the
+  training process on the CPU: the same code, its CPU stand-in.
+scripts/gpu-bench.sh `decode224` measures both against a step's images/s.
 
 Order: each epoch's order is the array path's (augment.plan_epoch from (seed, epoch)), cut to
 this rank's rows of every global batch by distributed.shard_plan; each image's crop and flip
@@ -75,23 +79,37 @@ class _Batches(Dataset):
     """Item = one batch (a list of image indices) decoded: (uint8 images, int64 labels)."""
 
     def __init__(self, split: JpegSplit, train: bool, seed: int = 0, epoch: int = 0,
-                 crop: Any = None, flip: bool = False):
+                 crop: Any = None, flip: bool = False, decode: str = "cpu"):
         self.split, self.train, self.seed, self.epoch = split, train, seed, epoch
-        self.crop, self.flip = crop, flip
+        self.crop, self.flip, self.decode = crop, flip, decode
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, indices: list[int]) -> tuple[Any, torch.Tensor]:
+        if self.decode == "gpu":  # the bytes: the training process decodes them (`views`)
+            labels = torch.as_tensor(self.split.labels[indices], dtype=torch.int64)
+            return self.split.raw(indices), labels
         return self.split.batch(indices, train=self.train, seed=self.seed, epoch=self.epoch,
                                 crop=self.crop, flip=self.flip)
+
+    def views(self, item: Any, indices: list[int], device: str) -> torch.Tensor:
+        """An item's images on `device`: copied, or decoded there (`decode` gpu)."""
+        if self.decode != "gpu":
+            return item.to(device, non_blocking=True)
+        return self.split.views(item, indices, train=self.train, seed=self.seed,
+                                epoch=self.epoch, device=device, crop=self.crop,
+                                flip=self.flip)
 
 
 def _loader(batches: _Batches, plan: list[list[int]], n_workers: int,
             device: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    return iter(DataLoader(batches, sampler=plan, batch_size=None, num_workers=n_workers,
-                           pin_memory=torch.device(device).type == "cuda",
-                           prefetch_factor=4 if n_workers else None))
+    """(images on `device`, labels) of each step of `plan`, read ahead by the workers."""
+    loader = DataLoader(batches, sampler=plan, batch_size=None, num_workers=n_workers,
+                        pin_memory=torch.device(device).type == "cuda",
+                        prefetch_factor=4 if n_workers else None)
+    for indices, (item, labels) in zip(plan, loader, strict=True):
+        yield batches.views(item, indices, device), labels
 
 
 class TrainStream:
@@ -126,12 +144,11 @@ class TrainStream:
         if self._next != (epoch, step):
             self.close()
             source = _Batches(self.split, True, self.seed, epoch, self.r.resized_crop,
-                              self.r.flip)
+                              self.r.flip, self.r.jpeg_decode)
             self._it = _loader(source, self.plan(epoch, step), self.workers, self.device)
         assert self._it is not None
         x, y = next(self._it)
         self._next = (epoch, step + 1)
-        x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         return x, y, y
 
@@ -144,8 +161,9 @@ class EvalStream:
     """A streamed evaluation split: `batches()` yields its images in order, resized and
     centre-cropped, EVAL_BATCH at a time; `labels` on the CPU."""
 
-    def __init__(self, split: JpegSplit, device: str, n_workers: int | str = "auto"):
-        self.split, self.device = split, device
+    def __init__(self, split: JpegSplit, device: str, n_workers: int | str = "auto",
+                 decode: str = "cpu"):
+        self.split, self.device, self.decode = split, device, decode
         self.labels = torch.as_tensor(split.labels, dtype=torch.int64)
         self.clean_labels = self.labels
         self.workers = workers(n_workers)
@@ -156,13 +174,14 @@ class EvalStream:
     def batches(self) -> Iterator[torch.Tensor]:
         n = len(self.split)
         plan = [list(range(i, min(i + EVAL_BATCH, n))) for i in range(0, n, EVAL_BATCH)]
-        for x, _ in _loader(_Batches(self.split, False), plan, self.workers, self.device):
-            yield x.to(self.device, non_blocking=True)
+        source = _Batches(self.split, False, decode=self.decode)
+        for x, _ in _loader(source, plan, self.workers, self.device):
+            yield x
 
 
 def eval_split(data_dir: Path, dataset: str, split: str, device: str,
-               n_workers: int | str = "auto") -> EvalStream | None:
+               n_workers: int | str = "auto", decode: str = "cpu") -> EvalStream | None:
     """`split` of `dataset` as an EvalStream when it is a JPEG index; None for arrays."""
     if not streamed(Path(data_dir), dataset):
         return None
-    return EvalStream(open_split(Path(data_dir), dataset, split), device, n_workers)
+    return EvalStream(open_split(Path(data_dir), dataset, split), device, n_workers, decode)

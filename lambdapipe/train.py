@@ -181,7 +181,7 @@ class Run:
         if feed.is_stream(train):  # a JPEG index: decoded by worker processes (feed.py)
             self.train_data = feed.TrainStream(train, r, cfg.seed, self.rt.world, device,
                                                steps_per_epoch)
-            self.val_data = feed.EvalStream(val, device, r.loader_workers)
+            self.val_data = feed.EvalStream(val, device, r.loader_workers, r.jpeg_decode)
         else:
             self.train_data = on_device(train_name, train, r.crop_padding,
                                         r.resized_crop is not None)
@@ -192,7 +192,7 @@ class Run:
             from lambdapipe.data import load_split
 
             self.test_data = feed.eval_split(cfg.data_dir, cfg.dataset, "test", device,
-                                             r.loader_workers) or on_device(
+                                             r.loader_workers, r.jpeg_decode) or on_device(
                 "test", load_split(cfg.data_dir, cfg.dataset, "test"))
         self.bar = _progress_bar(total, state.iteration, self.progress, self.bar_position,
                                  self.label.strip() or None)

@@ -56,12 +56,12 @@ def config(data_dir: Path, out: Path, model: str = "dist_tiny", **overrides):
                                    overrides={**STEPS, **overrides})
 
 
+@pytest.mark.slow  # a ResNet-18 (ImageNet recipe, width 4) trained, evaluated, explained
 def test_cli_trains_evaluates_val_test_and_test_v2(data_dir, tmp_path):
     from lambdapipe.cli import main
 
     out = tmp_path / "run"
-    ensure_dist_tiny()  # the CLI runs in this process
-    args = ["train", "--model", "dist_tiny", "--dataset",
+    args = ["train", "--model", "resnet18", "--model-arg", "base_width=4", "--dataset",
             "imagenet2012", "--data-dir", str(data_dir), "--recipe", "sgdm-imagenet2012",
             "--device", "cpu", "--out", str(out)]
     for key, value in STEPS.items():
@@ -81,6 +81,16 @@ def test_cli_trains_evaluates_val_test_and_test_v2(data_dir, tmp_path):
                                     "test", "--data-dir", str(data_dir), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "imagenet2012 test (n=4" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--ckpt", str(out / "best.ckpt"), "--split",
+                                    "test_v2", "--data-dir", str(data_dir), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    v2 = json.loads((out / "eval_test_v2.json").read_text())
+    assert v2["n"] == 8 and v2["accuracy"] == summary["test_v2_acc"]
+    res = CliRunner().invoke(main, ["explain", "--ckpt", str(out / "best.ckpt"), "--split",
+                                    "test", "--images", "2", "--data-dir", str(data_dir),
+                                    "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (out / "explain_test.json").exists()
 
 
 def test_an_epoch_is_the_array_paths_order_cut_per_rank(data_dir, tmp_path):
@@ -94,17 +104,38 @@ def test_an_epoch_is_the_array_paths_order_cut_per_rank(data_dir, tmp_path):
 
 
 def test_workers_give_the_batches_of_no_workers(data_dir, tmp_path):
+    """Any number of workers, and the decode in the training process (`jpeg_decode: gpu`,
+    here its CPU stand-in: the workers read, this process decodes), give the same batches."""
     split = open_split(data_dir, "imagenet2012", "train")
     batches = {}
-    for n in (0, 2):
-        r = config(data_dir, tmp_path / "x", loader_workers=n).recipe
+    for n, decode in ((0, "cpu"), (2, "cpu"), (1, "gpu")):
+        r = config(data_dir, tmp_path / "x", loader_workers=n, jpeg_decode=decode).recipe
         source = feed.TrainStream(split, r, 3, None, "cpu", 3)
         batches[n] = [source.batch(e, s) for e in (0, 1) for s in range(3)]
         assert source.batch(1, 1)[0].equal(batches[n][4][0])  # a step out of turn: reopened
-    for (xa, ya, _), (xb, yb, _) in zip(batches[0], batches[2], strict=True):
-        assert xa.shape == (2, 3, SIZE, SIZE) and torch.equal(xa, xb) and torch.equal(ya, yb)
-    val = feed.EvalStream(open_split(data_dir, "imagenet2012", "val"), "cpu", 2)
-    assert torch.cat(list(val.batches())).shape == (3, 3, SIZE, SIZE)
+    for n in (2, 1):
+        for (xa, ya, _), (xb, yb, _) in zip(batches[0], batches[n], strict=True):
+            assert xa.shape == (2, 3, SIZE, SIZE)
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(batches[0][0][0], batches[0][3][0])  # epochs differ
+    views = {}
+    for decode in ("cpu", "gpu"):
+        val = feed.EvalStream(open_split(data_dir, "imagenet2012", "val"), "cpu", 2, decode)
+        views[decode] = torch.cat(list(val.batches()))
+    assert views["cpu"].shape == (3, 3, SIZE, SIZE) and torch.equal(*views.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA device")
+def test_nvjpeg_decode_gives_batches_close_to_the_cpu_decoders(data_dir, tmp_path):
+    split = open_split(data_dir, "imagenet2012", "train")
+    out = {}
+    for decode in ("cpu", "gpu"):
+        r = config(data_dir, tmp_path / "x", loader_workers=1, jpeg_decode=decode).recipe
+        out[decode] = feed.TrainStream(split, r, 3, None, "cuda", 3).batch(0, 0)
+    assert out["gpu"][0].device.type == "cuda" and torch.equal(out["cpu"][1], out["gpu"][1])
+    diff = (out["cpu"][0].float() - out["gpu"][0].float()).abs()
+    assert diff.mean() < 5  # the same crops; decoders differ by a level here and there
 
 
 def test_resume_after_a_stop_equals_the_unbroken_run(data_dir, tmp_path):
@@ -150,3 +181,23 @@ def test_what_the_stream_does_not_train_with_is_refused(data_dir, tmp_path, over
     with pytest.raises(UserError, match=match):
         train.run(cfg, "cpu")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter; 500 x 375 JPEGs made and decoded
+def test_decode_bench_runs_on_the_cpu_and_skips_nvjpeg(tmp_path):
+    """scripts/decode-bench.py (gpu-bench.sh's decode224 part), tiny: its CPU rows, and
+    nvJPEG skipped with a line where there is no CUDA device."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "scripts" / "decode-bench.py"),
+                           str(tmp_path), "cpu", "12", "4"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "nvJPEG skipped" in done.stderr
+    rows = json.loads((tmp_path / "decode224.json").read_text())["rows"]
+    assert rows and all(r["decode"] == "cpu" and r["images_per_s"] > 0 for r in rows)
+    assert (tmp_path / "decode224.txt").read_text().startswith("decode")

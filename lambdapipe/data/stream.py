@@ -117,18 +117,31 @@ class JpegSplit:
         """(uint8 N x 3 x size x size on `device`, int64 labels) of images `indices`; with
         `train`, each a random-resized crop of `crop` = (scale, ratio) (None: the evaluation
         view) mirrored at random where `flip`."""
+        indices = [int(i) for i in indices]
+        images = self.views(self.raw(indices), indices, train=train, seed=seed, epoch=epoch,
+                            device=device, crop=crop, flip=flip)
+        return images, torch.as_tensor(self.labels[indices], dtype=torch.int64)
+
+    def raw(self, indices) -> list[torch.Tensor]:
+        """The JPEG files of images `indices`, as uint8 tensors (what a decoder takes)."""
+        return [torch.frombuffer(bytearray(self.jpeg(int(i))), dtype=torch.uint8)
+                for i in indices]
+
+    def views(self, raw: list[torch.Tensor], indices, *, train: bool, seed: int = 0,
+              epoch: int = 0, device: str | torch.device = "cpu",
+              crop: tuple | None = (CROP_SCALE, CROP_RATIO), flip: bool = True
+              ) -> torch.Tensor:
+        """`raw` (the JPEGs of images `indices`) decoded on `device` (a CUDA device: nvJPEG,
+        batched) and cropped as `batch` says."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        indices = [int(i) for i in indices]
-        raw = [torch.frombuffer(bytearray(self.jpeg(i)), dtype=torch.uint8) for i in indices]
         decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-        out = torch.empty((len(indices), 3, self.size, self.size), dtype=torch.uint8,
+        out = torch.empty((len(raw), 3, self.size, self.size), dtype=torch.uint8,
                           device=device)
         for j, (i, img) in enumerate(zip(indices, decoded, strict=True)):
-            out[j] = (train_view(img, self.size, _generator(seed, epoch, i), crop, flip)
+            out[j] = (train_view(img, self.size, _generator(seed, epoch, int(i)), crop, flip)
                       if train else eval_view(img, self.size))
-        labels = torch.as_tensor(self.labels[indices], dtype=torch.int64)
-        return out, labels
+        return out
 
 
 def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
