@@ -192,8 +192,9 @@ class Run:
             from lambdapipe.data import load_split
 
             self.test_data = feed.eval_split(cfg.data_dir, cfg.dataset, "test", device,
-                                             r.loader_workers, r.jpeg_decode) or on_device(
-                "test", load_split(cfg.data_dir, cfg.dataset, "test"))
+                                             r.loader_workers, r.jpeg_decode)
+            if self.test_data is None:  # arrays
+                self.test_data = on_device("test", load_split(cfg.data_dir, cfg.dataset, "test"))
         self.bar = _progress_bar(total, state.iteration, self.progress, self.bar_position,
                                  self.label.strip() or None)
         self.it, self.plan, self.plan_epoch_no = state.iteration, None, -1

@@ -140,16 +140,18 @@ def test_nvjpeg_decode_gives_batches_close_to_the_cpu_decoders(data_dir, tmp_pat
 
 def test_resume_after_a_stop_equals_the_unbroken_run(data_dir, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    train.run(config(data_dir, whole, eval_every=2), "cpu")
+    more = {"eval_every": 2, "track_test_every_eval": True}  # test streamed at each eval too
+    train.run(config(data_dir, whole, **more), "cpu")
 
     def stop(row):
         if row["iteration"] == 4:  # epoch 1, step 1: resumed inside an epoch
             raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        train.run(config(data_dir, broken, eval_every=2), "cpu", callback=stop)
+        train.run(config(data_dir, broken, **more), "cpu", callback=stop)
     assert not (broken / "summary.json").exists() and len(rows(broken)) == 2
-    train.run(config(data_dir, broken, eval_every=2), "cpu")
+    train.run(config(data_dir, broken, **more), "cpu")
+    assert "tst_acc" in rows(whole)[0]
     assert rows(whole) == [{**a, **{k: b[k] for k in ("images_per_s", "elapsed_s")}}
                            for a, b in zip(rows(broken), rows(whole), strict=True)]
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, broken))
