@@ -275,8 +275,8 @@ def launch(gpus: int, nodes: int, args: tuple[str, ...]) -> None:
 @main.command()
 @click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Checkpoint written by `lambdapipe train`.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test",
-              show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test", "test_v2"]),
+              default="test", show_default=True, help="test_v2: ImageNet-V2 (imagenet2012).")
 @data_dir_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: eval_<split>.json beside the checkpoint).")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lambdapipe import atomic
 from lambdapipe.augment import normalize
 from lambdapipe.errors import StateError, UserError
+from lambdapipe.feed import EvalStream, eval_split
 from lambdapipe.runtime import Runtime, impls_of_run, of_run
 from lambdapipe.validate import check_model, check_run_config, sidecar_digests
 
@@ -159,6 +160,16 @@ def predict(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
         model.train(was_training)
 
 
+def predict_split(model: torch.nn.Module, data: Any, mean: torch.Tensor, std: torch.Tensor,
+                  rt: Runtime | None = None) -> torch.Tensor:
+    """`predict` of a split held on the device (augment.DeviceImages), or of a streamed one
+    (feed.EvalStream) batch by batch: its images are never all in memory, its logits are,
+    on the CPU (50,000 x 1000 float32 = 200 MB for ImageNet's val set)."""
+    if isinstance(data, EvalStream):
+        return torch.cat([predict(model, x, mean, std, rt).cpu() for x in data.batches()])
+    return predict(model, data.images, mean, std, rt)
+
+
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
                            detailed: bool = False) -> dict[str, Any]:
     """Accuracy, NLL and expected calibration error (15 equal-width confidence bins, Guo et
@@ -222,17 +233,20 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
     rt = of_run(config, device, model)  # as the run's recipe runs on this device
     load_weights(model, state["model"], str(ckpt))
     noise = config["noise"] if split == "train" else "clean"
-    data = load_split(Path(data_dir), config["dataset"], split, noise=noise)
-    h, w = data.images.shape[1:3]
+    images = eval_split(Path(data_dir), config["dataset"], split, device)  # a JPEG index
+    data = images.split if images is not None else load_split(
+        Path(data_dir), config["dataset"], split, noise=noise)
+    h = data.size if images is not None else data.images.shape[1]
     if data.num_classes != config["data"]["num_classes"] or h != config["data"]["image_size"]:
         raise UserError(f"checkpoint {ckpt} was trained on {config['data']['num_classes']} "
                         f"classes at {config['data']['image_size']} px, but {config['dataset']} "
                         f"{split} in {data_dir} has {data.num_classes} classes at {h} px")
-    images = DeviceImages(data.images, data.labels, data.clean_labels, device)
+    if images is None:
+        images = DeviceImages(data.images, data.labels, data.clean_labels, device)
     model.to(device)
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
-    logits = predict(model, images.images, mean, std, rt)
+    logits = predict_split(model, images, mean, std, rt)
     result = {"status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
               "model": config["model"], "dataset": config["dataset"], "split": split,
               "noise": noise, "classes": list(data.classes)}
@@ -242,6 +256,17 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
     if out is not None:
         atomic.write_json(out, result)
     return result
+
+
+def extra_test_scores(ckpt: Path, data_dir: Path, dataset: str, device: str
+                      ) -> dict[str, float | None]:
+    """`<split>_acc` of `ckpt` on each extra test set the dataset was prepared with
+    (ImageNet-2012's test_v2, ImageNet-V2), for summary.json; none for other sets."""
+    from lambdapipe.data import load_manifest
+
+    extra = load_manifest(Path(data_dir), dataset).get("extra_tests", ())
+    return {f"{s}_acc": evaluate_checkpoint(ckpt, s, data_dir, device, None)["accuracy"]
+            if Path(ckpt).is_file() else None for s in extra}
 
 
 def format_result(result: dict[str, Any]) -> str:

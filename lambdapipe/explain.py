@@ -104,17 +104,20 @@ def explain_checkpoint(ckpt: Path, split: str = "test", images: int = 8,
     from lambdapipe.augment import normalize
     from lambdapipe.data import load_split
     from lambdapipe.evaluate import build_model, load_weights
+    from lambdapipe.feed import eval_split
 
     model = build_model(config, device)
     load_weights(model, state["model"], str(ckpt))
     stage, target = _target_layer(model, config["model"])
-    data = load_split(Path(data_dir), config["dataset"], split)
+    streamed = eval_split(Path(data_dir), config["dataset"], split, device, 0)  # JPEG index
+    data = streamed.split if streamed else load_split(Path(data_dir), config["dataset"], split)
     if images > len(data.labels):
         raise UserError(f"invalid --images {images}: the {split} split of {config['dataset']} "
                         f"has {len(data.labels)} images")
     model.to(device).eval()
     index = np.arange(images)  # fixed: every run of a dataset shows the same images
-    raw = np.ascontiguousarray(data.images[index])
+    raw = (data.batch(index, train=False)[0].permute(0, 2, 3, 1).numpy() if streamed
+           else np.ascontiguousarray(data.images[index]))
     mean = torch.tensor(config["data"]["mean"], device=device)
     std = torch.tensor(config["data"]["std"], device=device)
     # NCHW-contiguous: the NHWC arrays permuted would run every conv channels-last, whose

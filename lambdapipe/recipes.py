@@ -33,7 +33,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # decides on the host whether a step is taken.
 STEP_GRAPH = "step-graph"
 # Fields that change speed, not the experiment: a run directory resumes across them.
-SPEED_FIELDS = ("compile", "channels_last", "tf32")
+SPEED_FIELDS = ("compile", "channels_last", "tf32", "loader_workers", "jpeg_decode")
+# Where a streamed split's JPEGs decode (lambdapipe/feed.py): CPU workers, or nvJPEG.
+JPEG_DECODES = ("cpu", "gpu")
 # The data protocol (lambdapipe/protocol.py): which split chooses best.ckpt, what is trained on,
 # whether an epoch's last partial batch is kept, and how often the learning rate changes. Ours
 # is the first of each; the LambdaNetworks community fork's is test, train+val, kept, epoch.
@@ -78,6 +80,9 @@ class Recipe:
     channels_last: bool | str = "auto"  # auto: on CUDA, off on CPU
     compile: bool | str = "auto"  # auto, false, true (= "default") or one of COMPILE_MODES
     tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (CUDA only)
+    # processes decoding a streamed (JPEG-index) split's batches (lambdapipe/feed.py)
+    loader_workers: int | str = "auto"
+    jpeg_decode: str = "cpu"  # one of JPEG_DECODES (gpu: the workers read, nvJPEG decodes)
     # Test accuracy at every evaluation, as the LambdaNetworks community table reads it (best
     # seen); reported beside ours, never used to choose a checkpoint.
     track_test_every_eval: bool = False
@@ -213,6 +218,16 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool) or value == "auto":
             return value
         raise bad_value("recipe field channels_last", value, "auto, true or false")
+    if key == "jpeg_decode":
+        if value in JPEG_DECODES:
+            return value
+        raise bad_value("recipe field jpeg_decode", value, JPEG_DECODES)
+    if key == "loader_workers":
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not str(value).isdigit() or int(value) > 256:
+            raise bad_value("recipe field loader_workers", value, "auto or 0 .. 256")
+        return int(value)
     if key in _STR:
         return str(value)
     if key in _PAIRS:

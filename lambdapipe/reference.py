@@ -92,7 +92,8 @@ LAMBDA_DEFAULTS = {"k": 16, "heads": 4, "u": 1, "r": 23}
 # Recipe fields whose change (summary.json `recipe_changes`) leaves the experiment the named
 # recipe's: precision is compared on its own, the rest change speed or what is logged.
 NOT_RECIPE = frozenset({"description", "precision", "channels_last", "compile", "tf32",
-                        "track_test_every_eval"})
+                        "track_test_every_eval", "loader_workers",
+                        "jpeg_decode"})
 # What a demo-size stand-in (config `shrink.set`) changes on purpose: budget and batch.
 SHRUNK = frozenset({"iterations", "epochs", "eval_every", "eval_every_epochs", "batch_size"})
 CLEAN, OFFICIAL_CSV, DRAWN = "clean", "official CSV column", "drawn"

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from lambdapipe import atomic, live, runlock
-from lambdapipe.augment import channel_stats
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import build_model, load_checkpoint
+from lambdapipe.feed import check_stream, image_size, split_stats
 from lambdapipe.recipes import SPEED_FIELDS, Recipe, field_default, get_recipe
 from lambdapipe.validate import check_model, check_out_dir, check_seed
 
@@ -78,7 +78,11 @@ def load_splits(cfg: TrainConfig, verify: bool = True):
     """Train (with the noise variant) and val; `load_split` names the `prepare` command for
     a dataset or noise variant that is missing."""
     from lambdapipe.data import load_split
+    from lambdapipe.data.stream import open_split, streamed
 
+    if streamed(cfg.data_dir, cfg.dataset):  # a JPEG index (ImageNet-2012): lambdapipe/feed.py
+        check_stream(cfg.recipe, cfg.noise, cfg.dataset)
+        return tuple(open_split(cfg.data_dir, cfg.dataset, s) for s in ("train", "val"))
     train = load_split(cfg.data_dir, cfg.dataset, "train", noise=cfg.noise, verify=verify)
     val = load_split(cfg.data_dir, cfg.dataset, "val", verify=verify)
     return train, val
@@ -120,16 +124,17 @@ def check_before_start(cfg: TrainConfig) -> None:
     if r.batch_size > len(train.labels):
         raise UserError(f"invalid batch_size {r.batch_size}: expected at most the "
                         f"{len(train.labels)} training images of {cfg.dataset}")
-    check_model(cfg.model, train.num_classes, int(train.images.shape[1]), cfg.model_args)
+    size = image_size(train)
+    check_model(cfg.model, train.num_classes, size, cfg.model_args)
     model = build_model(run_config(cfg, train, stats=False))  # its size checked: on meta
     model.eval()
     with torch.no_grad():
-        x = torch.zeros(2, 3, *train.images.shape[1:3])
+        x = torch.zeros(2, 3, size, size)
         try:
             model(x)
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"model {cfg.model} {cfg.model_args} cannot run on "
-                            f"{cfg.dataset} images ({train.images.shape[1]} px): "
+                            f"{cfg.dataset} images ({size} px): "
                             f"{str(exc).splitlines()[0]}") from None
 
 
@@ -144,7 +149,7 @@ def check_same_run(cfg: TrainConfig, last: Path, ckpt: dict[str, Any]) -> None:
 
 def run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu"):
     """The resolved config written to config.json and into every checkpoint."""
-    mean, std = channel_stats(train.images) if stats else ([0.0] * 3, [1.0] * 3)
+    mean, std = split_stats(train) if stats else ([0.0] * 3, [1.0] * 3)
     return json.loads(json.dumps({  # plain JSON types only: checkpoints load weights_only
         **cfg.identity(),
         "deterministic": cfg.deterministic,
@@ -152,7 +157,7 @@ def run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu")
         "data_dir": str(cfg.data_dir),
         "device": str(device),
         "data": {"num_classes": int(train.num_classes), "classes": list(train.classes),
-                 "image_size": int(train.images.shape[1]), "train_size": len(train.labels),
+                 "image_size": image_size(train), "train_size": len(train.labels),
                  "mean": mean, "std": std},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__, "lambdapipe": _version()},

@@ -18,16 +18,17 @@ from typing import Any
 
 import torch
 
-from lambdapipe import atomic, distributed, rng, runlock
+from lambdapipe import atomic, distributed, feed, rng, runlock
 from lambdapipe import status as run_status
 from lambdapipe.augment import DeviceImages, augmented_batch, plan_epoch
 from lambdapipe.evaluate import (
     build_model,
     classification_metrics,
     evaluate_checkpoint,
+    extra_test_scores,
     load_checkpoint,
     load_weights,
-    predict,
+    predict_split,
     save_checkpoint,
 )
 from lambdapipe.protocol import at_best, selection_score, tracks_test, training_split
@@ -177,14 +178,23 @@ class Run:
                     whole=(images.whole.pixels, images.whole.index) if whole else None)
             return self.device_data[key]
 
-        self.train_data = on_device(train_name, train, r.crop_padding, r.resized_crop is not None)
-        self.val_data = on_device("val", val)
+        if feed.is_stream(train):  # a JPEG index: decoded by worker processes (feed.py)
+            self.train_data = feed.TrainStream(train, r, cfg.seed, self.rt.world, device,
+                                               steps_per_epoch)
+            self.val_data = feed.EvalStream(val, device, r.loader_workers, r.jpeg_decode)
+        else:
+            self.train_data = on_device(train_name, train, r.crop_padding,
+                                        r.resized_crop is not None)
+            self.val_data = on_device("val", val)
         del train, val
         self.test_data = None
         if tracks_test(r):  # reported, or chosen on under select_on test (protocol.py)
             from lambdapipe.data import load_split
 
-            self.test_data = on_device("test", load_split(cfg.data_dir, cfg.dataset, "test"))
+            self.test_data = feed.eval_split(cfg.data_dir, cfg.dataset, "test", device,
+                                             r.loader_workers, r.jpeg_decode)
+            if self.test_data is None:  # arrays
+                self.test_data = on_device("test", load_split(cfg.data_dir, cfg.dataset, "test"))
         self.bar = _progress_bar(total, state.iteration, self.progress, self.bar_position,
                                  self.label.strip() or None)
         self.it, self.plan, self.plan_epoch_no = state.iteration, None, -1
@@ -213,6 +223,9 @@ class Run:
         """The augmented batch of the current step (and its learning rate in `self.lr`)."""
         r, it = self.r, self.it
         epoch, step = divmod(it, self.steps_per_epoch)
+        if isinstance(self.train_data, feed.TrainStream):  # its own plan, this rank's rows
+            self.lr = r.lr_at(it, self.total, self.steps_per_epoch)
+            return self.train_data.batch(epoch, step)
         if epoch != self.plan_epoch_no:
             self.plan = plan_epoch(len(self.train_data), self.cfg.seed, epoch, r.crop_padding,
                                    r.flip, self.device, resized_crop=r.resized_crop,
@@ -254,7 +267,7 @@ class Run:
         r, it, lr, state, model, out = self.r, self.it, self.lr, self.state, self.model, self.out
         mean, std = self.mean, self.std
         train_seconds = time.perf_counter() - self.window_start
-        logits = predict(model, self.val_data.images, mean, std, self.rt)
+        logits = predict_split(model, self.val_data, mean, std, self.rt)
         val_metrics = classification_metrics(logits, self.val_data.labels)
         row = {"iteration": it, "epoch": round(it / self.steps_per_epoch, 4), "lr": lr,
                "train_loss": tally.loss_sum / tally.images,
@@ -265,7 +278,7 @@ class Run:
                "images_per_s": (it - self.window_it) * r.batch_size / max(train_seconds, 1e-9),
                "elapsed_s": time.perf_counter() - self.session_start}
         if self.test_data is not None:
-            logits = predict(model, self.test_data.images, mean, std, self.rt)
+            logits = predict_split(model, self.test_data, mean, std, self.rt)
             row["tst_acc"] = classification_metrics(logits, self.test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
@@ -335,6 +348,7 @@ def _summarize(cfg: TrainConfig, rt: Runtime, r: Recipe, out: Path, model: torch
         "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
         if tracks_test(r) else None,
         "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
+        **extra_test_scores(cfg.out / "best.ckpt", cfg.data_dir, cfg.dataset, rt.device),
         "compile": path,
         "skipped_steps": state.skipped_steps,
         # evaluations whose val loss was not finite while training was (eval-mode overflow)

@@ -5,7 +5,7 @@
 #   bash scripts/gpu-bench.sh default         # the default path, under 8 minutes (below)
 #   bash scripts/gpu-bench.sh step slots      # some parts: default impls step compile slots
 #                                             #   data cifar10 pack fused step-graph lambda
-#                                             #   imagenette multi-gpu
+#                                             #   imagenette multi-gpu decode224
 #
 # Each part writes OUT/<part>.txt (the printed table) and OUT/<part>.json (rows + device,
 # torch version, UTC date); OUT/index.md gathers them with the commands that made them.
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(default impls step compile slots data cifar10 pack fused step-graph lambda imagenette multi-gpu)
+[ ${#parts[@]} -gt 0 ] || parts=(default impls step compile slots data cifar10 pack fused step-graph lambda imagenette multi-gpu decode224)
 device=${LAMBDAPIPE_BENCH_DEVICE:-cuda}
 lp=${LAMBDAPIPE_CMD:-python -m lambdapipe}
 if [ "$device" = cuda ]; then
@@ -130,8 +130,15 @@ print(text, end="")
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
 EOF_MULTI
             ;;
+        decode224)  # ImageNet at 224 px: images/s the stream decodes and crops, on the CPU
+                    # workers and with nvJPEG, beside a step's (docs/imagenet.md)
+            echo "python scripts/decode-bench.py $out $device" > "$out/decode224.cmd"
+            echo "== decode224: $(cat "$out/decode224.cmd")" >&2
+            PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" python scripts/decode-bench.py "$out" \
+                "$device" ;;  # this checkout's package, as `python -m lambdapipe` takes it
         *) echo "gpu-bench: unknown part '$part': expected default impls step compile slots" \
-                "data cifar10 pack fused step-graph lambda imagenette multi-gpu" >&2; exit 2 ;;
+                "data cifar10 pack fused step-graph lambda imagenette multi-gpu decode224" >&2
+           exit 2 ;;
     esac
 done
 

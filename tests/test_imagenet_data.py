@@ -255,7 +255,7 @@ def test_ilsvrc2012_index_labels_and_stream(tmp_path, monkeypatch):
     assert torch.equal(a, b.flip(0))  # an image's crop depends on (seed, epoch, index) only
     c, _ = s.batch(range(6), train=True, seed=1, epoch=1)
     assert not torch.equal(a, c)
-    with pytest.raises(UserError, match="training loop does not read streams"):
+    with pytest.raises(UserError, match="not as arrays: read it with lambdapipe.data.stream"):
         data.load_split(tmp_path / "d", "imagenet2012", "train")
 
 

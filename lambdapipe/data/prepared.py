@@ -429,9 +429,9 @@ def load_split(data_dir: Path, dataset: str, split: str, noise: str = "clean",
     spec = parse_noise_tag(noise)
     manifest = load_manifest(data_dir, dataset)
     if manifest["source"].get("storage") == "jpeg-index":
-        raise UserError(f"{dataset} is prepared as an index of JPEGs in its archives, streamed "
-                        "by lambdapipe.data.stream; the training loop does not read streams "
-                        "yet (it awaits the one training step, issue 23)")
+        raise UserError(f"{dataset} is prepared as an index of JPEGs in its archives, not as "
+                        "arrays: read it with lambdapipe.data.stream.open_split (train and "
+                        "evaluate stream it: lambdapipe/feed.py)")
     root = prepared_dir(data_dir, dataset)
     names = [f"{split}_images.npy", f"{split}_labels.npy"]
     whole_kept = split == "train" and WHOLE_ARRAYS[0] in manifest["arrays"]

@@ -7,7 +7,9 @@ transforms). JPEGs decode with torchvision.io.decode_jpeg, on the GPU (nvJPEG) w
 
 Each image's crop and flip are drawn from a generator seeded by (seed, epoch, image index)
 alone, so a batch's pixels do not depend on which batch, process or rank decoded it: a run
-split over several GPUs sees the images the one-process run sees.
+split over several GPUs sees the images the one-process run sees. Bytes are read with
+`os.pread` (no shared file offset), so a split opened before a fork is read safely by every
+worker process (lambdapipe/feed.py's DataLoader workers).
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ from lambdapipe.errors import StateError, UserError
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 RESIZE = 256  # evaluation: shorter side, then the centre `size` square
+# No split statistics for 1.28 M JPEGs (computing them decodes the whole set): the ImageNet
+# mean and std every torchvision ImageNet model is trained with.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def streamed(data_dir: Path, dataset: str) -> bool:
+    """Whether `dataset` is prepared in `data_dir` as a JPEG index (read here, not as arrays)."""
+    from lambdapipe.data.prepared import prepared_dir
+
+    path = prepared_dir(data_dir, dataset) / "manifest.json"
+    return path.exists() and read_manifest(path)["source"].get("storage") == "jpeg-index"
 
 
 class JpegSplit:
@@ -48,8 +62,10 @@ class JpegSplit:
                                  "run `lambdapipe prepare` again")
         self.index = np.load(self.root / names[0])
         self.labels = np.load(self.root / names[1])
+        self.dataset, self.split = manifest["dataset"], split
         self.size = int(manifest["image_size"])
         self.num_classes = int(manifest["num_classes"])
+        self.classes = list(manifest["classes"])
         self.files = [self.root / f if not os.path.isabs(f) else Path(f)
                       for f in manifest["source"]["files"]]
         self._sizes = {r["name"]: r["bytes"] for rs in manifest["source"]["archives"].values()
@@ -59,6 +75,10 @@ class JpegSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def clean_labels(self) -> np.ndarray:
+        return self.labels  # noisy-label variants are not made for a JPEG index
 
     def _file(self, k: int):
         if k not in self._handles:
@@ -77,13 +97,14 @@ class JpegSplit:
             if self._blob is None:
                 self._blob = np.load(self.files[2], mmap_mode="r")
             return bytes(self._blob[offset:offset + size])
-        fh = self._file(k)
-        fh.seek(offset)
-        data = fh.read(size)
+        data = os.pread(self._file(k).fileno(), size, offset)
         if len(data) != size:
             raise StateError(f"archive {self.files[k]} ends before image {i}: changed since "
                              "`prepare`; prepare again")
         return data
+
+    def __getstate__(self) -> dict:  # to a spawned worker: without open files
+        return {**self.__dict__, "_handles": {}, "_blob": None}
 
     def close(self) -> None:
         for fh in self._handles.values():
@@ -91,20 +112,36 @@ class JpegSplit:
         self._handles.clear()
 
     def batch(self, indices, *, train: bool, seed: int = 0, epoch: int = 0,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 N x 3 x size x size on `device`, int64 labels) of images `indices`."""
+              device: str | torch.device = "cpu", crop: tuple | None = (CROP_SCALE, CROP_RATIO),
+              flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 N x 3 x size x size on `device`, int64 labels) of images `indices`; with
+        `train`, each a random-resized crop of `crop` = (scale, ratio) (None: the evaluation
+        view) mirrored at random where `flip`."""
+        indices = [int(i) for i in indices]
+        images = self.views(self.raw(indices), indices, train=train, seed=seed, epoch=epoch,
+                            device=device, crop=crop, flip=flip)
+        return images, torch.as_tensor(self.labels[indices], dtype=torch.int64)
+
+    def raw(self, indices) -> list[torch.Tensor]:
+        """The JPEG files of images `indices`, as uint8 tensors (what a decoder takes)."""
+        return [torch.frombuffer(bytearray(self.jpeg(int(i))), dtype=torch.uint8)
+                for i in indices]
+
+    def views(self, raw: list[torch.Tensor], indices, *, train: bool, seed: int = 0,
+              epoch: int = 0, device: str | torch.device = "cpu",
+              crop: tuple | None = (CROP_SCALE, CROP_RATIO), flip: bool = True
+              ) -> torch.Tensor:
+        """`raw` (the JPEGs of images `indices`) decoded on `device` (a CUDA device: nvJPEG,
+        batched) and cropped as `batch` says."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        indices = [int(i) for i in indices]
-        raw = [torch.frombuffer(bytearray(self.jpeg(i)), dtype=torch.uint8) for i in indices]
         decoded = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-        out = torch.empty((len(indices), 3, self.size, self.size), dtype=torch.uint8,
+        out = torch.empty((len(raw), 3, self.size, self.size), dtype=torch.uint8,
                           device=device)
         for j, (i, img) in enumerate(zip(indices, decoded, strict=True)):
-            out[j] = (train_view(img, self.size, _generator(seed, epoch, i)) if train
-                      else eval_view(img, self.size))
-        labels = torch.as_tensor(self.labels[indices], dtype=torch.int64)
-        return out, labels
+            out[j] = (train_view(img, self.size, _generator(seed, epoch, int(i)), crop, flip)
+                      if train else eval_view(img, self.size))
+        return out
 
 
 def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -113,16 +150,17 @@ def _generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(stable_seed("imagenet-crop", seed, epoch, index))
 
 
-def crop_box(height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
+def crop_box(height: int, width: int, g: torch.Generator, scale=CROP_SCALE,
+             ratio=CROP_RATIO) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random-resized crop: torchvision's rule (10 tries at a random
     area and log-uniform aspect, else the centre crop at the nearest allowed aspect), drawn
     from `g` rather than the global generator."""
     import math
 
     area = height * width
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * float(torch.empty(1).uniform_(*CROP_SCALE, generator=g))
+        target = area * float(torch.empty(1).uniform_(*scale, generator=g))
         aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=g)))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
@@ -130,22 +168,28 @@ def crop_box(height: int, width: int, g: torch.Generator) -> tuple[int, int, int
             top = int(torch.randint(0, height - h + 1, (1,), generator=g))
             left = int(torch.randint(0, width - w + 1, (1,), generator=g))
             return top, left, h, w
-    ratio = width / height
-    if ratio < CROP_RATIO[0]:
-        w, h = width, round(width / CROP_RATIO[0])
-    elif ratio > CROP_RATIO[1]:
-        h, w = height, round(height * CROP_RATIO[1])
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_view(img: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+def train_view(img: torch.Tensor, size: int, g: torch.Generator,
+               crop: tuple | None = (CROP_SCALE, CROP_RATIO), flip: bool = True
+               ) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
-    top, left, h, w = crop_box(img.shape[-2], img.shape[-1], g)
-    out = F.resized_crop(img, top, left, h, w, [size, size], antialias=True)
-    return F.horizontal_flip(out) if float(torch.rand(1, generator=g)) < 0.5 else out
+    if crop is None:  # a recipe without random-resized crop: the evaluation view
+        out = eval_view(img, size)
+    else:
+        top, left, h, w = crop_box(img.shape[-2], img.shape[-1], g, *crop)
+        out = F.resized_crop(img, top, left, h, w, [size, size], antialias=True)
+    mirrored = float(torch.rand(1, generator=g)) < 0.5  # drawn always: a fixed stream
+    return F.horizontal_flip(out) if flip and mirrored else out
 
 
 def eval_view(img: torch.Tensor, size: int) -> torch.Tensor:
