@@ -106,7 +106,9 @@ class LambdaLayer(nn.Module):
         self.to_values = nn.Sequential(nn.Conv2d(dim, v * u, 1, bias=False),
                                        nn.BatchNorm2d(v * u))
         # R: one k x u embedding per relative offset; std k^-1/2 gives q_n . e_nm unit variance.
-        self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape) / math.sqrt(k))
+        # In place: on the meta device (config checks) `/` runs a Python decomposition that
+        # imports torch._dynamo, a second or more in every Snakefile parse; div_ does not.
+        self.rel_embedding = nn.Parameter(torch.randn(k, u, *shape).div_(math.sqrt(k)))
         self.position_bias: nn.Parameter | None = None
         if pos_init == "torch_default":
             # nn.Conv3d(u, k, (1, r, r)).reset_parameters() on a (k, u, r, r) weight: the fan-in

@@ -86,8 +86,8 @@ def check_model(name: str, num_classes: int, image_size: int,
     if not isinstance(model_args, dict) or not all(isinstance(k, str) for k in model_args):
         raise ModelError(f"invalid model args {model_args!r} for {name}: expected a mapping "
                          "of names to values")
-    try:
-        with torch.device("meta"):
+    try:  # initialisers skipped: nothing to fill, and some import torch._dynamo on meta
+        with torch.device("meta"), _no_init():
             return create_model(name, num_classes=num_classes, image_size=image_size,
                                 **model_args)
     except ModelError:
