@@ -314,7 +314,7 @@ class TestTheFullKillLoop:
     class), beside the packed and fused loops of this module on the other worker."""
 
     @pytest.mark.killloop
-    @pytest.mark.cost(60)
+    @pytest.mark.cost(90)  # 10 time points each run a whole run's slowed writes (~7 s)
     @pytest.mark.parametrize("n_points, seed_offset", [
         pytest.param(int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "20")), 0, id="full")])
     def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(self, forked, zygote,
