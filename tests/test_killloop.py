@@ -9,15 +9,18 @@ CI runs LAMBDAPIPE_KILL_POINTS (default 20) points; the full loop is
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -34,8 +37,8 @@ TIMING_COLUMNS = {"images_per_s", "elapsed_s"}
 # operation number and final name. atomic.py fsyncs the temp file, renames
 # it, then fsyncs the directory, so an operation index lands before, between or after the
 # steps of each atomic write, including the three writes of save_checkpoint.
-HOOK = """
-import atexit, os, signal, sys, time
+HOOK_OPS = """
+import os, signal, time
 _n = [0]
 _at = int(os.environ.get("KILL_AT_OP", "0"))
 _delay = float(os.environ.get("KILL_WRITE_DELAY", "0"))
@@ -54,6 +57,9 @@ def _wrap(real):
     return op
 _replace = os.replace
 os.fsync, os.replace = _wrap(os.fsync), _wrap(os.replace)
+"""
+HOOK = HOOK_OPS + """
+import atexit, sys
 if os.environ.get("KILL_COUNT_FILE"):
     atexit.register(lambda: open(os.environ["KILL_COUNT_FILE"], "w").write(str(_n[0])))
 from lambdapipe.cli import main
@@ -74,6 +80,151 @@ def env(**extra: str) -> dict[str, str]:
 
 def run(cmd: list[str], **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env(**extra), capture_output=True, text=True, timeout=300)
+
+
+# The long loops' commands run in a fork server: one Python process imports torch and
+# lambdapipe once, then forks a child per command, which installs HOOK_OPS and runs the
+# CLI's main. Each child is a process of its own, SIGKILLed and rerun like any other, but
+# without the ~4 CPU-s of imports a fresh interpreter spends first (40 of them in the
+# 20-point loop), so a kill lands in the run itself. The fast tier's 3-point loop keeps fresh
+# interpreters (`python -c HOOK`): a kill during start-up and the CLI's own entry stay
+# covered, and the fork server's reference run must equal the fresh one (`forked`).
+ZYGOTE = """
+import ctypes, json, os, signal, sys, traceback
+import torch, torch._dynamo, torch._inductor.config, torch.optim, torch.utils.serialization
+import lambdapipe.cli, lambdapipe.data, lambdapipe.evaluate, lambdapipe.gpu, lambdapipe.logs
+import lambdapipe.models, lambdapipe.noise, lambdapipe.provenance, lambdapipe.step
+import lambdapipe.train
+assert len(os.listdir("/proc/self/task")) == 1, "a thread would not survive the fork"
+libc = ctypes.CDLL(None)
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with this server
+            log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.environ.clear()
+            os.environ.update(req["env"])
+            hook = {}
+            exec(req["hook"], hook)
+            try:
+                lambdapipe.cli.main(req["argv"], prog_name="lambdapipe")
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+            if os.environ.get("KILL_COUNT_FILE"):
+                with open(os.environ["KILL_COUNT_FILE"], "w") as fh:
+                    fh.write(str(hook["_n"][0]))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Zygote:
+    """The fork server's client: `run` and `kill_at` a `train_cmd` in a forked child."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.count, self.buffer = logs, 0, b""
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env(),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._line(timeout=600) == "ready", "the fork server did not start"
+
+    def close(self) -> None:
+        self.proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
+        self.proc.wait()
+
+    def _line(self, timeout: float) -> str | None:
+        """The server's next line, None after `timeout` seconds without one."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the fork server exited ({self.proc.wait()})"
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode()
+
+    def start(self, cmd: list[str], **extra: str) -> tuple[int, Path]:
+        assert cmd[:3] == [sys.executable, "-c", HOOK], cmd
+        self.count += 1
+        log = self.logs / f"command-{self.count}.log"
+        request = {"argv": cmd[3:], "env": env(**extra), "hook": HOOK_OPS, "log": str(log)}
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.proc.stdin.flush()
+        pid = self._line(timeout=300)
+        assert pid, "the fork server did not start the command"
+        return int(pid), log
+
+    def returncode(self, timeout: float = 300) -> int:
+        code = self._line(timeout)
+        assert code is not None, f"a command ran past {timeout} s"
+        return int(code)
+
+    def run(self, cmd: list[str], **extra: str) -> subprocess.CompletedProcess:
+        _, log = self.start(cmd, **extra)
+        code = self.returncode()
+        return subprocess.CompletedProcess(cmd, code, "", log.read_text())
+
+    def kill_at(self, cmd: list[str], kind: str, at: float) -> bool:
+        if kind == "op":
+            return self.run(cmd, KILL_AT_OP=str(at)).returncode == -signal.SIGKILL
+        pid, log = self.start(cmd, KILL_WRITE_DELAY="0.05")
+        try:  # a pidfd names this very process, never a later one given the same pid
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already finished and reaped
+            code = self.returncode()
+            assert code == 0, log.read_text()[-3000:]
+            return False
+        try:
+            code = self._line(timeout=at)
+            if code is None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                code = self.returncode()
+        finally:
+            os.close(pidfd)
+        assert int(code) in (0, -signal.SIGKILL), f"killed at {at} s: {log.read_text()[-3000:]}"
+        return int(code) == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    server = Zygote(tmp_path_factory.mktemp("zygote-logs"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def forked(reference, zygote, tmp_path_factory):
+    """The unbroken run again, through the fork server with slowed writes, as a time point
+    runs: the same summary, metrics and file-system operations as the fresh reference, and
+    the seconds of the whole run the loops' time points draw from."""
+    root, summary, rows, ops, _ = reference
+    out = tmp_path_factory.mktemp("forked") / "reference"
+    count = out.parent / "ops"
+    start = time.monotonic()
+    res = zygote.run(train_cmd(root / "data", out), KILL_WRITE_DELAY="0.05",
+                     KILL_COUNT_FILE=str(count))
+    seconds = time.monotonic() - start
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert strip_timing(json.loads((out / "summary.json").read_text())) == strip_timing(summary)
+    assert metrics(out) == rows and int(count.read_text()) == ops
+    return root, summary, rows, ops, seconds
 
 
 def metrics(out: Path) -> list[dict[str, str]]:
@@ -145,13 +296,17 @@ def kill_at(cmd: list[str], kind: str, at: float) -> bool:
     return proc.wait() == -signal.SIGKILL
 
 
+# Each command in a fresh interpreter (`python -c HOOK ...`), as a user starts it.
+Fresh = SimpleNamespace(run=run, kill_at=kill_at)
+
+
 # The fast tier's three points come from their own seed, so they add to the full loop's
 # points instead of repeating its first three.
 @pytest.mark.cost(35)
 @pytest.mark.parametrize("n_points, seed_offset", [pytest.param(3, 1000, id="3-points")])
 def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(reference, record_property, tmp_path,
                                                             n_points, seed_offset):
-    kill_loop(reference, record_property, tmp_path, n_points, seed_offset)
+    kill_loop(reference, Fresh, record_property, tmp_path, n_points, seed_offset)
 
 
 class TestTheFullKillLoop:
@@ -159,19 +314,19 @@ class TestTheFullKillLoop:
     class), beside the packed and fused loops of this module on the other worker."""
 
     @pytest.mark.killloop
-    @pytest.mark.cost(210)
+    @pytest.mark.cost(90)  # 10 time points each run a whole run's slowed writes (~7 s)
     @pytest.mark.parametrize("n_points, seed_offset", [
         pytest.param(int(os.environ.get("LAMBDAPIPE_KILL_POINTS", "20")), 0, id="full")])
-    def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(self, reference,
+    def test_sigkill_anywhere_then_rerun_equals_an_unbroken_run(self, forked, zygote,
                                                                 record_property, tmp_path,
                                                                 n_points, seed_offset):
-        kill_loop(reference, record_property, tmp_path, n_points, seed_offset)
+        kill_loop(forked, zygote, record_property, tmp_path, n_points, seed_offset)
 
 
-def kill_loop(reference, record_property, tmp_path: Path, n_points: int,
+def kill_loop(reference, launcher, record_property, tmp_path: Path, n_points: int,
               seed_offset: int) -> None:
-    """N_POINTS kills of `lambdapipe train`, each run then to its end and compared with the
-    unbroken reference."""
+    """N_POINTS kills of `lambdapipe train` (started by `launcher`: Fresh or the Zygote),
+    each run then to its end and compared with the unbroken reference."""
     root, summary, rows, ops, seconds = reference
     rng = random.Random(int(os.environ.get("LAMBDAPIPE_KILL_SEED", "0")) + seed_offset)
     # Half the points kill at a file-system operation (inside the atomic writes), half after
@@ -183,7 +338,7 @@ def kill_loop(reference, record_property, tmp_path: Path, n_points: int,
     for i, (kind, at) in enumerate(points):
         out = tmp_path / f"point{i}"
         cmd = train_cmd(root / "data", out)
-        killed = kill_at(cmd, kind, at)
+        killed = launcher.kill_at(cmd, kind, at)
         tally["killed" if killed else "finished_before_kill"] += 1
         present = assert_no_torn_file(out)
         if "last.ckpt" in present and "summary.json" not in present:
@@ -191,7 +346,7 @@ def kill_loop(reference, record_property, tmp_path: Path, n_points: int,
         if killed and list(out.glob(".*ckpt*.tmp")):
             tally["kills_inside_checkpoint_writes"] += 1  # a temp file left mid-write
 
-        again = run(cmd)
+        again = launcher.run(cmd)
         assert again.returncode == 0, f"{kind}={at}: {again.stderr[-3000:]}"
         resumed = json.loads((out / "summary.json").read_text())
         strip = {k: v for k, v in resumed.items() if k not in TIMING}
@@ -216,12 +371,12 @@ def packed_cmd(data_dir: Path, root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def packed_reference(reference, tmp_path_factory):
+def packed_reference(reference, zygote, tmp_path_factory):
     root, work = reference[0], tmp_path_factory.mktemp("packed")
     out = work / "packed-reference"
     renames = work / "packed-renames"
     start = time.monotonic()
-    res = run(packed_cmd(root / "data", out), KILL_COUNT_FILE=str(work / "packed-ops"),
+    res = zygote.run(packed_cmd(root / "data", out), KILL_COUNT_FILE=str(work / "packed-ops"),
               KILL_RENAME_LOG=str(renames))
     seconds = time.monotonic() - start
     assert res.returncode == 0, res.stderr[-3000:]
@@ -240,7 +395,7 @@ def strip_timing(summary: dict) -> dict:
 
 @pytest.mark.killloop
 @pytest.mark.cost(40)
-def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_reference,
+def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_reference, zygote,
                                                           record_property, tmp_path):
     root, solo_summary, solo_rows = reference[:3]
     summaries, rows, ops, seconds, first_done = packed_reference
@@ -255,7 +410,7 @@ def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_ref
     for i, (kind, at) in enumerate(points):
         out = tmp_path / f"packed{i}"
         cmd = packed_cmd(root / "data", out)
-        killed = kill_at(cmd, kind, at)
+        killed = zygote.kill_at(cmd, kind, at)
         tally["killed"] += killed
         finished = {}
         for seed in SEEDS:
@@ -269,7 +424,7 @@ def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_ref
         if i == 0:  # the deliberate point: seed 0 done, the others not
             assert killed and set(finished) == {0}, (kind, at, sorted(finished))
 
-        again = run(cmd)
+        again = zygote.run(cmd)
         assert again.returncode == 0, f"{kind}={at}: {again.stderr[-3000:]}"
         for seed in SEEDS:
             path = out / str(seed) / "summary.json"
@@ -286,11 +441,11 @@ def test_sigkill_a_packed_job_then_rerun_resumes_each_seed(reference, packed_ref
 
 # --------------------------------------------------------------------------- fused packs
 @pytest.fixture(scope="module")
-def fused_reference(reference, tmp_path_factory):
+def fused_reference(reference, zygote, tmp_path_factory):
     root, work = reference[0], tmp_path_factory.mktemp("fused")
     out = work / "fused-reference"
     start = time.monotonic()
-    res = run([*packed_cmd(root / "data", out), "--fuse"],
+    res = zygote.run([*packed_cmd(root / "data", out), "--fuse"],
               KILL_COUNT_FILE=str(work / "fused-ops"))
     seconds = time.monotonic() - start
     assert res.returncode == 0, res.stderr[-3000:]
@@ -302,7 +457,7 @@ def fused_reference(reference, tmp_path_factory):
 
 @pytest.mark.killloop
 @pytest.mark.cost(40)
-def test_sigkill_a_fused_job_then_rerun_finishes_every_seed(reference, fused_ref_points,
+def test_sigkill_a_fused_job_then_rerun_finishes_every_seed(reference, fused_ref_points, zygote,
                                                             record_property, tmp_path):
     """A killed `train --seeds --fuse` job rerun: finished seeds untouched, every other seed
     resumed to the end; bitwise equal to the unbroken job when the kill left the unfinished
@@ -313,7 +468,7 @@ def test_sigkill_a_fused_job_then_rerun_finishes_every_seed(reference, fused_ref
     for i, (kind, at) in enumerate(points):
         out = tmp_path / f"fused{i}"
         cmd = [*packed_cmd(root / "data", out), "--fuse"]
-        tally["killed"] += kill_at(cmd, kind, at)
+        tally["killed"] += zygote.kill_at(cmd, kind, at)
         finished, at_iteration = {}, set()
         for seed in SEEDS:
             present = assert_no_torn_file(out / str(seed))
@@ -323,7 +478,7 @@ def test_sigkill_a_fused_job_then_rerun_finishes_every_seed(reference, fused_ref
             else:
                 at_iteration.add(int(rows_of(out / str(seed))[-1]["iteration"])
                                  if "last.ckpt" in present else 0)
-        again = run(cmd)
+        again = zygote.run(cmd)
         assert again.returncode == 0, f"{kind}={at}: {again.stderr[-3000:]}"
         same_start = len(at_iteration) <= 1
         tally["bitwise" if same_start else "caught_up"] += 1

@@ -245,12 +245,27 @@ def _without_fingerprint(path: str) -> str:
     return f"{dataset}/{noise}/{model}{'@' + variant if variant else ''}/{seed}"
 
 
+# The two stand-ins of the community CIFAR-10 table train 100 steps (config/ci: chosen when
+# a bottleneck Lambda-ResNet's eval-mode outputs still overflowed in its first tens of steps,
+# before its residual branches were zero-initialised); here 20, as the other stand-ins: what
+# this test reads (every run ok with a finite test loss, the tables' published and own
+# columns) is the same, at a fifth of the training (measured: lambda_resnet18_u4_r7 under
+# sgd-restarts-fork65 at 20 steps, no non-finite evaluation, 14 against 30 CPU-s a run).
+SHORTER = {"lambda_cifar10": {"iterations": 20, "eval_every": 10},
+           "lambda_fork": {"iterations": 20, "eval_every": 10}}
+
+
 @pytest.mark.slow
 @pytest.mark.cost(60)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_standin_end_to_end(tmp_path, name):
-    res = snakemake("--cores", "2", "--configfile", str(ROOT / "config" / f"{name}.yaml"),
-                    str(ROOT / "config" / "ci" / f"{name}.yaml"), cwd=tmp_path)
+    configs = [ROOT / "config" / f"{name}.yaml", ROOT / "config" / "ci" / f"{name}.yaml"]
+    if name in SHORTER:
+        configs.append(tmp_path / "shorter.yaml")
+        configs[-1].write_text(yaml.safe_dump({"shrink": {"set": SHORTER[name]}}))
+    # 1800 s: a stand-in ran past 900 s on a 2-core machine at load 16
+    res = snakemake("--cores", "2", "--configfile", *map(str, configs), cwd=tmp_path,
+                    timeout=1800)
     assert res.returncode == 0, res.stderr[-5000:]
     spec = STANDINS[name]
     runs = tmp_path / "results" / "runs"
@@ -258,12 +273,12 @@ def test_standin_end_to_end(tmp_path, name):
                  for p in runs.glob("*/*/*/*/summary.json")}
     # the directories the config names (<model>[@variant]-<fingerprint>), which are the
     # stand-in's runs above once the fingerprint is left out
-    configs = [ROOT / "config" / f"{name}.yaml", ROOT / "config" / "ci" / f"{name}.yaml"]
     assert set(summaries) == {run.path for run in expand_runs(load_configs(configs))}
     assert {_without_fingerprint(run) for run in summaries} == spec["runs"]
     for run, summary in summaries.items():
         # a run whose evaluations are not finite is no result, whatever its status says
         assert summary["status"] == "ok" and number(str(summary["tst_nll"])) > 0, run
+        assert summary["iterations"] == SHORTER.get(name, {}).get("iterations", 20), run
 
     tables = tmp_path / "results" / "tables"
     rows = read_csv(tables / f"{spec['table']}.csv")
