@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import queue as queue_module
 import tempfile
 import time
@@ -19,13 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambdapipe.augment import DeviceImages, augmented_batch, channel_stats, plan_epoch
+from lambdapipe.augment import DeviceImages, channel_stats
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
 from lambdapipe.runtime import Runtime, resolve
 from lambdapipe.step import COLUMN, build
+from lambdapipe.train import batches
 
 REFERENCE = "resnet18"
 # Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
@@ -53,23 +55,9 @@ def device_peak(device: str, precision: str) -> float | None:
     return None
 
 
-def _images(dataset: str, data_dir: Path, real_data: bool, image_size: int,
-            num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    if real_data:
-        from lambdapipe.data import load_split
-
-        split = load_split(data_dir, dataset, "train")
-        return split.images, split.labels
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (SYNTHETIC_IMAGES, image_size, image_size, 3), dtype=np.uint8)
-    return images, rng.integers(0, num_classes, SYNTHETIC_IMAGES)
-
-
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux), i.e. interpreter + imports so far."""
     try:
-        import os
-
         ticks = os.sysconf("SC_CLK_TCK")
         stat = Path("/proc/self/stat").read_text()
         start = int(stat.rsplit(")", 1)[1].split()[19]) / ticks
@@ -90,16 +78,12 @@ def check_args(names: list[str], batch_size: int, precision: str, warmup: int, s
     for name in names:
         if name not in known:
             raise bad_value("model", name, "a registered model (see `lambdapipe models`)")
-    if batch_size < 1:
-        raise bad_value("batch size", batch_size, "an integer >= 1")
+    for what, value, least in (("batch size", batch_size, 1), ("warmup", warmup, 0),
+                               ("steps", steps, 1), ("slots", slots, 1)):
+        if value < least:
+            raise bad_value(what, value, f"an integer >= {least}")
     if precision not in PRECISIONS:
         raise bad_value("precision", precision, PRECISIONS)
-    if warmup < 0:
-        raise bad_value("warmup", warmup, "an integer >= 0")
-    if steps < 1:
-        raise bad_value("steps", steps, "an integer >= 1")
-    if slots < 1:
-        raise bad_value("slots", slots, "an integer >= 1")
 
 
 def _sync(device: str) -> None:
@@ -126,34 +110,18 @@ def path_label(path: str, rt: Runtime, fused: bool = False) -> str:
     return label + (" " + "+".join(impls) if impls else "") + (", fused" if fused else "")
 
 
-def batches(data: DeviceImages, recipe: Recipe, seed: int, device: str):
-    """Step i's augmented batch as training draws it for `seed` (augment.py)."""
-    steps_per_epoch, plans = len(data) // recipe.batch_size, {}
-
-    def batch(i: int):
-        epoch, k = divmod(i, steps_per_epoch)
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = plan_epoch(len(data), seed, epoch, recipe.crop_padding, recipe.flip,
-                                      device, resized_crop=recipe.resized_crop, size=data.size)
-        return augmented_batch(data, plans[epoch], k, recipe.batch_size)
-    return batch
-
-
-def timed(one, step, warmup: int, steps: int, device: str, t_build: float,
-           barrier: Any = None) -> tuple[float, float]:
+def timed(one, warmup: int, steps: int, device: str, t_build: float,
+          barrier: Any = None) -> tuple[float, float]:
     """`one(i)` for `warmup` steps, then `steps` timed (between CUDA events on a GPU); returns
-    (seconds from `t_build` to the end of the warm-up, timed seconds). Reading `step.tally`
-    waits for every queued op."""
+    (seconds from `t_build` to the end of the warm-up, timed seconds)."""
     for i in range(warmup):
         one(i)
-    _sync(device) if step is None else step.tally.tolist()  # every queued op has run
+    _sync(device)  # every queued op has run
     warm_s = time.perf_counter() - t_build
     if barrier is not None:  # concurrent slots start their timed steps together
         barrier.wait()
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
@@ -163,18 +131,24 @@ def timed(one, step, warmup: int, steps: int, device: str, t_build: float,
         end.record()
         torch.cuda.synchronize(device)
         return warm_s, start.elapsed_time(end) / 1000
-    _sync(device) if step is None else step.tally.tolist()
     return warm_s, time.perf_counter() - t0
 
 
 def _data(recipe: Recipe, dataset: str, image_size: int | None, data_dir: Path,
           real_data: bool, device: str):
-    """The dataset's (info, image size, device images, mean, std) as a run holds them."""
-    from lambdapipe.data import dataset_info
+    """The dataset's (info, image size, device images, mean, std) as a run holds them: its
+    train split, or SYNTHETIC_IMAGES random ones of its shape."""
+    from lambdapipe.data import dataset_info, load_split
 
     info = dataset_info(dataset)
     size = image_size or info.image_size
-    images, labels = _images(dataset, Path(data_dir), real_data, size, info.num_classes)
+    if real_data:
+        split = load_split(Path(data_dir), dataset, "train")
+        images, labels = split.images, split.labels
+    else:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (SYNTHETIC_IMAGES, size, size, 3), dtype=np.uint8)
+        labels = rng.integers(0, info.num_classes, SYNTHETIC_IMAGES)
     if recipe.batch_size > len(labels):
         raise bad_value("batch size", recipe.batch_size, f"at most the {len(labels)} images")
     data = DeviceImages(images, labels, labels, device, pad=recipe.crop_padding)
@@ -212,19 +186,17 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     sources = [batches(data, recipe, seed, device) for seed in range(pack)]
-    if pack == 1:
-        model, optimizer, step = build(models[0], recipe, rt, mean, std)  # as train builds it
-
-        def one(i: int) -> None:
-            step(*sources[0](i), recipe.lr, i)
+    if pack == 1:  # as train builds it
+        model, optimizer, step = build(models[0], recipe, rt, mean, std)
     else:
         step = fused_step([model.to(device) for model in models], recipe, rt, mean, std)
 
-        def one(i: int) -> None:
-            parts = [batch(i) for batch in sources]
-            step(*(torch.stack(p) for p in zip(*parts, strict=True)), recipe.lr, i)
+    def one(i: int) -> None:
+        parts = [batch(i) for batch in sources]
+        step(*(parts[0] if pack == 1 else (torch.stack(p) for p in zip(*parts, strict=True))),
+             recipe.lr, i)
 
-    warm_s, seconds = timed(one, step, warmup, steps, device, t_build, barrier)
+    warm_s, seconds = timed(one, warmup, steps, device, t_build, barrier)
     round_s = seconds / steps
     fwd = float(estimate_flops(models[0], size))
     peak = device_peak(device, rt.precision)
@@ -327,23 +299,15 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
     if errors:
         raise UserError(f"a benchmark slot failed: {errors[0]}")
     rows = [r for _, r in results]
-    out = dict(rows[0])
-
-    def total(key):
-        vals = [r[key] for r in rows]
-        return None if any(v is None for v in vals) else sum(vals)
-
-    def mean(key):
-        return sum(r[key] for r in rows) / len(rows)
-
-    out.update(slots=slots, iter_per_min=total("iter_per_min"),
-               images_per_s=total("images_per_s"), peak_mem_gib=total("peak_mem_gib"),
-               model_tflops_per_s=total("model_tflops_per_s"), mfu=total("mfu"),
-               step_ms=mean("step_ms"), startup_s=max(r["startup_s"] for r in rows),
-               data_s=mean("data_s"), eval_images_per_s=mean("eval_images_per_s"),
-               ckpt_s=mean("ckpt_s"), diverged=any(r["diverged"] for r in rows),
-               iter_per_min_per_slot=mean("iter_per_min"))
-    return out
+    summed = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows)
+              for k in ("iter_per_min", "images_per_s", "peak_mem_gib", "model_tflops_per_s",
+                        "mfu")}
+    mean = {k: sum(r[k] for r in rows) / slots
+            for k in ("step_ms", "data_s", "eval_images_per_s", "ckpt_s")}
+    return {**rows[0], **summed, **mean, "slots": slots,
+            "startup_s": max(r["startup_s"] for r in rows),
+            "diverged": any(r["diverged"] for r in rows),
+            "iter_per_min_per_slot": sum(r["iter_per_min"] for r in rows) / slots}
 
 
 def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[str, Any]]:

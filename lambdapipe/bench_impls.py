@@ -43,7 +43,7 @@ def time_impls(names: list[str], recipe: Recipe, device: str = "cpu", dataset: s
                     out.float().sum().backward()
                     layer.zero_grad(set_to_none=True)
 
-                _, seconds = timed(once, None, warmup, steps, device, time.perf_counter())
+                _, seconds = timed(once, warmup, steps, device, time.perf_counter())
                 rows.append({"model": name, "layer": layer_name, "map": f"{h}x{w}",
                              "impl": impl, "ms": 1000 * seconds / steps,
                              "rule": layer.rule_impl(h, w, device),

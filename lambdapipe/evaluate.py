@@ -244,8 +244,7 @@ def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
     if images is None:
         images = DeviceImages(data.images, data.labels, data.clean_labels, device)
     model.to(device)
-    mean = torch.tensor(config["data"]["mean"], device=device)
-    std = torch.tensor(config["data"]["std"], device=device)
+    mean, std = (torch.tensor(config["data"][k], device=device) for k in ("mean", "std"))
     logits = predict_split(model, images, mean, std, rt)
     result = {"status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
               "model": config["model"], "dataset": config["dataset"], "split": split,

@@ -32,11 +32,10 @@ def why_not(cfgs: Sequence[TrainConfig], rt: Runtime) -> str | None:
     """Why these runs cannot train as one network under `rt` (None when they can)."""
     if len(cfgs) < 2:
         return "a single run"
-    first = {k: v for k, v in cfgs[0].identity().items() if k != "seed"}
-    for cfg in cfgs[1:]:
-        other = {k: v for k, v in cfg.identity().items() if k != "seed"}
-        if other != first:
-            return f"{cfg.out} is not of the same grid cell as {cfgs[0].out}"
+    cells = [{k: v for k, v in cfg.identity().items() if k != "seed"} for cfg in cfgs]
+    odd = [cfg for cfg, cell in zip(cfgs, cells, strict=True) if cell != cells[0]]
+    if odd:
+        return f"{odd[0].out} is not of the same grid cell as {cfgs[0].out}"
     return rt.why_not_fused
 
 
@@ -96,11 +95,10 @@ def why_not_states(states: Sequence[dict[str, Any]]) -> str | None:
 
 def stacked_optimizer_state(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The K runs' optimizer state dicts (solo format) as one for the stacked parameters."""
-    merged: dict[Any, dict[str, Any]] = {}
-    for i, first in states[0]["state"].items():
-        merged[i] = {key: torch.stack([s["state"][i][key] for s in states])
-                     if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-                     for key, v in first.items()}
+    merged = {i: {key: torch.stack([s["state"][i][key] for s in states])
+                  if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                  for key, v in first.items()}
+              for i, first in states[0]["state"].items()}
     return {"state": merged, "param_groups": copy.deepcopy(states[0]["param_groups"])}
 
 

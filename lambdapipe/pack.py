@@ -9,13 +9,13 @@ one run on an H200: dropped in issue 23.)
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from lambdapipe import rng, runlock
 from lambdapipe.errors import UserError
-from lambdapipe.rundir import TrainConfig, check_before_start
+from lambdapipe.rundir import TrainConfig, check_before_start, finished
 from lambdapipe.runtime import log, resolve
 from lambdapipe.train import Run
 
@@ -55,44 +55,31 @@ def run_packed(cfgs: Sequence[TrainConfig], device: str = "cpu", progress: bool 
     as one network where they can (else one log line says why). A diverged run is finished
     while the others go on; `callback(cfg, row)` follows each evaluation. The summaries in
     the order of `cfgs`; the process's RNG state is given back after."""
+    device = str(device)
     # kept from before the checks: their model builds draw from it too
     with rng.kept(device), own_all(cfgs):  # own_all is re-entrant: the CLI took them already
-        return _run_packed(cfgs, str(device), progress, callback, fuse)
+        check_packed(cfgs)
+        summaries = [finished(cfg.out) for cfg in cfgs]
+        todo = [i for i, summary in enumerate(summaries) if summary is None]
+        rt = resolve(cfgs[0].recipe, device, cfgs[0].deterministic)  # kernels: check_packed
+        if fuse and todo:
+            from lambdapipe import fuse as fusing
+
+            # one unfinished run left of a fused job finishes in the fused job's path too
+            reason = fusing.why_not([cfgs[i] for i in todo], rt) if len(todo) > 1 else None
+            if reason is None:
+                _run_fused(cfgs, todo, summaries, rt, progress, callback)
+                return summaries
+            log(f"not fused ({reason}): the runs train one after another")
+        with rt.kernels():
+            for pos, i in enumerate(todo):
+                summaries[i] = Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
+                                   label=_label(cfgs[i], cfgs), bar_position=pos).train()
+        return summaries
 
 
-def _run_packed(cfgs, device, progress, callback, fuse=False) -> list[dict[str, Any]]:
-    check_packed(cfgs)
-    summaries: list[dict[str, Any] | None] = [None] * len(cfgs)
-    todo = []
-    for i, cfg in enumerate(cfgs):
-        path = cfg.out / "summary.json"
-        if path.exists():
-            summaries[i] = json.loads(path.read_text())
-        else:
-            todo.append(i)
-    rt = resolve(cfgs[0].recipe, device, cfgs[0].deterministic)  # kernels: check_packed
-    if fuse and todo:
-        from lambdapipe import fuse as fusing
-
-        # one unfinished run left of a fused job finishes in the fused job's path too
-        reason = fusing.why_not([cfgs[i] for i in todo], rt) if len(todo) > 1 else None
-        if reason is None:
-            _run_fused(cfgs, todo, summaries, rt, progress, callback)
-            return [s for s in summaries if s is not None]
-        log(f"not fused ({reason}): the runs train one after another")
-    with rt.kernels():
-        for pos, i in enumerate(todo):
-            run = Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
-                      label=_label(cfgs[i], cfgs), bar_position=pos)
-            summaries[i] = run.train()
-    return [s for s in summaries if s is not None]
-
-
-def _reporter(callback, cfg: TrainConfig) -> Callable[[dict[str, float]], None]:
-    def report(row: dict[str, float]) -> None:
-        if callback is not None:
-            callback(cfg, row)
-    return report
+def _reporter(callback, cfg: TrainConfig) -> Callable[[dict[str, float]], None] | None:
+    return None if callback is None else functools.partial(callback, cfg)
 
 
 def _run_fused(cfgs, todo, summaries, rt, progress, callback) -> None:
@@ -116,12 +103,10 @@ def _run_fused(cfgs, todo, summaries, rt, progress, callback) -> None:
                          "other runs of the pack resume")
                 while run.it < target and run.advance():
                     pass
-        live = []
         for k, run in enumerate(runs):
             if run.done():  # finished before its summary was written, or diverged catching up
                 summaries[todo[k]] = run.finish()
-            else:
-                live.append(k)
+        live = [k for k in range(len(runs)) if summaries[todo[k]] is None]
         if live:
             def done(k: int, summary: dict[str, Any]) -> None:
                 summaries[todo[live[k]]] = summary

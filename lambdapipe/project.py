@@ -182,15 +182,14 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
     if compile is not None:
         for cell in todo:
             cell.recipe = dataclasses.replace(cell.recipe, compile=compile)
+    pubs = [(published_seconds(cell, published_as), len(cell.runs)) for cell in todo]
     rows: list[dict[str, Any]] = []
     totals: dict[int, float | None] = {s: 0.0 for s in slots}
-    published_total, published_missing = 0.0, 0
-    for cell in todo:
-        pub = published_seconds(cell, published_as)
-        if pub is None:
-            published_missing += len(cell.runs)
-        else:
-            published_total += pub * len(cell.runs)
+    for cell, (pub, _) in zip(todo, pubs, strict=True):
+        kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,
+                  "image_size": cell.image_size, "data_dir": data_dir, "real_data": real_data,
+                  "warmup": warmup, "steps": steps, "eval_images": cell.val_size,
+                  "model_args": cell.model_args, "device": device}
         for s in slots:
             if progress:
                 progress(f"measuring {cell.dataset} {cell.label} with "
@@ -198,14 +197,8 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
             base = {"dataset": cell.dataset, "model": cell.label,
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
                     "compile": resolve(cell.recipe, device).compile or False,
-                    "runs": len(cell.runs), "steps": cell.steps,
-                    "evaluations": cell.evaluations, "slots": s, "pack": pack,
-                    "published_run_s": pub}
-            kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,
-                      "image_size": cell.image_size, "data_dir": data_dir,
-                      "real_data": real_data, "warmup": warmup, "steps": steps,
-                      "eval_images": cell.val_size, "model_args": cell.model_args,
-                      "device": device}
+                    "runs": len(cell.runs), "steps": cell.steps, "evaluations": cell.evaluations,
+                    "slots": s, "pack": pack, "published_run_s": pub}
             try:
                 if pack > 1:
                     one, row = measure_packed(pack, fuse=fuse, **kwargs)
@@ -231,8 +224,9 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
     best = min((s for s in totals if totals[s] is not None), key=totals.get)
     return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals, "pack": pack,
             "fuse": fuse,
-            "best_slots": best, "published_total_s": published_total or None,
-            "published_missing_runs": published_missing, "runs": sum(len(c.runs) for c in todo)}
+            "best_slots": best, "runs": sum(n for _, n in pubs),
+            "published_total_s": sum(p * n for p, n in pubs if p is not None) or None,
+            "published_missing_runs": sum(n for p, n in pubs if p is None)}
 
 
 def _minutes(seconds: float | None) -> str:
@@ -247,17 +241,14 @@ def format_projection(result: dict[str, Any]) -> str:
             f"{'pub. min':>8}  path")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        if "error" in r:
-            lines.append(f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} "
-                         f"{r['runs']:>4} {r['steps']:>7} {r['slots']:>5}  failed: {r['error']}")
-            continue
         at_once = f"x{r['pack']}" if r.get("pack", 1) > 1 else r["slots"]
-        lines.append(
-            f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} {r['runs']:>4} "
-            f"{r['steps']:>7} {at_once:>5} {r['iter_per_min']:>9.0f} "
-            f"{r['iter_per_min_per_slot']:>8.0f} {r['startup_s'] + r['launch_s']:>7.1f} "
-            f"{_minutes(r['eval_s']):>8} {_minutes(r['run_s']):>8} "
-            f"{_minutes(r['published_run_s']):>8}  {r.get('path') or '-'}")
+        first = (f"{r['dataset']:<15} {r['model']:<22} {r['precision']:<5} {r['runs']:>4} "
+                 f"{r['steps']:>7} {at_once:>5}")
+        lines.append(f"{first}  failed: {r['error']}" if "error" in r else (
+            f"{first} {r['iter_per_min']:>9.0f} {r['iter_per_min_per_slot']:>8.0f} "
+            f"{r['startup_s'] + r['launch_s']:>7.1f} {_minutes(r['eval_s']):>8} "
+            f"{_minutes(r['run_s']):>8} {_minutes(r['published_run_s']):>8}  "
+            f"{r.get('path') or '-'}"))
     device = next((r["device_name"] for r in result["rows"] if "device_name" in r), "?")
     lines.append("")
     for s, total in result["total_s"].items():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lambdapipe import atomic, live, runlock
+from lambdapipe import __version__, atomic, live, runlock
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import build_model, load_checkpoint
 from lambdapipe.feed import check_stream, image_size, split_stats
@@ -101,6 +101,12 @@ def saved_config(out: Path) -> dict[str, Any] | None:
     return saved
 
 
+def finished(out: Path) -> dict[str, Any] | None:
+    """A finished run's summary.json (None while it is not finished)."""
+    path = out / "summary.json"
+    return atomic.read_json(path, SMALL_FILE, "run summary") if path.exists() else None
+
+
 def check_before_start(cfg: TrainConfig) -> None:
     """Every check that can fail on the user's input, before a GPU is claimed: the data and
     its checksums, the noise variant, the model and its arguments (one CPU forward pass),
@@ -160,13 +166,8 @@ def run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu")
                  "image_size": image_size(train), "train_size": len(train.labels),
                  "mean": mean, "std": std},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__, "lambdapipe": _version()},
+                     "numpy": np.__version__, "lambdapipe": __version__},
     }, default=str))
-
-
-def _version() -> str:
-    from lambdapipe import __version__
-    return __version__
 
 
 # --------------------------------------------------------------------------- run state

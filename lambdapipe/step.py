@@ -219,13 +219,13 @@ class GraphedStep:
                     step: int) -> torch.Tensor:
         """One step of the captured whole-step graph (warm-up steps and the capture first)."""
         body = self.step.body
+        self.lr_t.fill_(lr)
+        self.iteration_t.fill_(step + 1)
         if self.graph is None:
             for group in self.optimizer.param_groups:  # a checkpoint load put floats back
                 group["lr"] = self.lr_t
                 if "capturable" in group:
                     group["capturable"] = True  # Adam(W): its step counters on the device
-            self.lr_t.fill_(lr)
-            self.iteration_t.fill_(step + 1)
             if self.warm < STEP_GRAPH_WARMUP:
                 self.warm += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -238,8 +238,6 @@ class GraphedStep:
         else:
             for buf, new in zip(self.static, (x, y, y_clean), strict=True):
                 buf.copy_(new)
-            self.lr_t.fill_(lr)
-            self.iteration_t.fill_(step + 1)
         return self.graph.replay()
 
 

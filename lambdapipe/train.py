@@ -13,10 +13,10 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from lambdapipe import atomic, distributed, feed, rng, runlock
 from lambdapipe import status as run_status
@@ -33,13 +33,12 @@ from lambdapipe.evaluate import (
 )
 from lambdapipe.protocol import at_best, selection_score, tracks_test, training_split
 from lambdapipe.recipes import Recipe, recipe_changes
-from lambdapipe.rundir import (  # noqa: F401 - TrainConfig, METRIC_COLUMNS: the public API
-    METRIC_COLUMNS,
-    SMALL_FILE,
+from lambdapipe.rundir import (
     RunState,
     TrainConfig,
     check_before_start,
     check_same_run,
+    finished,
     iter_per_min,
     load_splits,
     run_config,
@@ -47,23 +46,10 @@ from lambdapipe.rundir import (  # noqa: F401 - TrainConfig, METRIC_COLUMNS: the
     write_metrics,
 )
 from lambdapipe.runtime import Runtime, log, resolve
-from lambdapipe.step import (  # noqa: F401 - TrainStep: the public API
-    Seat,
-    Tally,
-    TrainStep,
-    build,
-    make_optimizer,
-)
+from lambdapipe.step import Seat, Tally, build
 from lambdapipe.validate import check_resume
 
 SYNC_EVERY = 50  # steps between host syncs for the progress bar and the divergence check
-
-
-def _print_recipe(r: Recipe) -> None:
-    fields_ = " ".join(f"{k}={v}" for k, v in r.to_dict().items()
-                       if k not in ("name", "description"))
-    log(f"recipe {r.name}: {r.description}")
-    log(textwrap.fill(fields_, width=100, initial_indent="  ", subsequent_indent="  "))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -74,18 +60,14 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
     `callback(row)` is called after every evaluation, once its checkpoints and metrics are
     on disk (an exception from it interrupts the run exactly like a kill would).
     """
-    summary_path = cfg.out / "summary.json"
     world = distributed.current()  # several processes: rank 0 owns and writes (distributed.py)
     if world is not None:
-        r = cfg.recipe
-        distributed.check(world, r.batch_size, r.drop_last, r.compile)
+        distributed.check(world, cfg.recipe.batch_size, cfg.recipe.drop_last, cfg.recipe.compile)
     with contextlib.ExitStack() as owned:
         def lead() -> dict[str, Any] | None:
             owned.enter_context(runlock.own(cfg.out))  # one owner (a refusal leaves nothing)
             check_before_start(cfg)  # also refuses an --out that holds a different config
-            if summary_path.exists():
-                return atomic.read_json(summary_path, SMALL_FILE, "run summary")
-            return None
+            return finished(cfg.out)
 
         done = distributed.decided(world, lead)
         if done is not None:
@@ -107,6 +89,7 @@ class Run:
                  pack_size: int | None = None):
         self.rt = rt if isinstance(rt, Runtime) else resolve(cfg.recipe, rt, cfg.deterministic)
         self.cfg, self.progress, self.callback = cfg, progress, callback
+        self.r, self.out = cfg.recipe, cfg.out
         self.device = self.rt.device
         self.label, self.bar_position = label, bar_position
         self.diverged_at: int | None = None
@@ -118,9 +101,7 @@ class Run:
         log(self.label + msg)
 
     def start(self) -> None:
-        cfg, device = self.cfg, self.device
-        r, out = cfg.recipe, cfg.out
-        self.r, self.out = r, out
+        cfg, device, r, out = self.cfg, self.device, self.r, self.out
         self.started = time.perf_counter()
         train, val = load_splits(cfg, verify=False)  # checksums verified by check_before_start
         train_name, train = training_split(r, train, val, cfg.noise)  # protocol.py
@@ -129,7 +110,10 @@ class Run:
         config.update(record(cfg.model, cfg.model_args, cfg.recipe.to_dict(), cfg.data_dir,
                              cfg.dataset))
         self.config = config
-        _print_recipe(r)
+        log(f"recipe {r.name}: {r.description}")
+        log(textwrap.fill(" ".join(f"{k}={v}" for k, v in r.to_dict().items()
+                                   if k not in ("name", "description")),
+                          width=100, initial_indent="  ", subsequent_indent="  "))
         self.steps_per_epoch = steps_per_epoch = r.steps_per_epoch(len(train.labels))
         self.total = total = r.total_steps(steps_per_epoch)
         self.eval_every = r.eval_interval(steps_per_epoch)
@@ -140,8 +124,7 @@ class Run:
         self.rt = rt = self.rt.with_model(model, config["data"]["image_size"],
                                           (recorded or {}).get("runtime"))
         config["runtime"] = rt.record()
-        mean = torch.tensor(config["data"]["mean"], device=device)
-        std = torch.tensor(config["data"]["std"], device=device)
+        mean, std = (torch.tensor(config["data"][k], device=device) for k in ("mean", "std"))
         state = RunState()
         last = out / "last.ckpt"
         resume = last.exists()  # before build: on several processes DDP's start syncs ranks
@@ -182,10 +165,12 @@ class Run:
             self.train_data = feed.TrainStream(train, r, cfg.seed, self.rt.world, device,
                                                steps_per_epoch)
             self.val_data = feed.EvalStream(val, device, r.loader_workers, r.jpeg_decode)
+            self.batch = lambda i: self.train_data.batch(*divmod(i, steps_per_epoch))
         else:
             self.train_data = on_device(train_name, train, r.crop_padding,
                                         r.resized_crop is not None)
             self.val_data = on_device("val", val)
+            self.batch = batches(self.train_data, r, cfg.seed, device, rt.world)
         del train, val
         self.test_data = None
         if tracks_test(r):  # reported, or chosen on under select_on test (protocol.py)
@@ -195,9 +180,10 @@ class Run:
                                              r.loader_workers, r.jpeg_decode)
             if self.test_data is None:  # arrays
                 self.test_data = on_device("test", load_split(cfg.data_dir, cfg.dataset, "test"))
-        self.bar = _progress_bar(total, state.iteration, self.progress, self.bar_position,
-                                 self.label.strip() or None)
-        self.it, self.plan, self.plan_epoch_no = state.iteration, None, -1
+        self.bar = tqdm(total=total, initial=state.iteration, disable=not self.progress,
+                        file=sys.stderr, dynamic_ncols=True, unit="it", leave=False,
+                        position=self.bar_position, desc=self.label.strip() or None)
+        self.it = state.iteration
         self.window_start, self.window_it = time.perf_counter(), self.it
         self.lr = r.lr_at(self.it, total, steps_per_epoch)
 
@@ -221,22 +207,8 @@ class Run:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The augmented batch of the current step (and its learning rate in `self.lr`)."""
-        r, it = self.r, self.it
-        epoch, step = divmod(it, self.steps_per_epoch)
-        if isinstance(self.train_data, feed.TrainStream):  # its own plan, this rank's rows
-            self.lr = r.lr_at(it, self.total, self.steps_per_epoch)
-            return self.train_data.batch(epoch, step)
-        if epoch != self.plan_epoch_no:
-            self.plan = plan_epoch(len(self.train_data), self.cfg.seed, epoch, r.crop_padding,
-                                   r.flip, self.device, resized_crop=r.resized_crop,
-                                   size=self.train_data.size, extents=self.train_data.extents)
-            if self.rt.world is not None:  # this rank's slice of every global batch
-                self.plan = distributed.shard_plan(self.plan, r.batch_size, self.rt.world)
-            self.plan_epoch_no = epoch
-        self.lr = r.lr_at(it, self.total, self.steps_per_epoch)
-        world = self.rt.world
-        return augmented_batch(self.train_data, self.plan, step,
-                               r.batch_size // (world.size if world else 1))
+        self.lr = self.r.lr_at(self.it, self.total, self.steps_per_epoch)
+        return self.batch(self.it)
 
     def after_step(self) -> bool:
         """Count the step; when due, the host sync, divergence check and evaluation."""
@@ -265,20 +237,18 @@ class Run:
     def _evaluate(self, tally: Tally) -> None:
         """Val (and test when tracked) metrics, the checkpoints and the metrics row."""
         r, it, lr, state, model, out = self.r, self.it, self.lr, self.state, self.model, self.out
-        mean, std = self.mean, self.std
         train_seconds = time.perf_counter() - self.window_start
-        logits = predict_split(model, self.val_data, mean, std, self.rt)
+        logits = predict_split(model, self.val_data, self.mean, self.std, self.rt)
         val_metrics = classification_metrics(logits, self.val_data.labels)
         row = {"iteration": it, "epoch": round(it / self.steps_per_epoch, 4), "lr": lr,
                "train_loss": tally.loss_sum / tally.images,
                "train_acc": tally.correct / tally.images,
                "train_clean_acc": tally.clean_correct / tally.images,
-               "val_loss": val_metrics["nll"],
-               "val_acc": val_metrics["accuracy"],
+               "val_loss": val_metrics["nll"], "val_acc": val_metrics["accuracy"],
                "images_per_s": (it - self.window_it) * r.batch_size / max(train_seconds, 1e-9),
                "elapsed_s": time.perf_counter() - self.session_start}
         if self.test_data is not None:
-            logits = predict_split(model, self.test_data, mean, std, self.rt)
+            logits = predict_split(model, self.test_data, self.mean, self.std, self.rt)
             row["tst_acc"] = classification_metrics(logits, self.test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
@@ -312,55 +282,48 @@ class Run:
             self.state.skipped_steps += int(self.seat.counts().skipped)
             self.log(f"diverged: non-finite loss at iteration {self.diverged_at}")
 
-        def lead() -> dict[str, Any]:
-            runlock.check_still_owned(self.out)
-            return _summarize(self.cfg, self.rt, self.r, self.out, self.model, self.seat.path,
-                              self.state, self.it, self.diverged_at, self.session_start,
-                              self.started, self.config)
-
-        summary = distributed.decided(self.rt.world, lead)  # rank 0's, on every rank
-        self.train_data = self.val_data = self.test_data = None
+        summary = distributed.decided(self.rt.world, self._summarize)  # rank 0's, on every rank
+        self.train_data = self.val_data = self.test_data = self.batch = None
         return summary
 
+    def _summarize(self) -> dict[str, Any]:
+        """summary.json, for solo and packed runs alike."""
+        from lambdapipe.models import count_params
 
-def _summarize(cfg: TrainConfig, rt: Runtime, r: Recipe, out: Path, model: torch.nn.Module,
-               path: str, state: RunState, it: int, diverged_at: int | None,
-               session_start: float, started: float,
-               config: dict[str, Any]) -> dict[str, Any]:
-    """summary.json, for solo and packed runs alike."""
-    from lambdapipe.models import count_params
-
-    test = _test_on_best(cfg, rt)  # the only time the test split is read
-    rows = state.rows
-    summary = {
-        "model": cfg.model, "model_args": cfg.model_args, "dataset": cfg.dataset,
-        "noise": cfg.noise, "seed": cfg.seed, "recipe": r.name, "precision": r.precision,
-        "recipe_changes": recipe_changes(cfg.recipe), "image_size": config["data"]["image_size"],
-        "params": count_params(model), "iterations": it if diverged_at is None else diverged_at,
-        "val_acc": at_best(rows, state.best_iteration, "val_acc"),
-        "select_on": r.select_on, "train_on": r.train_on,
-        "best_iteration": state.best_iteration if state.best_iteration >= 0 else None,
-        "tst_acc": test["accuracy"] if test else None, "tst_nll": test["nll"] if test else None,
-        "ece": test["ece"] if test else None,
-        "best_train_loss": min((x["train_loss"] for x in rows), default=None),
-        "best_val_loss": min((x["val_loss"] for x in rows), default=None),
-        "train_clean_acc": rows[-1]["train_clean_acc"] if rows else None,
-        "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
-        if tracks_test(r) else None,
-        "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
-        **extra_test_scores(cfg.out / "best.ckpt", cfg.data_dir, cfg.dataset, rt.device),
-        "compile": path,
-        "skipped_steps": state.skipped_steps,
-        # evaluations whose val loss was not finite while training was (eval-mode overflow)
-        "nonfinite_val_evals": sum(not math.isfinite(x["val_loss"]) for x in rows),
-        "iter_per_min": iter_per_min(rows, r.batch_size),
-        "wall_time_s": time.perf_counter() - session_start,
-        "session_time_s": time.perf_counter() - started,
-    }
-    summary = {k: v if not isinstance(v, float) or math.isfinite(v) else None
-               for k, v in summary.items()}  # strict JSON: a NaN val loss becomes null
-    atomic.write_json(out / "summary.json", summary)
-    return summary
+        runlock.check_still_owned(self.out)
+        cfg, r, state, diverged_at = self.cfg, self.r, self.state, self.diverged_at
+        rows, best = state.rows, cfg.out / "best.ckpt"  # none if diverged before an evaluation
+        test = (evaluate_checkpoint(best, "test", cfg.data_dir, self.device, None)
+                if best.exists() else None)  # the only time the test split is read
+        summary = {
+            "model": cfg.model, "model_args": cfg.model_args, "dataset": cfg.dataset,
+            "noise": cfg.noise, "seed": cfg.seed, "recipe": r.name, "precision": r.precision,
+            "recipe_changes": recipe_changes(r), "image_size": self.config["data"]["image_size"],
+            "params": count_params(self.model),
+            "iterations": self.it if diverged_at is None else diverged_at,
+            "val_acc": at_best(rows, state.best_iteration, "val_acc"),
+            "select_on": r.select_on, "train_on": r.train_on,
+            "best_iteration": state.best_iteration if state.best_iteration >= 0 else None,
+            "tst_acc": test["accuracy"] if test else None,
+            "tst_nll": test["nll"] if test else None, "ece": test["ece"] if test else None,
+            "best_train_loss": min((x["train_loss"] for x in rows), default=None),
+            "best_val_loss": min((x["val_loss"] for x in rows), default=None),
+            "train_clean_acc": rows[-1]["train_clean_acc"] if rows else None,
+            "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
+            if tracks_test(r) else None,
+            "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
+            **extra_test_scores(best, cfg.data_dir, cfg.dataset, self.device),
+            "compile": self.seat.path, "skipped_steps": state.skipped_steps,
+            # evaluations whose val loss was not finite while training was (eval-mode overflow)
+            "nonfinite_val_evals": sum(not math.isfinite(x["val_loss"]) for x in rows),
+            "iter_per_min": iter_per_min(rows, r.batch_size),
+            "wall_time_s": time.perf_counter() - self.session_start,
+            "session_time_s": time.perf_counter() - self.started,
+        }
+        summary = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                   for k, v in summary.items()}  # strict JSON: a NaN val loss becomes null
+        atomic.write_json(self.out / "summary.json", summary)
+        return summary
 
 
 def _status(diverged_at: int | None, rows: list[dict[str, float]],
@@ -374,16 +337,20 @@ def _status(diverged_at: int | None, rows: list[dict[str, float]],
     return run_status.OK if all(math.isfinite(v) for v in finals) else run_status.NON_FINITE
 
 
-def _test_on_best(cfg: TrainConfig, rt: Runtime) -> dict[str, Any] | None:
-    """Test metrics of best.ckpt (None when no evaluation happened before divergence)."""
-    best = cfg.out / "best.ckpt"
-    return evaluate_checkpoint(best, "test", cfg.data_dir, rt.device, None) if best.exists() \
-        else None
+def batches(data: DeviceImages, r: Recipe, seed: int, device: str,
+            world: distributed.World | None = None) -> Callable[[int], tuple]:
+    """Step i's augmented batch as training draws it for `seed` (augment.py), each epoch's plan
+    made once; on several processes this rank's slice of every global batch."""
+    steps_per_epoch, plans = r.steps_per_epoch(len(data)), {}
 
-
-def _progress_bar(total: int, initial: int, enabled: bool, position: int | None = None,
-                  desc: str | None = None):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, unit="it", leave=False, position=position, desc=desc)
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, step = divmod(i, steps_per_epoch)
+        if epoch not in plans:
+            plans.clear()
+            plan = plan_epoch(len(data), seed, epoch, r.crop_padding, r.flip, device,
+                              resized_crop=r.resized_crop, size=data.size, extents=data.extents)
+            plans[epoch] = plan if world is None else \
+                distributed.shard_plan(plan, r.batch_size, world)
+        return augmented_batch(data, plans[epoch], step,
+                               r.batch_size // (world.size if world else 1))
+    return batch

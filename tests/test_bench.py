@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lambdapipe import bench, bench_table, data, train
+from lambdapipe import bench, bench_table, data
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 from lambdapipe.step import TrainStep
@@ -22,13 +22,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 def test_rows_time_the_training_step_of_train_py(monkeypatch):
     calls = []
-    real_call = train.TrainStep.__call__
+    real_call = TrainStep.__call__
 
     def counting(self, *args, **kwargs):
         calls.append(args[-1])  # the step index
         return real_call(self, *args, **kwargs)
 
-    monkeypatch.setattr(train.TrainStep, "__call__", counting)
+    monkeypatch.setattr(TrainStep, "__call__", counting)
     rows = bench.run(["resnet20x1", "resnet18"], dataset="digits", batch_size=8,
                      precision="fp32", warmup=1, steps=2, model_args=TINY, device="cpu")
     assert calls == [0, 1, 2] * 2  # warm-up + timed steps, per model, through TrainStep
@@ -123,13 +123,13 @@ def test_an_unfused_pack_is_one_run_after_another_beside_one_run(monkeypatch):
     """`--pack 3` without --fuse: training runs the seeds one after another, so the packed
     row is the one-run row's rate shared by three runs, with nothing more timed."""
     calls = []
-    real_call = train.TrainStep.__call__
+    real_call = TrainStep.__call__
 
     def counting(self, *args, **kwargs):
         calls.append((id(self), args[-1]))
         return real_call(self, *args, **kwargs)
 
-    monkeypatch.setattr(train.TrainStep, "__call__", counting)
+    monkeypatch.setattr(TrainStep, "__call__", counting)
     rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp32",
                      warmup=1, steps=2, model_args=TINY, device="cpu", pack=3)
     assert [i for _, i in calls] == [0, 1, 2]  # the one-run row only

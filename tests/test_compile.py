@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lambdapipe import train
 from lambdapipe.models import create_model, list_models
 from lambdapipe.models.lambda_layer import LambdaLayer, choose_impls, lambda_layers
 from lambdapipe.recipes import get_recipe
 from lambdapipe.runtime import resolve
+from lambdapipe.step import TrainStep, make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 IMPLS = ["conv", "lambda", "logit"]
@@ -200,7 +200,7 @@ def test_a_failing_compiled_step_falls_back_to_eager(monkeypatch, capsys):
         r = get_recipe("demo", {"compile": mode})
         torch.manual_seed(0)
         model = create_model("resnet20x1", 10, 16, base_width=4)
-        step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
+        step = TrainStep(model, make_optimizer(model, r), r, resolve(r, "cpu"),
                                torch.zeros(3), torch.ones(3))
         losses.append([step(x, y, y, r.lr, i).item() for i in range(3)])
         if mode:
@@ -217,7 +217,7 @@ def test_an_eager_failure_is_not_swallowed(monkeypatch):
     r = get_recipe("demo", {"compile": "default"})
     model = create_model("resnet20x1", 10, 16, base_width=4)
     monkeypatch.setattr(torch, "compile", lambda m, mode=None: m)  # "compiled" = eager
-    step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
+    step = TrainStep(model, make_optimizer(model, r), r, resolve(r, "cpu"),
                            torch.zeros(3), torch.ones(3))
 
     def broken(x):

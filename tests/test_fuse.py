@@ -33,7 +33,7 @@ from lambdapipe.models import create_model
 from lambdapipe.pack import run_packed
 from lambdapipe.recipes import get_recipe
 from lambdapipe.runtime import Runtime, resolve
-from lambdapipe.step import TrainStep, clip_per_run, run_optimizer_state
+from lambdapipe.step import TrainStep, clip_per_run, make_optimizer, run_optimizer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 rows = metrics_text
@@ -115,8 +115,8 @@ def test_one_optimizer_over_stacked_tensors_is_each_runs_own(optimizer):
     r = get_recipe("sgdm", {"optimizer": optimizer, "lr": 0.01, "weight_decay": 5e-4})
     alone = models("resnet20x1", 3)
     fused = fuse.FusedModel(copy.deepcopy(alone))
-    solo_opts = [train.make_optimizer(m, r) for m in alone]
-    opt = train.make_optimizer(fused.parameters(), r)
+    solo_opts = [make_optimizer(m, r) for m in alone]
+    opt = make_optimizer(fused.parameters(), r)
     for _ in range(3):
         for p in fused.parameters():
             p.grad = torch.randn_like(p)

@@ -26,7 +26,7 @@ import pytest
 
 from lambdapipe import data
 from lambdapipe.evaluate import load_checkpoint
-from lambdapipe.train import METRIC_COLUMNS
+from lambdapipe.rundir import METRIC_COLUMNS
 
 TIMING = {"wall_time_s", "session_time_s", "iter_per_min"}
 TIMING_COLUMNS = {"images_per_s", "elapsed_s"}

@@ -6,7 +6,7 @@ import json
 import math
 
 from lambdapipe import live
-from lambdapipe.train import METRIC_COLUMNS
+from lambdapipe.rundir import METRIC_COLUMNS
 
 
 def rows(n: int) -> list[dict[str, float]]:

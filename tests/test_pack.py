@@ -19,6 +19,7 @@ from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import load_checkpoint
 from lambdapipe.pack import run_packed
+from lambdapipe.step import TrainStep
 
 # Dropout draws from the global torch RNG in forward: packing must not mix the runs' streams.
 TINY = {"base_width": 4, "drop_rate": 0.3}
@@ -203,13 +204,13 @@ def test_packed_runs_on_cuda_with_cuda_graphs_each_compile_their_own_step(data_d
     """The compiled default path: each run's TrainStep compiles its own model (CUDA graphs
     with reduce-overhead), one run after the other in one process."""
     compiled = []
-    real_init = train.TrainStep.__init__
+    real_init = TrainStep.__init__
 
     def recording(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         compiled.append(self.forward)
 
-    monkeypatch.setattr(train.TrainStep, "__init__", recording)
+    monkeypatch.setattr(TrainStep, "__init__", recording)
     kw = {"iterations": 40, "eval_every": 20, "batch_size": 64, "compile": "reduce-overhead"}
     summaries = run_packed([config(data_dir, tmp_path / str(s), s, False, **kw)
                             for s in (0, 1)], device="cuda")

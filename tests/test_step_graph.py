@@ -18,7 +18,7 @@ from lambdapipe import data, train
 from lambdapipe.models import create_model
 from lambdapipe.recipes import get_recipe
 from lambdapipe.runtime import Runtime, resolve
-from lambdapipe.step import COLUMN, STEP_GRAPH_WARMUP, make_step
+from lambdapipe.step import COLUMN, STEP_GRAPH_WARMUP, make_optimizer, make_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 TINY = {"base_width": 4, "drop_rate": 0.2}  # dropout: replays draw fresh masks, as graphs do
@@ -67,7 +67,7 @@ def train_steps(overrides: dict, capture=None, steps: int = 8):
     r = get_recipe("demo", overrides)
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
-    optimizer = train.make_optimizer(model, r, fused=True)
+    optimizer = make_optimizer(model, r, fused=True)
     step = make_step(model, optimizer, r, on_cpu(r), torch.full((3,), 0.5),
                      torch.full((3,), 0.25), capture=capture)
     for i, (x, y) in enumerate(batches(steps)):
@@ -127,7 +127,7 @@ def test_the_first_non_finite_iteration_is_counted_inside_the_graph(no_inductor)
     r = get_recipe("demo", {"compile": "step-graph"})
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
-    step = make_step(model, train.make_optimizer(model, r, fused=True), r, on_cpu(r),
+    step = make_step(model, make_optimizer(model, r, fused=True), r, on_cpu(r),
                      torch.zeros(3), torch.ones(3), capture=RerunReplay)
     for i, (x, y) in enumerate(batches(7)):
         if i == 5:  # after the capture (step 3): the graph's iteration scalar marks it
@@ -170,7 +170,7 @@ def test_checkpoints_carry_no_device_only_optimizer_flags(no_inductor):
     r = get_recipe("demo", {"optimizer": "adamw", "lr": 1e-3, "nesterov": False})
     torch.manual_seed(0)
     model = create_model("resnet18", 10, 16, **TINY)
-    plain = train.make_optimizer(model, r, fused=False)
+    plain = make_optimizer(model, r, fused=False)
     plain.load_state_dict(state)
     assert not plain.param_groups[0]["capturable"] and not plain.param_groups[0]["fused"]
     model(torch.zeros(2, 3, 16, 16)).sum().backward()

@@ -18,7 +18,9 @@ from lambdapipe import data, evaluate, train
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 from lambdapipe.evaluate import load_checkpoint
+from lambdapipe.rundir import METRIC_COLUMNS
 from lambdapipe.runtime import Runtime, resolve
+from lambdapipe.step import TrainStep, make_optimizer
 
 TINY = {"base_width": 8}
 SHORT = {"iterations": 30, "eval_every": 10}
@@ -85,7 +87,7 @@ def test_demo_recipe_learns_digits_and_label_noise_hurts(data_dir, tmp_path, mon
         "config.json", "metrics.csv", "last.ckpt", "last.ckpt.sha256", "best.ckpt",
         "best.ckpt.sha256", "summary.json"}
     with open(out / "metrics.csv") as fh:
-        assert next(csv.reader(fh)) == train.METRIC_COLUMNS
+        assert next(csv.reader(fh)) == METRIC_COLUMNS
     assert [r["iteration"] for r in read_metrics(out)] == list(range(50, 401, 50))
     # The same curve in DVCLive's format, for `dvc plots` (lambdapipe/live.py).
     tsv = (out / "dvclive" / "plots" / "metrics" / "val" / "acc.tsv").read_text().split()
@@ -287,7 +289,7 @@ def test_fp16_overflowing_steps_are_skipped_and_counted_not_diverged():
     torch.manual_seed(0)
     model = create_model("resnet20x1", 10, 16, **TINY).to(memory_format=torch.channels_last)
     rt = Runtime("cpu", "fp16", channels_last=True)  # the CUDA layout, here on a CPU
-    step = train.TrainStep(model, train.make_optimizer(model, r), r, rt,
+    step = TrainStep(model, make_optimizer(model, r), r, rt,
                            torch.zeros(3), torch.ones(3))
     step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # fp16 grads overflow
     before = [p.detach().clone() for p in model.parameters()]
@@ -318,7 +320,7 @@ def _eight_steps(r, optimizer_for) -> tuple[list[torch.Tensor], list[torch.Tenso
     torch.manual_seed(0)
     model = create_model("resnet20x1", 10, 16, **TINY)
     start = [p.detach().clone() for p in model.parameters()]
-    step = train.TrainStep(model, optimizer_for(model), r, resolve(r, "cpu"), torch.zeros(3),
+    step = TrainStep(model, optimizer_for(model), r, resolve(r, "cpu"), torch.zeros(3),
                            torch.ones(3))
     if r.precision == "fp16":
         step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
@@ -344,7 +346,7 @@ def test_fused_optimizer_matches_the_foreach_path(recipe, precision, one_thread)
     params, skipped = [], []
     for fused in (False, True):
         def optimizer_for(model, fused=fused):  # the kernels a CUDA run would take
-            opt = train.make_optimizer(model, r, fused and resolve(r, "cuda").fused_optimizer)
+            opt = make_optimizer(model, r, fused and resolve(r, "cuda").fused_optimizer)
             assert opt.defaults["fused"] is (True if fused and expect_fused else None)
             return opt
 
@@ -397,7 +399,7 @@ def test_compiled_step_matches_eager(one_thread):
         r = get_recipe("demo", {"compile": mode, "lr": 0.05})
         torch.manual_seed(0)
         model = create_model("lr18_l3_lc", 10, 16, **TINY)
-        step = train.TrainStep(model, train.make_optimizer(model, r), r, resolve(r, "cpu"),
+        step = TrainStep(model, make_optimizer(model, r), r, resolve(r, "cpu"),
                                torch.zeros(3), torch.ones(3))
         assert (step.forward is model) is (mode is False)
         losses.append([step(x, y, y, r.lr, i).item() for i in range(2)])
