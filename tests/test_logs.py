@@ -25,6 +25,10 @@ def fresh_logger(monkeypatch):
     monkeypatch.delenv(logs.LEVEL_ENV, raising=False)
     saved = logs.LOGGER.handlers[:], logs.LOGGER.level, logs.LOGGER.propagate
     logs.LOGGER.handlers.clear()
+    # A CLI command earlier in this process left propagate off; pytest then hangs its own
+    # capture handlers on the logger for each phase, which `emit` would take for a caller's.
+    logs.LOGGER.setLevel(logging.NOTSET)
+    logs.LOGGER.propagate = True
     yield
     logs.LOGGER.handlers[:], logs.LOGGER.level, logs.LOGGER.propagate = saved
 
