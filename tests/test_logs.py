@@ -21,10 +21,13 @@ LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) (DEBUG|INFO|WARNI
 
 @pytest.fixture(autouse=True)
 def fresh_logger(monkeypatch):
-    """Each test starts as a new process would: no handler, no level."""
+    """Each test starts as a new process would: no handler, no level, propagating. (After a
+    CLI test set propagate=False, pytest's log capture hangs its own handlers on the logger
+    for the test, which the first message would take for a caller's configuration.)"""
     monkeypatch.delenv(logs.LEVEL_ENV, raising=False)
     saved = logs.LOGGER.handlers[:], logs.LOGGER.level, logs.LOGGER.propagate
     logs.LOGGER.handlers.clear()
+    logs.LOGGER.propagate = True
     yield
     logs.LOGGER.handlers[:], logs.LOGGER.level, logs.LOGGER.propagate = saved
 
