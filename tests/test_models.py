@@ -220,9 +220,12 @@ def test_forward_backward_at_real_size(name):
     ("lambda_resnet18_u4_r7", {"base_width": 8, "drop_rate": 0.0}),
 ])
 def test_tiny_width_trains(name, args):
+    """12 Adam steps fit 16 images. At 16 px (the digits' size): a quarter of 32 px's work,
+    and the loss still falls to 1-3 % of its start where the bound is 75 %; 32 px runs in
+    test_forward_backward_at_real_size and test_compile's fullgraph tests."""
     torch.manual_seed(0)
-    model = create_model(name, num_classes=4, image_size=32, **args)
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))
+    model = create_model(name, num_classes=4, image_size=16, **args)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
