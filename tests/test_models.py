@@ -203,7 +203,7 @@ def real_size(name: str) -> tuple[int, int]:
 # The deepest models at real size are `slow` (make test runs them): their blocks, at their
 # widths, run at real size in shallower models of the fast tier (lambda_resnet50 for
 # lambda_resnet152/200, resnet50 for resnet101/152, resnet110x2 and resnet56x4 for
-# resnet110x4); these five were 44 % of the test's CPU time.
+# resnet110x4); these five were about half of the test's CPU time.
 DEEP_REAL = {"lambda_resnet152", "lambda_resnet200", "resnet101", "resnet152", "resnet110x4"}
 
 
