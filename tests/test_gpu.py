@@ -414,13 +414,22 @@ def test_the_lock_dir_is_private_and_another_users_is_refused(tmp_path, fake_env
 
 
 def test_cli_dangling_gpu_lock_dir_is_one_line(tmp_path, fake_env):
+    """In process (click's runner): what is checked is the CLI's handling, a click error
+    (SystemExit) with one `Error:` line instead of a traceback, not the process."""
+    from click.testing import CliRunner
+
+    from lambdapipe.cli import main
+
     env, _ = fake_env
+    env(1)
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "nowhere")
-    proc = subprocess.run([sys.executable, "-m", "lambdapipe", "evaluate", "--ckpt",
-                           str(tmp_path / "x.ckpt"), "--device", "auto", "--gpu-lock-dir",
-                           str(dangling)], capture_output=True, text=True, env=env(1))
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    res = CliRunner().invoke(main, ["evaluate", "--ckpt", str(tmp_path / "x.ckpt"), "--device",
+                                    "auto", "--gpu-lock-dir", str(dangling)])
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.exception
+    assert "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
+    assert len(errors) == 1 and "--gpu-lock-dir" in errors[0], res.output
 
 
 def test_a_held_lock_file_names_its_holder_and_is_private(tmp_path, fake_env):
