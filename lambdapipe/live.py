@@ -13,23 +13,15 @@ rows. metrics.csv stays the report's contract; these files are a view of the sam
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from lambdapipe import atomic
+from lambdapipe.status import finite
 
 LIVE_DIR = "dvclive"
 # metrics.csv column -> DVCLive metric name (a "/" nests it, as dvclive.Live.log_metric does).
 CURVES = {"train_loss": "train/loss", "val_loss": "val/loss", "train_acc": "train/acc",
           "val_acc": "val/acc", "train_clean_acc": "train/clean_acc", "lr": "lr"}
-
-
-def _finite(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def write(run_dir: Path, rows: list[dict[str, float]]) -> None:
@@ -41,7 +33,7 @@ def write(run_dir: Path, rows: list[dict[str, float]]) -> None:
     latest: dict = {"step": int(rows[-1]["iteration"])}
     for column, name in CURVES.items():
         leaf = name.rpartition("/")[2]
-        points = [(int(r["iteration"]), _finite(r.get(column))) for r in rows]
+        points = [(int(r["iteration"]), finite(r.get(column))) for r in rows]
         lines = [f"step\t{leaf}", *(f"{step}\t{v!r}" for step, v in points if v is not None)]
         atomic.write_text(base / "plots" / "metrics" / f"{name}.tsv", "\n".join(lines) + "\n")
         node = latest

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import pandas as pd
 from lambdapipe.atomic import keep_read_only, read_small_bytes
 from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DIR
-from lambdapipe.status import STATUSES
+from lambdapipe.status import STATUSES, finite
 
 PUBLISHED_FILES = {
     "resnet": ("published_resnet_baselines.csv",
@@ -246,19 +245,11 @@ def _incomplete(root: Path, d: Path, run_id: str, metrics: pd.DataFrame | None) 
 
     last_it = elapsed = None
     if metrics is not None and len(metrics):
-        last_it = _finite(metrics["iteration"].iloc[-1])
+        last_it = finite(metrics["iteration"].iloc[-1])
         if "elapsed_s" in metrics.columns:
-            elapsed = _finite(metrics["elapsed_s"].iloc[-1])
+            elapsed = finite(metrics["elapsed_s"].iloc[-1])
     return Incomplete(run_id, d, ident("model"), ident("dataset"), ident("noise"),
                       ident("seed"), last_it, elapsed)
-
-
-def _finite(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def read_published(directory: Path | None) -> dict[str, pd.DataFrame]:
