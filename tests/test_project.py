@@ -273,3 +273,21 @@ def test_a_run_on_two_gpus_is_priced_by_one_ranks_step_at_half_the_batch(monkeyp
     assert one["total_s"][1] == pytest.approx(8 * (each - result["launch_s"] + one["launch_s"]) / 4)
     assert "a run on several GPUs (DDP) is neither measured nor projected yet" in \
         " ".join(project.format_projection(one).split())
+
+
+def test_cli_projects_a_two_gpu_run_from_a_real_half_batch_step(tmp_path):
+    two = tmp_path / "two.yaml"
+    two.write_text("train: {gpus: 2}\n")
+    files = ["--config", str(CONFIG / "resnet_baselines.yaml"),
+             "--config", str(CONFIG / "ci" / "resnet_baselines.yaml"), "--config", str(two)]
+    args = ["bench", *files, "--warmup", "1", "--steps", "2", "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)  # --gpus 1 cannot hold a run of 2 ranks
+    assert refused.exit_code == 2 and "invalid gpus 1: the config's runs take 2 GPUs" in \
+        refused.output.strip().splitlines()[-1]
+    out = tmp_path / "two.json"
+    result = CliRunner().invoke(main, [*args, "--gpus", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 runs on 2 x cpu, each run on 2 of them (DDP)" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["ranks"] == 2 and {r["ranks"] for r in saved["rows"]} == {2}
+    assert saved["total_s"]["1"] == pytest.approx(sum(r["run_s"] for r in saved["rows"]))
