@@ -45,7 +45,8 @@ from lambdapipe.recipes import COMPILE_MODES, PRECISIONS, STEP_GRAPH, get_recipe
               help="Instead: time every implementation of each lambda layer of --models, "
                    "forward + backward alone; `*` marks the one `auto` runs on this device.")
 @click.option("--gpus", type=int, default=1, show_default=True,
-              help="With --config: GPUs the grid is spread over.")
+              help="With --config: GPUs the grid is spread over (a run of "
+                   "train.gpus x train.nodes ranks holds that many at once).")
 @click.option("--dataset", type=DATASET_CHOICE, default="cifar10", show_default=True,
               help="Sets classes and image size; synthetic data unless --real-data.")
 @data_dir_option
@@ -168,6 +169,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
     if gpus < 1:
         raise UserError(f"invalid --gpus {gpus!r}: expected an integer >= 1")
     project.cells(cfg, wanted, seed_list)  # an empty selection fails here too
+    project.ranks(cfg, gpus, pack)  # a run's train.gpus x train.nodes fit in --gpus
     with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
         result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
                                  device=dev, warmup=warmup, steps=steps, data_dir=data_dir,

@@ -9,6 +9,11 @@ with steps, evaluations and images scored (val, plus test where tracked) from th
 and the config's split, and the per-process rate with `slots` runs sharing the device. The
 final test pass is not counted and runs pack perfectly onto `gpus` x `slots` processes: the
 totals are lower bounds. The published figure beside each cell is training only.
+
+A config's run on W = `train.gpus` x `train.nodes` ranks (DDP) is priced by one rank: its step
+measured at the per-rank batch B/W on this one device, the W ranks assumed to step in parallel
+with no all-reduce (a lower bound), each run holding W of the `gpus` at once. The real W-rank
+step (communication included) is not measured here (docs/distributed.md, What to measure).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lambdapipe.bench import measure_packed, measure_slots, process_age_s
 from lambdapipe.config import Run, expand_runs
 from lambdapipe.data import dataset_info
 from lambdapipe.data.prepared import split_sizes
+from lambdapipe.distributed import check_train
 from lambdapipe.errors import UserError
 from lambdapipe.noise import parse_noise_tag
 from lambdapipe.recipes import Recipe, get_recipe
@@ -162,6 +168,18 @@ def packed_seconds(cell: Cell, one: dict[str, Any], packed: dict[str, Any], pack
     return parts, total
 
 
+def ranks(cfg: dict, gpus: int, pack: int = 1) -> int:
+    """W, the ranks of each of the config's runs, checked against `gpus` and `pack`."""
+    world = check_train(cfg.get("train") or {}).size  # train.gpus x train.nodes
+    if gpus < world:
+        raise UserError(f"invalid gpus {gpus!r}: the config's runs take {world} GPUs each "
+                        f"(train.gpus x train.nodes); expected an integer >= {world}")
+    if world > 1 and pack > 1:
+        raise UserError(f"invalid pack {pack!r} with runs on {world} GPUs: a run on several "
+                        "GPUs trains one seed; expected 1")
+    return world
+
+
 def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | None = None,
             slots: list[int] = (1,), gpus: int = 1, device: str = "cpu", warmup: int = 20,
             steps: int = 50, data_dir: Any = "data", real_data: bool = False,
@@ -176,6 +194,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
         raise UserError(f"invalid slots {list(slots)!r}: expected integers >= 1")
     if pack < 1 or (pack > 1 and list(slots) != [1]):
         raise UserError(f"invalid pack {pack!r}: expected an integer >= 1, with one slot")
+    world = ranks(cfg, gpus, pack)
     launch_s = process_age_s() or 0.0  # interpreter start and imports, as every run pays
     published_as = (cfg.get("report") or {}).get("published_as") or {}
     todo = cells(cfg, datasets, seeds)
@@ -186,7 +205,10 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
     rows: list[dict[str, Any]] = []
     totals: dict[int, float | None] = {s: 0.0 for s in slots}
     for cell, (pub, _) in zip(todo, pubs, strict=True):
-        kwargs = {"name": cell.model, "recipe": cell.recipe, "dataset": cell.dataset,
+        kwargs = {"name": cell.model, "dataset": cell.dataset,
+                  # one rank's share of the global batch (lambdapipe.distributed.shard_plan)
+                  "recipe": dataclasses.replace(cell.recipe,
+                                                batch_size=cell.recipe.batch_size // world),
                   "image_size": cell.image_size, "data_dir": data_dir, "real_data": real_data,
                   "warmup": warmup, "steps": steps, "eval_images": cell.val_size,
                   "model_args": cell.model_args, "device": device}
@@ -198,7 +220,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                     "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
                     "compile": resolve(cell.recipe, device).compile or False,
                     "runs": len(cell.runs), "steps": cell.steps, "evaluations": cell.evaluations,
-                    "slots": s, "pack": pack, "published_run_s": pub}
+                    "slots": s, "pack": pack, "ranks": world, "published_run_s": pub}
             try:
                 if pack > 1:
                     one, row = measure_packed(pack, fuse=fuse, **kwargs)
@@ -214,7 +236,7 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                 rows.append({**base, "error": str(exc).splitlines()[0]})
                 continue
             if totals[s] is not None:
-                totals[s] += cell_s / gpus
+                totals[s] += cell_s / (gpus // world)  # runs at once, W GPUs each
             per_process = "iter_per_min_per_run" if pack > 1 else "iter_per_min_per_slot"
             rows.append({**base, "iter_per_min": row["iter_per_min"],
                          "iter_per_min_per_slot": row[per_process],
@@ -222,8 +244,8 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
                          "peak_mem_gib": row["peak_mem_gib"], **parts,
                          "device_name": row["device_name"], "path": row.get("path")})
     best = min((s for s in totals if totals[s] is not None), key=totals.get)
-    return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "total_s": totals, "pack": pack,
-            "fuse": fuse,
+    return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "ranks": world, "total_s": totals,
+            "pack": pack, "fuse": fuse,
             "best_slots": best, "runs": sum(n for _, n in pubs),
             "published_total_s": sum(p * n for p, n in pubs if p is not None) or None,
             "published_missing_runs": sum(n for p, n in pubs if p is None)}
@@ -249,6 +271,7 @@ def format_projection(result: dict[str, Any]) -> str:
             f"{r['startup_s'] + r['launch_s']:>7.1f} {_minutes(r['eval_s']):>8} "
             f"{_minutes(r['run_s']):>8} {_minutes(r['published_run_s']):>8}  "
             f"{r.get('path') or '-'}"))
+    world = result.get("ranks", 1)
     device = next((r["device_name"] for r in result["rows"] if "device_name" in r), "?")
     lines.append("")
     for s, total in result["total_s"].items():
@@ -258,6 +281,8 @@ def format_projection(result: dict[str, Any]) -> str:
         at_once = (f"each cell's seeds packed {result['pack']} to a process"
                    + (" (fused)" if result.get("fuse") else "")
                    if result.get("pack", 1) > 1 else f"{s} run(s) per device at once")
+        if world > 1:
+            at_once = f"each run on {world} of them (DDP), {at_once}"
         lines.append(f"projected wall time, {result['runs']} runs on {result['gpus']} x "
                      f"{device}, {at_once}: {shown}{mark}")
     pub = result["published_total_s"]
@@ -272,8 +297,16 @@ def format_projection(result: dict[str, Any]) -> str:
                      "them all, per run each's, run min the whole process)")
     lines.append("(lower bounds: perfect packing; launch = process start + data to device; "
                  "the final test pass is not counted)")
-    lines.append("(measured: each cell's training step, start-up and evaluation rate on one "
-                 "device here; projected: whole runs and the grid from them. Every run is one "
-                 "process on one GPU: --gpus spreads runs over GPUs, a run on several GPUs "
-                 "(DDP) is neither measured nor projected yet)")
+    if world == 1:
+        lines.append("(measured: each cell's training step, start-up and evaluation rate on one "
+                     "device here; projected: whole runs and the grid from them. Every run is "
+                     "one process on one GPU: --gpus spreads runs over GPUs, a run on several "
+                     "GPUs (DDP) is neither measured nor projected yet)")
+    else:
+        lines.append(f"(measured: one rank's training step at its batch (the global batch / "
+                     f"{world} ranks), start-up and evaluation rate, on one device here; "
+                     f"projected: {world} ranks stepping in parallel at that rate, all-reduce "
+                     f"NOT included (a lower bound: measure the {world}-GPU step, "
+                     f"docs/distributed.md), whole runs, and the grid as runs holding {world} "
+                     "of the --gpus each)")
     return "\n".join(lines)

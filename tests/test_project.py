@@ -234,3 +234,60 @@ def test_cli_projects_a_packed_grid(tmp_path):
     assert saved["pack"] == 2 and {r["pack"] for r in saved["rows"]} == {2}
     # one seed per cell in the stand-in: each runs alone, at the one-run cost
     assert all(r["vs_one_run"] > 0 and r["iter_per_min_per_slot"] > 0 for r in saved["rows"])
+
+
+def test_a_run_on_two_gpus_is_priced_by_one_ranks_step_at_half_the_batch(monkeypatch):
+    """`train.gpus: 2`: one rank's step measured at the per-rank batch, the two ranks assumed
+    to step in parallel with no all-reduce (said so), each run holding 2 of the --gpus."""
+    seen = []
+
+    def fake(slots, **kw):
+        seen.append(kw["recipe"].batch_size)
+        return {"data_s": 1.0, "startup_s": 30.0, "iter_per_min": 6000.0,
+                "iter_per_min_per_slot": 6000.0, "eval_images_per_s": 1e4, "ckpt_s": 0.1,
+                "peak_mem_gib": None, "device_name": "fake"}
+
+    monkeypatch.setattr(project, "measure_slots", fake)
+    cfg = load_config(CONFIG / "resnet_baselines.yaml")
+    cfg["train"]["gpus"] = 2
+    result = project.project(cfg, datasets=["cifar10"], seeds=[0], gpus=4)
+    cells = project.cells(cfg, ["cifar10"], [0])
+    assert {c.recipe.batch_size for c in cells} == {256} and seen == [128] * 8
+    assert {(r["ranks"], r["batch_size"], r["steps"]) for r in result["rows"]} == {
+        (2, 256, 48_000)}  # the global batch and its iterations, as one GPU would run them
+    # 8 runs of 48k per-rank steps at 6000/min, two at once on 4 GPUs
+    each = result["launch_s"] + 1.0 + 30.0 + 480.0 + 48 * (0.5 + 0.1)
+    assert result["total_s"][1] == pytest.approx(8 * each / 2)
+    text = project.format_projection(result)
+    assert "8 runs on 4 x fake, each run on 2 of them (DDP), 1 run(s) per device" in text
+    assert "measured: one rank's training step at its batch (the global batch / 2 ranks)" in text
+    assert "all-reduce NOT included (a lower bound" in text
+    assert "neither measured nor projected" not in text
+    with pytest.raises(UserError, match="invalid gpus 1: the config's runs take 2 GPUs"):
+        project.project(cfg, datasets=["cifar10"], seeds=[0])
+    with pytest.raises(UserError, match="invalid pack 3 with runs on 2 GPUs"):
+        project.ranks(cfg, 2, pack=3)
+    cfg["train"]["gpus"] = 1  # one GPU per run: as before, and said so
+    one = project.project(cfg, datasets=["cifar10"], seeds=[0], gpus=4)
+    assert seen[8:] == [256] * 8 and {r["ranks"] for r in one["rows"]} == {1}
+    assert one["total_s"][1] == pytest.approx(8 * (each - result["launch_s"] + one["launch_s"]) / 4)
+    assert "a run on several GPUs (DDP) is neither measured nor projected yet" in \
+        " ".join(project.format_projection(one).split())
+
+
+def test_cli_projects_a_two_gpu_run_from_a_real_half_batch_step(tmp_path):
+    two = tmp_path / "two.yaml"
+    two.write_text("train: {gpus: 2}\n")
+    files = ["--config", str(CONFIG / "resnet_baselines.yaml"),
+             "--config", str(CONFIG / "ci" / "resnet_baselines.yaml"), "--config", str(two)]
+    args = ["bench", *files, "--warmup", "1", "--steps", "2", "--device", "cpu"]
+    refused = CliRunner().invoke(main, args)  # --gpus 1 cannot hold a run of 2 ranks
+    assert refused.exit_code == 2 and "invalid gpus 1: the config's runs take 2 GPUs" in \
+        refused.output.strip().splitlines()[-1]
+    out = tmp_path / "two.json"
+    result = CliRunner().invoke(main, [*args, "--gpus", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 runs on 2 x cpu, each run on 2 of them (DDP)" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["ranks"] == 2 and {r["ranks"] for r in saved["rows"]} == {2}
+    assert saved["total_s"]["1"] == pytest.approx(sum(r["run_s"] for r in saved["rows"]))
