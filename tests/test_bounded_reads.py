@@ -86,3 +86,31 @@ def test_the_reports_run_files_are_read_bounded(tmp_path, monkeypatch, name):
         build_report(tmp_path / "runs", tmp_path / "out")
     assert str(d / name) in _one_line(exc) and f"larger than {limit:,} bytes" in str(exc.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(120)
+def test_explain_arrays_are_read_bounded_by_what_they_expand_to(tmp_path, monkeypatch):
+    import numpy as np
+
+    path = tmp_path / "explain_test.npz"
+    np.savez_compressed(path, gradcam=np.zeros((64, 64), np.float32), indices=np.arange(4))
+    arrays = load.read_explain(path)
+    assert arrays["gradcam"].shape == (64, 64) and list(arrays["indices"]) == [0, 1, 2, 3]
+
+    # 16 KB of zeros compress to ~100 bytes: under the limit on disk, over it inflated
+    monkeypatch.setattr(load, "EXPLAIN_MAX", 4096)
+    assert path.stat().st_size < 4096
+    with pytest.raises(UserError) as exc:
+        load.read_explain(path)
+    assert str(path) in _one_line(exc) and "expand to" in str(exc.value)
+
+    path.write_bytes(b"not a zip")
+    with pytest.raises(UserError) as exc:
+        load.read_explain(path)
+    assert _one_line(exc).startswith(f"malformed {path}")
+
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(UserError) as exc:
+        load.read_explain(path)
+    assert "not a regular file" in _one_line(exc)

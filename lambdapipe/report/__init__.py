@@ -41,7 +41,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from lambdapipe.atomic import remove_temporaries, write_json, write_text
-from lambdapipe.errors import UserError
 from lambdapipe.reference import PUBLISHED_DATASET
 from lambdapipe.report import compare, figures, published_tables, tables
 from lambdapipe.report.load import collect_runs, read_published
@@ -180,7 +179,7 @@ def _explained(sub, collection) -> list[tuple[str, dict]]:
     images; `lambdapipe explain` wrote them, the report only reads (no torch here)."""
     import numpy as np
 
-    from lambdapipe.report.load import read_json_object
+    from lambdapipe.report.load import read_explain, read_json_object
 
     paths = {run.run_id: run.path for run in collection.runs}
     found: dict[str, dict] = {}
@@ -189,11 +188,7 @@ def _explained(sub, collection) -> list[tuple[str, dict]]:
         label = f"{row.model_label}, noise: {row.condition}"  # clean columns say so too
         if label in found or not path.is_file():
             continue
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as exc:
-            raise UserError(f"malformed {path}: {exc}") from None
+        arrays = read_explain(path)
         arrays["meta"] = read_json_object(path.with_suffix(".json"))
         arrays["seed"] = row.seed
         found[label] = arrays

@@ -127,6 +127,33 @@ def _csv(path: Path) -> io.BytesIO:
     return io.BytesIO(read_small_bytes(path, CSV_MAX, "CSV table"))
 
 
+EXPLAIN_MAX = 256 << 20  # `explain --images 8` writes ~100 KB; a few hundred 224 px images fit
+
+
+def read_explain(path: Path) -> dict:
+    """The arrays of an explain_<split>.npz, read bounded: the file, and what its members
+    expand to (an .npz is a zip: a small file can inflate without end), at most EXPLAIN_MAX."""
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO(read_small_bytes(path, EXPLAIN_MAX, "explain arrays"))
+    try:
+        with zipfile.ZipFile(buf) as zf:
+            inflated = sum(info.file_size for info in zf.infolist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise _malformed(path, str(exc)) from None
+    if inflated > EXPLAIN_MAX:
+        raise UserError(f"refusing {path}: its arrays expand to {inflated:,} bytes, more than "
+                        f"{EXPLAIN_MAX:,}; expected the file `lambdapipe explain` wrote")
+    buf.seek(0)
+    try:
+        with np.load(buf, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise _malformed(path, str(exc)) from None
+
+
 def read_json_object(path: Path) -> dict:
     try:
         obj = json.loads(read_small_bytes(path, JSON_MAX, "run file").decode("utf-8"))
