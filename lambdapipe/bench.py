@@ -3,7 +3,8 @@ or `fuse.fused_step` under the same `Runtime`, fed as in training) after `warmup
 MFU = model FLOP/s (a step: 3x the forward FLOPs) / the device's dense peak. Beside the step,
 what else a run pays (for project.py): start-up (the warm-up's excess over steady steps), one
 evaluation pass and one checkpoint write. With `slots` > 1 the measurement runs in that many
-processes at once on the device, and the row holds their sum.
+processes at once on the device, and the row holds their sum; with `ranks` > 1 it runs as the
+ranks of one DDP run (distributed.py), and the row is rank 0's: the step with its all-reduce.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
-import queue as queue_module
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException, start_processes
 
+from lambdapipe import distributed, gpu
 from lambdapipe.augment import DeviceImages, channel_stats
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
@@ -30,29 +33,21 @@ from lambdapipe.step import COLUMN, build
 from lambdapipe.train import batches
 
 REFERENCE = "resnet18"
-# Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
-# entry: whether TF32 is used depends on global flags, so an MFU for it would mislead.
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12},  # SXM; the PCIe card is lower (756)
-    "A100": {"bf16": 312e12, "fp16": 312e12},
-}
+# Dense tensor-core peaks (no sparsity) at bf16 and fp16, FLOP/s, from the vendors' data
+# sheets (the H100 SXM's: the PCIe card is lower, 756). No fp32 MFU: whether TF32 is used
+# depends on global flags, so it would mislead.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 SYNTHETIC_IMAGES = 4096
 EVAL_IMAGES = 5000  # a CIFAR val split; `eval_images` changes it
 SLOT_TIMEOUT_S = 1800
 
 
 def device_peak(device: str, precision: str) -> float | None:
-    dev = torch.device(device)
-    if dev.type != "cuda":
+    if torch.device(device).type != "cuda" or precision not in ("bf16", "fp16"):
         return None
-    name = torch.cuda.get_device_name(dev)
-    for key, peaks in PEAK_FLOPS.items():
-        if key in name:
-            if key == "H100" and "PCIe" in name:
-                return None
-            return peaks.get(precision)
-    return None
+    name = torch.cuda.get_device_name(device)
+    return None if "H100" in name and "PCIe" in name else next(
+        (peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
 def process_age_s() -> float | None:
@@ -91,9 +86,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
-    """One model under `recipe` on `device`, resolved and with kernels set as a run's."""
-    rt = resolve(recipe, kwargs.get("device", "cpu"))
+def measure(name: str, recipe: Recipe, world: distributed.World | None = None,
+            **kwargs: Any) -> dict[str, Any]:
+    """One model under `recipe` on `device`, resolved and with kernels set as a run's (on
+    `world`'s processes: this rank's, as under torchrun)."""
+    rt = resolve(recipe, kwargs.get("device", "cpu"), world=world)
     with rt.kernels():
         return _measure(name, recipe, rt, **kwargs)
 
@@ -185,7 +182,7 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
     if cuda:  # peak from here: CUDA graphs take their memory pool at capture, in the warm-up
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    sources = [batches(data, recipe, seed, device) for seed in range(pack)]
+    sources = [batches(data, recipe, seed, device, rt.world) for seed in range(pack)]
     if pack == 1:  # as train builds it
         model, optimizer, step = build(models[0], recipe, rt, mean, std)
     else:
@@ -199,6 +196,7 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
     warm_s, seconds = timed(one, warmup, steps, device, t_build, barrier)
     round_s = seconds / steps
     fwd = float(estimate_flops(models[0], size))
+    ranks = rt.world.size if rt.world else 1  # DDP: `batch_size` is the ranks' global batch
     peak = device_peak(device, rt.precision)
     flops_per_s = 3 * fwd * pack * recipe.batch_size / round_s
     row = {
@@ -208,16 +206,17 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
         "channels_last": rt.channels_last, "tf32": rt.tf32,
         "lambda_impls": rt.lambda_impls, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "warmup": warmup, "steps": steps, "slots": 1, "pack": pack, "fused": pack > 1,
+        "warmup": warmup, "steps": steps, "slots": 1, "ranks": ranks, "pack": pack,
+        "fused": pack > 1,
         "step_ms": 1000 * round_s, "iter_per_min": pack * 60 / round_s,
         "iter_per_min_per_run": 60 / round_s, "images_per_s": pack * recipe.batch_size / round_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "forward_flops_per_image": fwd, "model_tflops_per_s": flops_per_s / 1e12,
-        "mfu": flops_per_s / peak if peak else None,
+        "mfu": flops_per_s / (ranks * peak) if peak else None,
         "startup_s": max(warm_s - warmup * round_s, 0.0), "data_s": data_s,
         "diverged": bool((step.tally[..., COLUMN.first_nonfinite] >= 0).any()),
     }
-    if pack == 1:
+    if pack == 1 and rt.lead:  # on several ranks rank 0 evaluates and saves alone
         row.update(_eval_costs(model, optimizer, data, mean, std, rt, eval_images, device))
     return row
 
@@ -250,55 +249,83 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _slot(kwargs: dict[str, Any], barrier: Any, queue: Any) -> None:
+def _process(i: int, ranks: int, kwargs: dict[str, Any], barrier: Any, queue: Any,
+             port: int, lock_dir: Path | None) -> None:
+    """Spawned process i: a slot sharing the device, or rank i of `ranks`, which claims its
+    device and joins the group as `train` does under torchrun. Its row, or its error in one
+    line, goes to `queue`."""
     try:
-        queue.put(("ok", measure(**kwargs, barrier=barrier)))
-    except BaseException as exc:  # reported to the parent, which raises it in one line
+        if ranks == 1:
+            queue.put((i, "ok", measure(**kwargs, barrier=barrier)))
+            return
+        world = distributed.World(i, ranks, i)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        with gpu.claim(distributed.rank_device(world, kwargs["device"]),
+                       lock_dir=lock_dir) as dev, distributed.joined(world, dev):
+            row = measure(**{**kwargs, "device": dev}, world=world, barrier=barrier)
+        queue.put((i, "ok", row))
+    except BaseException as exc:  # the parent raises it in one line
         first = str(exc).splitlines()[0] if str(exc) else ""
-        queue.put(("error", f"{type(exc).__name__}: {first}"))
-        barrier.abort()
+        queue.put((i, "error", f"{type(exc).__name__}: {first}"))
+        raise  # a failed process ends the others (torch's spawn)
 
 
-def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
-    """`measure` in `slots` processes at once on the same device; the row sums their rates
-    and memory (the device's aggregate), averages their per-process costs, and keeps the
-    per-process iteration rate as `iter_per_min_per_slot`."""
-    if slots == 1:
+def _in_processes(n: int, ranks: int, kwargs: dict[str, Any],
+                  lock_dir: Path | None = None) -> list[dict[str, Any]]:
+    """`_process` in `n` spawned processes at once (CUDA cannot be forked): their rows in
+    order, or one line for the first that failed, died or hung (the others are ended)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue, got = ctx.Barrier(n), ctx.SimpleQueue(), {}
+    what, deadline = "rank" if ranks > 1 else "slot", time.monotonic() + SLOT_TIMEOUT_S
+
+    def drain() -> None:  # rows are read as they come: a full pipe would block its writer
+        while not queue.empty():
+            i, status, value = queue.get()
+            if status == "error":
+                raise UserError(f"a benchmark {what} failed: {value}")
+            got[i] = value
+
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = start_processes(_process, (ranks, kwargs, barrier, queue, port, lock_dir), n,
+                            join=False, daemon=True)
+    try:
+        while not procs.join(timeout=1):
+            drain()
+            if time.monotonic() > deadline:
+                raise UserError(f"benchmark {what}s did not finish within {SLOT_TIMEOUT_S} s")
+    except ProcessExitedException as exc:  # killed (out of memory, a signal) before reporting
+        raise UserError(f"a benchmark {what} died with exit code {exc.exit_code} before "
+                        "reporting (out of memory?)") from None
+    except ProcessException:
+        pass  # it raised: its one line is on the queue
+    finally:
+        for proc in procs.processes:
+            if proc.is_alive():
+                proc.kill()
+    drain()
+    if len(got) < n:
+        raise UserError(f"a benchmark {what} stopped without reporting")
+    return [got[i] for i in range(n)]
+
+
+def measure_slots(slots: int, ranks: int = 1, lock_dir: Path | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """`measure` in `slots` processes at once on the same device, whose row sums their rates
+    and memory (the device's aggregate), averages their per-process costs and keeps the
+    per-process iteration rate as `iter_per_min_per_slot`; or as the `ranks` processes of one
+    DDP run (each claims its GPU from `lock_dir`; gloo on the CPU), whose row is rank 0's."""
+    if max(slots, ranks) == 1:
         row = measure(**kwargs)
         release(kwargs.get("device", "cpu"))
         return {**row, "iter_per_min_per_slot": row["iter_per_min"]}
-    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    barrier, queue = ctx.Barrier(slots), ctx.Queue()
-    procs = [ctx.Process(target=_slot, args=(kwargs, barrier, queue), daemon=True)
-             for _ in range(slots)]
-    for p in procs:
-        p.start()
-    results: list[tuple[str, Any]] = []
-    deadline = time.monotonic() + SLOT_TIMEOUT_S
-    try:
-        while len(results) < slots:
-            try:
-                results.append(queue.get(timeout=5))
-                continue
-            except queue_module.Empty:
-                pass
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead and queue.empty():  # killed (out of memory, a signal) before reporting
-                time.sleep(1)  # a report may still be in the pipe
-                if queue.empty():
-                    raise UserError(f"a benchmark slot died with exit code {dead[0]} "
-                                    "before reporting (out of memory?)")
-            if time.monotonic() > deadline:
-                raise UserError(f"benchmark slots did not finish within {SLOT_TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    errors = [r for status, r in results if status == "error"]
-    if errors:
-        raise UserError(f"a benchmark slot failed: {errors[0]}")
-    rows = [r for _, r in results]
+    if ranks > 1:
+        r = kwargs["recipe"]
+        distributed.check(distributed.World(0, ranks), r.batch_size, r.drop_last, r.compile)
+        row = _in_processes(ranks, ranks, kwargs, lock_dir)[0]
+        return {**row, "iter_per_min_per_slot": row["iter_per_min"]}
+    rows = _in_processes(slots, 1, kwargs)
     summed = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows)
               for k in ("iter_per_min", "images_per_s", "peak_mem_gib", "model_tflops_per_s",
                         "mfu")}

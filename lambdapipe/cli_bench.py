@@ -155,7 +155,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
                   gpu_lock_dir: Path | None, out: Path | None, pack: int = 1,
                   fuse: bool = False) -> None:
     """`bench --config`: every argument checked before the GPU is claimed."""
-    from lambdapipe import bench_table, gpu, project
+    from lambdapipe import bench_table, project
     from lambdapipe.config import load_configs
 
     cfg = load_configs(configfiles)
@@ -170,12 +170,11 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
         raise UserError(f"invalid --gpus {gpus!r}: expected an integer >= 1")
     project.cells(cfg, wanted, seed_list)  # an empty selection fails here too
     project.ranks(cfg, gpus, pack)  # a run's train.gpus x train.nodes fit in --gpus
-    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
-        result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
-                                 device=dev, warmup=warmup, steps=steps, data_dir=data_dir,
-                                 real_data=real_data, compile=compile_mode, pack=pack,
-                                 fuse=fuse,
-                                 progress=lambda m: click.echo(m, err=True))
+    # the GPU is claimed in project: one, or one by each rank of a run measured on several
+    result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
+                             device=device, warmup=warmup, steps=steps, data_dir=data_dir,
+                             real_data=real_data, compile=compile_mode, pack=pack, fuse=fuse,
+                             progress=lambda m: click.echo(m, err=True), lock_dir=gpu_lock_dir)
     click.echo(project.format_projection(result))
     if out is not None:
         bench_table.write_rows(result.pop("rows"), out, config=named, **result)
