@@ -5,6 +5,7 @@ what else a run pays (for project.py): start-up (the warm-up's excess over stead
 evaluation pass and one checkpoint write. With `slots` > 1 the measurement runs in that many
 processes at once on the device, and the row holds their sum; with `ranks` > 1 it runs as the
 ranks of one DDP run (distributed.py), and the row is rank 0's: the step with its all-reduce.
+`time_impls` times each lambda layer's implementations (`bench --impls`).
 """
 
 from __future__ import annotations
@@ -300,10 +301,10 @@ def _in_processes(n: int, ranks: int, kwargs: dict[str, Any],
                         "reporting (out of memory?)") from None
     except ProcessException:
         pass  # it raised: its one line is on the queue
-    finally:
+    finally:  # none is left running (kill: a no-op on one that has ended)
         for proc in procs.processes:
-            if proc.is_alive():
-                proc.kill()
+            proc.kill()
+            proc.join()
     drain()
     if len(got) < n:
         raise UserError(f"a benchmark {what} stopped without reporting")
@@ -316,14 +317,12 @@ def measure_slots(slots: int, ranks: int = 1, lock_dir: Path | None = None,
     and memory (the device's aggregate), averages their per-process costs and keeps the
     per-process iteration rate as `iter_per_min_per_slot`; or as the `ranks` processes of one
     DDP run (each claims its GPU from `lock_dir`; gloo on the CPU), whose row is rank 0's."""
-    if max(slots, ranks) == 1:
-        row = measure(**kwargs)
-        release(kwargs.get("device", "cpu"))
-        return {**row, "iter_per_min_per_slot": row["iter_per_min"]}
-    if ranks > 1:
+    if ranks > 1:  # what DDP refuses, before any process starts
         r = kwargs["recipe"]
         distributed.check(distributed.World(0, ranks), r.batch_size, r.drop_last, r.compile)
-        row = _in_processes(ranks, ranks, kwargs, lock_dir)[0]
+    if slots == 1:
+        row = measure(**kwargs) if ranks == 1 else _in_processes(ranks, ranks, kwargs, lock_dir)[0]
+        release(kwargs.get("device", "cpu"))
         return {**row, "iter_per_min_per_slot": row["iter_per_min"]}
     rows = _in_processes(slots, 1, kwargs)
     summed = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows)
@@ -337,12 +336,13 @@ def measure_slots(slots: int, ranks: int = 1, lock_dir: Path | None = None,
             "iter_per_min_per_slot": sum(r["iter_per_min"] for r in rows) / slots}
 
 
-def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
-    """`measure` for one run, then for `pack` > 1 the row of `pack` runs in one process as
-    `train --seeds` trains them: with `fuse` (where training fuses) the fused step timed,
+def measure_packed(pack: int, fuse: bool = False, slots: int = 1,
+                   **kwargs: Any) -> list[dict[str, Any]]:
+    """`measure_slots` for one run, then for `pack` > 1 the row of `pack` runs in one process
+    as `train --seeds` trains them: with `fuse` (where training fuses) the fused step timed,
     else one run after another, the one run's rate shared. Rates are summed over the runs;
     `iter_per_min_per_run` is each run's share, `vs_one_run` aggregate / one run's."""
-    one = {**measure_slots(1, **kwargs), "vs_one_run": 1.0}
+    one = {**measure_slots(slots, **kwargs), "vs_one_run": 1.0}
     if pack == 1:
         return [one]
     if not fuse or resolve(kwargs["recipe"], kwargs.get("device", "cpu")).why_not_fused:
@@ -353,15 +353,56 @@ def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[st
     return [one, {**one, **row, "vs_one_run": row["iter_per_min"] / one["iter_per_min"]}]
 
 
+def time_impls(names: list[str], recipe: Recipe, device: str = "cpu", dataset: str = "cifar10",
+               model_args: dict[str, Any] | None = None, warmup: int = 2,
+               steps: int = 5) -> list[dict[str, Any]]:
+    """`bench --impls`, the check of the fixed rule `auto` follows (models/lambda_layer.py,
+    docs/performance.md): forward + backward of each lambda layer alone, in every
+    implementation that fits (`candidate_impls`), at the recipe's batch, precision, layout."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.models import create_model
+    from lambdapipe.models.lambda_layer import lambda_layers, map_sizes
+
+    rt, info, rows = resolve(recipe, device), dataset_info(dataset), []
+    for name in names:
+        model = create_model(name, num_classes=info.num_classes, image_size=info.image_size,
+                             **(model_args or {}))
+        sizes = map_sizes(model, info.image_size)
+        for layer_name, layer in lambda_layers(model):
+            (h, w), layer = sizes[layer_name], layer.to(device)
+            x = torch.randn(recipe.batch_size, layer.to_queries[0].in_channels, h, w,
+                            device=device)
+            if rt.channels_last:
+                x, layer = (t.to(memory_format=torch.channels_last) for t in (x, layer))
+            x.requires_grad_(True)
+            for impl in layer.candidate_impls(h, w):
+                layer.impl = impl
+
+                def once(_i: int, layer=layer, x=x) -> None:
+                    with rt.autocast():
+                        out = layer(x)
+                    out.float().sum().backward()
+                    layer.zero_grad(set_to_none=True)
+
+                _, seconds = timed(once, warmup, steps, device, time.perf_counter())
+                rows.append({"model": name, "layer": layer_name, "map": f"{h}x{w}",
+                             "impl": impl, "ms": 1000 * seconds / steps,
+                             "rule": layer.rule_impl(h, w, device),
+                             "batch_size": recipe.batch_size, "precision": rt.precision,
+                             "channels_last": rt.channels_last, "device": str(device)})
+            release(device)
+    return rows
+
+
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
         real_data: bool = False, batch_size: int = 256, precision: str = "bf16",
         compile: bool | str = "auto", warmup: int = 20, steps: int = 50,
         model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
         eval_images: int = EVAL_IMAGES, recipe: str = "sgdm", pack: int = 1,
         fuse: bool = False, on_row: Any = None) -> list[dict[str, Any]]:
-    """One row per model (`measure`), compared with the ResNets among `names`; with `pack` > 1
-    two (`measure_packed`). `on_row(row)` is called as each row is measured (a time limit
-    then loses only the rows not yet measured)."""
+    """One row per model, compared with the ResNets among `names`; with `pack` > 1 two
+    (`measure_packed`). `on_row(row)` is called as each row is measured (a time limit then
+    loses only the rows not yet measured)."""
     check_args(names, batch_size, precision, warmup, steps, slots)
     r = get_recipe(recipe, {"batch_size": batch_size, "precision": precision,
                             "compile": compile})
@@ -370,13 +411,11 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
               "model_args": model_args, "device": device}
     rows: list[dict[str, Any]] = []
     for name in names:
-        new = ([measure_slots(slots, name=name, **kwargs)] if pack == 1
-               else measure_packed(pack, fuse=fuse, name=name, **kwargs))
+        new = measure_packed(pack, fuse=fuse, slots=slots, name=name, **kwargs)
         rows.extend(new)
-        _ratios(rows)
+        _ratios(rows)  # also rows measured before their reference
         for row in new if on_row is not None else []:
             on_row(row)
-    _ratios(rows)  # rows measured before their reference get theirs now
     return rows
 
 

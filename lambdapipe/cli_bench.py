@@ -116,13 +116,11 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     benchmark.check_args(names, batch_size, precision, warmup, steps, slot_counts[0])
     parsed_args = parse_key_values(model_args, "--model-arg")
     if impls:
-        from lambdapipe.bench_impls import format_impl_rows, time_impls
-
         recipe = get_recipe("sgdm", {"batch_size": batch_size, "precision": precision})
         with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
-            rows = time_impls(names, recipe, dev, dataset, parsed_args, min(warmup, 5),
-                              min(steps, 20))
-        click.echo(format_impl_rows(rows))
+            rows = benchmark.time_impls(names, recipe, dev, dataset, parsed_args,
+                                        min(warmup, 5), min(steps, 20))
+        click.echo(bench_table.format_impl_rows(rows))
         if out is not None:
             bench_table.write_rows(rows, out)
         return
@@ -168,9 +166,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
     seed_list = int_list(seeds, "--seeds", minimum=0, example="0,1") if seeds else None
     if gpus < 1:
         raise UserError(f"invalid --gpus {gpus!r}: expected an integer >= 1")
-    project.cells(cfg, wanted, seed_list)  # an empty selection fails here too
-    project.ranks(cfg, gpus, pack)  # a run's train.gpus x train.nodes fit in --gpus
-    # the GPU is claimed in project: one, or one by each rank of a run measured on several
+    # project checks the rest, then claims the GPU: one, or one by each rank of a DDP run
     result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
                              device=device, warmup=warmup, steps=steps, data_dir=data_dir,
                              real_data=real_data, compile=compile_mode, pack=pack, fuse=fuse,

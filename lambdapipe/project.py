@@ -8,13 +8,10 @@
 with steps, evaluations and images scored (val, plus test where tracked) from the recipe
 and the config's split, and the per-process rate with `slots` runs sharing the device. The
 final test pass is not counted and runs pack perfectly onto `gpus` x `slots` processes: the
-totals are lower bounds. The published figure beside each cell is training only.
-
-A run on W = `train.gpus` x `train.nodes` ranks (DDP) holds W of the `gpus` at once. Where
-this machine holds W ranks (W GPUs, or W gloo processes on the CPU: `ranks_here`) its real
-W-rank step is measured, all-reduce included, through the builders `train` uses; elsewhere
-one rank's step at the per-rank batch B/W, the ranks assumed to step in parallel with no
-all-reduce (a lower bound). The table says which.
+totals are lower bounds. The published figure beside each cell is training only. A run on
+W = `train.gpus` x `train.nodes` ranks holds W of the `gpus`; its W-rank DDP step is measured
+where this machine holds W ranks (`ranks_here`), else one rank's at the batch B/W (no
+all-reduce: a lower bound). The table says which.
 """
 
 from __future__ import annotations
