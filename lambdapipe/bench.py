@@ -261,6 +261,7 @@ def _process(i: int, ranks: int, kwargs: dict[str, Any], barrier: Any, queue: An
             return
         world = distributed.World(i, ranks, i)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as torchrun's
         with gpu.claim(distributed.rank_device(world, kwargs["device"]),
                        lock_dir=lock_dir) as dev, distributed.joined(world, dev):
             row = measure(**{**kwargs, "device": dev}, world=world, barrier=barrier)
