@@ -208,8 +208,7 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
         "lambda_impls": rt.lambda_impls, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
         "warmup": warmup, "steps": steps, "slots": 1, "ranks": ranks, "pack": pack,
-        "fused": pack > 1,
-        "step_ms": 1000 * round_s, "iter_per_min": pack * 60 / round_s,
+        "fused": pack > 1, "step_ms": 1000 * round_s, "iter_per_min": pack * 60 / round_s,
         "iter_per_min_per_run": 60 / round_s, "images_per_s": pack * recipe.batch_size / round_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "forward_flops_per_image": fwd, "model_tflops_per_s": flops_per_s / 1e12,
@@ -218,21 +217,21 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
         "diverged": bool((step.tally[..., COLUMN.first_nonfinite] >= 0).any()),
     }
     if pack == 1 and rt.lead:  # on several ranks rank 0 evaluates and saves alone
-        row.update(_eval_costs(model, optimizer, data, mean, std, rt, eval_images, device))
+        row.update(_eval_costs(model, optimizer, data, mean, std, rt, eval_images))
     return row
 
 
 def _eval_costs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: DeviceImages,
-                mean: torch.Tensor, std: torch.Tensor, rt: Runtime, eval_images: int,
-                device: str) -> dict[str, Any]:
+                mean: torch.Tensor, std: torch.Tensor, rt: Runtime, eval_images: int
+                ) -> dict[str, Any]:
     """One evaluation pass as training runs it (the eager model in eval mode, after a warm
     one) and the checkpoint write every evaluation makes (last.ckpt)."""
     val = data.unpadded()[:eval_images]
     predict(model, val[:min(len(val), 500)], mean, std, rt)
-    _sync(device)
+    _sync(rt.device)
     t_eval = time.perf_counter()
     predict(model, val, mean, std, rt)
-    _sync(device)
+    _sync(rt.device)
     eval_s = time.perf_counter() - t_eval
     with tempfile.TemporaryDirectory() as tmp:
         t_ckpt = time.perf_counter()
