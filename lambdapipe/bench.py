@@ -3,7 +3,9 @@ or `fuse.fused_step` under the same `Runtime`, fed as in training) after `warmup
 MFU = model FLOP/s (a step: 3x the forward FLOPs) / the device's dense peak. Beside the step,
 what else a run pays (for project.py): start-up (the warm-up's excess over steady steps), one
 evaluation pass and one checkpoint write. With `slots` > 1 the measurement runs in that many
-processes at once on the device, and the row holds their sum.
+processes at once on the device, and the row holds their sum; with `ranks` > 1 it runs as the
+ranks of one DDP run (distributed.py), and the row is rank 0's: the step with its all-reduce.
+`time_impls` times each lambda layer's implementations (`bench --impls`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
-import queue as queue_module
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException, start_processes
 
+from lambdapipe import distributed, gpu
 from lambdapipe.augment import DeviceImages, channel_stats
 from lambdapipe.errors import UserError, bad_value
 from lambdapipe.evaluate import predict, save_checkpoint
@@ -30,29 +34,21 @@ from lambdapipe.step import COLUMN, build
 from lambdapipe.train import batches
 
 REFERENCE = "resnet18"
-# Dense tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets. fp32 has no
-# entry: whether TF32 is used depends on global flags, so an MFU for it would mislead.
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12},  # SXM; the PCIe card is lower (756)
-    "A100": {"bf16": 312e12, "fp16": 312e12},
-}
+# Dense tensor-core peaks (no sparsity) at bf16 and fp16, FLOP/s, from the vendors' data
+# sheets (the H100 SXM's: the PCIe card is lower, 756). No fp32 MFU: whether TF32 is used
+# depends on global flags, so it would mislead.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 SYNTHETIC_IMAGES = 4096
 EVAL_IMAGES = 5000  # a CIFAR val split; `eval_images` changes it
 SLOT_TIMEOUT_S = 1800
 
 
 def device_peak(device: str, precision: str) -> float | None:
-    dev = torch.device(device)
-    if dev.type != "cuda":
+    if torch.device(device).type != "cuda" or precision not in ("bf16", "fp16"):
         return None
-    name = torch.cuda.get_device_name(dev)
-    for key, peaks in PEAK_FLOPS.items():
-        if key in name:
-            if key == "H100" and "PCIe" in name:
-                return None
-            return peaks.get(precision)
-    return None
+    name = torch.cuda.get_device_name(device)
+    return None if "H100" in name and "PCIe" in name else next(
+        (peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
 def process_age_s() -> float | None:
@@ -91,9 +87,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, recipe: Recipe, **kwargs: Any) -> dict[str, Any]:
-    """One model under `recipe` on `device`, resolved and with kernels set as a run's."""
-    rt = resolve(recipe, kwargs.get("device", "cpu"))
+def measure(name: str, recipe: Recipe, world: distributed.World | None = None,
+            **kwargs: Any) -> dict[str, Any]:
+    """One model under `recipe` on `device`, resolved and with kernels set as a run's (on
+    `world`'s processes: this rank's, as under torchrun)."""
+    rt = resolve(recipe, kwargs.get("device", "cpu"), world=world)
     with rt.kernels():
         return _measure(name, recipe, rt, **kwargs)
 
@@ -185,7 +183,7 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
     if cuda:  # peak from here: CUDA graphs take their memory pool at capture, in the warm-up
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    sources = [batches(data, recipe, seed, device) for seed in range(pack)]
+    sources = [batches(data, recipe, seed, device, rt.world) for seed in range(pack)]
     if pack == 1:  # as train builds it
         model, optimizer, step = build(models[0], recipe, rt, mean, std)
     else:
@@ -199,6 +197,7 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
     warm_s, seconds = timed(one, warmup, steps, device, t_build, barrier)
     round_s = seconds / steps
     fwd = float(estimate_flops(models[0], size))
+    ranks = rt.world.size if rt.world else 1  # DDP: `batch_size` is the ranks' global batch
     peak = device_peak(device, rt.precision)
     flops_per_s = 3 * fwd * pack * recipe.batch_size / round_s
     row = {
@@ -208,31 +207,31 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
         "channels_last": rt.channels_last, "tf32": rt.tf32,
         "lambda_impls": rt.lambda_impls, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "warmup": warmup, "steps": steps, "slots": 1, "pack": pack, "fused": pack > 1,
-        "step_ms": 1000 * round_s, "iter_per_min": pack * 60 / round_s,
+        "warmup": warmup, "steps": steps, "slots": 1, "ranks": ranks, "pack": pack,
+        "fused": pack > 1, "step_ms": 1000 * round_s, "iter_per_min": pack * 60 / round_s,
         "iter_per_min_per_run": 60 / round_s, "images_per_s": pack * recipe.batch_size / round_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         "forward_flops_per_image": fwd, "model_tflops_per_s": flops_per_s / 1e12,
-        "mfu": flops_per_s / peak if peak else None,
+        "mfu": flops_per_s / (ranks * peak) if peak else None,
         "startup_s": max(warm_s - warmup * round_s, 0.0), "data_s": data_s,
         "diverged": bool((step.tally[..., COLUMN.first_nonfinite] >= 0).any()),
     }
-    if pack == 1:
-        row.update(_eval_costs(model, optimizer, data, mean, std, rt, eval_images, device))
+    if pack == 1 and rt.lead:  # on several ranks rank 0 evaluates and saves alone
+        row.update(_eval_costs(model, optimizer, data, mean, std, rt, eval_images))
     return row
 
 
 def _eval_costs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: DeviceImages,
-                mean: torch.Tensor, std: torch.Tensor, rt: Runtime, eval_images: int,
-                device: str) -> dict[str, Any]:
+                mean: torch.Tensor, std: torch.Tensor, rt: Runtime, eval_images: int
+                ) -> dict[str, Any]:
     """One evaluation pass as training runs it (the eager model in eval mode, after a warm
     one) and the checkpoint write every evaluation makes (last.ckpt)."""
     val = data.unpadded()[:eval_images]
     predict(model, val[:min(len(val), 500)], mean, std, rt)
-    _sync(device)
+    _sync(rt.device)
     t_eval = time.perf_counter()
     predict(model, val, mean, std, rt)
-    _sync(device)
+    _sync(rt.device)
     eval_s = time.perf_counter() - t_eval
     with tempfile.TemporaryDirectory() as tmp:
         t_ckpt = time.perf_counter()
@@ -250,55 +249,82 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _slot(kwargs: dict[str, Any], barrier: Any, queue: Any) -> None:
+def _process(i: int, ranks: int, kwargs: dict[str, Any], barrier: Any, queue: Any,
+             port: int, lock_dir: Path | None) -> None:
+    """Spawned process i: a slot sharing the device, or rank i of `ranks`, which claims its
+    device and joins the group as `train` does under torchrun. Its row, or its error in one
+    line, goes to `queue`."""
     try:
-        queue.put(("ok", measure(**kwargs, barrier=barrier)))
-    except BaseException as exc:  # reported to the parent, which raises it in one line
+        if ranks == 1:
+            queue.put((i, "ok", measure(**kwargs, barrier=barrier)))
+            return
+        world = distributed.World(i, ranks, i)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # as torchrun's
+        with gpu.claim(distributed.rank_device(world, kwargs["device"]),
+                       lock_dir=lock_dir) as dev, distributed.joined(world, dev):
+            row = measure(**{**kwargs, "device": dev}, world=world, barrier=barrier)
+        queue.put((i, "ok", row))
+    except BaseException as exc:  # the parent raises it in one line
         first = str(exc).splitlines()[0] if str(exc) else ""
-        queue.put(("error", f"{type(exc).__name__}: {first}"))
-        barrier.abort()
+        queue.put((i, "error", f"{type(exc).__name__}: {first}"))
+        raise  # a failed process ends the others (torch's spawn)
 
 
-def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
-    """`measure` in `slots` processes at once on the same device; the row sums their rates
-    and memory (the device's aggregate), averages their per-process costs, and keeps the
-    per-process iteration rate as `iter_per_min_per_slot`."""
+def _in_processes(n: int, ranks: int, kwargs: dict[str, Any],
+                  lock_dir: Path | None = None) -> list[dict[str, Any]]:
+    """`_process` in `n` spawned processes at once (CUDA cannot be forked): their rows in
+    order, or one line for the first that failed, died or hung (the others are ended)."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue, got = ctx.Barrier(n), ctx.SimpleQueue(), {}
+    what, deadline = "rank" if ranks > 1 else "slot", time.monotonic() + SLOT_TIMEOUT_S
+
+    def drain() -> None:  # rows are read as they come: a full pipe would block its writer
+        while not queue.empty():
+            i, status, value = queue.get()
+            if status == "error":
+                raise UserError(f"a benchmark {what} failed: {value}")
+            got[i] = value
+
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = start_processes(_process, (ranks, kwargs, barrier, queue, port, lock_dir), n,
+                            join=False, daemon=True)
+    try:
+        while not procs.join(timeout=1):
+            drain()
+            if time.monotonic() > deadline:
+                raise UserError(f"benchmark {what}s did not finish within {SLOT_TIMEOUT_S} s")
+    except ProcessExitedException as exc:  # killed (out of memory, a signal) before reporting
+        raise UserError(f"a benchmark {what} died with exit code {exc.exit_code} before "
+                        "reporting (out of memory?)") from None
+    except ProcessException:
+        pass  # it raised: its one line is on the queue
+    finally:  # none is left running (kill: a no-op on one that has ended)
+        for proc in procs.processes:
+            proc.kill()
+            proc.join()
+    drain()
+    if len(got) < n:
+        raise UserError(f"a benchmark {what} stopped without reporting")
+    return [got[i] for i in range(n)]
+
+
+def measure_slots(slots: int, ranks: int = 1, lock_dir: Path | None = None,
+                  **kwargs: Any) -> dict[str, Any]:
+    """`measure` in `slots` processes at once on the same device, whose row sums their rates
+    and memory (the device's aggregate), averages their per-process costs and keeps the
+    per-process iteration rate as `iter_per_min_per_slot`; or as the `ranks` processes of one
+    DDP run (each claims its GPU from `lock_dir`; gloo on the CPU), whose row is rank 0's."""
+    if ranks > 1:  # what DDP refuses, before any process starts
+        r = kwargs["recipe"]
+        distributed.check(distributed.World(0, ranks), r.batch_size, r.drop_last, r.compile)
     if slots == 1:
-        row = measure(**kwargs)
+        row = measure(**kwargs) if ranks == 1 else _in_processes(ranks, ranks, kwargs, lock_dir)[0]
         release(kwargs.get("device", "cpu"))
         return {**row, "iter_per_min_per_slot": row["iter_per_min"]}
-    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    barrier, queue = ctx.Barrier(slots), ctx.Queue()
-    procs = [ctx.Process(target=_slot, args=(kwargs, barrier, queue), daemon=True)
-             for _ in range(slots)]
-    for p in procs:
-        p.start()
-    results: list[tuple[str, Any]] = []
-    deadline = time.monotonic() + SLOT_TIMEOUT_S
-    try:
-        while len(results) < slots:
-            try:
-                results.append(queue.get(timeout=5))
-                continue
-            except queue_module.Empty:
-                pass
-            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if dead and queue.empty():  # killed (out of memory, a signal) before reporting
-                time.sleep(1)  # a report may still be in the pipe
-                if queue.empty():
-                    raise UserError(f"a benchmark slot died with exit code {dead[0]} "
-                                    "before reporting (out of memory?)")
-            if time.monotonic() > deadline:
-                raise UserError(f"benchmark slots did not finish within {SLOT_TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    errors = [r for status, r in results if status == "error"]
-    if errors:
-        raise UserError(f"a benchmark slot failed: {errors[0]}")
-    rows = [r for _, r in results]
+    rows = _in_processes(slots, 1, kwargs)
     summed = {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows)
               for k in ("iter_per_min", "images_per_s", "peak_mem_gib", "model_tflops_per_s",
                         "mfu")}
@@ -310,12 +336,13 @@ def measure_slots(slots: int, **kwargs: Any) -> dict[str, Any]:
             "iter_per_min_per_slot": sum(r["iter_per_min"] for r in rows) / slots}
 
 
-def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[str, Any]]:
-    """`measure` for one run, then for `pack` > 1 the row of `pack` runs in one process as
-    `train --seeds` trains them: with `fuse` (where training fuses) the fused step timed,
+def measure_packed(pack: int, fuse: bool = False, slots: int = 1,
+                   **kwargs: Any) -> list[dict[str, Any]]:
+    """`measure_slots` for one run, then for `pack` > 1 the row of `pack` runs in one process
+    as `train --seeds` trains them: with `fuse` (where training fuses) the fused step timed,
     else one run after another, the one run's rate shared. Rates are summed over the runs;
     `iter_per_min_per_run` is each run's share, `vs_one_run` aggregate / one run's."""
-    one = {**measure_slots(1, **kwargs), "vs_one_run": 1.0}
+    one = {**measure_slots(slots, **kwargs), "vs_one_run": 1.0}
     if pack == 1:
         return [one]
     if not fuse or resolve(kwargs["recipe"], kwargs.get("device", "cpu")).why_not_fused:
@@ -326,15 +353,56 @@ def measure_packed(pack: int, fuse: bool = False, **kwargs: Any) -> list[dict[st
     return [one, {**one, **row, "vs_one_run": row["iter_per_min"] / one["iter_per_min"]}]
 
 
+def time_impls(names: list[str], recipe: Recipe, device: str = "cpu", dataset: str = "cifar10",
+               model_args: dict[str, Any] | None = None, warmup: int = 2,
+               steps: int = 5) -> list[dict[str, Any]]:
+    """`bench --impls`, the check of the fixed rule `auto` follows (models/lambda_layer.py,
+    docs/performance.md): forward + backward of each lambda layer alone, in every
+    implementation that fits (`candidate_impls`), at the recipe's batch, precision, layout."""
+    from lambdapipe.data import dataset_info
+    from lambdapipe.models import create_model
+    from lambdapipe.models.lambda_layer import lambda_layers, map_sizes
+
+    rt, info, rows = resolve(recipe, device), dataset_info(dataset), []
+    for name in names:
+        model = create_model(name, num_classes=info.num_classes, image_size=info.image_size,
+                             **(model_args or {}))
+        sizes = map_sizes(model, info.image_size)
+        for layer_name, layer in lambda_layers(model):
+            (h, w), layer = sizes[layer_name], layer.to(device)
+            x = torch.randn(recipe.batch_size, layer.to_queries[0].in_channels, h, w,
+                            device=device)
+            if rt.channels_last:
+                x, layer = (t.to(memory_format=torch.channels_last) for t in (x, layer))
+            x.requires_grad_(True)
+            for impl in layer.candidate_impls(h, w):
+                layer.impl = impl
+
+                def once(_i: int, layer=layer, x=x) -> None:
+                    with rt.autocast():
+                        out = layer(x)
+                    out.float().sum().backward()
+                    layer.zero_grad(set_to_none=True)
+
+                _, seconds = timed(once, warmup, steps, device, time.perf_counter())
+                rows.append({"model": name, "layer": layer_name, "map": f"{h}x{w}",
+                             "impl": impl, "ms": 1000 * seconds / steps,
+                             "rule": layer.rule_impl(h, w, device),
+                             "batch_size": recipe.batch_size, "precision": rt.precision,
+                             "channels_last": rt.channels_last, "device": str(device)})
+            release(device)
+    return rows
+
+
 def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"),
         real_data: bool = False, batch_size: int = 256, precision: str = "bf16",
         compile: bool | str = "auto", warmup: int = 20, steps: int = 50,
         model_args: dict[str, Any] | None = None, device: str = "cpu", slots: int = 1,
         eval_images: int = EVAL_IMAGES, recipe: str = "sgdm", pack: int = 1,
         fuse: bool = False, on_row: Any = None) -> list[dict[str, Any]]:
-    """One row per model (`measure`), compared with the ResNets among `names`; with `pack` > 1
-    two (`measure_packed`). `on_row(row)` is called as each row is measured (a time limit
-    then loses only the rows not yet measured)."""
+    """One row per model, compared with the ResNets among `names`; with `pack` > 1 two
+    (`measure_packed`). `on_row(row)` is called as each row is measured (a time limit then
+    loses only the rows not yet measured)."""
     check_args(names, batch_size, precision, warmup, steps, slots)
     r = get_recipe(recipe, {"batch_size": batch_size, "precision": precision,
                             "compile": compile})
@@ -343,13 +411,11 @@ def run(names: list[str], dataset: str = "cifar10", data_dir: Path = Path("data"
               "model_args": model_args, "device": device}
     rows: list[dict[str, Any]] = []
     for name in names:
-        new = ([measure_slots(slots, name=name, **kwargs)] if pack == 1
-               else measure_packed(pack, fuse=fuse, name=name, **kwargs))
+        new = measure_packed(pack, fuse=fuse, slots=slots, name=name, **kwargs)
         rows.extend(new)
-        _ratios(rows)
+        _ratios(rows)  # also rows measured before their reference
         for row in new if on_row is not None else []:
             on_row(row)
-    _ratios(rows)  # rows measured before their reference get theirs now
     return rows
 
 

@@ -1,4 +1,4 @@
-"""`lambdapipe bench`'s rows as a plain-text table and as JSON."""
+"""`lambdapipe bench`'s rows (and `bench --impls`') as a plain-text table and as JSON."""
 
 from __future__ import annotations
 
@@ -46,6 +46,19 @@ def format_rows(rows: list[dict[str, Any]], head: bool = True) -> str:
                      f"{'tf32, ' if r.get('tf32') else ''}"
                      f"{'real' if r['real_data'] else 'synthetic'} {r['dataset']} data, "
                      f"{r['steps']} timed steps after {r['warmup']} warm-up{slots})")
+    return "\n".join(lines)
+
+
+def format_impl_rows(rows: list[dict[str, Any]]) -> str:
+    """`bench --impls`: one line per layer and implementation, `*` on the rule's pick."""
+    head = f"{'model':<16} {'layer':<20} {'map':>7} {'impl':<7} {'ms':>8}  rule"
+    lines = [head, "-" * len(head)] + [
+        f"{r['model']:<16} {r['layer']:<20} {r['map']:>7} {r['impl']:<7} {r['ms']:>8.2f}  "
+        + ("*" if r["impl"] == r["rule"] else "") for r in rows]
+    if rows:
+        r = rows[0]
+        lines.append(f"(forward + backward of one layer, {r['device']}, {r['precision']}, "
+                     f"batch {r['batch_size']}{', channels_last' if r['channels_last'] else ''})")
     return "\n".join(lines)
 
 

@@ -116,13 +116,11 @@ def bench(model_names: str | None, configfiles: tuple[Path, ...], datasets: str 
     benchmark.check_args(names, batch_size, precision, warmup, steps, slot_counts[0])
     parsed_args = parse_key_values(model_args, "--model-arg")
     if impls:
-        from lambdapipe.bench_impls import format_impl_rows, time_impls
-
         recipe = get_recipe("sgdm", {"batch_size": batch_size, "precision": precision})
         with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
-            rows = time_impls(names, recipe, dev, dataset, parsed_args, min(warmup, 5),
-                              min(steps, 20))
-        click.echo(format_impl_rows(rows))
+            rows = benchmark.time_impls(names, recipe, dev, dataset, parsed_args,
+                                        min(warmup, 5), min(steps, 20))
+        click.echo(bench_table.format_impl_rows(rows))
         if out is not None:
             bench_table.write_rows(rows, out)
         return
@@ -155,7 +153,7 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
                   gpu_lock_dir: Path | None, out: Path | None, pack: int = 1,
                   fuse: bool = False) -> None:
     """`bench --config`: every argument checked before the GPU is claimed."""
-    from lambdapipe import bench_table, gpu, project
+    from lambdapipe import bench_table, project
     from lambdapipe.config import load_configs
 
     cfg = load_configs(configfiles)
@@ -168,14 +166,11 @@ def _bench_config(configfiles: tuple[Path, ...], datasets: str | None, seeds: st
     seed_list = int_list(seeds, "--seeds", minimum=0, example="0,1") if seeds else None
     if gpus < 1:
         raise UserError(f"invalid --gpus {gpus!r}: expected an integer >= 1")
-    project.cells(cfg, wanted, seed_list)  # an empty selection fails here too
-    project.ranks(cfg, gpus, pack)  # a run's train.gpus x train.nodes fit in --gpus
-    with gpu.claim(device, lock_dir=gpu_lock_dir) as dev:
-        result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
-                                 device=dev, warmup=warmup, steps=steps, data_dir=data_dir,
-                                 real_data=real_data, compile=compile_mode, pack=pack,
-                                 fuse=fuse,
-                                 progress=lambda m: click.echo(m, err=True))
+    # project checks the rest, then claims the GPU: one, or one by each rank of a DDP run
+    result = project.project(cfg, datasets=wanted, seeds=seed_list, slots=slots, gpus=gpus,
+                             device=device, warmup=warmup, steps=steps, data_dir=data_dir,
+                             real_data=real_data, compile=compile_mode, pack=pack, fuse=fuse,
+                             progress=lambda m: click.echo(m, err=True), lock_dir=gpu_lock_dir)
     click.echo(project.format_projection(result))
     if out is not None:
         bench_table.write_rows(result.pop("rows"), out, config=named, **result)

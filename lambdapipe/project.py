@@ -8,16 +8,15 @@
 with steps, evaluations and images scored (val, plus test where tracked) from the recipe
 and the config's split, and the per-process rate with `slots` runs sharing the device. The
 final test pass is not counted and runs pack perfectly onto `gpus` x `slots` processes: the
-totals are lower bounds. The published figure beside each cell is training only.
-
-A config's run on W = `train.gpus` x `train.nodes` ranks (DDP) is priced by one rank: its step
-measured at the per-rank batch B/W on this one device, the W ranks assumed to step in parallel
-with no all-reduce (a lower bound), each run holding W of the `gpus` at once. The real W-rank
-step (communication included) is not measured here (docs/distributed.md, What to measure).
+totals are lower bounds. The published figure beside each cell is training only. A run on
+W = `train.gpus` x `train.nodes` ranks holds W of the `gpus`; its W-rank DDP step is measured
+where this machine holds W ranks (`ranks_here`), else one rank's at the batch B/W (no
+all-reduce: a lower bound). The table says which.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,6 +25,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from lambdapipe import gpu
 from lambdapipe.bench import measure_packed, measure_slots, process_age_s
 from lambdapipe.config import Run, expand_runs
 from lambdapipe.data import dataset_info
@@ -149,15 +151,14 @@ def packed_seconds(cell: Cell, one: dict[str, Any], packed: dict[str, Any], pack
     """`train: {pack: seeds}`: the seeds of each (noise variant of a) cell run in processes of
     up to `pack` runs, each run at the per-run rate measured with `pack` runs stepping
     together (a smaller pack runs no slower); a lone run costs what `run_seconds` says.
-    Returns the parts of one full pack's process and the whole cell's seconds."""
+    Returns the parts of one full pack's process (one launch and start-up, each run's data,
+    evaluations and checkpoints) and the whole cell's seconds."""
     one_run = run_seconds(cell, one, launch_s)
-    parts = {
-        "launch_s": launch_s + pack * packed["data_s"],
-        "startup_s": packed["startup_s"],
-        "train_s": 60 * cell.steps / packed["iter_per_min_per_run"],
-        "eval_s": pack * one_run["eval_s"],  # each run evaluates and checkpoints its own
-    }
-    parts["run_s"] = sum(parts.values())
+    parts = run_seconds(cell, {"data_s": pack * packed["data_s"],
+                               "startup_s": packed["startup_s"],
+                               "iter_per_min_per_slot": packed["iter_per_min_per_run"],
+                               "eval_images_per_s": one["eval_images_per_s"] / pack,
+                               "ckpt_s": pack * one["ckpt_s"]}, launch_s)
     per_run_fixed = packed["data_s"] + one_run["eval_s"]
     total = 0.0
     for n in Counter(run.noise for run in cell.runs).values():
@@ -180,14 +181,27 @@ def ranks(cfg: dict, gpus: int, pack: int = 1) -> int:
     return world
 
 
+def ranks_here(device: str, world: int) -> str | None:
+    """The device on which this machine runs a run's `world` ranks, one process each as
+    `train` under torchrun: `cpu` (gloo) or `cuda` (W GPUs, a claim each); None where it
+    cannot (one run, fewer GPUs, or one GPU named), and one rank's step is measured instead."""
+    if world == 1 or ":" in device:
+        return None
+    count = 0 if device == "cpu" else torch.cuda.device_count()  # NVML: CUDA left untouched
+    if device == "cuda" or count:
+        return "cuda" if count >= world else None
+    return "cpu"
+
+
 def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | None = None,
             slots: list[int] = (1,), gpus: int = 1, device: str = "cpu", warmup: int = 20,
             steps: int = 50, data_dir: Any = "data", real_data: bool = False,
             compile: bool | str | None = None, progress: Any = None,
-            pack: int = 1, fuse: bool = False) -> dict[str, Any]:
-    """Measure every cell at every slot count and project the config's wall time; `compile`
-    (a mode) replaces every cell's recipe setting; `pack` > 1 packs each cell's seeds into
-    processes of that many runs (`packed_seconds`), fused with `fuse` where training fuses."""
+            pack: int = 1, fuse: bool = False, lock_dir: Any = None) -> dict[str, Any]:
+    """Measure every cell at every slot count on `device` (claimed here from `lock_dir`, or
+    by each rank) and project the config's wall time; `compile` (a mode) replaces every
+    cell's recipe setting; `pack` > 1 packs each cell's seeds into processes of that many
+    runs (`packed_seconds`), fused with `fuse` where training fuses."""
     if gpus < 1:
         raise UserError(f"invalid gpus {gpus!r}: expected an integer >= 1")
     if not slots or any(s < 1 for s in slots):
@@ -195,57 +209,67 @@ def project(cfg: dict, *, datasets: list[str] | None = None, seeds: list[int] | 
     if pack < 1 or (pack > 1 and list(slots) != [1]):
         raise UserError(f"invalid pack {pack!r}: expected an integer >= 1, with one slot")
     world = ranks(cfg, gpus, pack)
+    spread = ranks_here(device, world)
+    if spread and list(slots) != [1]:
+        raise UserError(f"invalid slots {list(slots)!r} with runs of {world} ranks measured "
+                        f"on {world} processes: expected 1")
     launch_s = process_age_s() or 0.0  # interpreter start and imports, as every run pays
     published_as = (cfg.get("report") or {}).get("published_as") or {}
     todo = cells(cfg, datasets, seeds)
-    if compile is not None:
-        for cell in todo:
+    for cell in todo:
+        if compile is not None:
             cell.recipe = dataclasses.replace(cell.recipe, compile=compile)
+        elif world > 1 and cell.recipe.compile == "auto":  # eager, as `resolve` on W ranks
+            cell.recipe = dataclasses.replace(cell.recipe, compile=False)
     pubs = [(published_seconds(cell, published_as), len(cell.runs)) for cell in todo]
     rows: list[dict[str, Any]] = []
     totals: dict[int, float | None] = {s: 0.0 for s in slots}
-    for cell, (pub, _) in zip(todo, pubs, strict=True):
-        kwargs = {"name": cell.model, "dataset": cell.dataset,
-                  # one rank's share of the global batch (lambdapipe.distributed.shard_plan)
-                  "recipe": dataclasses.replace(cell.recipe,
-                                                batch_size=cell.recipe.batch_size // world),
-                  "image_size": cell.image_size, "data_dir": data_dir, "real_data": real_data,
-                  "warmup": warmup, "steps": steps, "eval_images": cell.val_size,
-                  "model_args": cell.model_args, "device": device}
-        for s in slots:
-            if progress:
-                progress(f"measuring {cell.dataset} {cell.label} with "
-                         + (f"{pack} runs packed" if pack > 1 else f"{s} slot(s)"))
-            base = {"dataset": cell.dataset, "model": cell.label,
-                    "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
-                    "compile": resolve(cell.recipe, device).compile or False,
-                    "runs": len(cell.runs), "steps": cell.steps, "evaluations": cell.evaluations,
-                    "slots": s, "pack": pack, "ranks": world, "published_run_s": pub}
-            try:
-                if pack > 1:
-                    one, row = measure_packed(pack, fuse=fuse, **kwargs)
-                    parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
-                else:
-                    row = measure_slots(s, **kwargs)
-                    parts = run_seconds(cell, row, launch_s)
-                    cell_s = parts["run_s"] * len(cell.runs) / s
-            except (UserError, RuntimeError) as exc:  # e.g. two copies do not fit in memory
-                if s == 1:
-                    raise
-                totals[s] = None
-                rows.append({**base, "error": str(exc).splitlines()[0]})
-                continue
-            if totals[s] is not None:
-                totals[s] += cell_s / (gpus // world)  # runs at once, W GPUs each
-            per_process = "iter_per_min_per_run" if pack > 1 else "iter_per_min_per_slot"
-            rows.append({**base, "iter_per_min": row["iter_per_min"],
-                         "iter_per_min_per_slot": row[per_process],
-                         "vs_one_run": row.get("vs_one_run"),
-                         "peak_mem_gib": row["peak_mem_gib"], **parts,
-                         "device_name": row["device_name"], "path": row.get("path")})
+    with contextlib.nullcontext(spread) if spread else gpu.claim(device, lock_dir) as dev:
+        for cell, (pub, _) in zip(todo, pubs, strict=True):
+            kwargs = {"name": cell.model, "dataset": cell.dataset, "image_size": cell.image_size,
+                      # the W ranks' global batch, or one rank's share (distributed.shard_plan)
+                      "recipe": dataclasses.replace(cell.recipe, batch_size=cell.recipe
+                                                    .batch_size // (1 if spread else world)),
+                      "data_dir": data_dir, "real_data": real_data, "warmup": warmup,
+                      "steps": steps, "eval_images": cell.val_size,
+                      "model_args": cell.model_args, "device": dev,
+                      **({"ranks": world, "lock_dir": lock_dir} if spread else {})}
+            for s in slots:
+                if progress:
+                    progress(f"measuring {cell.dataset} {cell.label} " + (
+                        f"with {pack} runs packed" if pack > 1 else f"on {world} ranks"
+                        if spread else f"with {s} slot(s)"))
+                base = {"dataset": cell.dataset, "model": cell.label,
+                        "precision": cell.recipe.precision, "batch_size": cell.recipe.batch_size,
+                        "compile": resolve(cell.recipe, dev).compile or False,
+                        "runs": len(cell.runs), "steps": cell.steps,
+                        "evaluations": cell.evaluations, "slots": s, "pack": pack,
+                        "ranks": world, "published_run_s": pub}
+                try:
+                    if pack > 1:
+                        one, row = measure_packed(pack, fuse=fuse, **kwargs)
+                        parts, cell_s = packed_seconds(cell, one, row, pack, launch_s)
+                    else:
+                        row = measure_slots(s, **kwargs)
+                        parts = run_seconds(cell, row, launch_s)
+                        cell_s = parts["run_s"] * len(cell.runs) / s
+                except (UserError, RuntimeError) as exc:  # e.g. two copies do not fit
+                    if s == 1:
+                        raise
+                    totals[s] = None
+                    rows.append({**base, "error": str(exc).splitlines()[0]})
+                    continue
+                if totals[s] is not None:
+                    totals[s] += cell_s / (gpus // world)  # runs at once, W GPUs each
+                per_process = "iter_per_min_per_run" if pack > 1 else "iter_per_min_per_slot"
+                rows.append({**base, "iter_per_min": row["iter_per_min"],
+                             "iter_per_min_per_slot": row[per_process],
+                             "vs_one_run": row.get("vs_one_run"),
+                             "peak_mem_gib": row["peak_mem_gib"], **parts,
+                             "device_name": row["device_name"], "path": row.get("path")})
     best = min((s for s in totals if totals[s] is not None), key=totals.get)
     return {"rows": rows, "launch_s": launch_s, "gpus": gpus, "ranks": world, "total_s": totals,
-            "pack": pack, "fuse": fuse,
+            "measured_ranks": world if spread else 1, "pack": pack, "fuse": fuse,
             "best_slots": best, "runs": sum(n for _, n in pubs),
             "published_total_s": sum(p * n for p, n in pubs if p is not None) or None,
             "published_missing_runs": sum(n for p, n in pubs if p is None)}
@@ -298,15 +322,20 @@ def format_projection(result: dict[str, Any]) -> str:
     lines.append("(lower bounds: perfect packing; launch = process start + data to device; "
                  "the final test pass is not counted)")
     if world == 1:
-        lines.append("(measured: each cell's training step, start-up and evaluation rate on one "
-                     "device here; projected: whole runs and the grid from them. Every run is "
-                     "one process on one GPU: --gpus spreads runs over GPUs, a run on several "
-                     "GPUs (DDP) is neither measured nor projected yet)")
+        measured = "each cell's training step, start-up and evaluation rate on one device here"
+        projected = ("whole runs and the grid from them. Every run is one process on one GPU: "
+                     "--gpus spreads runs over GPUs, a run on several GPUs (DDP) is neither "
+                     "measured nor projected yet")
+    elif result.get("measured_ranks", 1) > 1:
+        measured = (f"each cell's {world}-rank DDP step (all-reduce included) on {world} "
+                    f"processes here, rank 0's start-up and evaluation rate")
+        projected = f"whole runs, and the grid as runs holding {world} of the --gpus each"
     else:
-        lines.append(f"(measured: one rank's training step at its batch (the global batch / "
-                     f"{world} ranks), start-up and evaluation rate, on one device here; "
-                     f"projected: {world} ranks stepping in parallel at that rate, all-reduce "
-                     f"NOT included (a lower bound: measure the {world}-GPU step, "
-                     f"docs/distributed.md), whole runs, and the grid as runs holding {world} "
-                     "of the --gpus each)")
+        measured = (f"one rank's training step at its batch (the global batch / {world} "
+                    "ranks), start-up and evaluation rate, on one device here")
+        projected = (f"{world} ranks stepping in parallel at that rate, all-reduce NOT "
+                     f"included (a lower bound: measure the {world}-rank step on {world} "
+                     f"GPUs), whole runs, and the grid as runs holding {world} of the --gpus "
+                     "each")
+    lines.append(f"(measured: {measured}; projected: {projected})")
     return "\n".join(lines)

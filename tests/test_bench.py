@@ -192,6 +192,28 @@ def test_slots_run_in_processes_at_once_and_sum():
         bench.measure_slots(2, **{**kw, "model_args": {"base_width": -1}})
 
 
+@pytest.mark.slow  # 2 x 2 spawned gloo processes: 21 CPU-s on the 2-core machine
+def test_ranks_time_the_ddp_step_of_one_run_in_gloo_processes():
+    """`ranks=2`: two spawned processes join a gloo group as `train` does under torchrun and
+    time the DDP step at the global batch (each rank its half), all-reduce included; the
+    row is rank 0's, with the evaluation and checkpoint rank 0 pays alone. What DDP refuses
+    is one line before any process starts; a failing rank is one line, not a hang."""
+    from lambdapipe.recipes import get_recipe
+
+    kw = dict(name="resnet20x1", recipe=get_recipe("demo", {"batch_size": 8}),
+              dataset="digits", warmup=1, steps=2, eval_images=32, model_args={"base_width": 4},
+              device="cpu")
+    row = bench.measure_slots(1, ranks=2, **kw)
+    assert (row["ranks"], row["batch_size"], row["path"]) == (2, 8, "eager")
+    assert row["images_per_s"] == pytest.approx(row["iter_per_min"] * 8 / 60)
+    assert row["iter_per_min_per_slot"] == row["iter_per_min"] and not row["diverged"]
+    assert row["eval_images"] == 32 and row["ckpt_s"] > 0 and row["data_s"] > 0
+    with pytest.raises(UserError, match="invalid batch_size 7 on 2 processes"):
+        bench.measure_slots(1, ranks=2, **{**kw, "recipe": get_recipe("demo", {"batch_size": 7})})
+    with pytest.raises(UserError, match=r"a benchmark rank failed: .*base_width"):
+        bench.measure_slots(1, ranks=2, **{**kw, "model_args": {"base_width": -1}})
+
+
 def test_gpu_bench_script_runs_every_part_and_writes_the_index(tmp_path):
     """scripts/gpu-bench.sh is the one command that regenerates the GPU figures; here with a
     stand-in `lambdapipe` that records its arguments (the real one is tested above)."""

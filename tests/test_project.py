@@ -135,7 +135,7 @@ def test_a_slot_count_that_fails_is_reported_and_the_others_still_project(monkey
     assert "failed: a benchmark slot failed: OutOfMemoryError" in text
     assert "2 run(s) per device at once: not possible" in text
 
-    monkeypatch.setattr(bench, "_slot", _die)
+    monkeypatch.setattr(bench, "_process", _die)
     with pytest.raises(UserError, match="slot died with exit code 3"):
         bench.measure_slots(2, name="resnet20x1", recipe=cfg_recipe(), dataset="digits",
                             warmup=0, steps=1, model_args={"base_width": 4})
@@ -147,7 +147,7 @@ def cfg_recipe():
     return get_recipe("demo", {"batch_size": 8})
 
 
-def _die(kwargs, barrier, queue):
+def _die(*args):
     import os
 
     os._exit(3)
@@ -186,7 +186,8 @@ def test_packed_seconds_price_each_cells_seeds_in_processes_of_pack_runs():
     # one process: one launch (+ each run's data), one start-up, 48k steps at the per-run
     # rate of a pack of 3, and each run's own evaluations
     assert parts == {"launch_s": 3.0 + 3 * 2.0, "startup_s": 12.0, "train_s": 720.0,
-                     "eval_s": 3 * eval_s, "run_s": pytest.approx(9.0 + 12 + 720 + 3 * eval_s)}
+                     "eval_s": pytest.approx(3 * eval_s),
+                     "run_s": pytest.approx(9.0 + 12 + 720 + 3 * eval_s)}
     assert total == pytest.approx(parts["run_s"])
     # packs of 2: a process of 2 seeds and a lone run
     _, total2 = project.packed_seconds(cell, one, {**packed}, 2, launch_s=3.0)
@@ -236,25 +237,34 @@ def test_cli_projects_a_packed_grid(tmp_path):
     assert all(r["vs_one_run"] > 0 and r["iter_per_min_per_slot"] > 0 for r in saved["rows"])
 
 
-def test_a_run_on_two_gpus_is_priced_by_one_ranks_step_at_half_the_batch(monkeypatch):
-    """`train.gpus: 2`: one rank's step measured at the per-rank batch, the two ranks assumed
-    to step in parallel with no all-reduce (said so), each run holding 2 of the --gpus."""
-    seen = []
-
+def fake_row(seen):
     def fake(slots, **kw):
-        seen.append(kw["recipe"].batch_size)
+        seen.append((kw["recipe"].batch_size, kw.get("ranks", 1), kw["device"]))
         return {"data_s": 1.0, "startup_s": 30.0, "iter_per_min": 6000.0,
                 "iter_per_min_per_slot": 6000.0, "eval_images_per_s": 1e4, "ckpt_s": 0.1,
                 "peak_mem_gib": None, "device_name": "fake"}
+    return fake
 
-    monkeypatch.setattr(project, "measure_slots", fake)
+
+def test_a_run_on_two_gpus_is_priced_by_one_ranks_step_at_half_the_batch(monkeypatch,
+                                                                          tmp_path):
+    """`train.gpus: 2` with one GPU here: one rank's step measured at the per-rank batch, the
+    two ranks assumed to step in parallel with no all-reduce (said so), each run holding 2 of
+    the --gpus."""
+    seen = []
+    monkeypatch.setattr(project, "measure_slots", fake_row(seen))
+    monkeypatch.setenv("LAMBDAPIPE_FAKE_GPUS", "1")  # a lock, and `cpu` handed out
+    monkeypatch.setattr(project.torch.cuda, "device_count", lambda: 1)
     cfg = load_config(CONFIG / "resnet_baselines.yaml")
     cfg["train"]["gpus"] = 2
-    result = project.project(cfg, datasets=["cifar10"], seeds=[0], gpus=4)
+    assert project.ranks_here("cuda", 2) is None and project.ranks_here("cuda:0", 2) is None
+    result = project.project(cfg, datasets=["cifar10"], seeds=[0], gpus=4, device="cuda",
+                             lock_dir=tmp_path)
     cells = project.cells(cfg, ["cifar10"], [0])
-    assert {c.recipe.batch_size for c in cells} == {256} and seen == [128] * 8
+    assert {c.recipe.batch_size for c in cells} == {256} and seen == [(128, 1, "cpu")] * 8
     assert {(r["ranks"], r["batch_size"], r["steps"]) for r in result["rows"]} == {
         (2, 256, 48_000)}  # the global batch and its iterations, as one GPU would run them
+    assert result["measured_ranks"] == 1
     # 8 runs of 48k per-rank steps at 6000/min, two at once on 4 GPUs
     each = result["launch_s"] + 1.0 + 30.0 + 480.0 + 48 * (0.5 + 0.1)
     assert result["total_s"][1] == pytest.approx(8 * each / 2)
@@ -269,13 +279,34 @@ def test_a_run_on_two_gpus_is_priced_by_one_ranks_step_at_half_the_batch(monkeyp
         project.ranks(cfg, 2, pack=3)
     cfg["train"]["gpus"] = 1  # one GPU per run: as before, and said so
     one = project.project(cfg, datasets=["cifar10"], seeds=[0], gpus=4)
-    assert seen[8:] == [256] * 8 and {r["ranks"] for r in one["rows"]} == {1}
+    assert seen[8:] == [(256, 1, "cpu")] * 8 and {r["ranks"] for r in one["rows"]} == {1}
     assert one["total_s"][1] == pytest.approx(8 * (each - result["launch_s"] + one["launch_s"]) / 4)
     assert "a run on several GPUs (DDP) is neither measured nor projected yet" in \
         " ".join(project.format_projection(one).split())
 
 
-def test_cli_projects_a_two_gpu_run_from_a_real_half_batch_step(tmp_path):
+def test_a_run_on_two_ranks_here_is_priced_by_its_measured_ddp_step(monkeypatch):
+    """Where this machine holds the run's ranks (here: 2 gloo processes on the CPU), the
+    2-rank step itself is measured at the global batch, all-reduce included, and said so."""
+    seen = []
+    monkeypatch.setattr(project, "measure_slots", fake_row(seen))
+    cfg = load_config(CONFIG / "resnet_baselines.yaml")
+    cfg["train"]["gpus"] = 2
+    assert [project.ranks_here(d, 2) for d in ("cpu", "auto")] == ["cpu", "cpu"]
+    result = project.project(cfg, datasets=["cifar10"], seeds=[0], gpus=4, device="cpu")
+    assert seen == [(256, 2, "cpu")] * 8 and result["measured_ranks"] == 2
+    # 8 runs of 48k steps of the 2-rank run at 6000/min, two runs at once on 4 GPUs
+    each = result["launch_s"] + 1.0 + 30.0 + 480.0 + 48 * (0.5 + 0.1)
+    assert result["total_s"][1] == pytest.approx(8 * each / 2)
+    text = " ".join(project.format_projection(result).split())
+    assert "measured: each cell's 2-rank DDP step (all-reduce included) on 2 processes" in text
+    assert "NOT included" not in text and "one rank's training step" not in text
+    with pytest.raises(UserError, match=r"invalid slots \[1, 2\] with runs of 2 ranks"):
+        project.project(cfg, datasets=["cifar10"], seeds=[0], gpus=4, slots=[1, 2])
+
+
+@pytest.mark.slow  # two cells, each a 2-rank step in 2 spawned gloo processes (~30 CPU-s)
+def test_cli_projects_a_two_gpu_run_from_a_real_two_rank_step(tmp_path):
     two = tmp_path / "two.yaml"
     two.write_text("train: {gpus: 2}\n")
     files = ["--config", str(CONFIG / "resnet_baselines.yaml"),
@@ -288,6 +319,8 @@ def test_cli_projects_a_two_gpu_run_from_a_real_half_batch_step(tmp_path):
     result = CliRunner().invoke(main, [*args, "--gpus", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "2 runs on 2 x cpu, each run on 2 of them (DDP)" in result.output
+    assert "2-rank DDP step (all-reduce included)" in " ".join(result.output.split())
     saved = json.loads(out.read_text())
-    assert saved["ranks"] == 2 and {r["ranks"] for r in saved["rows"]} == {2}
+    assert saved["ranks"] == saved["measured_ranks"] == 2
+    assert {r["ranks"] for r in saved["rows"]} == {2}
     assert saved["total_s"]["1"] == pytest.approx(sum(r["run_s"] for r in saved["rows"]))
