@@ -416,3 +416,93 @@ def test_two_nodes_equal_one_process_and_resume_on_one_node(nodes_env):
     for x, y in zip(a, b, strict=True):
         for key in ("iteration", "lr", "train_loss", "train_acc", "val_loss", "val_acc"):
             assert x[key] == pytest.approx(y[key], abs=2e-4), (key, x, y)
+
+
+# --------------------------------------------------------------------------- SLURM, 2 nodes
+NODES_SITE = '''"""Test-only (tests/test_launch.py): dist_tiny; each srun rank and its node."""
+import json
+import os
+import sys
+
+from torch import nn
+
+from lambdapipe.models.registry import register_model
+
+{source}
+
+register_model(dist_tiny)
+if "SLURM_PROCID" in os.environ and sys.orig_argv[1:4] == ["-m", "lambdapipe", "train"]:
+    _keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURMD_NODENAME",
+             "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES", "MASTER_ADDR")
+    _fd = os.open(os.environ["RANKS_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, (json.dumps({{k: os.environ.get(k) for k in _keys}}) + "\\n").encode())
+    os.close(_fd)
+'''
+
+
+@pytest.mark.slurm
+@pytest.mark.slow  # a 2-node SLURM cluster, Snakemake through the slurm profile, 2 ranks
+@pytest.mark.cost(120)
+def test_a_run_on_two_slurm_nodes_through_the_profile(tmp_path):
+    """`train: {device: cpu, gpus: 1, nodes: 2}` through the slurm profile on a real
+    slurmctld with two nodes (two slurmd on this host, tests/slurm_cluster.py): the training
+    job gets 2 nodes, `lambdapipe launch` starts one rank on each with srun, and the run
+    equals the 1-process run of the same command."""
+    import inspect
+    import json
+    import os
+    import re
+    import shlex
+
+    from slurm_cluster import start_or_skip
+    from test_distributed import SHORT, assert_same, dist_tiny
+    from test_slurm import _slurm_args, _snakemake, _train_jobs
+
+    cluster = start_or_skip(tmp_path / "cluster", gpus=0, nodes=2, cpus=2)
+    try:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(
+            NODES_SITE.format(source=inspect.getsource(dist_tiny)))
+        cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+        cfg["train"].update(device="cpu", gpus=1, nodes=2)
+        grid = cfg["datasets"]["digits"]["grids"][0]
+        grid.pop("model_args")
+        grid.update(models=["dist_tiny"], seeds=[3], set=dict(SHORT),
+                    noise=[{"kind": "symmetric", "rates": [0]}])
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(cfg))
+        env = dict(cluster.env, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path / 'site'}",
+                   RANKS_LOG=str(tmp_path / "ranks.jsonl"), OMP_NUM_THREADS="1")
+        work = tmp_path / "work"
+        subprocess.run([sys.executable, "-m", "lambdapipe", "prepare", "--dataset", "digits",
+                        "--data-dir", str(work / "data"), "--split-seed", "0"], env=env,
+                       check=True, capture_output=True, timeout=300)
+        proc = _snakemake(work, tmp_path / "grid.yaml", env, *_slurm_args(cluster.partition),
+                          "--until", "train")
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        (job_id,) = _train_jobs(log)
+        job = launch.job_record(job_id, scontrol=lambda *a: cluster.run("scontrol", *a).stdout)
+        assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2", job
+        ranks = [json.loads(line) for line in (tmp_path / "ranks.jsonl").read_text().splitlines()]
+        assert sorted((r["SLURM_PROCID"], r["SLURMD_NODENAME"]) for r in ranks) == [
+            ("0", "localhost"), ("1", cluster.node)]  # one rank on each node
+        assert {(r["SLURM_JOB_ID"], r["SLURM_STEP_NUM_NODES"], r["MASTER_ADDR"])
+                for r in ranks} == {(job_id, "2", "localhost")}  # one step, the first host
+        assert len({r["SLURM_STEP_ID"] for r in ranks}) == 1
+        shell = re.search(r"Shell command: lambdapipe launch --gpus 1 --nodes 2 (train .*?) > ",
+                          log)
+        assert shell, log[-3000:]
+        argv = shlex.split(shell.group(1))
+        out = argv.index("--out") + 1
+        run, argv[out] = work / argv[out], str(tmp_path / "one")
+        started = next((work / "logs" / "train").rglob("*.log")).read_text().splitlines()[0]
+        assert " srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 " in started
+        one = subprocess.run([sys.executable, "-m", "lambdapipe", *argv], cwd=work,
+                             env={k: v for k, v in env.items() if not k.startswith("SLURM")},
+                             capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        assert json.loads((run / "config.json").read_text())["runtime"]["world_size"] == 2
+        assert_same(run, tmp_path / "one")
+    finally:
+        if cluster is not None:
+            cluster.stop()
