@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException, start_processes
 
-from lambdapipe import distributed, gpu
+from lambdapipe import distributed, feed, gpu
 from lambdapipe.augment import DeviceImages, channel_stats
 from lambdapipe.errors import UserError, bad_value
-from lambdapipe.evaluate import predict, save_checkpoint
+from lambdapipe.evaluate import predict, predict_split, save_checkpoint
 from lambdapipe.recipes import PRECISIONS, Recipe, get_recipe
 from lambdapipe.reference import depth_width
 from lambdapipe.runtime import Runtime, resolve
@@ -140,6 +140,9 @@ def _data(recipe: Recipe, dataset: str, image_size: int | None, data_dir: Path,
 
     info = dataset_info(dataset)
     size = image_size or info.image_size
+    if real_data and feed.streamed(Path(data_dir), dataset):  # JPEGs: fed as a run feeds them
+        source = feed.BenchFeed(Path(data_dir), dataset, recipe, device)
+        return info, source.size, source, *(torch.tensor(v, device=device) for v in source.stats())
     if real_data:
         split = load_split(Path(data_dir), dataset, "train")
         images, labels = split.images, split.labels
@@ -183,7 +186,10 @@ def _measure(name: str, recipe: Recipe, rt: Runtime, *, pack: int = 1,
     if cuda:  # peak from here: CUDA graphs take their memory pool at capture, in the warm-up
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    sources = [batches(data, recipe, seed, device, rt.world) for seed in range(pack)]
+    if isinstance(data, feed.BenchFeed):  # a streamed set's batches (feed.py), not arrays'
+        sources = [data.batches(seed, rt.world) for seed in range(pack)]
+    else:
+        sources = [batches(data, recipe, seed, device, rt.world) for seed in range(pack)]
     if pack == 1:  # as train builds it
         model, optimizer, step = build(models[0], recipe, rt, mean, std)
     else:
@@ -226,11 +232,13 @@ def _eval_costs(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
                 ) -> dict[str, Any]:
     """One evaluation pass as training runs it (the eager model in eval mode, after a warm
     one) and the checkpoint write every evaluation makes (last.ckpt)."""
-    val = data.unpadded()[:eval_images]
-    predict(model, val[:min(len(val), 500)], mean, std, rt)
+    stream = isinstance(data, feed.BenchFeed)  # its val split, decoded as a run's evaluation
+    val = data.eval_stream() if stream else data.unpadded()[:eval_images]  # decodes it: no warm
+    if not stream:
+        predict(model, val[:min(len(val), 500)], mean, std, rt)
     _sync(rt.device)
     t_eval = time.perf_counter()
-    predict(model, val, mean, std, rt)
+    (predict_split if stream else predict)(model, val, mean, std, rt)
     _sync(rt.device)
     eval_s = time.perf_counter() - t_eval
     with tempfile.TemporaryDirectory() as tmp:

@@ -251,20 +251,30 @@ def _seed_list(ctx: click.Context, seed: int, seeds: str | None, out: Path) -> l
 @main.command(context_settings={"ignore_unknown_options": True,
                                 "allow_interspersed_args": False})
 @click.option("--gpus", type=int, default=1, show_default=True, help="Ranks (GPUs) per node.")
-@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes (SLURM only).")
+@click.option("--nodes", type=int, default=1, show_default=True,
+              help="Nodes: under SLURM, or by hand with --node-rank and --master-addr.")
+@click.option("--node-rank", type=int, default=None,
+              help="Outside SLURM: this machine's node, 0 .. NODES-1 (0 on --master-addr).")
+@click.option("--master-addr", default=None, help="Outside SLURM: node 0's host name.")
+@click.option("--master-port", type=int, default=29500, show_default=True,
+              help="Outside SLURM: a free port on node 0.")
 @click.argument("args", nargs=-1, required=True, type=click.UNPROCESSED)
 @user_errors
-def launch(gpus: int, nodes: int, args: tuple[str, ...]) -> None:
-    """Run `lambdapipe ARGS` as GPUS ranks on each of NODES nodes: torchrun on this machine,
-    srun inside a SLURM job (what a workflow job of `train: {gpus, nodes}` runs).
+def launch(gpus: int, nodes: int, node_rank: int | None, master_addr: str | None,
+           master_port: int, args: tuple[str, ...]) -> None:
+    """Run `lambdapipe ARGS` as GPUS ranks on each of NODES nodes: torchrun on this machine
+    (or, with --node-rank and --master-addr, on each of several machines), srun inside a SLURM
+    job (what a workflow job of `train: {gpus, nodes}` runs).
 
     \b
     Example:
       lambdapipe launch --gpus 4 train --model resnet50 --dataset imagenet32 ...
+      lambdapipe launch --gpus 8 --nodes 2 --node-rank 0 --master-addr node0 train ...
     """
     from lambdapipe.launch import command
 
-    argv, env = command(gpus, nodes, args)
+    argv, env = command(gpus, nodes, args, node_rank=node_rank, master_addr=master_addr,
+                        master_port=master_port)
     rendezvous = " ".join(f"{k}={env[k]}" for k in ("MASTER_ADDR", "MASTER_PORT")
                           if env.get(k) != os.environ.get(k))
     click.echo(f"lambdapipe launch: {rendezvous} {' '.join(argv)}".replace("  ", " "), err=True)

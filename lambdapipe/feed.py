@@ -185,3 +185,33 @@ def eval_split(data_dir: Path, dataset: str, split: str, device: str,
     if not streamed(Path(data_dir), dataset):
         return None
     return EvalStream(open_split(Path(data_dir), dataset, split), device, n_workers, decode)
+
+
+class BenchFeed:
+    """`lambdapipe bench --real-data` on a streamed set (ImageNet-2012): the training split
+    fed to the timed step as a run feeds it (a TrainStream a seed: its workers decode ahead,
+    so the step's rate includes whatever the decoding leaves waiting), and the val split read
+    as a run's evaluation reads it (an EvalStream, decoding included)."""
+
+    def __init__(self, data_dir: Path, dataset: str, r: Recipe, device: str):
+        self.split, self.r, self.device = open_split(data_dir, dataset, "train"), r, device
+        self.val = open_split(data_dir, dataset, "val")
+        self.size = self.split.size
+        if r.batch_size > len(self.split):
+            raise UserError(f"invalid batch size {r.batch_size}: expected at most the "
+                            f"{len(self.split)} images of {dataset}'s train split")
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def stats(self) -> tuple[list[float], list[float]]:
+        return split_stats(self.split)
+
+    def batches(self, seed: int, world: distributed.World | None = None):
+        """Step i's batch (images, labels, clean labels on the device), as train draws it."""
+        steps = self.r.steps_per_epoch(len(self.split))
+        stream = TrainStream(self.split, self.r, seed, world, self.device, steps)
+        return lambda i: stream.batch(*divmod(i, steps))
+
+    def eval_stream(self) -> EvalStream:
+        return EvalStream(self.val, self.device, self.r.loader_workers, self.r.jpeg_decode)

@@ -1,7 +1,12 @@
 """How a workflow job starts one run on several GPUs: `lambdapipe launch --gpus G --nodes M
 train ...` (config `train: {gpus: G, nodes: M}`, docs/distributed.md).
 
-Outside SLURM it is `torchrun --standalone --nproc-per-node G` on this machine (one node).
+Outside SLURM it is `torchrun --standalone --nproc-per-node G` on this machine (one node), or,
+across machines without SLURM, torchrun's static rendezvous: the same `lambdapipe launch --gpus G
+--nodes M --node-rank R --master-addr HOST [--master-port P]` started on each of the M machines
+(R = 0 on HOST, which rank 0 runs on), i.e. `torchrun --nnodes M --node-rank R --master-addr
+HOST --master-port P --nproc-per-node G`. A workflow job cannot do that (one job, one machine):
+the workflow runs several nodes under SLURM only (lambdapipe.slurm.check_executor).
 Inside a SLURM job (the slurm profile submits such a job with `--nodes=M --ntasks-per-node=G`,
 and, on GPUs, `--gres=gpu:G`) it is `srun` starting one rank per task over the job's nodes:
 each rank reads its place from SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID
@@ -25,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from lambdapipe.errors import UserError
 
 PORT_BASE, PORT_SPAN = 15000, 15000  # below Linux's ephemeral ports (32768-60999)
+MASTER_PORT = 29500  # torchrun's default
 
 
 def _scontrol(*args: str) -> str:
@@ -51,21 +57,36 @@ def first_host(nodelist: str, scontrol: Callable[..., str] = _scontrol) -> str:
 
 
 def command(gpus: int, nodes: int, args: Sequence[str], env: Mapping[str, str] = os.environ,
-            scontrol: Callable[..., str] = _scontrol) -> tuple[list[str], dict[str, str]]:
+            scontrol: Callable[..., str] = _scontrol, node_rank: int | None = None,
+            master_addr: str | None = None, master_port: int = MASTER_PORT
+            ) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) that start `lambdapipe ARGS` as `gpus` ranks on each of `nodes`
-    nodes: torchrun outside SLURM, srun inside a SLURM job."""
+    nodes: torchrun outside SLURM (`node_rank` and `master_addr` across machines), srun inside
+    a SLURM job."""
     for name, value in (("gpus", gpus), ("nodes", nodes)):
         if value < 1:
             raise UserError(f"invalid --{name} {value}: expected an integer >= 1")
     python = sys.executable
     job_id = env.get("SLURM_JOB_ID")
+    by_hand = node_rank is not None or master_addr is not None
+    if job_id and by_hand:
+        raise UserError(f"invalid --node-rank/--master-addr in SLURM job {job_id}: srun "
+                        "places the ranks and the job's first host is the master; drop them")
     if not job_id:
-        if nodes > 1:
-            raise UserError(f"invalid train.nodes {nodes} outside a SLURM job: a run on several "
-                            "nodes is started by srun (snakemake --profile profiles/slurm); "
-                            "on one machine use nodes: 1")
-        return ([python, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc-per-node={gpus}", "-m", "lambdapipe", *args], dict(env))
+        torchrun = [python, "-m", "torch.distributed.run"]
+        ranks = [f"--nproc-per-node={gpus}", "-m", "lambdapipe", *args]
+        if nodes == 1 and not by_hand:
+            return [*torchrun, "--standalone", *ranks], dict(env)
+        if node_rank is None or master_addr is None or not 0 <= node_rank < nodes:
+            raise UserError(f"invalid train.nodes {nodes} outside a SLURM job: start "
+                            f"`lambdapipe launch --nodes {nodes} --node-rank R --master-addr "
+                            "HOST` on each node (R = 0 .. nodes-1, 0 on HOST; given "
+                            f"--node-rank {node_rank}, --master-addr {master_addr}), or run "
+                            "under SLURM (snakemake --profile profiles/slurm)")
+        if not 0 < master_port < 65536:
+            raise UserError(f"invalid --master-port {master_port}: expected 1 .. 65535")
+        return [*torchrun, f"--nnodes={nodes}", f"--node-rank={node_rank}",
+                f"--master-addr={master_addr}", f"--master-port={master_port}", *ranks], dict(env)
     job = job_record(job_id, scontrol)
     have = int(job.get("NumNodes", "1").split("-")[0] or 1)
     if have < nodes:

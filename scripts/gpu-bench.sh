@@ -96,7 +96,8 @@ for part in "${parts[@]}"; do
         imagenette) measure imagenette-noisy --config config/imagenette_noisy.yaml \
                         --seeds 0 ;;
         multi-gpu)  # one run on all N GPUs of this node (torchrun, DDP) against one GPU, the
-                    # same per-GPU batch (docs/distributed.md); skipped with fewer than 2 GPUs
+                    # same per-GPU batch (docs/distributed.md); then `bench --config` of two
+                    # ImageNet tables on W GPUs; skipped with fewer than 2 GPUs
             n=0
             [ "$device" != cuda ] || n=$(python -c 'import torch; print(torch.cuda.device_count())')
             if [ "$n" -lt 2 ]; then
@@ -129,7 +130,16 @@ print(text, end="")
 (out / "multi-gpu.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
 EOF_MULTI
-            ;;
+            # each ImageNet table's runs on W = the largest power of two <= N GPUs (W divides
+            # the recipes' global batches): `bench --config` times the W-rank DDP step itself
+            # where this node holds W GPUs, and projects the table's wall time from it
+            w=1
+            while [ $((w * 2)) -le "$n" ]; do w=$((w * 2)); done
+            printf 'train: {gpus: %d, device: cuda}\n' "$w" > "$out/multi-gpu-ranks.yaml"
+            for table in imagenet32 imagenet2012; do
+                measure "multi-gpu-$table" --config "config/$table.yaml" \
+                    --config "$out/multi-gpu-ranks.yaml" --seeds 0 --gpus "$w"
+            done ;;
         decode224)  # ImageNet at 224 px: images/s the stream decodes and crops, on the CPU
                     # workers and with nvJPEG, beside a step's (docs/imagenet.md)
             echo "python scripts/decode-bench.py $out $device" > "$out/decode224.cmd"

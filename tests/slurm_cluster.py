@@ -119,10 +119,16 @@ class SlurmCluster:
 
     `gpus`: how many gres GPUs the node has (0: no GresTypes at all, a cluster without
     GPUs). `cpus`: CPUs the node advertises (config_overrides, so it may exceed nproc).
+    `nodes` 2: a second node, `localhost`, served by a second slurmd on this host (its own
+    port, spool, pid and log files, `%n`), so that srun starts a step's tasks on two nodes;
+    Debian's slurmd 22.05 runs two on one host without --enable-multiple-slurmd (it logs
+    "Duplicated NodeHostName" and goes on). Its node names must resolve to this host (the
+    ranks meet at the first one): the short host name and `localhost`.
     """
 
     def __init__(self, root: Path | None = None, gpus: int = 1, cpus: int | None = None,
-                 partition: str = PARTITION, cluster_name: str = "lambdapipe-test"):
+                 partition: str = PARTITION, cluster_name: str = "lambdapipe-test",
+                 nodes: int = 1):
         self._owns_root = root is None  # a dir we made is removed on stop()
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="slurm-"))
         self.gpus = gpus
@@ -132,6 +138,9 @@ class SlurmCluster:
         # slurmctld insists that SlurmctldHost names this host; slurmd takes its node name
         # from the short hostname. Both are reached on loopback whatever the host is called.
         self.node = socket.gethostname().split(".")[0]
+        if nodes not in (1, 2):
+            raise ValueError(f"nodes {nodes}: a test cluster has 1 or 2")
+        self.nodes = [self.node, "localhost"][:nodes]
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "etc" / "slurm.conf"
         self.log_dir = self.root / "log"
@@ -181,8 +190,9 @@ class SlurmCluster:
                     os.mknod(f, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
                 except OSError:  # no CAP_MKNOD: a link to /dev/null stats the same
                     f.symlink_to("/dev/null")
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port, *node_ports = _free_ports(2 + len(self.nodes))
         gres = f" Gres=gpu:{self.gpus}" if self.gpus else ""
+        many = len(self.nodes) > 1  # one slurmd per node: files named by node (%n)
         lines = [
             f"ClusterName={self.cluster_name}",
             f"SlurmctldHost={self.node}(127.0.0.1)",
@@ -194,11 +204,11 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmdSpoolDir={self.root / 'spool'}{'/%n' if many else ''}",
             f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'run' / 'slurmd.pid'}",
+            f"SlurmdPidFile={self.root / 'run' / ('slurmd-%n.pid' if many else 'slurmd.pid')}",
             f"SlurmctldLogFile={self.log_dir / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.log_dir / 'slurmd.log'}",
+            f"SlurmdLogFile={self.log_dir / ('slurmd-%n.log' if many else 'slurmd.log')}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -221,15 +231,19 @@ class SlurmCluster:
             "SchedulerParameters=sched_min_interval=0",
             "KillWait=5",
             *(["GresTypes=gpu"] if self.gpus else []),
-            f"NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={self.node} "
-            f"CPUs={self.cpus} RealMemory={_mem_mb()}{gres} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.node} Default=YES "
+            *(f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname={self.node} "
+              f"CPUs={self.cpus} RealMemory={_mem_mb()}{gres} State=UNKNOWN"
+              + (f" Port={port}" if many else "")
+              for name, port in zip(self.nodes, node_ports, strict=True)),
+            f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES "
             "MaxTime=INFINITE State=UP",
         ]
+        for name in self.nodes if many else ():
+            (self.root / "spool" / name).mkdir(exist_ok=True)
         self.conf.write_text("\n".join(lines) + "\n")
         gres_conf = self.conf.parent / "gres.conf"
-        gres_conf.write_text("".join(f"NodeName={self.node} Name=gpu File={f}\n"
-                                     for f in self.gpu_files))
+        gres_conf.write_text("".join(f"NodeName={n} Name=gpu File={f}\n"
+                                     for n in self.nodes for f in self.gpu_files))
 
     def _write_client_wrappers(self) -> None:
         """`srun` etc. that always find this cluster's slurm.conf.
@@ -295,9 +309,10 @@ class SlurmCluster:
             self._spawn("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait("slurmctld", lambda: self.run("scontrol", "ping", check=False,
                                                      timeout=10).returncode == 0, timeout_s)
-            self._spawn("slurmd", [_sbin("slurmd"), "-D", "-f", str(self.conf),
-                                   "-N", self.node])
-            self._wait(f"node {self.node} idle", self._node_idle, timeout_s)
+            for k, name in enumerate(self.nodes):
+                self._spawn("slurmd" if k == 0 else f"slurmd-{name}",
+                            [_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", name])
+            self._wait(f"node(s) {','.join(self.nodes)} idle", self._node_idle, timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -305,7 +320,9 @@ class SlurmCluster:
 
     def _node_idle(self) -> bool:
         out = self.run("sinfo", "-h", "-N", "-o", "%t", check=False, timeout=10).stdout
-        return out.strip().rstrip("*") in ("idle", "mix", "alloc")
+        states = [s.strip().rstrip("*") for s in out.split()]
+        return len(states) == len(self.nodes) and all(
+            s in ("idle", "mix", "alloc") for s in states)
 
     def stop(self) -> None:
         """Cancel every job, then stop slurmd, slurmctld and munged by their process ids."""
@@ -326,7 +343,8 @@ class SlurmCluster:
                         "squeue", "-h", "-t", "running,completing", check=False,
                         timeout=10).stdout.strip():
                     time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [n for n in self.procs if n.startswith("slurmd-")]  # nodes after the first
+        for name in (*slurmds, "slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -404,7 +422,7 @@ class SlurmCluster:
 REQUIRE_ENV = "LAMBDAPIPE_REQUIRE_SLURM"
 
 
-def start_or_skip(root: Path | None, gpus: int = 1) -> SlurmCluster | None:
+def start_or_skip(root: Path | None, gpus: int = 1, **kwargs) -> SlurmCluster | None:
     """Install if needed and start a cluster in ROOT, or pytest.skip with the reason (ROOT
     None: install only, for a test that needs SLURM installable but no cluster).
 
@@ -414,7 +432,7 @@ def start_or_skip(root: Path | None, gpus: int = 1) -> SlurmCluster | None:
 
     try:
         ensure_installed()
-        return None if root is None else SlurmCluster(root=root, gpus=gpus).start()
+        return None if root is None else SlurmCluster(root=root, gpus=gpus, **kwargs).start()
     except ClusterUnavailable as exc:
         if os.environ.get(REQUIRE_ENV) == "1":
             pytest.fail(f"no local SLURM cluster although ${REQUIRE_ENV}=1: {exc}")

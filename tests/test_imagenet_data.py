@@ -182,7 +182,9 @@ def _tar_bytes(members, mode="w"):
     return buf.getvalue()
 
 
-def make_ilsvrc(mirror, hostile_inner=False):
+def make_ilsvrc(mirror, hostile_inner=False, val_classes=(999, 0, 5, 5)):
+    """The four ILSVRC2012 archives, tiny: 3 classes of 3 train JPEGs, one val JPEG per
+    `val_classes` entry (its class), 8 ImageNet-V2 JPEGs."""
     rng = np.random.default_rng(0)
     perm = rng.permutation(1000) + 1  # devkit id of sorted class k is perm[k]
     ids = {w: int(perm[k]) for k, w in enumerate(WNIDS)}
@@ -202,10 +204,11 @@ def make_ilsvrc(mirror, hostile_inner=False):
                     tf.addfile(link)
                 inner = buf.getvalue()
             _add_bytes(outer, f"{wnid}.tar", inner)
-    val_classes = [999, 0, 5, 5]
+    val_classes = list(val_classes)
     val = [_jpeg(rng, 50, 36) for _ in val_classes]
+    n = len(val_classes)
     with tarfile.open(mirror / "ILSVRC2012_img_val.tar", "w") as tf:
-        for i in (3, 1, 4, 2):  # member order is not file order
+        for i in ((3, 1, 4, 2) if n == 4 else range(n, 0, -1)):  # member order: not file order
             _add_bytes(tf, f"ILSVRC2012_val_{i:08d}.JPEG", val[i - 1])
     truth = "\n".join(str(ids[WNIDS[k]]) for k in val_classes) + "\n"
     devkit = [("ILSVRC2012_devkit_t12/data/meta.mat", _meta_mat(ids)),

@@ -203,3 +203,26 @@ def test_decode_bench_runs_on_the_cpu_and_skips_nvjpeg(tmp_path):
     rows = json.loads((tmp_path / "decode224.json").read_text())["rows"]
     assert rows and all(r["decode"] == "cpu" and r["images_per_s"] > 0 for r in rows)
     assert (tmp_path / "decode224.txt").read_text().startswith("decode")
+
+
+def test_bench_real_data_streams_the_jpegs(data_dir, tmp_path, monkeypatch):
+    """`bench --real-data` on ImageNet-2012 times the step fed by the stream, as a run is
+    (TrainStream: its batches are the run's), and the evaluation cost decodes the val split."""
+    from lambdapipe import bench
+
+    cfg = config(data_dir, tmp_path / "x")
+    seen = []
+    batch = feed.TrainStream.batch
+    monkeypatch.setattr(feed.TrainStream, "batch",
+                        lambda self, epoch, step: seen.append((epoch, step)) or batch(
+                            self, epoch, step))
+    row = bench.measure("resnet18", cfg.recipe, dataset="imagenet2012", data_dir=data_dir,
+                        real_data=True, warmup=1, steps=3, model_args={"base_width": 4},
+                        device="cpu")
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0)]  # 3 steps an epoch of 6 images at batch 2
+    assert row["real_data"] and row["batch_size"] == 2 and row["images_per_s"] > 0
+    assert row["eval_images"] == 3 and row["eval_images_per_s"] > 0  # the val split, decoded
+    with pytest.raises(UserError, match="invalid batch size 8: expected at most the 6 images"):
+        bench.measure("resnet18", dataclasses.replace(cfg.recipe, batch_size=8),
+                      dataset="imagenet2012", data_dir=data_dir, real_data=True, warmup=1,
+                      steps=1, model_args={"base_width": 4}, device="cpu")

@@ -228,3 +228,281 @@ def test_a_local_run_on_several_nodes_is_refused_before_any_job(tmp_path):
         "lambdapipe: config train.nodes 2 needs the slurm executor (snakemake --profile "
         "profiles/slurm), not local")
     assert not (tmp_path / "w" / "data").exists() and not (tmp_path / "w" / "logs").exists()
+
+
+# --------------------------------------------------------------------------- several nodes
+# Outside SLURM a run on M machines is `lambdapipe launch --nodes M --node-rank R
+# --master-addr HOST` started on each (torchrun's static rendezvous). Emulated here by two
+# launches on this host, node 0 and node 1, one gloo rank each, on one filesystem (as nodes
+# share the run's storage). Every rank's Python process loads SITE: dist_tiny registered,
+# and an audit hook that logs each write (open for writing, rename, mkdir, remove) under
+# $RUN_ROOT with the writer's RANK.
+NODE_SITE = '''"""Test-only (tests/test_launch.py): dist_tiny; a rank's writes under RUN_ROOT."""
+import json
+import os
+
+from torch import nn
+
+from lambdapipe.models.registry import register_model
+
+{source}
+
+register_model(dist_tiny)
+_ROOT, _LOG = os.environ.get("RUN_ROOT"), os.environ.get("WRITES_LOG")
+_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "os.truncate")
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _hook(event, args):
+    if event == "open":
+        path, mode, flags = args
+        if not ((mode and any(c in mode for c in "wax+")) or (mode is None and flags & _WRITE)):
+            return
+        paths = [path]
+    elif event in _EVENTS:
+        paths = args[:2] if event == "os.rename" else args[:1]  # a rename: source and target
+    else:
+        return
+    for path in paths:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            continue
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(_ROOT + os.sep):
+            line = json.dumps({{"rank": os.environ["RANK"], "event": event, "path": path}})
+            fd = os.open(_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, (line + "\\n").encode())
+            os.close(fd)
+
+
+if _ROOT and _LOG and "RANK" in os.environ:
+    import sys
+
+    sys.addaudithook(_hook)
+'''
+
+
+@pytest.fixture(scope="module")
+def nodes_env(tmp_path_factory):
+    import inspect
+    import os
+
+    from test_distributed import dist_tiny
+
+    from lambdapipe import data
+
+    base = tmp_path_factory.mktemp("nodes")
+    (base / "site").mkdir()
+    (base / "site" / "sitecustomize.py").write_text(
+        NODE_SITE.format(source=inspect.getsource(dist_tiny)))
+    data.prepare("digits", base / "data")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{base / 'site'}",
+               OMP_NUM_THREADS="1", RUN_ROOT=str(base / "runs"),
+               WRITES_LOG=str(base / "writes.jsonl"))
+    (base / "runs").mkdir()
+    return base, env
+
+
+def train_args(base: Path, out: Path, iterations: int = 12) -> list[str]:
+    from test_distributed import SHORT
+
+    sets = {**SHORT, "iterations": iterations}
+    return ["train", "--model", "dist_tiny", "--dataset", "digits", "--data-dir",
+            str(base / "data"), "--seed", "3", "--recipe", "demo", "--device", "cpu",
+            "--no-progress", "--out", str(out), *[f"--set={k}={v}" for k, v in sets.items()]]
+
+
+def two_nodes(env: dict, args: list[str]) -> list[subprocess.Popen]:
+    """Node 0 and node 1 of one run, each `lambdapipe launch --gpus 1 --nodes 2` with its
+    --node-rank, meeting at node 0 (127.0.0.1) on a free port."""
+    from test_distributed import free_port
+
+    port = str(free_port())
+    return [subprocess.Popen([sys.executable, "-m", "lambdapipe", "launch", "--gpus", "1",
+                              "--nodes", "2", "--node-rank", str(r), "--master-addr",
+                              "127.0.0.1", "--master-port", port, *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+            for r in (0, 1)]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        done.append((p.returncode, out, err))
+    return done
+
+
+def test_a_run_on_several_nodes_outside_slurm_is_torchruns_static_rendezvous():
+    argv, _ = launch.command(4, 2, ["train"], env={}, node_rank=1, master_addr="node0")
+    assert argv == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                    "--node-rank=1", "--master-addr=node0", "--master-port=29500",
+                    "--nproc-per-node=4", "-m", "lambdapipe", "train"]
+    for kwargs in ({}, {"node_rank": 0}, {"master_addr": "h"},
+                   {"node_rank": 2, "master_addr": "h"}):
+        with pytest.raises(UserError, match="^invalid train.nodes 2 outside a SLURM job: start "
+                                            "`lambdapipe launch --nodes 2 --node-rank R "):
+            launch.command(4, 2, ["train"], env={}, **kwargs)
+    with pytest.raises(UserError, match="^invalid --master-port 0"):
+        launch.command(1, 2, ["train"], env={}, node_rank=0, master_addr="h", master_port=0)
+    with pytest.raises(UserError, match="^invalid --node-rank/--master-addr in SLURM job 9"):
+        launch.command(1, 2, ["train"], env={"SLURM_JOB_ID": "9"}, node_rank=0,
+                       master_addr="h")
+
+
+@pytest.mark.slow  # 1 process, 1 node x 2 ranks, three 2-node runs: 16 fresh interpreters
+@pytest.mark.cost(100)
+def test_two_nodes_equal_one_process_and_resume_on_one_node(nodes_env):
+    """2 nodes x 1 gloo rank (two `lambdapipe launch --nodes 2` on this host) train the
+    1-process run within float tolerance, rank 1 writing nothing; a 2-node run killed
+    (SIGKILL to both nodes' launch trees) after its first evaluation resumes on 1 node x 2
+    ranks (`lambdapipe launch --gpus 2`) and ends as the unbroken 1 x 2 run."""
+    import contextlib
+    import json
+    import signal
+    import time
+
+    import psutil
+    from test_distributed import assert_same, rows
+
+    base, env = nodes_env
+    runs, writes = base / "runs", base / "writes.jsonl"
+    one = subprocess.run([sys.executable, "-m", "lambdapipe", *train_args(base, runs / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    done = finish(two_nodes(env, train_args(base, runs / "two")))
+    assert [rc for rc, _, _ in done] == [0, 0], [err[-2000:] for _, _, err in done]
+    assert "--nnodes=2 --node-rank=1 --master-addr=127.0.0.1" in done[1][2]
+    assert_same(runs / "one", runs / "two")
+    config = json.loads((runs / "two" / "config.json").read_text())
+    assert config["runtime"]["world_size"] == 2
+    logged = [json.loads(line) for line in writes.read_text().splitlines()]
+    assert {w["rank"] for w in logged} == {"0"}  # rank 1 (node 1) wrote nothing
+    assert {Path(w["path"]).name for w in logged} >= {"metrics.csv", "summary.json"}
+    assert all(Path(w["path"]).is_relative_to(runs / "two") for w in logged)
+
+    long = 160  # 40 evaluations: the kill lands mid-run
+    # the unbroken run on 2 ranks of one node (over 160 steps 1 process drifts from 2 ranks
+    # by float rounding: a val image or two flips; on 2 ranks the sums are the same)
+    whole = subprocess.run([sys.executable, "-m", "lambdapipe", "launch", "--gpus", "2",
+                            *train_args(base, runs / "whole", long)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    broken = runs / "broken"
+    procs = two_nodes(env, train_args(base, broken, long))
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not (broken / "metrics.csv").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # each node's launch is torchrun; torchrun starts its rank in a session of its own
+        tree = [q for p in procs for q in (psutil.Process(p.pid),
+                                           *psutil.Process(p.pid).children(recursive=True))]
+        for q in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                q.send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            p.communicate(timeout=60)
+        psutil.wait_procs(tree, timeout=60)
+    assert (broken / "last.ckpt").exists() and not (broken / "summary.json").exists()
+    assert 1 <= len(rows(broken)) < long // 4
+    resumed = subprocess.run([sys.executable, "-m", "lambdapipe", "launch", "--gpus", "2",
+                              *train_args(base, broken, long)], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = rows(runs / "whole"), rows(broken)
+    assert len(a) == len(b) == long // 4
+    for x, y in zip(a, b, strict=True):
+        for key in ("iteration", "lr", "train_loss", "train_acc", "val_loss", "val_acc"):
+            assert x[key] == pytest.approx(y[key], abs=2e-4), (key, x, y)
+
+
+# --------------------------------------------------------------------------- SLURM, 2 nodes
+NODES_SITE = '''"""Test-only (tests/test_launch.py): dist_tiny; each srun rank and its node."""
+import json
+import os
+import sys
+
+from torch import nn
+
+from lambdapipe.models.registry import register_model
+
+{source}
+
+register_model(dist_tiny)
+if "SLURM_PROCID" in os.environ and sys.orig_argv[1:4] == ["-m", "lambdapipe", "train"]:
+    _keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURMD_NODENAME",
+             "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES", "MASTER_ADDR")
+    _fd = os.open(os.environ["RANKS_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, (json.dumps({{k: os.environ.get(k) for k in _keys}}) + "\\n").encode())
+    os.close(_fd)
+'''
+
+
+@pytest.mark.slurm
+@pytest.mark.slow  # a 2-node SLURM cluster, Snakemake through the slurm profile, 2 ranks
+@pytest.mark.cost(120)
+def test_a_run_on_two_slurm_nodes_through_the_profile(tmp_path):
+    """`train: {device: cpu, gpus: 1, nodes: 2}` through the slurm profile on a real
+    slurmctld with two nodes (two slurmd on this host, tests/slurm_cluster.py): the training
+    job gets 2 nodes, `lambdapipe launch` starts one rank on each with srun, and the run
+    equals the 1-process run of the same command."""
+    import inspect
+    import json
+    import os
+    import re
+    import shlex
+
+    from slurm_cluster import start_or_skip
+    from test_distributed import SHORT, assert_same, dist_tiny
+    from test_slurm import _slurm_args, _snakemake, _train_jobs
+
+    cluster = start_or_skip(tmp_path / "cluster", gpus=0, nodes=2, cpus=2)
+    try:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(
+            NODES_SITE.format(source=inspect.getsource(dist_tiny)))
+        cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+        cfg["train"].update(device="cpu", gpus=1, nodes=2)
+        grid = cfg["datasets"]["digits"]["grids"][0]
+        grid.pop("model_args")
+        grid.update(models=["dist_tiny"], seeds=[3], set=dict(SHORT),
+                    noise=[{"kind": "symmetric", "rates": [0]}])
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(cfg))
+        env = dict(cluster.env, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path / 'site'}",
+                   RANKS_LOG=str(tmp_path / "ranks.jsonl"), OMP_NUM_THREADS="1")
+        work = tmp_path / "work"
+        subprocess.run([sys.executable, "-m", "lambdapipe", "prepare", "--dataset", "digits",
+                        "--data-dir", str(work / "data"), "--split-seed", "0"], env=env,
+                       check=True, capture_output=True, timeout=300)
+        proc = _snakemake(work, tmp_path / "grid.yaml", env, *_slurm_args(cluster.partition),
+                          "--until", "train")
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        (job_id,) = _train_jobs(log)
+        job = launch.job_record(job_id, scontrol=lambda *a: cluster.run("scontrol", *a).stdout)
+        assert job["JobState"] == "COMPLETED" and job["NumNodes"] == "2", job
+        ranks = [json.loads(line) for line in (tmp_path / "ranks.jsonl").read_text().splitlines()]
+        assert sorted((r["SLURM_PROCID"], r["SLURMD_NODENAME"]) for r in ranks) == [
+            ("0", "localhost"), ("1", cluster.node)]  # one rank on each node
+        assert {(r["SLURM_JOB_ID"], r["SLURM_STEP_NUM_NODES"], r["MASTER_ADDR"])
+                for r in ranks} == {(job_id, "2", "localhost")}  # one step, the first host
+        assert len({r["SLURM_STEP_ID"] for r in ranks}) == 1
+        shell = re.search(r"Shell command: lambdapipe launch --gpus 1 --nodes 2 (train .*?) > ",
+                          log)
+        assert shell, log[-3000:]
+        argv = shlex.split(shell.group(1))
+        out = argv.index("--out") + 1
+        run, argv[out] = work / argv[out], str(tmp_path / "one")
+        started = next((work / "logs" / "train").rglob("*.log")).read_text().splitlines()[0]
+        assert " srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node=1 " in started
+        one = subprocess.run([sys.executable, "-m", "lambdapipe", *argv], cwd=work,
+                             env={k: v for k, v in env.items() if not k.startswith("SLURM")},
+                             capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        assert json.loads((run / "config.json").read_text())["runtime"]["world_size"] == 2
+        assert_same(run, tmp_path / "one")
+    finally:
+        if cluster is not None:
+            cluster.stop()

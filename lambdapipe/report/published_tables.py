@@ -111,6 +111,7 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
     pub_ds = PUBLISHED_DATASET.get(source)
     candidates = resnet_settings(published, source)
     digits = params_digits(df["params"] * 1e-6)
+    v2 = "test_v2_acc" in df.columns and df["test_v2_acc"].notna().any()  # ImageNet-V2
     md, rows = [], []
     for _, g in run_groups(df, SETTING_KEYS):
         first = g.iloc[0]
@@ -133,6 +134,7 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
             TEST_ACC: metric_cell(g, "tst_acc", 2, PCT), f"published {TEST_ACC}":
                 p("test_acc", 2, PCT),
             TEST_NLL: metric_cell(g, "tst_nll", 3), f"published {TEST_NLL}": p("test_nll", 3),
+            **({V2_ACC: metric_cell(g, "test_v2_acc", 2, PCT)} if v2 else {}),
             "precision": precision, **_skipped_cells(g, precision, pub),
             "recipe": recipe, "status": status_cell(g), "unlike published": why,
         })
@@ -146,6 +148,7 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
             **_with_pub(g, pub, [("val_acc", "val_acc", "val_acc_pct", PCT),
                                  ("tst_acc", "test_acc", "test_acc_pct", PCT),
                                  ("tst_nll", "test_nll", "test_nll", 1.0)]),
+            **(metric_csv(g, "test_v2_acc", "test_v2_acc_pct", PCT) if v2 else {}),
             **metric_csv(g, "skipped_steps", "skipped_steps"),
             "nan_grads_published": _nan_grads(pub),
             "status": status_cell(g), "unlike_published": why,
@@ -164,11 +167,15 @@ def baseline_table(dataset: str, df: pd.DataFrame, published: pd.DataFrame,
     if pub_ds and stand_in:
         published_note += STAND_IN_NOTE.format(dataset=dataset, source=pub_ds)
     notes = ["Mean ± sample std over seeds (ok runs only); accuracies in percent. "
-             + published_note + (SKIPPED_NOTE if (df["precision"] == "fp16").any() else "")]
+             + published_note + (SKIPPED_NOTE if (df["precision"] == "fp16").any() else "")
+             + (V2_NOTE if v2 else "")]
     return Table(f"baselines_{dataset}", f"{dataset}: results against the published ResNet "
                  "baselines", md, rows, notes)
 
 
+V2_ACC = "ImageNet-V2 acc (%)"
+V2_NOTE = (" 'ImageNet-V2 acc': best.ckpt on ImageNet-V2 matched frequency (summary.json "
+           "test_v2_acc), the extra test set; the published CSV holds no value for it.")
 SKIPPED_NOTE = (" fp16 runs: 'skipped steps' counts the steps the loss scaler skipped on "
                 "inf/nan gradients (summary.json skipped_steps), beside the published row's "
                 "`nan-grads` mark ('published nan-grads': yes where the source's fp16 run "
