@@ -293,10 +293,9 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recip
               rt: Runtime, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
               capture: Any = None) -> TrainStep | GraphedStep:
     """The step a run runs: a `TrainStep`, captured whole (`GraphedStep`) under step-graph."""
-    if rt.compile != STEP_GRAPH:
-        return TrainStep(model, optimizer, r, rt, mean, std, runs)
-    return GraphedStep(TrainStep(model, optimizer, r, rt, mean, std, runs, graph_safe=True),
-                       capture)
+    step = TrainStep(model, optimizer, r, rt, mean, std, runs,
+                     graph_safe=rt.compile == STEP_GRAPH)
+    return GraphedStep(step, capture) if step.graph_safe else step
 
 
 def build(model: torch.nn.Module, r: Recipe, rt: Runtime, mean: torch.Tensor,

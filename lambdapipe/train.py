@@ -165,7 +165,6 @@ class Run:
                         position=self.bar_position, desc=self.label.strip() or None)
         self.it = state.iteration
         self.window_start, self.window_it = time.perf_counter(), self.it
-        self.lr = r.lr_at(self.it, total, steps_per_epoch)
 
     def train(self) -> dict[str, Any]:
         """Start (or resume), train to the end and finish: the summary."""
