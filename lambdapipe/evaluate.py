@@ -143,10 +143,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
-            std: torch.Tensor, rt: Runtime | None = None, batch_size: int = 500) -> torch.Tensor:
+            std: torch.Tensor, rt: Runtime, batch_size: int = 500) -> torch.Tensor:
     """float32 logits for uint8 NCHW `images` (already on the model's device), eval mode,
-    in `rt`'s precision and layout (default: fp32, NCHW)."""
-    rt = rt or Runtime(str(images.device))
+    in `rt`'s precision and layout."""
     was_training = model.training
     model.eval()
     try:
@@ -161,7 +160,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, mean: torch.Tensor,
 
 
 def predict_split(model: torch.nn.Module, data: Any, mean: torch.Tensor, std: torch.Tensor,
-                  rt: Runtime | None = None) -> torch.Tensor:
+                  rt: Runtime) -> torch.Tensor:
     """`predict` of a split held on the device (augment.DeviceImages), or of a streamed one
     (feed.EvalStream) batch by batch: its images are never all in memory, its logits are,
     on the CPU (50,000 x 1000 float32 = 200 MB for ImageNet's val set)."""
@@ -213,59 +212,59 @@ def diverged_before_first_eval(run: Path) -> bool:
 
 def evaluate_checkpoint(ckpt: Path, split: str, data_dir: Path, device: str,
                         out: Path | None) -> dict[str, Any]:
-    """Metrics of a training checkpoint on `split`; train is scored against its clean labels
-    (`accuracy`) and the run's noisy labels (`label_accuracy`). The missing best.ckpt of a
-    run that diverged before its first evaluation gives `status: diverged` (written to
-    `out`), not an error, so one such run does not stop a grid."""
-    from lambdapipe.augment import DeviceImages
-    from lambdapipe.data import load_split
-
+    """`checkpoint_scores` on one split, written to `out`. The missing best.ckpt of a run that
+    diverged before its first evaluation gives `status: diverged`, not an error, so one such
+    run does not stop a grid."""
     ckpt = Path(ckpt)
     if not ckpt.is_file() and diverged_before_first_eval(ckpt.parent):
         result = {"status": "diverged", "best_ckpt": None, "checkpoint": str(ckpt),
                   "split": split}
-        if out is not None:
-            atomic.write_json(out, result)
-        return result
-    state = load_checkpoint(ckpt, map_location="cpu")
-    config = state["config"]
-    model = build_model(config)
-    rt = of_run(config, device, model)  # as the run's recipe runs on this device
-    load_weights(model, state["model"], str(ckpt))
-    noise = config["noise"] if split == "train" else "clean"
-    images = eval_split(Path(data_dir), config["dataset"], split, device)  # a JPEG index
-    data = images.split if images is not None else load_split(
-        Path(data_dir), config["dataset"], split, noise=noise)
-    h = data.size if images is not None else data.images.shape[1]
-    if data.num_classes != config["data"]["num_classes"] or h != config["data"]["image_size"]:
-        raise UserError(f"checkpoint {ckpt} was trained on {config['data']['num_classes']} "
-                        f"classes at {config['data']['image_size']} px, but {config['dataset']} "
-                        f"{split} in {data_dir} has {data.num_classes} classes at {h} px")
-    if images is None:
-        images = DeviceImages(data.images, data.labels, data.clean_labels, device)
-    model.to(device)
-    mean, std = (torch.tensor(config["data"][k], device=device) for k in ("mean", "std"))
-    logits = predict_split(model, images, mean, std, rt)
-    result = {"status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
-              "model": config["model"], "dataset": config["dataset"], "split": split,
-              "noise": noise, "classes": list(data.classes)}
-    result.update(classification_metrics(logits, images.clean_labels, detailed=True))
-    if split == "train" and noise != "clean":
-        result["label_accuracy"] = classification_metrics(logits, images.labels)["accuracy"]
+    else:
+        result = checkpoint_scores(ckpt, [split], data_dir, device)[split]
     if out is not None:
         atomic.write_json(out, result)
     return result
 
 
-def extra_test_scores(ckpt: Path, data_dir: Path, dataset: str, device: str
-                      ) -> dict[str, float | None]:
-    """`<split>_acc` of `ckpt` on each extra test set the dataset was prepared with
-    (ImageNet-2012's test_v2, ImageNet-V2), for summary.json; none for other sets."""
-    from lambdapipe.data import load_manifest
+def checkpoint_scores(ckpt: Path, splits: list[str], data_dir: Path, device: str
+                      ) -> dict[str, dict[str, Any]]:
+    """Metrics of a training checkpoint on each of `splits`, its model built and loaded once;
+    train is scored against its clean labels (`accuracy`) and the run's noisy labels
+    (`label_accuracy`)."""
+    from lambdapipe.augment import DeviceImages
+    from lambdapipe.data import load_split
 
-    extra = load_manifest(Path(data_dir), dataset).get("extra_tests", ())
-    return {f"{s}_acc": evaluate_checkpoint(ckpt, s, data_dir, device, None)["accuracy"]
-            if Path(ckpt).is_file() else None for s in extra}
+    state = load_checkpoint(ckpt, map_location="cpu")
+    config = state["config"]
+    model = build_model(config)
+    rt = of_run(config, device, model)  # as the run's recipe runs on this device
+    load_weights(model, state["model"], str(ckpt))
+    model.to(device)
+    mean, std = (torch.tensor(config["data"][k], device=device) for k in ("mean", "std"))
+    results = {}
+    for split in splits:
+        noise = config["noise"] if split == "train" else "clean"
+        images = eval_split(Path(data_dir), config["dataset"], split, device)  # a JPEG index
+        data = images.split if images is not None else load_split(
+            Path(data_dir), config["dataset"], split, noise=noise)
+        h = data.size if images is not None else data.images.shape[1]
+        if data.num_classes != config["data"]["num_classes"] or \
+                h != config["data"]["image_size"]:
+            raise UserError(f"checkpoint {ckpt} was trained on {config['data']['num_classes']} "
+                            f"classes at {config['data']['image_size']} px, but "
+                            f"{config['dataset']} {split} in {data_dir} has {data.num_classes} "
+                            f"classes at {h} px")
+        if images is None:
+            images = DeviceImages(data.images, data.labels, data.clean_labels, device)
+        logits = predict_split(model, images, mean, std, rt)
+        results[split] = result = {
+            "status": "ok", "checkpoint": str(ckpt), "iteration": state.get("iteration"),
+            "model": config["model"], "dataset": config["dataset"], "split": split,
+            "noise": noise, "classes": list(data.classes),
+            **classification_metrics(logits, images.clean_labels, detailed=True)}
+        if split == "train" and noise != "clean":
+            result["label_accuracy"] = classification_metrics(logits, images.labels)["accuracy"]
+    return results
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ once, its slice rides along unread.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -113,35 +113,48 @@ def fused_step(models: Sequence[torch.nn.Module], r: Recipe, rt: Runtime, mean: 
     return make_step(fused, optimizer, r, rt, mean, std, runs=fused.k, capture=capture)
 
 
-def train_fused(runs: Sequence[Run], on_finish: Callable[[int, dict[str, Any]], None],
-                pack_size: int | None = None) -> None:
-    """Train started runs (all at one iteration) as one network until each is finished (a
-    lone run alone); `on_finish(k, summary)` as run k ends. `pack_size`: the job's seeds."""
-    first = runs[0]
-    states = [run.seat.optimizer_state() for run in runs]
-    reason = why_not_states(states) if len(runs) > 1 and states[0]["state"] else None
-    if reason is not None:
-        first.log(f"not fused ({reason}): the runs train one after another")
-    if reason is not None or len(runs) == 1:
-        for k, run in enumerate(runs):
-            while run.advance():
+def train_fused(runs: Sequence[Run], pack_size: int) -> list[dict[str, Any]]:
+    """Train started runs as one network until each is finished: their summaries. A kill
+    between the runs' checkpoints leaves them at different iterations: the runs behind first
+    catch up alone, then the unfinished ones go fused (one left, or optimizer states that
+    cannot be stacked: one after another). `pack_size`: the job's seeds."""
+    target = max(run.it for run in runs)
+    for run in runs:
+        if run.it < target and not run.done():
+            run.log(f"catching up alone from iteration {run.it} to {target}, where the "
+                    "other runs of the pack resume")
+            while run.it < target and run.advance():
                 pass
-            on_finish(k, run.finish())
-        return
-    step = fused_step([run.model for run in runs], first.r, first.rt, first.mean, first.std,
+    # done: finished before its summary was written, or diverged catching up
+    summaries = [run.finish() if run.done() else None for run in runs]
+    todo = [k for k, summary in enumerate(summaries) if summary is None]
+    states = [runs[k].seat.optimizer_state() for k in todo]
+    reason = why_not_states(states) if len(todo) > 1 and states[0]["state"] else None
+    if reason is not None:
+        runs[todo[0]].log(f"not fused ({reason}): the runs train one after another")
+    if reason is not None or len(todo) < 2:
+        for k in todo:
+            while runs[k].advance():
+                pass
+            summaries[k] = runs[k].finish()
+        return summaries
+    first = runs[todo[0]]
+    step = fused_step([runs[k].model for k in todo], first.r, first.rt, first.mean, first.std,
                       states)
-    for k, run in enumerate(runs):
-        run.join(Seat(step, k, pack_size or len(runs)))
-    active = list(range(len(runs)))
-    batches = [run.next_batch() for run in runs]
+    for j, k in enumerate(todo):
+        runs[k].join(Seat(step, j, pack_size))
+    batches = [runs[k].next_batch() for k in todo]
+    active = list(range(len(todo)))
     while active:
         x, y, y_clean = (torch.stack(parts) for parts in zip(*batches, strict=True))
-        lead = runs[active[0]]
+        lead = runs[todo[active[0]]]
         step(x, y, y_clean, lead.lr, lead.it)
-        for k in list(active):
-            if runs[k].after_step():
-                batches[k] = runs[k].next_batch()
+        for j in list(active):
+            run = runs[todo[j]]
+            if run.after_step():
+                batches[j] = run.next_batch()
             else:  # finished, or diverged: its slice rides along on its last batch
                 with rng.kept(first.device):  # testing best.ckpt builds a model: it draws
-                    on_finish(k, runs[k].finish())
-                active.remove(k)
+                    summaries[todo[j]] = run.finish()
+                active.remove(j)
+    return summaries

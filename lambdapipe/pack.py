@@ -13,10 +13,10 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from lambdapipe import rng, runlock
+from lambdapipe import logs, rng, runlock
 from lambdapipe.errors import UserError
 from lambdapipe.rundir import TrainConfig, check_before_start, finished
-from lambdapipe.runtime import log, resolve
+from lambdapipe.runtime import resolve
 from lambdapipe.train import Run
 
 
@@ -62,54 +62,33 @@ def run_packed(cfgs: Sequence[TrainConfig], device: str = "cpu", progress: bool 
         summaries = [finished(cfg.out) for cfg in cfgs]
         todo = [i for i, summary in enumerate(summaries) if summary is None]
         rt = resolve(cfgs[0].recipe, device, cfgs[0].deterministic)  # kernels: check_packed
+        fused = False
         if fuse and todo:
             from lambdapipe import fuse as fusing
 
             # one unfinished run left of a fused job finishes in the fused job's path too
             reason = fusing.why_not([cfgs[i] for i in todo], rt) if len(todo) > 1 else None
-            if reason is None:
-                _run_fused(cfgs, todo, summaries, rt, progress, callback)
-                return summaries
-            log(f"not fused ({reason}): the runs train one after another")
+            fused = reason is None
+            if not fused:
+                logs.emit(f"not fused ({reason}): the runs train one after another")
+        device_data: dict = {}  # a fused job's runs hold the cell's splits on the device once
+
+        def new_run(pos: int, i: int) -> Run:
+            return Run(cfgs[i], rt if fused else device, progress,
+                       None if callback is None else functools.partial(callback, cfgs[i]),
+                       label=_label(cfgs[i], cfgs), bar_position=pos,
+                       device_data=device_data if fused else None,
+                       pack_size=len(cfgs) if fused else None)
+
         with rt.kernels():
-            for pos, i in enumerate(todo):
-                summaries[i] = Run(cfgs[i], device, progress, _reporter(callback, cfgs[i]),
-                                   label=_label(cfgs[i], cfgs), bar_position=pos).train()
+            if fused:  # started in turn on the process's RNG (each seeds its own model)
+                runs = [new_run(pos, i) for pos, i in enumerate(todo)]
+                for run in runs:
+                    run.start()
+                done = fusing.train_fused(runs, len(cfgs))
+                del runs
+            else:  # each run to its end (and let go) before the next starts
+                done = [new_run(pos, i).train() for pos, i in enumerate(todo)]
+        for i, summary in zip(todo, done, strict=True):
+            summaries[i] = summary
         return summaries
-
-
-def _reporter(callback, cfg: TrainConfig) -> Callable[[dict[str, float]], None] | None:
-    return None if callback is None else functools.partial(callback, cfg)
-
-
-def _run_fused(cfgs, todo, summaries, rt, progress, callback) -> None:
-    """The unfinished runs as one network (lambdapipe/fuse.py), started in turn on the
-    process's RNG (each seeds its own model). A kill between the runs' checkpoints leaves
-    them at different iterations: the runs behind first catch up alone, then all go fused."""
-    from lambdapipe.fuse import train_fused
-
-    device_data: dict = {}
-    with rt.kernels():
-        runs = []
-        for pos, i in enumerate(todo):
-            runs.append(Run(cfgs[i], rt, progress, _reporter(callback, cfgs[i]),
-                            label=_label(cfgs[i], cfgs), bar_position=pos,
-                            device_data=device_data, pack_size=len(cfgs)))
-            runs[-1].start()
-        target = max(run.it for run in runs)
-        for run in runs:
-            if run.it < target and not run.done():
-                run.log(f"catching up alone from iteration {run.it} to {target}, where the "
-                         "other runs of the pack resume")
-                while run.it < target and run.advance():
-                    pass
-        for k, run in enumerate(runs):
-            if run.done():  # finished before its summary was written, or diverged catching up
-                summaries[todo[k]] = run.finish()
-        live = [k for k in range(len(runs)) if summaries[todo[k]] is None]
-        if live:
-            def done(k: int, summary: dict[str, Any]) -> None:
-                summaries[todo[live[k]]] = summary
-
-            train_fused([runs[k] for k in live], done, pack_size=len(cfgs))
-        del runs

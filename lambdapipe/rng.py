@@ -51,12 +51,9 @@ def restore(state: dict[str, Any], device: str | torch.device = "cpu") -> None:
 
 @contextlib.contextmanager
 def kept(device: str | torch.device = "cpu") -> Iterator[None]:
-    """Every generator as it was before the block (torch's through its own `fork_rng`)."""
-    cuda = _cuda(device)
-    py, npy = random.getstate(), np.random.get_state()
+    """Every generator as it was before the block."""
+    state = snapshot(device)
     try:
-        with torch.random.fork_rng(devices=[cuda] if cuda is not None else []):
-            yield
+        yield
     finally:
-        random.setstate(py)
-        np.random.set_state(npy)
+        restore(state, device)

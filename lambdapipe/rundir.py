@@ -135,9 +135,8 @@ def check_before_start(cfg: TrainConfig) -> None:
     model = build_model(run_config(cfg, train, stats=False))  # its size checked: on meta
     model.eval()
     with torch.no_grad():
-        x = torch.zeros(2, 3, size, size)
         try:
-            model(x)
+            model(torch.zeros(2, 3, size, size))
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"model {cfg.model} {cfg.model_args} cannot run on "
                             f"{cfg.dataset} images ({size} px): "
@@ -157,11 +156,8 @@ def run_config(cfg: TrainConfig, train, stats: bool = True, device: str = "cpu")
     """The resolved config written to config.json and into every checkpoint."""
     mean, std = split_stats(train) if stats else ([0.0] * 3, [1.0] * 3)
     return json.loads(json.dumps({  # plain JSON types only: checkpoints load weights_only
-        **cfg.identity(),
-        "deterministic": cfg.deterministic,
-        "out": str(cfg.out),
-        "data_dir": str(cfg.data_dir),
-        "device": str(device),
+        **cfg.identity(), "deterministic": cfg.deterministic,
+        "out": str(cfg.out), "data_dir": str(cfg.data_dir), "device": str(device),
         "data": {"num_classes": int(train.num_classes), "classes": list(train.classes),
                  "image_size": image_size(train), "train_size": len(train.labels),
                  "mean": mean, "std": std},
@@ -179,9 +175,6 @@ class RunState:
     best_iteration: int = -1
     elapsed_s: float = 0.0
     skipped_steps: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def write_metrics(out: Path, rows: list[dict[str, float]]) -> None:

@@ -1,6 +1,6 @@
 """Every speed decision of a run, made once: `resolve` turns (recipe, device, model) into one
 frozen `Runtime`, which config.json records (`runtime`) and step, fuse, evaluate, bench and
-project take as given. Also where a run's messages go."""
+project take as given."""
 
 from __future__ import annotations
 
@@ -20,14 +20,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # `compile: auto` (the default): CUDA graphs on a GPU, where they measured 3x eager for every
 # model (docs/performance.md); eager on a CPU, where compiling costs minutes and gains little.
 AUTO_COMPILE = {"cuda": "reduce-overhead"}
-
-
-def log(msg: str, level: str = "info") -> None:
-    """A message of the run on the `lambdapipe` logger: stderr, each line with a timestamp
-    and `level` (info, warning, error), so a job's log file says when it happened."""
-    from lambdapipe import logs  # logging's setup lives there; the CLI sets the level
-
-    logs.emit(msg, level)
 
 
 @dataclass(frozen=True)
@@ -131,15 +123,13 @@ def resolve(r: Recipe, device: str, deterministic: bool = False,
                    deterministic=deterministic, world=world)
 
 
-def of_run(config: dict[str, Any], device: str, model: torch.nn.Module | None = None
-           ) -> Runtime:
+def of_run(config: dict[str, Any], device: str, model: torch.nn.Module) -> Runtime:
     """The runtime of a saved run (config.json, a checkpoint's config) on `device`, with
     `model`'s lambda layers set (`impls_of_run`)."""
     from lambdapipe.recipes import get_recipe
 
     saved = dict(config["recipe"])
-    rt = resolve(get_recipe(saved.pop("name"), saved), device)
-    return rt if model is None else impls_of_run(config, rt, model)
+    return impls_of_run(config, resolve(get_recipe(saved.pop("name"), saved), device), model)
 
 
 def impls_of_run(config: dict[str, Any], rt: Runtime, model: torch.nn.Module) -> Runtime:

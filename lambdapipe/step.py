@@ -12,9 +12,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lambdapipe import logs
 from lambdapipe.augment import normalize
 from lambdapipe.recipes import STEP_GRAPH, Recipe
-from lambdapipe.runtime import Runtime, log
+from lambdapipe.runtime import Runtime
 from lambdapipe.validate import DEVICE_FLAGS
 
 
@@ -49,14 +50,6 @@ class Tally(NamedTuple):
 
 
 COLUMN = Tally(*range(len(Tally._fields)))  # each field's column in a device tally
-
-
-def new_tally(device: str, runs: int | None = None) -> torch.Tensor:
-    """A device tally: (fields,) for one run, (runs, fields) for a fused step."""
-    shape = (len(Tally._fields),) if runs is None else (runs, len(Tally._fields))
-    t = torch.zeros(shape, dtype=torch.float64, device=device)
-    t[..., COLUMN.first_nonfinite] = -1
-    return t
 
 
 @torch.no_grad()
@@ -99,25 +92,31 @@ class TrainStep:
                  rt: Runtime, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
                  graph_safe: bool = False):
         self.model, self.optimizer, self.r, self.rt = model, optimizer, r, rt
-        self.device = device = rt.device
         self.mean, self.std, self.runs, self.graph_safe = mean, std, runs, graph_safe
         mode = "default" if rt.compile == STEP_GRAPH else rt.compile
         self.forward = torch.compile(model, mode=mode) if mode else model
         # what the step runs: "eager", a compile mode, "step-graph", "eager (fallback: reason)"
         self.path = rt.compile or "eager"
-        self.scaler = torch.amp.GradScaler(torch.device(device).type,
+        self.scaler = torch.amp.GradScaler(torch.device(rt.device).type,
                                            enabled=rt.scaler and runs is None)
-        self.tally = new_tally(device, runs)
+        # the device tally: (fields,) for one run, (runs, fields) for a fused step
+        fields = len(Tally._fields)
+        self.tally = torch.zeros((fields,) if runs is None else (runs, fields),
+                                 dtype=torch.float64, device=rt.device)
+        self.tally[..., COLUMN.first_nonfinite] = -1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
                  step: int) -> torch.Tensor:
-        if self.forward is self.model:
-            return self._step(x, y, y_clean, lr, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
         try:
-            return self._step(x, y, y_clean, lr, step)
+            return self.body(x, y, y_clean, float(step + 1))
         except Exception as exc:  # noqa: BLE001 - any compile failure
+            if self.forward is self.model:
+                raise
             self.fall_back(exc)
-        return self._step(x, y, y_clean, lr, step)
+        return self.body(x, y, y_clean, float(step + 1))
 
     def fall_back(self, exc: BaseException) -> None:
         """Continue eagerly after compilation or a capture failed (both before the optimizer
@@ -126,15 +125,8 @@ class TrainStep:
         self.path = f"eager (fallback: {type(exc).__name__}: {reason})"
         self.forward = self.model
         self.optimizer.zero_grad(set_to_none=True)
-        log(f"{self.rt.compile} compiled step failed, training continues "
-            f"eagerly: {type(exc).__name__}: {reason}", level="warning")
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor, lr: float,
-              step: int) -> torch.Tensor:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.body(x, y, y_clean, float(step + 1))
+        logs.emit(f"{self.rt.compile} compiled step failed, training continues "
+                  f"eagerly: {type(exc).__name__}: {reason}", level="warning")
 
     def body(self, x: torch.Tensor, y: torch.Tensor, y_clean: torch.Tensor,
              iteration: float | torch.Tensor) -> torch.Tensor:
@@ -180,18 +172,15 @@ class GraphedStep:
     def __init__(self, step: TrainStep, capture: Any = None):
         self.step, self.capture = step, capture or CudaStepGraph
         self.model, self.optimizer, self.scaler = step.model, step.optimizer, step.scaler
+        self.rt, self.tally = step.rt, step.tally  # the step's own tally tensor, never replaced
         self.graph: Any = None
         self.warm, self.failed = 0, False
         # CUDA's fused optimizer kernels read a tensor learning rate as float32 (Adam(W)
         # may then round its update differently in the last bit); CPU ones as double
-        device = step.device
+        device = step.rt.device
         lr_dtype = torch.float32 if torch.device(device).type == "cuda" else torch.float64
         self.lr_t = torch.zeros((), dtype=lr_dtype, device=device)
         self.iteration_t = torch.zeros((), dtype=torch.float64, device=device)
-
-    @property
-    def tally(self) -> torch.Tensor:
-        return self.step.tally
 
     @property
     def path(self) -> str:
@@ -229,7 +218,7 @@ class GraphedStep:
             if self.warm < STEP_GRAPH_WARMUP:
                 self.warm += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                with self.capture.warm_up(self.step.device):
+                with self.capture.warm_up(self.rt.device):
                     return body(x, y, y_clean, self.iteration_t)
             self.static = (x.clone(), y.clone(), y_clean.clone())
             self.optimizer.zero_grad(set_to_none=True)  # the graph writes fresh gradients
@@ -274,7 +263,7 @@ class Seat:
 
     def counts(self) -> Tally:
         """The tally, a host sync; on several processes every rank's, combined."""
-        world = self.step.rt.world if isinstance(self.step, TrainStep) else None
+        world = self.step.rt.world
         if world is None:
             return Tally(*self.tally.tolist())
         from lambdapipe.distributed import gathered
@@ -304,10 +293,9 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r: Recip
               rt: Runtime, mean: torch.Tensor, std: torch.Tensor, runs: int | None = None,
               capture: Any = None) -> TrainStep | GraphedStep:
     """The step a run runs: a `TrainStep`, captured whole (`GraphedStep`) under step-graph."""
-    if rt.compile != STEP_GRAPH:
-        return TrainStep(model, optimizer, r, rt, mean, std, runs)
-    return GraphedStep(TrainStep(model, optimizer, r, rt, mean, std, runs, graph_safe=True),
-                       capture)
+    step = TrainStep(model, optimizer, r, rt, mean, std, runs,
+                     graph_safe=rt.compile == STEP_GRAPH)
+    return GraphedStep(step, capture) if step.graph_safe else step
 
 
 def build(model: torch.nn.Module, r: Recipe, rt: Runtime, mean: torch.Tensor,

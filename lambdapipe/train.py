@@ -8,6 +8,7 @@ run. The test split is read once, after training, on the checkpoint val chose
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import textwrap
@@ -18,34 +19,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lambdapipe import atomic, distributed, feed, rng, runlock
+from lambdapipe import atomic, distributed, evaluate, feed, logs, rng, rundir, runlock
 from lambdapipe import status as run_status
 from lambdapipe.augment import DeviceImages, augmented_batch, plan_epoch
-from lambdapipe.evaluate import (
-    build_model,
-    classification_metrics,
-    evaluate_checkpoint,
-    extra_test_scores,
-    load_checkpoint,
-    load_weights,
-    predict_split,
-    save_checkpoint,
-)
 from lambdapipe.protocol import at_best, selection_score, tracks_test, training_split
 from lambdapipe.recipes import Recipe, recipe_changes
-from lambdapipe.rundir import (
-    RunState,
-    TrainConfig,
-    check_before_start,
-    check_same_run,
-    finished,
-    iter_per_min,
-    load_splits,
-    run_config,
-    saved_config,
-    write_metrics,
-)
-from lambdapipe.runtime import Runtime, log, resolve
+from lambdapipe.rundir import RunState, TrainConfig, check_before_start
+from lambdapipe.runtime import Runtime, resolve
 from lambdapipe.step import Seat, Tally, build
 from lambdapipe.validate import check_resume
 
@@ -67,7 +47,7 @@ def run(cfg: TrainConfig, device: str = "cpu", progress: bool = False,
         def lead() -> dict[str, Any] | None:
             owned.enter_context(runlock.own(cfg.out))  # one owner (a refusal leaves nothing)
             check_before_start(cfg)  # also refuses an --out that holds a different config
-            return finished(cfg.out)
+            return rundir.finished(cfg.out)
 
         done = distributed.decided(world, lead)
         if done is not None:
@@ -98,43 +78,43 @@ class Run:
         self.pack_size = pack_size  # a fused job's seeds (summary.json's `compile`)
 
     def log(self, msg: str) -> None:
-        log(self.label + msg)
+        logs.emit(self.label + msg)
 
     def start(self) -> None:
         cfg, device, r, out = self.cfg, self.device, self.r, self.out
         self.started = time.perf_counter()
-        train, val = load_splits(cfg, verify=False)  # checksums verified by check_before_start
+        train, val = rundir.load_splits(cfg, verify=False)  # checked by check_before_start
         train_name, train = training_split(r, train, val, cfg.noise)  # protocol.py
-        config = run_config(cfg, train, device=device)
+        config = rundir.run_config(cfg, train, device=device)
         from lambdapipe.provenance import record  # identity, code and GPU: config.json
         config.update(record(cfg.model, cfg.model_args, cfg.recipe.to_dict(), cfg.data_dir,
                              cfg.dataset))
         self.config = config
-        log(f"recipe {r.name}: {r.description}")
-        log(textwrap.fill(" ".join(f"{k}={v}" for k, v in r.to_dict().items()
-                                   if k not in ("name", "description")),
-                          width=100, initial_indent="  ", subsequent_indent="  "))
+        logs.emit(f"recipe {r.name}: {r.description}")
+        logs.emit(textwrap.fill(" ".join(f"{k}={v}" for k, v in r.to_dict().items()
+                                        if k not in ("name", "description")),
+                                width=100, initial_indent="  ", subsequent_indent="  "))
         self.steps_per_epoch = steps_per_epoch = r.steps_per_epoch(len(train.labels))
         self.total = total = r.total_steps(steps_per_epoch)
         self.eval_every = r.eval_interval(steps_per_epoch)
 
         torch.manual_seed(cfg.seed)
-        model = build_model(config)
-        recorded = saved_config(out) if (out / "last.ckpt").exists() else None
+        model = evaluate.build_model(config)
+        last = out / "last.ckpt"
+        resume = last.exists()  # before build: on several processes DDP's start syncs ranks
+        recorded = rundir.saved_config(out) if resume else None
         self.rt = rt = self.rt.with_model(model, config["data"]["image_size"],
                                           (recorded or {}).get("runtime"))
         config["runtime"] = rt.record()
         mean, std = (torch.tensor(config["data"][k], device=device) for k in ("mean", "std"))
         state = RunState()
-        last = out / "last.ckpt"
-        resume = last.exists()  # before build: on several processes DDP's start syncs ranks
         model, optimizer, step_fn = build(model, r, rt, mean, std)
         if resume:
-            ckpt = load_checkpoint(last, map_location=device)
-            check_same_run(cfg, last, ckpt)
+            ckpt = evaluate.load_checkpoint(last, map_location=device)
+            rundir.check_same_run(cfg, last, ckpt)
             check_resume(ckpt, last, optimizer=optimizer, scaler=step_fn.scaler, total=total,
-                         state_fields=RunState().to_dict())
-            load_weights(model, ckpt["model"], str(last))
+                         state_fields=dataclasses.asdict(RunState()))
+            evaluate.load_weights(model, ckpt["model"], str(last))
             optimizer.load_state_dict(ckpt["optimizer"])
             step_fn.scaler.load_state_dict(ckpt["scaler"])
             rng.restore(ckpt["rng"], device)
@@ -142,7 +122,7 @@ class Run:
             # The checkpoint is the truth: a kill between its rename and metrics.csv's left
             # the file one row short (or one ahead); rewrite it before anything else happens.
             if rt.lead:
-                write_metrics(out, state.rows)
+                rundir.write_metrics(out, state.rows)
             self.log(f"resuming {out} at iteration {state.iteration} of {total}")
         elif rt.lead:
             out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +165,6 @@ class Run:
                         position=self.bar_position, desc=self.label.strip() or None)
         self.it = state.iteration
         self.window_start, self.window_it = time.perf_counter(), self.it
-        self.lr = r.lr_at(self.it, total, steps_per_epoch)
 
     def train(self) -> dict[str, Any]:
         """Start (or resume), train to the end and finish: the summary."""
@@ -238,8 +217,8 @@ class Run:
         """Val (and test when tracked) metrics, the checkpoints and the metrics row."""
         r, it, lr, state, model, out = self.r, self.it, self.lr, self.state, self.model, self.out
         train_seconds = time.perf_counter() - self.window_start
-        logits = predict_split(model, self.val_data, self.mean, self.std, self.rt)
-        val_metrics = classification_metrics(logits, self.val_data.labels)
+        logits = evaluate.predict_split(model, self.val_data, self.mean, self.std, self.rt)
+        val_metrics = evaluate.classification_metrics(logits, self.val_data.labels)
         row = {"iteration": it, "epoch": round(it / self.steps_per_epoch, 4), "lr": lr,
                "train_loss": tally.loss_sum / tally.images,
                "train_acc": tally.correct / tally.images,
@@ -248,8 +227,9 @@ class Run:
                "images_per_s": (it - self.window_it) * r.batch_size / max(train_seconds, 1e-9),
                "elapsed_s": time.perf_counter() - self.session_start}
         if self.test_data is not None:
-            logits = predict_split(model, self.test_data, self.mean, self.std, self.rt)
-            row["tst_acc"] = classification_metrics(logits, self.test_data.labels)["accuracy"]
+            logits = evaluate.predict_split(model, self.test_data, self.mean, self.std, self.rt)
+            row["tst_acc"] = evaluate.classification_metrics(logits,
+                                                             self.test_data.labels)["accuracy"]
         state.rows.append(row)
         state.iteration, state.elapsed_s = it, row["elapsed_s"]
         state.skipped_steps += int(tally.skipped)
@@ -259,13 +239,13 @@ class Run:
         if selection_score(r, row) > state.best_val_acc:  # val's, or test's (select_on)
             state.best_val_acc, state.best_iteration = selection_score(r, row), it
             paths.insert(0, out / "best.ckpt")
-        save_checkpoint({"config": self.config, "model": model.state_dict(),
-                         "optimizer": self.seat.optimizer_state(),
-                         "scheduler": {"schedule": r.schedule, "step": it, "lr": lr},
-                         "scaler": self.seat.scaler_state(),
-                         "rng": rng.snapshot(self.device),
-                         "iteration": it, "state": state.to_dict()}, *paths)
-        write_metrics(out, state.rows)
+        evaluate.save_checkpoint({"config": self.config, "model": model.state_dict(),
+                                  "optimizer": self.seat.optimizer_state(),
+                                  "scheduler": {"schedule": r.schedule, "step": it, "lr": lr},
+                                  "scaler": self.seat.scaler_state(),
+                                  "rng": rng.snapshot(self.device),
+                                  "iteration": it, "state": dataclasses.asdict(state)}, *paths)
+        rundir.write_metrics(out, state.rows)
         if not self.progress:
             self.log(f"iter {it}/{self.total} epoch {row['epoch']:.2f} lr {lr:.3g} "
                       f"train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
@@ -288,13 +268,17 @@ class Run:
 
     def _summarize(self) -> dict[str, Any]:
         """summary.json, for solo and packed runs alike."""
+        from lambdapipe.data import load_manifest
         from lambdapipe.models import count_params
 
         runlock.check_still_owned(self.out)
         cfg, r, state, diverged_at = self.cfg, self.r, self.state, self.diverged_at
         rows, best = state.rows, cfg.out / "best.ckpt"  # none if diverged before an evaluation
-        test = (evaluate_checkpoint(best, "test", cfg.data_dir, self.device, None)
-                if best.exists() else None)  # the only time the test split is read
+        # ImageNet-2012's extra test sets (test_v2, ImageNet-V2) are scored with test
+        extra = load_manifest(cfg.data_dir, cfg.dataset).get("extra_tests", [])
+        scores = evaluate.checkpoint_scores(best, ["test", *extra], cfg.data_dir, self.device) \
+            if best.exists() else {}  # the only time the test splits are read
+        test = scores.get("test")
         summary = {
             "model": cfg.model, "model_args": cfg.model_args, "dataset": cfg.dataset,
             "noise": cfg.noise, "seed": cfg.seed, "recipe": r.name, "precision": r.precision,
@@ -312,11 +296,11 @@ class Run:
             "tst_acc_best_seen": max((x["tst_acc"] for x in rows), default=None)
             if tracks_test(r) else None,
             "status": _status(diverged_at, rows, test), "diverged_at": diverged_at,
-            **extra_test_scores(best, cfg.data_dir, cfg.dataset, self.device),
+            **{f"{s}_acc": scores[s]["accuracy"] if scores else None for s in extra},
             "compile": self.seat.path, "skipped_steps": state.skipped_steps,
             # evaluations whose val loss was not finite while training was (eval-mode overflow)
             "nonfinite_val_evals": sum(not math.isfinite(x["val_loss"]) for x in rows),
-            "iter_per_min": iter_per_min(rows, r.batch_size),
+            "iter_per_min": rundir.iter_per_min(rows, r.batch_size),
             "wall_time_s": time.perf_counter() - self.session_start,
             "session_time_s": time.perf_counter() - self.started,
         }

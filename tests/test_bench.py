@@ -152,7 +152,7 @@ def test_fused_pack_times_one_step_for_all_runs(monkeypatch):
     (no step of their own), as `train --seeds --fuse` trains them."""
 
     solo, fused = [], []
-    real = TrainStep._step
+    real = TrainStep.__call__
 
     def counting(self, x, y, y_clean, lr, step):
         if self.runs is None:
@@ -161,7 +161,7 @@ def test_fused_pack_times_one_step_for_all_runs(monkeypatch):
             fused.append((tuple(x.shape[:2]), step))
         return real(self, x, y, y_clean, lr, step)
 
-    monkeypatch.setattr(TrainStep, "_step", counting)
+    monkeypatch.setattr(TrainStep, "__call__", counting)
     rows = bench.run(["resnet20x1"], dataset="digits", batch_size=8, precision="fp32",
                      warmup=1, steps=2, model_args=TINY, device="cpu", pack=3, fuse=True)
     assert solo == [0, 1, 2]  # the one-run row only

@@ -103,6 +103,27 @@ def test_train_split_is_scored_against_clean_and_noisy_labels(runs):
     assert "noisy labels" in format_result(result)
 
 
+def test_several_splits_scored_at_once_equal_each_scored_alone(runs, monkeypatch):
+    """checkpoint_scores (train's final test pass and extra test sets) loads the checkpoint
+    once for all its splits; each split's result is the one evaluate gives it alone."""
+    from lambdapipe import evaluate
+
+    data_dir, out = runs
+    alone = {s: evaluate_checkpoint(out / "last.ckpt", s, data_dir, "cpu", None)
+             for s in ("test", "val", "train")}
+    loads, real_load = [], evaluate.load_checkpoint
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "load_checkpoint", counted)
+    together = evaluate.checkpoint_scores(out / "last.ckpt", ["test", "val", "train"],
+                                          data_dir, "cpu")
+    assert len(loads) == 1 and list(together) == ["test", "val", "train"]
+    assert together == alone
+
+
 def test_cli_evaluate_writes_beside_the_checkpoint(runs):
     data_dir, out = runs
     result = CliRunner().invoke(main, ["evaluate", "--ckpt", str(out / "best.ckpt"),

@@ -246,7 +246,7 @@ def test_runs_killed_between_their_checkpoints_catch_up_then_fuse(data_dir, tmp_
 
 def test_a_diverged_run_ends_while_the_others_train_on_untouched(data_dir, fused_ref,
                                                                  tmp_path, monkeypatch):
-    real = TrainStep._step
+    real = TrainStep.__call__
 
     def poisoned(self, x, y, y_clean, lr, step):
         if self.runs and step == 10:  # run 1's weights become NaN: non-finite from step 11
@@ -254,7 +254,7 @@ def test_a_diverged_run_ends_while_the_others_train_on_untouched(data_dir, fused
                 next(iter(self.model.params.values()))[1].fill_(float("nan"))
         return real(self, x, y, y_clean, lr, step)
 
-    monkeypatch.setattr(TrainStep, "_step", poisoned)
+    monkeypatch.setattr(TrainStep, "__call__", poisoned)
     summaries = run_packed([config(data_dir, tmp_path / str(s), s) for s in SEEDS], fuse=True)
     assert summaries[1]["status"] == "diverged" and summaries[1]["diverged_at"] == 11
     for s in (0, 2):

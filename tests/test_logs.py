@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from lambdapipe import data, logs
 from lambdapipe.cli import main
-from lambdapipe.runtime import log
 
 LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) (DEBUG|INFO|WARNING|ERROR) (.*)$")
 
@@ -34,8 +33,8 @@ def fresh_logger(monkeypatch):
 
 
 def test_a_library_users_lines_carry_time_and_level(capsys):
-    log("resuming runs/x at iteration 3 of 12")
-    log("recipe demo\n  lr 0.1, batch 32", level="warning")
+    logs.emit("resuming runs/x at iteration 3 of 12")
+    logs.emit("recipe demo\n  lr 0.1, batch 32", level="warning")
     err = capsys.readouterr().err.splitlines()
     assert [LINE.match(ln).group(2, 3) for ln in err] == [
         ("INFO", "resuming runs/x at iteration 3 of 12"), ("WARNING", "recipe demo"),
@@ -46,8 +45,8 @@ def test_a_library_users_lines_carry_time_and_level(capsys):
 
 def test_the_level_filters_and_a_callers_own_handler_wins(capsys, monkeypatch):
     logs.configure("warning")
-    log("an info line")
-    log("a warning line", level="warning")
+    logs.emit("an info line")
+    logs.emit("a warning line", level="warning")
     assert [LINE.match(ln).group(3) for ln in capsys.readouterr().err.splitlines()] == [
         "a warning line"]
     logs.LOGGER.handlers.clear()
@@ -56,12 +55,12 @@ def test_the_level_filters_and_a_callers_own_handler_wins(capsys, monkeypatch):
     handler = logging.Handler()
     handler.emit = records.append
     logs.LOGGER.addHandler(handler)
-    log("to the caller's handler")
+    logs.emit("to the caller's handler")
     assert [r.getMessage() for r in records] == ["to the caller's handler"]
     assert capsys.readouterr().err == ""
     logs.LOGGER.handlers.clear()
     monkeypatch.setenv(logs.LEVEL_ENV, "loud")  # a library user's bad level: info, and why
-    log("still said")
+    logs.emit("still said")
     err = capsys.readouterr().err.splitlines()
     assert "invalid $LAMBDAPIPE_LOG_LEVEL 'loud'" in err[0] and err[1].endswith(" still said")
 

@@ -29,12 +29,12 @@ def test_train_refuses_a_model_too_large_before_building_it(data_dir, tmp_path, 
     """The pre-start check built the model for real (360 GB asked for at base_width 100000);
     now it is refused on the meta device, in one line, before --out exists. build_model
     must not be reached at all."""
-    from lambdapipe import train
+    from lambdapipe import evaluate
 
     def never(*args, **kwargs):
         raise AssertionError("built for real")
 
-    monkeypatch.setattr(train, "build_model", never)
+    monkeypatch.setattr(evaluate, "build_model", never)
     result = CliRunner().invoke(main, [
         "train", "--model", "resnet20x1", "--model-arg", f"base_width={HUGE}", "--dataset",
         "digits", "--data-dir", str(data_dir), "--out", str(tmp_path / "r"), "--recipe",

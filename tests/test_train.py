@@ -198,7 +198,7 @@ def test_checkpoints_load_weights_only_and_corruption_is_detected(data_dir, fini
 def test_test_split_is_read_once_after_training_on_the_val_chosen_checkpoint(
         data_dir, tmp_path, monkeypatch):
     events: list[tuple[str, object]] = []
-    real_load, real_score = data.load_split, train.classification_metrics
+    real_load, real_score = data.load_split, evaluate.classification_metrics
 
     def spy_load(data_dir, dataset, split, **kw):
         events.append(("load", split))
@@ -209,8 +209,7 @@ def test_test_split_is_read_once_after_training_on_the_val_chosen_checkpoint(
         return real_score(logits, labels, **kw)
 
     monkeypatch.setattr(data, "load_split", spy_load)
-    monkeypatch.setattr(train, "classification_metrics", spy_score)  # val, in the loop
-    monkeypatch.setattr(evaluate, "classification_metrics", spy_score)  # test, on best.ckpt
+    monkeypatch.setattr(evaluate, "classification_metrics", spy_score)  # val, and test at the end
     out = tmp_path / "run"
     summary = train.run(config(data_dir, out, iterations=60, eval_every=10))
 
