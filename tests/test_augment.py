@@ -19,6 +19,10 @@ from lambdapipe.augment import (
 from lambdapipe.errors import UserError
 from lambdapipe.recipes import get_recipe
 
+# Its tests take a tenth of a CPU-second or less, not the default 1 s: under pytest-xdist
+# this short work unit goes out last, filling in around the long ones (tests/conftest.py).
+pytestmark = pytest.mark.cost(0.05)
+
 RRC = ((0.08, 1.0), (3 / 4, 4 / 3))
 
 

@@ -14,6 +14,10 @@ from lambdapipe import config as cfgmod
 from lambdapipe.cli import main
 from lambdapipe.errors import UserError
 
+# Its tests take a tenth of a CPU-second or less, not the default 1 s: under pytest-xdist
+# this short work unit goes out last, filling in around the long ones (tests/conftest.py).
+pytestmark = pytest.mark.cost(0.1)
+
 ROOT = cfgmod.SCHEMA_PATH.parents[2]
 DEMO = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
 FULL = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())

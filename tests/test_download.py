@@ -24,6 +24,10 @@ from fixtures_data import (
 from lambdapipe import data
 from lambdapipe.errors import UserError
 
+# Its tests take a tenth of a CPU-second or less, not the default 1 s: under pytest-xdist
+# this short work unit goes out last, filling in around the long ones (tests/conftest.py).
+pytestmark = pytest.mark.cost(0.1)
+
 
 @pytest.fixture
 def archive_server(tmp_path):

@@ -42,6 +42,7 @@ def explain(*args: str):
     return CliRunner().invoke(main, ["explain", *args])
 
 
+@pytest.mark.cost(15)  # two runs trained (module fixture), both explained, a report
 def test_explain_writes_finite_maps_on_the_same_images_and_the_report_shows_them(runs):
     root, data_dir = runs
     arrays, metas = {}, {}

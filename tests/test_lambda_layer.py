@@ -8,6 +8,10 @@ import torch
 from lambdapipe.errors import UserError
 from lambdapipe.models.lambda_layer import LambdaLayer
 
+# Its tests take a tenth of a CPU-second or less, not the default 1 s: under pytest-xdist
+# this short work unit goes out last, filling in around the long ones (tests/conftest.py).
+pytestmark = pytest.mark.cost(0.05)
+
 torch.set_num_threads(2)
 IMPLS = ["conv", "lambda", "logit"]
 

@@ -78,6 +78,7 @@ def test_the_cli_sets_the_level_from_its_variable_first():
     assert logs.LOGGER.level == logging.WARNING
 
 
+@pytest.mark.cost(7)  # two `lambdapipe train` processes
 def test_a_training_logs_every_line_with_its_time(tmp_path):
     """The real command, as a Snakemake job runs it: each stderr line parses, in time order."""
     data.prepare("digits", tmp_path / "data", progress=False)

@@ -22,6 +22,10 @@ from lambdapipe.noise import (
     transition_matrix,
 )
 
+# Its tests take a tenth of a CPU-second or less, not the default 1 s: under pytest-xdist
+# this short work unit goes out last, filling in around the long ones (tests/conftest.py).
+pytestmark = pytest.mark.cost(0.05)
+
 LABELS = np.repeat(np.arange(10), 101)  # 1010 samples, 10 classes
 
 

@@ -12,6 +12,10 @@ from lambdapipe.errors import UserError
 from lambdapipe.recipes import PROVENANCE_KINDS, get_recipe, list_recipes, recipe_provenance
 from lambdapipe.runtime import resolve
 
+# Its tests take a tenth of a CPU-second or less, not the default 1 s: under pytest-xdist
+# this short work unit goes out last, filling in around the long ones (tests/conftest.py).
+pytestmark = pytest.mark.cost(0.05)
+
 
 def test_every_recipe_loads_with_explicit_units():
     assert set(list_recipes()) >= {"sgdm", "adam-restarts", "sgd-restarts", "demo"}

@@ -111,6 +111,7 @@ def check_report(out: Path) -> None:
     assert {k: v["status"] for k, v in metrics.items()} == EXPECTED
 
 
+@pytest.mark.cost(4)  # the module's runs, trained by `work`
 def test_the_real_summary_writer_ends_in_each_status(work):
     assert summaries(work) == EXPECTED
 
@@ -122,6 +123,7 @@ def test_cli_report_shows_and_names_every_status(work, tmp_path):
     check_report(tmp_path)
 
 
+@pytest.mark.cost(5)  # a Snakemake process
 def test_the_workflow_report_rule_reports_every_status(work):
     """The report rule alone (its inputs exist; no other rule may run)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "workflow" / "Snakefile"),

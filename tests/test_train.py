@@ -349,6 +349,13 @@ def test_fused_optimizer_matches_the_foreach_path(recipe, precision, one_thread)
             assert opt.defaults["fused"] is (True if fused and expect_fused else None)
             return opt
 
+        if fused and not expect_fused:
+            # The CUDA run builds the very optimizer of the first pass (asserted here): the
+            # same 8 steps again would compare a deterministic run with itself.
+            optimizer_for(torch.nn.Linear(1, 1))
+            params.append(params[0])
+            skipped.append(skipped[0])
+            continue
         start, end, skips = _eight_steps(r, optimizer_for)
         params.append(end)
         skipped.append(skips)
