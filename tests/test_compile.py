@@ -110,8 +110,11 @@ def test_lambda_layer_fullgraph_equals_eager(impl, scope):
     compiled_equals_eager(layer, torch.randn(3, 6, 5, 7, dtype=torch.float64), 1e-10, 1e-10)
 
 
+# One impl of the whole model in the fast tier (the lambda order, CUDA's rule where it fits);
+# test_lambda_layer_fullgraph_equals_eager compiles every impl of the layer there too
 @pytest.mark.parametrize(("name", "impl"), [
-    ("lr18_l2_lc", "conv"), ("lr18_l2_lc", "lambda"), ("lr18_l2_lc", "logit"),
+    pytest.param("lr18_l2_lc", "conv", marks=pytest.mark.slow), ("lr18_l2_lc", "lambda"),
+    pytest.param("lr18_l2_lc", "logit", marks=pytest.mark.slow),
     ("lr18_l3_rpe", "auto"), ("lambda_resnet18_u4_r7", "auto"), ("resnet20x1", None)])
 def test_models_fullgraph_equal_eager(name, impl):
     args = {"impl": impl} if impl else {}

@@ -35,6 +35,7 @@ def test_help_and_docs_say_statistically_not_numerically():
     assert re.search(rf"within {BOUND:g} val(idation)? accuracy", docs)
 
 
+@pytest.mark.slow  # a statistical claim over six whole runs; test_fuse pins the fused step
 @pytest.mark.cost(11)  # three seeds trained alone, then fused
 def test_a_fused_seed_lands_within_the_stated_bound_of_the_same_seed_alone(tmp_path):
     root = tmp_path / "data"

@@ -348,7 +348,9 @@ def test_eval_outputs_are_finite_at_init(name, precision):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# bf16 in the full suite only: it keeps fp32's exponent range, so the eval-mode overflow
+# this guards against (a lambda layer squaring its input's scale) shows in the fp32 cases
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", ["lambda_resnet18", "lambda_resnet18_u4_r7", "lr34_l3_rpe",
                                   "lr34_l2_lc"])  # one per block kind, the CI stand-in's too
 def test_eval_outputs_stay_finite_while_training(name, precision):
