@@ -258,14 +258,14 @@ SHORTER = {"lambda_cifar10": {"iterations": 20, "eval_every": 10},
 @pytest.mark.slow
 @pytest.mark.cost(60)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_standin_end_to_end(tmp_path, name):
+def test_standin_end_to_end(tmp_path, name, fork_server):
     configs = [ROOT / "config" / f"{name}.yaml", ROOT / "config" / "ci" / f"{name}.yaml"]
     if name in SHORTER:
         configs.append(tmp_path / "shorter.yaml")
         configs[-1].write_text(yaml.safe_dump({"shrink": {"set": SHORTER[name]}}))
     # 1800 s: a stand-in ran past 900 s on a 2-core machine at load 16
     res = snakemake("--cores", "2", "--configfile", *map(str, configs), cwd=tmp_path,
-                    timeout=1800)
+                    env=fork_server.env(), timeout=1800)
     assert res.returncode == 0, res.stderr[-5000:]
     spec = STANDINS[name]
     runs = tmp_path / "results" / "runs"
