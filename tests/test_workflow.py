@@ -228,7 +228,7 @@ class TestTheDemoGrid:
     """The demo grid for real, read by three tests: one pytest-xdist work unit of its own
     (a class), so that it runs beside this module's other slow tests instead of after them."""
 
-    pytestmark = [pytest.mark.slow, pytest.mark.cost(50)]  # x3: the grid at 100 steps
+    pytestmark = [pytest.mark.slow, pytest.mark.cost(35)]  # x3: the grid at 100 steps
 
     def test_demo_end_to_end(self, demo_run):
         work, _, args = demo_run
