@@ -249,12 +249,13 @@ def _run_locally(path: Path, fork_server) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_grid(shared_dir, fork_server) -> Path:
+def local_grid(shared_dir, request) -> Path:
     """The local reference run, built once per test run by whichever pytest-xdist worker
     asks first: TestTheGridRunLocally on the other worker while this one drives SLURM, or
     the comparison below if it comes first (or runs alone). Skipped, like the SLURM tests,
     where SLURM cannot be installed: nothing would compare with it."""
     start_or_skip(None)
+    fork_server = request.getfixturevalue("fork_server")  # after the skip: none started then
     return shared_dir("slurm-local-grid", lambda path: _run_locally(path, fork_server))
 
 
