@@ -150,6 +150,19 @@ def shared_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def fork_server():
+    """tests/forkserver.py's fork server, one per pytest-xdist worker, started when a test
+    first asks for it: Snakemake run with `fork_server.env()` runs each rule's `python -m
+    lambdapipe` as a child forked from it, without a fresh interpreter's ~4 CPU-s of
+    imports (docs/testing.md says which end-to-end runs use it and which do not)."""
+    from forkserver import ForkServer
+
+    server = ForkServer()
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def crash_at_write(monkeypatch):
     """`crash_at_write(n)`: the n-th atomic write_text/write_bytes from now raises

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 # The project as a clone has it (tests and docs aside): committed plus new, unignored files.
@@ -23,8 +24,8 @@ SKIP = ("tests/", "docs/")
 
 
 
-def sh(*cmd, cwd, check=True):
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+def sh(*cmd, cwd, check=True, env=None):
+    env = {**(env or os.environ), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
     res = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=900)
     if check:
@@ -80,12 +81,18 @@ def test_plots_titled_one_format_each_and_offline(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cost(220)
-def test_dvc_repro_push_pull(tmp_path):
+def test_dvc_repro_push_pull(tmp_path, request):
     repo = tmp_path / "repo"
     for name in project_files():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
     assert (repo / ".dvc" / "config").is_file()  # committed: no `dvc init` in a clone
+    # The stages' `python -m lambdapipe` (the rules run this copy's package) are children of
+    # a fork server that imported this copy's package (tests/forkserver.py); DVC, Snakemake
+    # and the rules are the real ones.
+    server = ForkServer(env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo)
+    request.addfinalizer(server.close)
+    forked = server.env()
     # One small grid: 1 model, clean labels, 1 seed; few steps (what DVC versions is the
     # same for 20 as for 400). Its own file, named by the `configfile` DVC parameter (what
     # `dvc exp run -S configfile=...` sets).
@@ -101,27 +108,27 @@ def test_dvc_repro_push_pull(tmp_path):
     remote = tmp_path / "remote"
     sh("dvc", "remote", "add", "-d", "local", str(remote), cwd=repo)
 
-    sh("dvc", "repro", cwd=repo)
+    sh("dvc", "repro", cwd=repo, env=forked)
     first = digests(repo, "results/runs")
     assert any(k.endswith("summary.json") for k in first)
     # Each run's DVCLive-format curves come along with it.
     assert any(k.endswith("dvclive/plots/metrics/val/acc.tsv") for k in first)
 
-    again = sh("dvc", "repro", cwd=repo).stdout
+    again = sh("dvc", "repro", cwd=repo, env=forked).stdout
     assert again.count("didn't change, skipping") == 3, again
     # Package code is not a train dep: a change retrains nothing, so the stage must not run
     # and dvc.lock must not call the results current for code they were not computed with.
     lock = (repo / "dvc.lock").read_text()
     with open(repo / "lambdapipe" / "train.py", "a") as f:
         f.write("\n# an edit\n")
-    code = sh("dvc", "repro", cwd=repo).stdout
+    code = sh("dvc", "repro", cwd=repo, env=forked).stdout
     assert "Stage 'train' didn't change, skipping" in code, code
     assert (repo / "dvc.lock").read_text() == lock
 
     # A new noise rate: data makes one variant, train only the new run, report redone.
     grid["noise"] = [{"kind": "symmetric", "rates": [0, 0.25]}]
     small.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    out = sh("dvc", "repro", cwd=repo).stdout
+    out = sh("dvc", "repro", cwd=repo, env=forked).stdout
     second = digests(repo, "results/runs")
     assert {k: second[k] for k in first} == first  # the finished run is untouched
     new = {k for k in second if k not in first}
@@ -156,7 +163,7 @@ def test_dvc_repro_push_pull(tmp_path):
     # A model argument changed: a new run directory for each run, trained; the old untouched.
     grid["model_args"] = {"base_width": 4}
     small.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    out = sh("dvc", "repro", cwd=repo).stdout
+    out = sh("dvc", "repro", cwd=repo, env=forked).stdout
     third = digests(repo, "results/runs")
     assert {k: third[k] for k in second} == second
     assert len([k for k in third if k.endswith("summary.json")]) == 4

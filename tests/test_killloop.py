@@ -14,7 +14,6 @@ import csv
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from forkserver import Command, ForkServer
 
 from lambdapipe import data
 from lambdapipe.evaluate import load_checkpoint
@@ -89,46 +89,13 @@ def run(cmd: list[str], **extra: str) -> subprocess.CompletedProcess:
 # 20-point loop), so a kill lands in the run itself. The fast tier's 3-point loop keeps fresh
 # interpreters (`python -c HOOK`): a kill during start-up and the CLI's own entry stay
 # covered, and the fork server's reference run must equal the fresh one (`forked`).
-ZYGOTE = """
-import ctypes, json, os, signal, sys, traceback
-import torch, torch._dynamo, torch._inductor.config, torch.optim, torch.utils.serialization
-import lambdapipe.cli, lambdapipe.data, lambdapipe.evaluate, lambdapipe.gpu, lambdapipe.logs
-import lambdapipe.models, lambdapipe.noise, lambdapipe.provenance, lambdapipe.step
-import lambdapipe.train
-assert len(os.listdir("/proc/self/task")) == 1, "a thread would not survive the fork"
-libc = ctypes.CDLL(None)
-print("ready", flush=True)
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with this server
-            log = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            os.environ.clear()
-            os.environ.update(req["env"])
-            hook = {}
-            exec(req["hook"], hook)
-            try:
-                lambdapipe.cli.main(req["argv"], prog_name="lambdapipe")
-                code = 0
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-            if os.environ.get("KILL_COUNT_FILE"):
-                with open(os.environ["KILL_COUNT_FILE"], "w") as fh:
-                    fh.write(str(hook["_n"][0]))
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    print(pid, flush=True)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+# The server is tests/forkserver.py's, shared with the end-to-end grids. HOOK_OPS counts the
+# child's operations; `at_exit` writes the count where the fresh HOOK's atexit does.
+FORKED_HOOK = HOOK_OPS + """
+def at_exit():
+    if os.environ.get("KILL_COUNT_FILE"):
+        with open(os.environ["KILL_COUNT_FILE"], "w") as fh:
+            fh.write(str(_n[0]))
 """
 
 
@@ -136,70 +103,52 @@ class Zygote:
     """The fork server's client: `run` and `kill_at` a `train_cmd` in a forked child."""
 
     def __init__(self, logs: Path):
-        self.logs, self.count, self.buffer = logs, 0, b""
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env(),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert self._line(timeout=600) == "ready", "the fork server did not start"
+        self.logs, self.count = logs, 0
+        self.server = ForkServer(env())
 
     def close(self) -> None:
-        self.proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
-        self.proc.wait()
+        self.server.close()
 
-    def _line(self, timeout: float) -> str | None:
-        """The server's next line, None after `timeout` seconds without one."""
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 4096)
-            assert chunk, f"the fork server exited ({self.proc.wait()})"
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.decode()
-
-    def start(self, cmd: list[str], **extra: str) -> tuple[int, Path]:
+    def start(self, cmd: list[str], **extra: str) -> tuple[Command, Path]:
         assert cmd[:3] == [sys.executable, "-c", HOOK], cmd
         self.count += 1
         log = self.logs / f"command-{self.count}.log"
-        request = {"argv": cmd[3:], "env": env(**extra), "hook": HOOK_OPS, "log": str(log)}
-        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-        self.proc.stdin.flush()
-        pid = self._line(timeout=300)
-        assert pid, "the fork server did not start the command"
-        return int(pid), log
-
-    def returncode(self, timeout: float = 300) -> int:
-        code = self._line(timeout)
-        assert code is not None, f"a command ran past {timeout} s"
-        return int(code)
+        fd, null = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), os.open(
+            os.devnull, os.O_RDONLY)
+        try:
+            command = self.server.start(cmd[3:], env(**extra), (null, fd, fd),
+                                        hook=FORKED_HOOK, check_path=False)
+        finally:
+            os.close(fd)
+            os.close(null)
+        return command, log
 
     def run(self, cmd: list[str], **extra: str) -> subprocess.CompletedProcess:
-        _, log = self.start(cmd, **extra)
-        code = self.returncode()
+        command, log = self.start(cmd, **extra)
+        code = command.wait(timeout=300)
+        assert code is not None, "a command ran past 300 s"
         return subprocess.CompletedProcess(cmd, code, "", log.read_text())
 
     def kill_at(self, cmd: list[str], kind: str, at: float) -> bool:
         if kind == "op":
             return self.run(cmd, KILL_AT_OP=str(at)).returncode == -signal.SIGKILL
-        pid, log = self.start(cmd, KILL_WRITE_DELAY="0.05")
+        command, log = self.start(cmd, KILL_WRITE_DELAY="0.05")
         try:  # a pidfd names this very process, never a later one given the same pid
-            pidfd = os.pidfd_open(pid)
+            pidfd = os.pidfd_open(command.pid)
         except ProcessLookupError:  # already finished and reaped
-            code = self.returncode()
+            code = command.wait(timeout=300)
             assert code == 0, log.read_text()[-3000:]
             return False
         try:
-            code = self._line(timeout=at)
+            code = command.wait(timeout=at)
             if code is None:
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                code = self.returncode()
+                code = command.wait(timeout=300)
         finally:
             os.close(pidfd)
-        assert int(code) in (0, -signal.SIGKILL), f"killed at {at} s: {log.read_text()[-3000:]}"
-        return int(code) == -signal.SIGKILL
+        assert code in (0, -signal.SIGKILL), f"killed at {at} s: {log.read_text()[-3000:]}"
+        return code == -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")

@@ -255,17 +255,50 @@ SHORTER = {"lambda_cifar10": {"iterations": 20, "eval_every": 10},
            "lambda_fork": {"iterations": 20, "eval_every": 10}}
 
 
+# Each stand-in runs its grid for real (its jobs' `lambdapipe` in the fork server,
+# tests/forkserver.py). In three pytest-xdist work units (two classes and this module), so
+# that the five grids, about six minutes on one worker, run on both workers.
+STANDIN_UNITS = {"lambda": ["lambda_cifar10", "lambda_fork"],
+                 "imagenette": ["imagenette_noisy", "imagenette_noisy_tuned"],
+                 "module": ["resnet_baselines"]}
+assert sorted(sum(STANDIN_UNITS.values(), [])) == sorted(CONFIGS)
+
+
 @pytest.mark.slow
 @pytest.mark.cost(60)
-@pytest.mark.parametrize("name", CONFIGS)
-def test_standin_end_to_end(tmp_path, name):
+@pytest.mark.parametrize("name", STANDIN_UNITS["module"])
+def test_standin_end_to_end(tmp_path, name, fork_server):
+    standin_end_to_end(tmp_path, name, fork_server)
+
+
+class TestTheLambdaStandins:
+    """The two stand-ins of the community CIFAR-10 table: a work unit of their own."""
+
+    @pytest.mark.slow
+    @pytest.mark.cost(70)
+    @pytest.mark.parametrize("name", STANDIN_UNITS["lambda"])
+    def test_standin_end_to_end(self, tmp_path, name, fork_server):
+        standin_end_to_end(tmp_path, name, fork_server)
+
+
+class TestTheImagenetteStandins:
+    """The two stand-ins of the Imagenette tables: a work unit of their own."""
+
+    @pytest.mark.slow
+    @pytest.mark.cost(60)
+    @pytest.mark.parametrize("name", STANDIN_UNITS["imagenette"])
+    def test_standin_end_to_end(self, tmp_path, name, fork_server):
+        standin_end_to_end(tmp_path, name, fork_server)
+
+
+def standin_end_to_end(tmp_path, name, fork_server):
     configs = [ROOT / "config" / f"{name}.yaml", ROOT / "config" / "ci" / f"{name}.yaml"]
     if name in SHORTER:
         configs.append(tmp_path / "shorter.yaml")
         configs[-1].write_text(yaml.safe_dump({"shrink": {"set": SHORTER[name]}}))
     # 1800 s: a stand-in ran past 900 s on a 2-core machine at load 16
     res = snakemake("--cores", "2", "--configfile", *map(str, configs), cwd=tmp_path,
-                    timeout=1800)
+                    env=fork_server.env(), timeout=1800)
     assert res.returncode == 0, res.stderr[-5000:]
     spec = STANDINS[name]
     runs = tmp_path / "results" / "runs"

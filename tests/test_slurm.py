@@ -195,11 +195,17 @@ def _grid_config(path: Path) -> Path:
 
 # Timeouts of the grid's steps: minutes on an idle 2-core machine, several times that when
 # it is shared (pytest-timeout's limit still stops a hang).
-def _snakemake(workdir: Path, config: Path, env: dict, *extra: str,
-               timeout: float = 900) -> subprocess.CompletedProcess:
-    cmd = ["snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir),
+def _snakemake(workdir: Path, config: Path, env: dict, *extra: str, timeout: float = 900,
+               snakemake: tuple[str, ...] = ("snakemake",)) -> subprocess.CompletedProcess:
+    cmd = [*snakemake, "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(workdir),
            "--configfile", str(config), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Snakemake whose SLURM executor checks its jobs' states at most 2 s apart, not up to 10 s
+# more after each check that saw no job finish (tests/snakemake_polling.py): the runs that
+# wait on jobs in SLURM. Inside the jobs, and where no job is submitted, Snakemake as is.
+POLLING_SNAKEMAKE = (sys.executable, str(Path(__file__).with_name("snakemake_polling.py")))
 
 
 def _slurm_args(partition: str) -> list[str]:
@@ -228,12 +234,13 @@ def _train_jobs(log: str) -> list[str]:
                       r"\(log: \S*/rule_train/", log)
 
 
-def _run_locally(path: Path) -> None:
+def _run_locally(path: Path, fork_server) -> None:
     """The grid without SLURM or GPUs (`shared_dir`'s build): the reference the SLURM run
-    must equal, in PATH/work."""
+    must equal, in PATH/work; its jobs' `lambdapipe` children of the fork server
+    (tests/forkserver.py), where the SLURM run's are fresh interpreters."""
     path.mkdir()
-    env_local = {k: v for k, v in os.environ.items()
-                 if not k.startswith(("SLURM_", "LAMBDAPIPE_"))}
+    env_local = fork_server.env({k: v for k, v in os.environ.items()
+                                 if not k.startswith(("SLURM_", "LAMBDAPIPE_"))})
     t0 = time.monotonic()
     local = _snakemake(path / "work", _grid_config(path / "grid.yaml"), env_local,
                        "--cores", "2", "--workflow-profile", "none")
@@ -242,13 +249,14 @@ def _run_locally(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_grid(shared_dir) -> Path:
+def local_grid(shared_dir, request) -> Path:
     """The local reference run, built once per test run by whichever pytest-xdist worker
     asks first: TestTheGridRunLocally on the other worker while this one drives SLURM, or
     the comparison below if it comes first (or runs alone). Skipped, like the SLURM tests,
     where SLURM cannot be installed: nothing would compare with it."""
     start_or_skip(None)
-    return shared_dir("slurm-local-grid", _run_locally)
+    fork_server = request.getfixturevalue("fork_server")  # after the skip: none started then
+    return shared_dir("slurm-local-grid", lambda path: _run_locally(path, fork_server))
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +270,7 @@ def grid(tmp_path_factory):
         env = dict(c.env, LAMBDAPIPE_FAKE_GPUS="2",
                    LAMBDAPIPE_GPU_LOG=str(base / "claims.jsonl"))
         work = base / "slurm"
-        cmd = ["snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(work),
+        cmd = [*POLLING_SNAKEMAKE, "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(work),
                "--configfile", str(config), *_slurm_args(c.partition)]
         t0 = time.monotonic()
         first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
@@ -438,7 +446,7 @@ def ranks_run(cluster, tmp_path_factory):
                    check=True, capture_output=True, timeout=300)
     t0 = time.monotonic()
     proc = _snakemake(work, base / "grid.yaml", env, *_slurm_args(cluster.partition),
-                      "--until", "train")
+                      "--until", "train", snakemake=POLLING_SNAKEMAKE)
     seconds = {"slurm": time.monotonic() - t0}
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
