@@ -150,6 +150,10 @@ class SlurmCluster:
         # pytest tmp dir (0700) is not: the munge dir is a separate 0755 temp dir.
         self.munge_dir = Path(tempfile.mkdtemp(prefix="slurm-munge-"))
         self.munge_socket = self.munge_dir / "munge.socket.2"
+        # slurmstepd makes a Unix socket per job step in the spool dir, whose path may be 108
+        # bytes at most: under a pytest tmp path it was 110, the step failed and slurmctld
+        # requeued the job forever. A short temp dir, as for munge.
+        self.spool = Path(tempfile.mkdtemp(prefix="slurm-spool-"))
         self.gpu_files = [self.root / "dev" / f"fakegpu{i}" for i in range(gpus)]
         self._atexit = False
 
@@ -176,7 +180,7 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ configuration
     def _write_config(self) -> None:
-        for sub in ("etc", "log", "state", "spool", "run", "dev", "bin"):
+        for sub in ("etc", "log", "state", "run", "dev", "bin"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._write_client_wrappers()
         self.munge_dir.chmod(0o755)
@@ -204,7 +208,7 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}{'/%n' if many else ''}",
+            f"SlurmdSpoolDir={self.spool}{'/%n' if many else ''}",
             f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
             f"SlurmdPidFile={self.root / 'run' / ('slurmd-%n.pid' if many else 'slurmd.pid')}",
             f"SlurmctldLogFile={self.log_dir / 'slurmctld.log'}",
@@ -239,7 +243,7 @@ class SlurmCluster:
             "MaxTime=INFINITE State=UP",
         ]
         for name in self.nodes if many else ():
-            (self.root / "spool" / name).mkdir(exist_ok=True)
+            (self.spool / name).mkdir(exist_ok=True)
         self.conf.write_text("\n".join(lines) + "\n")
         gres_conf = self.conf.parent / "gres.conf"
         gres_conf.write_text("".join(f"NodeName={n} Name=gpu File={f}\n"
@@ -329,6 +333,7 @@ class SlurmCluster:
         if self.procs:
             self._stop_daemons()
         shutil.rmtree(self.munge_dir, ignore_errors=True)
+        shutil.rmtree(self.spool, ignore_errors=True)
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
