@@ -31,6 +31,7 @@ from lambdapipe.cli_options import (
     with_noise_options,
 )
 from lambdapipe.errors import UserError, bad_value
+from lambdapipe.launch import MASTER_PORT  # stdlib only: `--help` stays instant
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -256,7 +257,7 @@ def _seed_list(ctx: click.Context, seed: int, seeds: str | None, out: Path) -> l
 @click.option("--node-rank", type=int, default=None,
               help="Outside SLURM: this machine's node, 0 .. NODES-1 (0 on --master-addr).")
 @click.option("--master-addr", default=None, help="Outside SLURM: node 0's host name.")
-@click.option("--master-port", type=int, default=29500, show_default=True,
+@click.option("--master-port", type=int, default=MASTER_PORT, show_default=True,
               help="Outside SLURM: a free port on node 0.")
 @click.argument("args", nargs=-1, required=True, type=click.UNPROCESSED)
 @user_errors

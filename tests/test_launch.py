@@ -448,36 +448,18 @@ def test_a_run_on_two_slurm_nodes_through_the_profile(tmp_path):
     slurmctld with two nodes (two slurmd on this host, tests/slurm_cluster.py): the training
     job gets 2 nodes, `lambdapipe launch` starts one rank on each with srun, and the run
     equals the 1-process run of the same command."""
-    import inspect
     import json
-    import os
     import re
     import shlex
 
     from slurm_cluster import start_or_skip
-    from test_distributed import SHORT, assert_same, dist_tiny
-    from test_slurm import _slurm_args, _snakemake, _train_jobs
+    from test_distributed import assert_same
+    from test_slurm import _slurm_args, _snakemake, _train_jobs, dist_tiny_grid
 
     cluster = start_or_skip(tmp_path / "cluster", gpus=0, nodes=2, cpus=2)
     try:
-        (tmp_path / "site").mkdir()
-        (tmp_path / "site" / "sitecustomize.py").write_text(
-            NODES_SITE.format(source=inspect.getsource(dist_tiny)))
-        cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-        cfg["train"].update(device="cpu", gpus=1, nodes=2)
-        grid = cfg["datasets"]["digits"]["grids"][0]
-        grid.pop("model_args")
-        grid.update(models=["dist_tiny"], seeds=[3], set=dict(SHORT),
-                    noise=[{"kind": "symmetric", "rates": [0]}])
-        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(cfg))
-        env = dict(cluster.env, PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path / 'site'}",
-                   RANKS_LOG=str(tmp_path / "ranks.jsonl"), OMP_NUM_THREADS="1")
-        work = tmp_path / "work"
-        subprocess.run([sys.executable, "-m", "lambdapipe", "prepare", "--dataset", "digits",
-                        "--data-dir", str(work / "data"), "--split-seed", "0"], env=env,
-                       check=True, capture_output=True, timeout=300)
-        proc = _snakemake(work, tmp_path / "grid.yaml", env, *_slurm_args(cluster.partition),
-                          "--until", "train")
+        work, grid, env = dist_tiny_grid(tmp_path, cluster, NODES_SITE, gpus=1, nodes=2)
+        proc = _snakemake(work, grid, env, *_slurm_args(cluster.partition), "--until", "train")
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
         (job_id,) = _train_jobs(log)

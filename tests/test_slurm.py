@@ -417,21 +417,21 @@ if "SLURM_PROCID" in os.environ and sys.orig_argv[1:4] == ["-m", "lambdapipe", "
 '''
 
 
-@pytest.fixture(scope="class")
-def ranks_run(cluster, tmp_path_factory):
-    """`train: {device: cpu, gpus: 2, nodes: 1}` through the slurm profile up to the train
-    rule (one training job of 2 tasks on data prepared beforehand), then the same
-    `lambdapipe train` command on one process outside SLURM."""
+def dist_tiny_grid(base: Path, cluster, site: str, gpus: int, nodes: int
+                   ) -> tuple[Path, Path, dict[str, str]]:
+    """(work dir, grid.yaml, environment) of one short dist_tiny run of the demo config at
+    `train: {device: cpu, gpus, nodes}` on `cluster`: `site` (a sitecustomize template given
+    dist_tiny's source) in every Python process, each rank logged to base/ranks.jsonl, and
+    the data as the prepare rule makes it, made here (the one SLURM job is the run's)."""
     import inspect
 
     from test_distributed import SHORT, dist_tiny
 
-    base = tmp_path_factory.mktemp("ranks")
     (base / "site").mkdir()
     (base / "site" / "sitecustomize.py").write_text(
-        SITE.format(source=inspect.getsource(dist_tiny)))
+        site.format(source=inspect.getsource(dist_tiny)))
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    cfg["train"].update(device="cpu", gpus=2, nodes=1)
+    cfg["train"].update(device="cpu", gpus=gpus, nodes=nodes)
     grid = cfg["datasets"]["digits"]["grids"][0]
     grid.pop("model_args")
     grid.update(models=["dist_tiny"], seeds=[3], set=dict(SHORT),
@@ -440,10 +440,19 @@ def ranks_run(cluster, tmp_path_factory):
     env = dict(cluster.env, PYTHONPATH=f"{REPO}{os.pathsep}{base / 'site'}",
                RANKS_LOG=str(base / "ranks.jsonl"), OMP_NUM_THREADS="1")
     work = base / "work"
-    # The data as the prepare rule makes it, made here: the one SLURM job is the run's.
     subprocess.run([sys.executable, "-m", "lambdapipe", "prepare", "--dataset", "digits",
                     "--data-dir", str(work / "data"), "--split-seed", "0"], env=env,
                    check=True, capture_output=True, timeout=300)
+    return work, base / "grid.yaml", env
+
+
+@pytest.fixture(scope="class")
+def ranks_run(cluster, tmp_path_factory):
+    """`train: {device: cpu, gpus: 2, nodes: 1}` through the slurm profile up to the train
+    rule (one training job of 2 tasks on data prepared beforehand), then the same
+    `lambdapipe train` command on one process outside SLURM."""
+    base = tmp_path_factory.mktemp("ranks")
+    work, _, env = dist_tiny_grid(base, cluster, SITE, gpus=2, nodes=1)
     t0 = time.monotonic()
     proc = _snakemake(work, base / "grid.yaml", env, *_slurm_args(cluster.partition),
                       "--until", "train", snakemake=POLLING_SNAKEMAKE)
