@@ -454,12 +454,13 @@ def test_a_run_on_two_slurm_nodes_through_the_profile(tmp_path):
 
     from slurm_cluster import start_or_skip
     from test_distributed import assert_same
-    from test_slurm import _slurm_args, _snakemake, _train_jobs, dist_tiny_grid
+    from test_slurm import POLLING_SNAKEMAKE, _slurm_args, _snakemake, _train_jobs, dist_tiny_grid
 
     cluster = start_or_skip(tmp_path / "cluster", gpus=0, nodes=2, cpus=2)
     try:
         work, grid, env = dist_tiny_grid(tmp_path, cluster, NODES_SITE, gpus=1, nodes=2)
-        proc = _snakemake(work, grid, env, *_slurm_args(cluster.partition), "--until", "train")
+        proc = _snakemake(work, grid, env, *_slurm_args(cluster.partition), "--until", "train",
+                          snakemake=POLLING_SNAKEMAKE)  # status polls at most 2 s apart
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
         (job_id,) = _train_jobs(log)
